@@ -1,0 +1,32 @@
+# Two commands do all the set-up: `make demo` and `make test` (both create .venv when missing).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+export RAY_AUTH_MODE ?= disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv demo test bench server clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/reals demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+server: $(STAMP)
+	.venv/bin/reals serve --with-server
+
+clean:
+	rm -rf runs

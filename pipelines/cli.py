@@ -1,0 +1,55 @@
+"""The ``reals`` command: one subcommand per stage; each stage module registers its own parser.
+
+Every stage module exposes ``add_cli(subparsers)`` which adds its subcommand(s) and sets
+``handler=fn(args) -> int``. Errors a user can act on print as one line and exit non-zero;
+``REALS_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Stage modules in pipeline order; each registers its subcommands.
+STAGE_MODULES = [
+    "pipelines.synthetic",
+    "pipelines.shard",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reals",
+        description="ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGE_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines import StageError
+    from reals import ReaLSError
+    from storage import StorageError
+
+    return (StageError, ReaLSError, StorageError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    except user_errors() as e:
+        if os.environ.get("REALS_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

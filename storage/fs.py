@@ -1,0 +1,93 @@
+"""One way to reach bytes by URL: local paths, ``file://``, ``s3://`` and ``memory://`` through fsspec.
+
+S3 settings come only from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``);
+botocore reads the credentials itself, so they never pass through this code or its logs.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from storage import StorageError
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for ``url``: the S3 endpoint from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a URL or a plain local path."""
+    url = os.fspath(url)
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    try:
+        return url_to_fs(url, **storage_options(url))
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open storage URL {url!r}: {e}") from e
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL (``/`` separated on every backend)."""
+    url = os.fspath(url).rstrip("/")
+    return posixpath.join(url, *parts) if parts else url
+
+
+def to_url(url: str) -> str:
+    """Canonical URL string: plain paths become absolute local paths."""
+    url = os.fspath(url)
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old object or the new one, never a torn file.
+
+    Local files go through a temporary sibling and ``os.replace``; an object-store PUT is atomic.
+    """
+    fs, path = filesystem(url)
+    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Sorted full URLs of the files directly under ``url`` whose names end with ``suffix``."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    return [join(url, posixpath.basename(p)) for p in names]

@@ -1,0 +1,97 @@
+"""Session-wide fixtures: Ray once, one moto S3 server, the synthetic dataset and its shards."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 CPUs, started once for the whole test session."""
+    import ray
+
+    from pipelines.parallel import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback; AWS_* variables point every client (and Ray workers) at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh bucket per test: ``s3://<name>``."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"reals-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """The same test on local disk and on S3 (moto): a root URL to write under."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic ImageNet-layout folder: 4 classes x 12 train images (+ 3 val) at 48 px."""
+    from pipelines.synthetic import SyntheticConfig, run
+
+    out = tmp_path_factory.mktemp("synthetic")
+    run(SyntheticConfig(output=str(out), classes=4, per_class=12, val_per_class=3, size=48, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synthetic_root, tmp_path_factory, ray_session):
+    """Shards of the synthetic folder at 32 px (train: 2 shards of <= 24, val: 1), on local disk."""
+    from pipelines.shard import ShardConfig, run
+
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        run(ShardConfig(data_path=str(synthetic_root), output=str(out), split=split, resolution=32,
+                        shard_size=24, workers=2, show_progress=False))
+    return str(out)
