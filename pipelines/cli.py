@@ -15,6 +15,8 @@ import sys
 STAGE_MODULES = [
     "pipelines.synthetic",
     "pipelines.shard",
+    "pipelines.train_vae",
+    "pipelines.evaluate",
 ]
 
 

@@ -1,0 +1,426 @@
+"""Shards + ReaLS VAE dir -> Zarr latent store (``reals encode``), one Ray actor per worker, a source shard per unit.
+
+The driver takes the store's lease, reads the manifest, opens (or creates) the version named by the
+VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (extending the arrays
+for new shards while no worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
+provenance once, then for a shard: decodes its images, encodes them and their horizontal flips to
+posterior mean/std, normalises them with ``mean_std.json`` (``z_norm = (z - mean) / std``, so the
+posterior std becomes ``std / std_c``), adds the teacher's global token, writes the shard's rows, and
+writes its done-marker last. A unit that fails (an S3 error, say) is retried, and its marker is only
+written once its rows are. A re-run encodes only shards without a valid marker; a different VAE gets a
+new version beside the old ones.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from importlib import metadata
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from storage.fs import join, to_url
+from storage.latent_store import LatentStore, rows_checksum, set_latest, utc_now
+from storage.lease import Lease
+from storage.markers import read_json
+from storage.shards import iter_shard, read_manifest
+
+LEASE_FILE = "encode.lease.json"
+
+
+class EncodeConfig(StageConfig):
+    """Settings of ``reals encode``."""
+
+    data_path: str = Field(description="dataset URL holding the shards and manifest.json")
+    vae_path: str = Field(description="converted ReaLS VAE directory (local)")
+    output: str = Field(description="latent store URL; each VAE gets its own version inside it")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="dataset split to encode")
+    workers: int | None = Field(None, ge=1, description="Ray actors, each holding a VAE and a teacher "
+                                                        "(default: one per CPU, at most one per shard)")
+    batch_size: int = Field(32, ge=1, description="images per VAE forward pass")
+    flip: bool = Field(True, description="also store the posterior of the horizontally flipped image")
+    teacher_patch: bool = Field(False, description="also store the teacher's patch tokens (large)")
+    dino_model: str | None = Field(None, description="teacher name (default: the one in the VAE's provenance)")
+    dino_input_size: int | None = Field(None, ge=1, description="teacher input size (default: from the provenance)")
+    chunk_rows: int | None = Field(None, ge=1, description="rows per Zarr chunk for a new version "
+                                                           "(default: min(256, shard size))")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the actors run the models")
+    verify: bool = Field(False, description="re-check the checksums of shards already marked done "
+                                            "and re-encode those whose rows disagree")
+    retries: int = Field(3, ge=1, description="attempts per shard before it is reported as failed")
+    lease_wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease on the store")
+    lease_ttl: float = Field(120.0, gt=0, description="lease lifetime in seconds; renewed every third of it")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class EncodeSummary(BaseModel):
+    """What ``reals encode`` did."""
+
+    store: str
+    version: str
+    vae_fingerprint: str
+    split: str
+    shards: int
+    shards_encoded: int
+    shards_skipped: int
+    shards_redone: int
+    rows_encoded: int
+    rows_done: int
+    rows_total: int
+    samples_skipped: int
+    skipped: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The encoding itself (shared with verify-store)
+# ---------------------------------------------------------------------------------------------------
+
+def teacher_spec(provenance: dict, name: str | None = None, input_size: int | None = None) -> tuple[str, int | None]:
+    """``(teacher name, input size)``: flags first, then the VAE provenance (``teacher`` str or dict)."""
+    teacher = provenance.get("teacher")
+    if isinstance(teacher, dict):
+        name = name or teacher.get("name")
+        input_size = input_size or teacher.get("input_size")
+    elif isinstance(teacher, str):
+        name = name or teacher
+    name = name or provenance.get("dino_model")
+    input_size = input_size or provenance.get("dino_input_size") or provenance.get("teacher_input_size")
+    if not name:
+        raise StageError("the VAE dir's provenance.json names no teacher; pass --dino-model NAME")
+    return name, (int(input_size) if input_size else None)
+
+
+def load_models(vae_path: str, teacher_name: str, teacher_input_size: int | None, device: str):
+    """The ReaLS VAE and its frozen teacher, in eval mode on ``device``."""
+    from reals.teachers import build_teacher
+    from reals.vae import ReaLSVAE
+
+    vae = ReaLSVAE.from_pretrained(vae_path).to(device).eval()
+    teacher = build_teacher(teacher_name, input_size=teacher_input_size).to(device)
+    return vae, teacher
+
+
+def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: bool) -> dict[str, np.ndarray]:
+    """uint8 ``[B, H, W, 3]`` -> float16 rows: normalised posterior mean/std (+ flip), teacher features."""
+    import torch
+
+    device = vae.mean.device
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+        pixels = torch.cat([x, x.flip(-1)]) if flip else x
+        mean, std = vae.encode(pixels * 2 - 1)
+        mean, std = vae.normalize(mean), std / vae.std.to(std).view(1, -1, 1, 1)
+        patch, global_token = teacher(x)
+    b = len(x)
+    rows = {"mean": mean[:b], "std": std[:b], "teacher_global": global_token}
+    if flip:
+        rows.update(mean_flip=mean[b:], std_flip=std[b:])
+    if teacher_patch:
+        rows["teacher_patch"] = patch
+    return {k: v.float().cpu().numpy().astype(np.float16) for k, v in rows.items()}
+
+
+def _batched(samples, size: int):
+    batch = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# One unit of work: one source shard (runs in a Ray actor)
+# ---------------------------------------------------------------------------------------------------
+
+class EncodeWorker:
+    """Holds a VAE and a teacher; encodes whole source shards into their rows of the store."""
+
+    def __init__(self, vae_path: str, teacher_name: str, teacher_input_size: int | None, device: str,
+                 batch_size: int, retries: int = 3, retry_delay: float = 1.0):
+        self.vae, self.teacher = load_models(vae_path, teacher_name, teacher_input_size, device)
+        self.batch_size = batch_size
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self._stores: dict[str, LatentStore] = {}
+
+    def describe(self) -> dict:
+        """The teacher as the store's provenance records it."""
+        t = self.teacher
+        return {"name": t.name, "input_size": t.input_size, "description": t.description, "width": t.width,
+                "grid": list(t.grid)}
+
+    def _store(self, group_url: str) -> LatentStore:
+        if group_url not in self._stores:
+            import zarr
+
+            from storage.latent_store import zarr_store
+
+            group = zarr.open_group(zarr_store(group_url), mode="r+", zarr_format=3)
+            self._stores[group_url] = LatentStore(group, group_url, group_url.rsplit("/", 1)[0])
+        return self._stores[group_url]
+
+    def encode_shard(self, unit: dict) -> dict:
+        """Encode (or, with ``verify``, check and keep) one source shard; retried on any error."""
+        error = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                return {**self._encode_shard(unit), "attempts": attempt}
+            except Exception as e:  # noqa: BLE001 - retried, then reported per shard by the driver
+                error = f"{type(e).__name__}: {e}"
+                self._stores.pop(unit["group_url"], None)
+                if attempt < self.retries:
+                    time.sleep(self.retry_delay * attempt)
+        return {"shard": unit["name"], "status": "failed", "error": error, "attempts": self.retries}
+
+    def _encode_shard(self, unit: dict) -> dict:
+        store = self._store(unit["group_url"])
+        status = "encoded"
+        if unit.get("marker"):
+            if store.stored_checksum(unit["marker"]) == unit["marker"]["checksum"]:
+                return {"shard": unit["name"], "status": "skipped", "count": 0, "skipped": []}
+            status = "redone"
+        names = store.array_names
+        skipped: list = []
+        parts: dict[str, list] = {n: [] for n in names}
+        for batch in _batched(iter_shard(unit["url"], skipped=skipped), self.batch_size):
+            rows = encode_images(self.vae, self.teacher, np.stack([s["image"] for s in batch]),
+                                 "mean_flip" in names, "teacher_patch" in names)
+            rows["labels"] = np.array([s["cls"] for s in batch], dtype=np.int32)
+            rows["keys"] = np.array([s["__key__"] for s in batch], dtype=object)
+            for n in names:
+                parts[n].append(rows[n])
+        count = sum(len(p) for p in parts["labels"])
+        if count > unit["capacity"]:
+            raise StageError(f"source shard {unit['name']} has {count} samples, more than its "
+                             f"{unit['capacity']} rows in the store")
+        rows = {n: self._padded(store, n, parts[n], unit["capacity"]) for n in names}
+        checksum = rows_checksum({n: a[:count] for n, a in rows.items()})
+        store.write_rows(unit["row_start"], rows)
+        store.write_marker({
+            "shard": unit["name"], "row_start": unit["row_start"], "count": count, "capacity": unit["capacity"],
+            "source_sha256": unit["source_sha256"], "vae_fingerprint": store.attrs["vae_fingerprint"],
+            "arrays": names, "checksum": checksum, "skipped": [list(s) for s in skipped], "created": utc_now(),
+        })
+        return {"shard": unit["name"], "status": status, "count": count,
+                "skipped": [f"{unit['name']}/{k}: {r}" for k, r in skipped]}
+
+    @staticmethod
+    def _padded(store: LatentStore, name: str, parts: list, capacity: int) -> np.ndarray:
+        """The shard's rows of one array, padded to its whole chunks with the array's fill value."""
+        arr = store.array(name)
+        if name == "keys":
+            data = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+            return np.concatenate([data, np.full(capacity - len(data), "", dtype=object)])
+        out = np.full((capacity, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+        if parts:
+            data = np.concatenate(parts)
+            out[:len(data)] = data
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------
+
+def source_shards(data_path: str, split: str) -> tuple[dict, list[dict]]:
+    """``(manifest, shards)``; a shard is ``{"name", "url", "count", "sha256"}`` from its shard marker."""
+    manifest = read_manifest(data_path)
+    if split not in manifest.get("splits", {}):
+        raise StageError(f"split {split!r} not in {data_path} (has {sorted(manifest.get('splits', {}))})")
+    if not manifest.get("resolution"):
+        raise StageError(f"{data_path} was sharded with --resolution 0 (original sizes); encode needs "
+                         "fixed-size images: re-shard with --resolution N")
+    info = manifest["splits"][split]
+    if not info.get("shards"):
+        raise StageError(f"split {split!r} of {data_path} has no shards")
+    shards = []
+    for name in info["shards"]:
+        url = join(to_url(data_path), name)
+        marker = read_json(url.removesuffix(".tar") + ".json") or {}
+        shards.append({"name": name, "url": url, "count": int(marker.get("count", info["shard_size"])),
+                       "sha256": marker.get("sha256")})
+    return manifest, shards
+
+
+def _code_version() -> str:
+    try:
+        return metadata.version("reals-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _check_store_fits(store: LatentStore, manifest: dict, config: EncodeConfig) -> None:
+    """Refuse to add to a version made from another split, class list or array layout."""
+    a = store.attrs
+    wanted = {"split": config.split, "classes": manifest["classes"], "flip": config.flip,
+              "teacher_patch": config.teacher_patch}
+    for key, value in wanted.items():
+        if a.get(key) != value:
+            raise StageError(f"latent store {store.url} has {key}={a.get(key)!r}, this run wants {value!r}; "
+                             "use the same settings or another --output")
+
+
+def _start_workers(config: EncodeConfig, teacher: tuple[str, int | None], n: int) -> list:
+    import ray
+
+    from pipelines.parallel import ensure_ray
+
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = "cuda" if config.device == "cuda" or (config.device == "auto" and gpus) else "cpu"
+    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
+               "max_restarts": 1, "max_task_retries": 1}
+    cls = ray.remote(EncodeWorker).options(**options)
+    return [cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+            for _ in range(n)]
+
+
+def run(config: EncodeConfig) -> EncodeSummary:
+    """Encode every source shard of the split that the store lacks; markers last; incremental."""
+    import ray
+
+    from pipelines.parallel import map_actors
+    from reals.vae import ReaLSVAE
+
+    output = to_url(config.output).rstrip("/")
+    manifest, shards = source_shards(config.data_path, config.split)
+    vae = ReaLSVAE.from_pretrained(config.vae_path)
+    fp, f = vae.fingerprint, vae.downsample_factor
+    latent_shape = (vae.latent_channels, manifest["resolution"] // f, manifest["resolution"] // f)
+    teacher = teacher_spec(vae.provenance, config.dino_model, config.dino_input_size)
+    shard_size = int(manifest["splits"][config.split].get("shard_size") or max(s["count"] for s in shards))
+    workers: list = []
+    with Lease(join(output, LEASE_FILE), ttl=config.lease_ttl).hold(wait=config.lease_wait) as lease:
+        try:
+            if LatentStore.has_version(output, fp):
+                store = LatentStore.open_for_vae(output, fp, latent_shape)
+                _check_store_fits(store, manifest, config)
+            else:
+                store = None
+            entries = store.plan_shards([(s["name"], s["count"]) for s in shards], shard_size) if store else []
+            markers = store.markers() if store else {}
+            units = []
+            for s, e in zip(shards, entries or [None] * len(shards)):
+                marker = markers.get(s["name"])
+                valid = store is not None and store.marker_agrees(marker, e, s["sha256"])
+                if not valid or config.verify:
+                    units.append({"name": s["name"], "url": s["url"], "source_sha256": s["sha256"],
+                                  "marker": marker if valid else None})
+            if units:
+                n = config.workers or max(1, int(_cluster_cpus()))
+                workers = _start_workers(config, teacher, min(n, len(units)))
+            if store is None:
+                info = ray.get(workers[0].describe.remote())
+                store = LatentStore.create(
+                    output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info["width"],
+                    chunk_rows=config.chunk_rows or min(256, shard_size), flip=config.flip,
+                    teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
+                    provenance=_provenance(config, vae, manifest, info, latent_shape))
+                entries = store.plan_shards([(s["name"], s["count"]) for s in shards], shard_size)
+            by_name = {e["name"]: e for e in entries}
+            for u in units:
+                u.update(group_url=store.url, row_start=by_name[u["name"]]["row_start"],
+                         capacity=by_name[u["name"]]["capacity"])
+            skipped_now = len(shards) - len(units)
+            if skipped_now:
+                print(f"skipping {skipped_now} of {len(shards)} shards already encoded in {store.url}")
+            results = map_actors(workers, "encode_shard", units, f"encode {config.split}",
+                                 show_progress=config.show_progress) if units else []
+            lease.check()
+            store.group.attrs.update({"source_shards": [s["name"] for s in shards],
+                                      "source_fingerprint": manifest.get("fingerprint"), "updated": utc_now()})
+            set_latest(output, fp)
+        finally:
+            for w in workers:
+                ray.kill(w)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        raise StageError(f"{len(failed)} of {len(units)} shards failed after {config.retries} attempts (first: "
+                         f"{failed[0]['shard']}: {failed[0]['error']}); re-run to retry them")
+    statuses = [r["status"] for r in results]
+    done = store.done_rows()
+    return EncodeSummary(
+        store=output, version=store.version, vae_fingerprint=fp, split=config.split, shards=len(shards),
+        shards_encoded=statuses.count("encoded"), shards_skipped=skipped_now + statuses.count("skipped"),
+        shards_redone=statuses.count("redone"), rows_encoded=sum(r["count"] for r in results),
+        rows_done=int(done.sum()), rows_total=store.num_samples,
+        samples_skipped=sum(len(r["skipped"]) for r in results), skipped=[x for r in results for x in r["skipped"]],
+    )
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    from pipelines.parallel import ensure_ray
+
+    ensure_ray()
+    return ray.cluster_resources().get("CPU", 1)
+
+
+def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent_shape) -> dict:
+    return {
+        "vae_path": to_url(config.vae_path), "vae_provenance": vae.provenance, "teacher": teacher,
+        "mean": vae.mean.tolist(), "std": vae.std.tolist(), "normalisation": "z_norm = (z - mean) / std",
+        "resolution": manifest["resolution"], "vae_resolution": vae.resolution, "latent_shape": list(latent_shape),
+        "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "split": config.split,
+        "source_url": to_url(config.data_path), "source_fingerprint": manifest.get("fingerprint"),
+        "code_version": _code_version(),
+    }
+
+
+def print_summary(summary: EncodeSummary, shown: int = 10) -> None:
+    """One table of the run, then the first skipped samples."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"reals encode: {summary.split} -> {summary.store} (version {summary.version})")
+    for col in ("shards", "encoded", "skipped", "redone", "rows encoded", "rows done", "rows total", "bad samples"):
+        table.add_column(col, justify="right")
+    table.add_row(*map(str, (summary.shards, summary.shards_encoded, summary.shards_skipped, summary.shards_redone,
+                             summary.rows_encoded, summary.rows_done, summary.rows_total, summary.samples_skipped)))
+    console = Console()
+    console.print(table)
+    for s in summary.skipped[:shown]:
+        console.print(f"skipped sample {s}", markup=False, highlight=False)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    print_summary(run(config_from_args(EncodeConfig, args, yaml_section="encode")))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals encode``."""
+    p = subparsers.add_parser("encode", help="encode shards into a Zarr latent store with a ReaLS VAE",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--data-path", dest="data_path", required=True, help="dataset URL with shards + manifest.json")
+    p.add_argument("--vae-path", dest="vae_path", required=True, help="converted ReaLS VAE directory (local)")
+    p.add_argument("--output", required=True, help="latent store URL (path, s3://...); versions live inside it")
+    p.add_argument("--config", help="YAML file; its `encode:` section sets defaults for these flags")
+    p.add_argument("--split", help="dataset split to encode (default train)")
+    p.add_argument("--workers", type=int, help="Ray actors, each with its own VAE + teacher (default: one per CPU)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per VAE forward pass (default 32)")
+    p.add_argument("--no-flip", dest="flip", action="store_const", const=False,
+                   help="do not store the posterior of the horizontally flipped image")
+    p.add_argument("--teacher-patch", dest="teacher_patch", action="store_const", const=True,
+                   help="also store the teacher's patch tokens (large; off by default)")
+    p.add_argument("--dino-model", dest="dino_model", help="teacher name (default: from the VAE's provenance)")
+    p.add_argument("--dino-input-size", dest="dino_input_size", type=int,
+                   help="teacher input size in pixels (default: from the VAE's provenance)")
+    p.add_argument("--chunk-rows", dest="chunk_rows", type=int,
+                   help="rows per Zarr chunk of a new version (default: min(256, shard size))")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
+    p.add_argument("--verify", action="store_const", const=True,
+                   help="re-check checksums of shards already done; re-encode those that disagree")
+    p.add_argument("--retries", type=int, help="attempts per shard before it counts as failed (default 3)")
+    p.add_argument("--lease-wait", dest="lease_wait", type=float,
+                   help="seconds to wait while another run holds the store's lease (default 0: refuse)")
+    p.add_argument("--lease-ttl", dest="lease_ttl", type=float,
+                   help="lease lifetime in seconds, renewed while running (default 120)")
+    p.set_defaults(handler=_handle)

@@ -1,0 +1,396 @@
+"""Stage `evaluate`: sample quality of an ADM-layout samples .npz against a reference .npz, in every feature
+space available offline; and `make-reference`: an ADM-layout reference .npz from our WebDataset shards.
+
+Standard numbers (FID, sFID, IS, Precision, Recall) need the FID-Inception weights file; without it the
+output says so plainly and the teacher-space distances (``FD_effnet``, ``FD_dinov2``) are still computed.
+Every number in metrics.json carries its feature space, extractor, weights source and sample counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import uuid
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from reals import ReaLSError
+from storage.fs import exists, filesystem, to_url
+from storage.markers import fingerprint, write_json
+
+FeatureSpace = Literal["inception", "effnet", "dinov2"]
+DEFAULT_SPACES: tuple[str, ...] = ("inception", "effnet", "dinov2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs and summaries
+# ---------------------------------------------------------------------------------------------------
+
+class EvaluateConfig(StageConfig):
+    """Inputs of `reals evaluate`."""
+
+    ref_batch: str = Field(description="reference batch .npz (ADM layout: arr_0 uint8 NHWC; mu/sigma/mu_s/sigma_s optional)")
+    sample_batch: str = Field(description="samples .npz (ADM layout: arr_0 uint8 NHWC)")
+    features: list[FeatureSpace] | None = Field(
+        None, description="feature spaces; default: inception (when its weights exist), effnet, dinov2 (when its weights exist)")
+    output: str | None = Field(None, description="metrics.json URL; default: next to the samples, <samples>.metrics.json")
+    batch_size: int = Field(64, ge=1, description="images per feature-extraction batch")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    nearest_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall")
+    split_size: int = Field(5000, ge=1, description="Inception Score split size")
+    inception_weights: str | None = Field(None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub's checkpoints)")
+    dinov2_model: str = Field("dinov2_vitl14_reg", description="teacher name for the dinov2 feature space")
+    dinov2_weights_dir: str | None = Field(None, description="folder holding DINOv2 weights (default: the HF cache)")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class EvaluateSummary(BaseModel):
+    output: str
+    num_reference: int
+    num_samples: int
+    metrics: dict[str, dict] = Field(description="metric name -> {value, feature_space, extractor, weights, ...}")
+    skipped: dict[str, str] = Field(description="feature space -> why it was not computed")
+    notes: list[str] = []
+
+
+class MakeReferenceConfig(StageConfig):
+    """Inputs of `reals make-reference`."""
+
+    data_path: str = Field(description="dataset URL holding manifest.json and shards")
+    split: str = Field("val", description="split to draw the reference images from")
+    output: str = Field(description="reference .npz URL to write")
+    num_samples: int | None = Field(None, ge=2, description="images to draw (a seeded uniform subset); default: the whole split")
+    seed: int = Field(0, description="seed of the subset draw")
+    batch_size: int = Field(64, ge=1, description="images per Inception batch for the statistics")
+    device: str = Field("auto", description="torch device for the Inception statistics")
+    inception_weights: str | None = Field(None, description="FID-Inception weights file (statistics are skipped when absent)")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class MakeReferenceSummary(BaseModel):
+    output: str
+    count: int
+    resolution: list[int]
+    skipped: int
+    skipped_samples: list[str] = []
+    statistics: bool
+    note: str = ""
+    reused: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# npz files by URL
+# ---------------------------------------------------------------------------------------------------
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+@contextmanager
+def _open_npz(url: str, what: str):
+    """A local path, or an open seekable file for object-store URLs."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise StageError(f"{what} not found: {url}")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        yield path
+    else:
+        with fs.open(path, "rb") as f:
+            yield f
+
+
+def _write_npz(url: str, write) -> None:
+    """Call ``write(file)`` so the npz at ``url`` appears whole or not at all."""
+    fs, path = filesystem(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}.npz"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with fs.open(path, "wb") as f:
+            write(f)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------
+
+def _extractors(config: EvaluateConfig, device: str) -> tuple[list, dict[str, str]]:
+    """The feature extractors that can be built; requested spaces fail loudly, default ones skip with a reason."""
+    from reals.metrics.features import build_feature_extractor
+
+    options = {
+        "inception": {"weights": config.inception_weights},
+        "effnet": {},
+        "dinov2": {"model": config.dinov2_model, "weights_dir": config.dinov2_weights_dir},
+    }
+    extractors, skipped = [], {}
+    for space in config.features or DEFAULT_SPACES:
+        try:
+            extractors.append(build_feature_extractor(space, device, **options[space]))
+        except ReaLSError as e:
+            if config.features:
+                raise
+            skipped[space] = str(e)
+    if not extractors:
+        raise StageError("no feature space is available: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return extractors, skipped
+
+
+def _activations(file, extractors, batch_size: int, bar, task) -> dict[str, dict[str, np.ndarray]]:
+    """``{space: {activation name: [N, D]}}`` over every image of an npz, read once in batches."""
+    from reals.metrics.reference import iter_images
+
+    parts: dict[str, dict[str, list]] = {e.space: {name: [] for name in e.outputs} for e in extractors}
+    for batch in iter_images(file, batch_size):
+        for e in extractors:
+            for name, value in e(batch).items():
+                parts[e.space][name].append(value)
+        bar.advance(task, len(batch))
+    return {space: {k: np.concatenate(v) for k, v in acts.items()} for space, acts in parts.items()}
+
+
+def _default_output(sample_batch: str) -> str:
+    base = sample_batch[:-4] if sample_batch.endswith(".npz") else sample_batch
+    return f"{base}.metrics.json"
+
+
+def run(config: EvaluateConfig) -> EvaluateSummary:
+    """Compute every metric the available feature spaces allow and write metrics.json."""
+    from reals.metrics.reference import image_shape, read_stats
+    from reals.metrics.suite import space_metrics
+
+    device = _device(config.device)
+    output = config.output or _default_output(config.sample_batch)
+    with _open_npz(config.ref_batch, "reference batch") as ref, _open_npz(config.sample_batch, "sample batch") as smp:
+        ref_shape, smp_shape = image_shape(ref), image_shape(smp)
+        for name, shape in (("reference batch", ref_shape), ("sample batch", smp_shape)):
+            if shape[0] <= config.nearest_k:
+                raise StageError(f"{name} holds {shape[0]} images; precision/recall with k={config.nearest_k} "
+                                 f"needs more than {config.nearest_k}")
+        extractors, skipped = _extractors(config, device)
+        with progress_bar(disable=not config.show_progress) as bar:
+            acts_ref = _activations(ref, extractors, config.batch_size, bar,
+                                    bar.add_task("reference activations", total=ref_shape[0]))
+            acts_smp = _activations(smp, extractors, config.batch_size, bar,
+                                    bar.add_task("sample activations", total=smp_shape[0]))
+        ref_stats = read_stats(ref)
+
+    counts = {"num_reference": ref_shape[0], "num_samples": smp_shape[0]}
+    metrics: dict[str, dict] = {}
+    for e in extractors:
+        stats = ref_stats if e.space == "inception" else None
+        for record in space_metrics(e.space, acts_ref[e.space], acts_smp[e.space], stats,
+                                    k=config.nearest_k, split_size=config.split_size, device=device):
+            metrics[record.pop("metric")] = {**record, **e.info(), **counts}
+    notes = []
+    if "inception" in skipped:
+        notes.append("FID-Inception weights are missing, so FID, sFID, IS, Precision and Recall were NOT computed "
+                     f"({skipped['inception']}). FD_* numbers are Frechet distances in teacher feature spaces, "
+                     "not FID, and are not comparable with published FID.")
+    report = {
+        "ref_batch": to_url(config.ref_batch),
+        "sample_batch": to_url(config.sample_batch),
+        **counts,
+        "image_shape": {"reference": list(ref_shape[1:]), "samples": list(smp_shape[1:])},
+        "metrics": metrics,
+        "feature_spaces": {
+            **{e.space: {"status": "computed", **e.info()} for e in extractors},
+            **{space: {"status": "skipped", "reason": reason} for space, reason in skipped.items()},
+        },
+        "notes": notes,
+        "config": config.model_dump(),
+    }
+    write_json(output, report)
+    return EvaluateSummary(output=to_url(output), **counts, metrics=metrics, skipped=skipped, notes=notes)
+
+
+def print_report(summary: EvaluateSummary, console: Console | None = None) -> None:
+    """One screen: a table of the numbers, then what was skipped and why."""
+    console = console or Console()
+    table = Table(title=f"{summary.num_samples} samples vs {summary.num_reference} reference images")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("feature space")
+    table.add_column("weights", max_width=48, overflow="ellipsis", no_wrap=True)
+    for name, m in summary.metrics.items():
+        table.add_row(name, f"{m['value']:.4f}", m["feature_space"], m["weights"])
+    console.print(table)
+    for space, reason in summary.skipped.items():
+        console.print(f"[yellow]skipped {space}[/]: {reason}", soft_wrap=True)
+    for note in summary.notes:
+        console.print(f"[bold yellow]note[/]: {note}", soft_wrap=True)
+    console.print(f"metrics written to {summary.output}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# make-reference
+# ---------------------------------------------------------------------------------------------------
+
+def _priority(seed: int, key: str) -> int:
+    """A seeded hash of a sample key: the subset is the ``num_samples`` keys of lowest priority."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def _draw(urls: list[str], num_samples: int | None, seed: int, bad: list) -> list[dict]:
+    """A seeded uniform subset of a split's samples (all when ``num_samples`` is None), in shard order.
+
+    The subset depends only on the sample keys, never on shard order or on which samples fail to decode.
+    """
+    from storage.shards import iter_shards
+
+    heap: list = []
+    shape = None
+    for i, s in enumerate(iter_shards(urls, shuffle=0, split_by_worker=False, skipped=bad)):
+        shape = shape or s["image"].shape
+        if s["image"].shape != shape:
+            bad.append((s["__key__"], f"image shape {s['image'].shape} differs from {shape}"))
+            continue
+        item = (-_priority(seed, s["__key__"]), i, s)
+        if num_samples is None or len(heap) < num_samples:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+    return [s for _, _, s in sorted(heap, key=lambda t: t[1])]
+
+
+def _inception_statistics(images: np.ndarray, config: MakeReferenceConfig) -> tuple[dict, str, str]:
+    """ADM statistics ``mu, sigma, mu_s, sigma_s`` of the images, or ``({}, "", why not)`` without weights."""
+    from reals.metrics.features import InceptionFeatures
+    from reals.metrics.frechet import activation_statistics
+
+    try:
+        extractor = InceptionFeatures(_device(config.device), weights=config.inception_weights)
+    except ReaLSError as e:
+        return {}, "", f"no Inception statistics written: {e}"
+    pool, spatial = [], []
+    with progress_bar(disable=not config.show_progress) as bar:
+        task = bar.add_task("reference statistics", total=len(images))
+        for start in range(0, len(images), config.batch_size):
+            acts = extractor(images[start:start + config.batch_size])
+            pool.append(acts["pool"])
+            spatial.append(acts["spatial"])
+            bar.advance(task, len(acts["pool"]))
+    mu, sigma = activation_statistics(np.concatenate(pool))
+    mu_s, sigma_s = activation_statistics(np.concatenate(spatial))
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}, extractor.weights, ""
+
+
+def _inception_weights_exist(config: MakeReferenceConfig) -> bool:
+    from reals.metrics.fid_inception import find_weights
+
+    if config.inception_weights:
+        return os.path.isfile(config.inception_weights)
+    try:
+        find_weights()
+    except ReaLSError:
+        return False
+    return True
+
+
+def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
+    """Write an ADM-layout reference npz (images, labels, Inception statistics when possible) from shards."""
+    from reals.metrics.reference import image_shape, read_meta, read_stats, write_reference
+    from storage.shards import read_manifest, shard_urls
+
+    manifest = read_manifest(config.data_path)
+    urls = shard_urls(config.data_path, config.split)
+    meta = {"source": to_url(config.data_path), "split": config.split, "source_fingerprint": manifest.get("fingerprint"),
+            "num_samples": config.num_samples, "seed": config.seed}
+    if exists(config.output):
+        with _open_npz(config.output, "reference") as f:
+            old, has_stats = read_meta(f), bool(read_stats(f))
+            if {k: old.get(k) for k in meta} == meta and (has_stats or not _inception_weights_exist(config)):
+                shape = image_shape(f)
+                return MakeReferenceSummary(output=to_url(config.output), count=shape[0], resolution=list(shape[1:3]),
+                                            skipped=old.get("skipped", 0), statistics=has_stats, reused=True)
+
+    bad: list = []
+    samples = _draw(urls, config.num_samples, config.seed, bad)
+    if len(samples) < 2:
+        raise StageError(f"split {config.split!r} of {config.data_path} has {len(samples)} readable images; need at least 2")
+    images = np.empty((len(samples), *samples[0]["image"].shape), dtype=np.uint8)
+    for i, s in enumerate(samples):
+        images[i] = s.pop("image")
+    labels = np.array([s["cls"] for s in samples], dtype=np.int64)
+    stats, weights, note = _inception_statistics(images, config)
+    meta.update(skipped=len(bad), count=len(images), inception_weights=weights,
+                keys_fingerprint=fingerprint([s["__key__"] for s in samples]))
+    _write_npz(config.output, lambda f: write_reference(f, images, labels, stats, meta))
+    return MakeReferenceSummary(output=to_url(config.output), count=len(images), resolution=list(images.shape[1:3]),
+                                skipped=len(bad), skipped_samples=[f"{k}: {why}" for k, why in bad],
+                                statistics=bool(stats), note=note)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _evaluate_cli(args) -> int:
+    summary = run(config_from_args(EvaluateConfig, args))
+    print_report(summary)
+    return 0
+
+
+def _make_reference_cli(args) -> int:
+    s = make_reference(config_from_args(MakeReferenceConfig, args))
+    what = "reused" if s.reused else "wrote"
+    print(f"{what} {s.output}: {s.count} images at {s.resolution[0]}x{s.resolution[1]}, {s.skipped} skipped, "
+          f"Inception statistics: {'yes' if s.statistics else 'no'}")
+    for line in s.skipped_samples[:5]:
+        print(f"  skipped {line}")
+    if s.note:
+        print(s.note)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("ref_batch", help="reference batch .npz (ADM layout)")
+    p.add_argument("sample_batch", help="samples .npz (ADM layout: arr_0 uint8 NHWC)")
+    p.add_argument("--features", nargs="+", choices=DEFAULT_SPACES, default=None,
+                   help="feature spaces to use (default: inception when its weights exist, effnet, dinov2 when its "
+                        "weights exist); a space named here must be available")
+    p.add_argument("--output", help="metrics.json URL (default: <samples>.metrics.json)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per feature-extraction batch (default 64)")
+    p.add_argument("--device", help="torch device (default auto: cuda when available)")
+    p.add_argument("--nearest-k", dest="nearest_k", type=int, help="k of the k-NN manifolds for precision/recall (default 3)")
+    p.add_argument("--split-size", dest="split_size", type=int, help="Inception Score split size (default 5000)")
+    p.add_argument("--inception-weights", dest="inception_weights",
+                   help="pt_inception-2015-12-05-*.pth (default: $REALS_INCEPTION_WEIGHTS, then ~/.cache/torch/hub/checkpoints)")
+    p.add_argument("--dinov2-model", dest="dinov2_model", help="DINOv2 teacher for FD_dinov2 (default dinov2_vitl14_reg)")
+    p.add_argument("--dinov2-weights-dir", dest="dinov2_weights_dir", help="folder with DINOv2 weights (default: HF cache)")
+    p.add_argument("--config", help="YAML file with these settings (flags override it)")
+    p.set_defaults(handler=_evaluate_cli)
+
+    p = subparsers.add_parser("make-reference", help="write an ADM-layout reference .npz from dataset shards",
+                              description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference "
+                                          ".npz (arr_0 images, arr_1 labels, mu/sigma/mu_s/sigma_s when the "
+                                          "FID-Inception weights exist).")
+    p.add_argument("--data-path", dest="data_path", help="dataset URL holding manifest.json and the shards")
+    p.add_argument("--split", help="split to draw from (default val)")
+    p.add_argument("--output", help="reference .npz URL to write")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="number of images (default: the whole split)")
+    p.add_argument("--seed", type=int, help="seed of the subset draw (default 0)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per Inception batch (default 64)")
+    p.add_argument("--device", help="torch device for the statistics (default auto)")
+    p.add_argument("--inception-weights", dest="inception_weights", help="FID-Inception weights file")
+    p.add_argument("--config", help="YAML file with these settings (flags override it)")
+    p.set_defaults(handler=_make_reference_cli)

