@@ -16,6 +16,8 @@ STAGE_MODULES = [
     "pipelines.synthetic",
     "pipelines.shard",
     "pipelines.train_vae",
+    "pipelines.encode",
+    "pipelines.verify_store",
     "pipelines.evaluate",
 ]
 

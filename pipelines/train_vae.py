@@ -476,7 +476,7 @@ class Trainer:
         self.opt.step()
         update_ema(self.ema, self.model, cfg.ema_decay)
 
-        stats = {k: float(v) for k, v in terms.items()}
+        stats = {k: float(v.detach()) for k, v in terms.items()}
         stats.update(align=float(align["loss"]), patch_cos=float(align["patch_cos"]),
                      global_cos=float(align["global_cos"]), loss=float(loss))
         if gan:

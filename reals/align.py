@@ -82,7 +82,11 @@ class AlignNet(nn.Module):
         if not isinstance(config, dict) or set(config) != expected:
             got = sorted(config) if isinstance(config, dict) else type(config).__name__
             raise ReaLSError(f"AlignNet config: expected keys {sorted(expected)}, got {got}")
-        return cls(**{k: int(v) for k, v in config.items()})
+        try:
+            sizes = {k: int(v) for k, v in config.items()}
+        except (TypeError, ValueError):
+            raise ReaLSError(f"AlignNet config: sizes must be integers, got {config}") from None
+        return cls(**sizes)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``align_net.safetensors`` (weights) and ``align_net.json`` (config) into ``directory``."""

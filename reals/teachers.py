@@ -64,11 +64,12 @@ class Teacher(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ReaLSError(f"teacher {self.name}: expected float images [B, 3, H, W] in [0, 1], "
                              f"got {images.dtype} {tuple(images.shape)}")
-        x = images.to(self.pixel_mean.dtype)
+        x = images.float()
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp_(0, 1)
-        return (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean.float()) / self.pixel_std.float()
+        return x.to(next(self.parameters()).dtype)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised inputs -> (patch tokens, global token); defined by each teacher family."""
@@ -76,6 +77,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float ``[B, 3, H, W]`` in [0, 1] -> (patch tokens ``[B, D, gh, gw]``, global token ``[B, D]``)."""
         return self.encode(self.preprocess(images))
 
 

@@ -42,3 +42,21 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                              f"{np.abs(covmean.imag).max():.3g}; use more samples than feature dimensions")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance_from_activations(acts1: np.ndarray, acts2: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two activation sets ``[N1, D]`` and ``[N2, D]``.
+
+    With fewer rows than dimensions (``N1 + N2 <= D``) both fitted Gaussians live in the span of the
+    centred rows, so the distance is computed exactly in that subspace (an orthonormal basis from a QR
+    factorisation) instead of through a ``D x D`` matrix square root: same value, seconds saved.
+    """
+    a1, a2 = np.asarray(acts1, np.float64), np.asarray(acts2, np.float64)
+    if a1.ndim != 2 or a2.ndim != 2 or a1.shape[1] != a2.shape[1]:
+        raise ReaLSError(f"Frechet distance: activations disagree in shape: {a1.shape} vs {a2.shape}")
+    if len(a1) + len(a2) <= a1.shape[1]:
+        rows = np.concatenate([a1, a2])
+        centre = rows.mean(axis=0)
+        basis, _ = np.linalg.qr((rows - centre).T)
+        a1, a2 = (a1 - centre) @ basis, (a2 - centre) @ basis
+    return frechet_distance(*activation_statistics(a1), *activation_statistics(a2))

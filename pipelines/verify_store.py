@@ -1,0 +1,175 @@
+"""Check a latent store against its sources (``reals verify-store``): provenance, checksums, re-encoded rows.
+
+Three checks, each reported: the store's provenance matches the VAE dir (fingerprint, latent statistics,
+latent shape, teacher); every done-marker's checksum matches the rows stored now; and a seeded random
+sample of done rows, re-encoded from the source shards, matches the stored values within float16
+tolerance (labels and keys exactly). Prints a verdict; the exit code is 1 when any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.encode import encode_images, load_models, source_shards, teacher_spec
+from storage.latent_store import LatentStore
+from storage.shards import iter_shard
+
+
+class VerifyStoreConfig(StageConfig):
+    """Settings of ``reals verify-store``."""
+
+    store: str = Field(description="latent store URL (its newest version, or a version's own URL)")
+    data_path: str = Field(description="dataset URL of the shards the store was encoded from")
+    vae_path: str = Field(description="ReaLS VAE directory the store should have been encoded with")
+    num_samples: int = Field(16, ge=0, description="random done rows to re-encode and compare")
+    seed: int = Field(0, description="seed of the row sample")
+    version: str | None = Field(None, description="version (VAE fingerprint) to check; default the newest")
+    atol: float = Field(2e-2, gt=0, description="absolute tolerance of the re-encoded comparison")
+    rtol: float = Field(1e-2, ge=0, description="relative tolerance of the re-encoded comparison")
+
+
+class VerifyStoreSummary(BaseModel):
+    """The verdict of ``reals verify-store`` and what it found."""
+
+    store: str
+    version: str
+    ok: bool
+    markers_checked: int
+    rows_compared: int
+    problems: list[str]
+
+
+def check_provenance(store: LatentStore, vae, resolution: int) -> list[str]:
+    """Differences between the store's provenance and the VAE dir."""
+    a = store.attrs
+    problems = []
+    if a.get("vae_fingerprint") != vae.fingerprint:
+        problems.append(f"store was made by VAE {a.get('vae_fingerprint')}, the VAE dir is {vae.fingerprint}")
+    for key, value in (("mean", vae.mean), ("std", vae.std)):
+        if not np.allclose(a.get(key, []), value.tolist(), rtol=1e-6, atol=1e-7):
+            problems.append(f"latent {key} {a.get(key)} differs from the VAE dir's {value.tolist()}")
+    f = vae.downsample_factor
+    shape = [vae.latent_channels, resolution // f, resolution // f]
+    if list(a.get("latent_shape", [])) != shape:
+        problems.append(f"latent shape {a.get('latent_shape')} differs from the VAE's {shape}")
+    stored = a.get("teacher") or {}
+    try:
+        name, size = teacher_spec(vae.provenance)
+    except StageError:
+        return problems  # the VAE names no teacher: the store's (from --dino-model) cannot be checked
+    if stored.get("name") != name or (size and stored.get("input_size") != size):
+        problems.append(f"teacher {stored.get('name')} at {stored.get('input_size')}px differs from the VAE's "
+                        f"{name} at {size}px")
+    return problems
+
+
+def check_markers(store: LatentStore) -> tuple[int, list[str]]:
+    """``(markers checked, problems)``: every marker's checksum against the rows stored now."""
+    markers = store.markers()
+    problems = []
+    entries = {e["name"]: e for e in store.shard_map}
+    for name, marker in sorted(markers.items()):
+        entry = entries.get(name)
+        if entry is None or not store.marker_agrees(marker, entry):
+            problems.append(f"marker {name} does not fit the store's row map")
+        elif store.stored_checksum(marker) != marker.get("checksum"):
+            problems.append(f"rows {marker['row_start']}..{marker['row_start'] + marker['count'] - 1} of {name} "
+                            "do not match their marker's checksum")
+    return len(markers), problems
+
+
+def check_rows(store: LatentStore, shard_urls: dict[str, str], vae, teacher_model, n: int, seed: int,
+               atol: float, rtol: float) -> tuple[int, list[str]]:
+    """``(rows compared, problems)``: re-encode a random sample of done rows from their source shards."""
+    done = np.flatnonzero(store.done_rows())
+    rows = np.sort(np.random.default_rng(seed).choice(done, size=min(n, len(done)), replace=False))
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for e in store.shard_map:
+        for r in rows[(rows >= e["row_start"]) & (rows < e["row_start"] + e["capacity"])]:
+            by_shard[e["name"]].append(int(r))
+    names = store.array_names
+    problems, compared = [], 0
+    for name, shard_rows in by_shard.items():
+        stored = {r: store.read_rows(r, r + 1) for r in shard_rows}
+        wanted = {str(s["keys"][0]): r for r, s in stored.items()}
+        if name not in shard_urls:
+            problems.append(f"source shard {name} is not in the dataset's manifest")
+            continue
+        found = set()
+        for sample in iter_shard(shard_urls[name]):
+            r = wanted.get(sample["__key__"])
+            if r is None:
+                continue
+            found.add(r)
+            fresh = encode_images(vae, teacher_model, sample["image"][None], "mean_flip" in names,
+                                  "teacher_patch" in names)
+            problems += _compare(name, r, stored[r], fresh, sample["cls"], atol, rtol)
+            compared += 1
+        for r in sorted(set(shard_rows) - found):
+            problems.append(f"row {r} ({name}): no sample with key {stored[r]['keys'][0]!r} in the source shard")
+    return compared, problems
+
+
+def _compare(shard: str, row: int, stored: dict, fresh: dict, label: int, atol: float, rtol: float) -> list[str]:
+    problems = []
+    if int(stored["labels"][0]) != label:
+        problems.append(f"row {row} ({shard}): label {int(stored['labels'][0])} != source class {label}")
+    for name, value in fresh.items():
+        a, b = stored[name].astype(np.float32), value.astype(np.float32)
+        if not np.allclose(a, b, atol=atol, rtol=rtol):
+            problems.append(f"row {row} ({shard}): {name} differs from a fresh encode "
+                            f"(max abs diff {float(np.abs(a - b).max()):.3g})")
+    return problems
+
+
+def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
+    """Run the three checks and collect every problem."""
+    store = LatentStore.open(config.store, config.version)
+    resolution = int(store.attrs["resolution"])
+    _, shards = source_shards(config.data_path, store.attrs.get("split", "train"))
+    teacher = store.attrs.get("teacher") or {}
+    vae, teacher_model = load_models(config.vae_path, teacher.get("name"), teacher.get("input_size"), "cpu")
+    problems = check_provenance(store, vae, resolution)
+    markers_checked, marker_problems = check_markers(store)
+    compared, row_problems = check_rows(store, {s["name"]: s["url"] for s in shards}, vae, teacher_model,
+                                        config.num_samples, config.seed, config.atol, config.rtol)
+    problems += marker_problems + row_problems
+    return VerifyStoreSummary(store=store.url, version=store.version, ok=not problems,
+                              markers_checked=markers_checked, rows_compared=compared, problems=problems)
+
+
+def print_summary(summary: VerifyStoreSummary, shown: int = 20) -> None:
+    """The verdict line, then the first problems."""
+    verdict = "OK" if summary.ok else f"FAILED ({len(summary.problems)} problems)"
+    print(f"verify-store {summary.store}: {verdict}; {summary.markers_checked} markers checked, "
+          f"{summary.rows_compared} rows re-encoded and compared")
+    for p in summary.problems[:shown]:
+        print(f"  - {p}")
+    if len(summary.problems) > shown:
+        print(f"  ... and {len(summary.problems) - shown} more")
+
+
+def _handle(args: argparse.Namespace) -> int:
+    summary = run(config_from_args(VerifyStoreConfig, args))
+    print_summary(summary)
+    return 0 if summary.ok else 1
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals verify-store``."""
+    p = subparsers.add_parser("verify-store", help="check a latent store against its shards and VAE",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("store", help="latent store URL (newest version) or a version's URL")
+    p.add_argument("--data-path", dest="data_path", required=True, help="dataset URL the store was encoded from")
+    p.add_argument("--vae-path", dest="vae_path", required=True, help="ReaLS VAE directory used to encode it")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="random rows to re-encode (default 16)")
+    p.add_argument("--seed", type=int, help="seed of the row sample (default 0)")
+    p.add_argument("--version", help="version (VAE fingerprint) to check (default: the newest)")
+    p.add_argument("--atol", type=float, help="absolute tolerance of the comparison (default 0.02)")
+    p.add_argument("--rtol", type=float, help="relative tolerance of the comparison (default 0.01)")
+    p.set_defaults(handler=_handle)
