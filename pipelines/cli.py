@@ -16,9 +16,14 @@ STAGE_MODULES = [
     "pipelines.synthetic",
     "pipelines.shard",
     "pipelines.train_vae",
+    "pipelines.convert",
     "pipelines.encode",
     "pipelines.verify_store",
+    "pipelines.train_sit",
+    "pipelines.sample",
     "pipelines.evaluate",
+    "pipelines.downstream",
+    "pipelines.orchestrate",
 ]
 
 

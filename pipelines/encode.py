@@ -109,7 +109,7 @@ def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: b
 
     device = vae.mean.device
     with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float().div_(255)
         pixels = torch.cat([x, x.flip(-1)]) if flip else x
         mean, std = vae.encode(pixels * 2 - 1)
         mean, std = vae.normalize(mean), std / vae.std.to(std).view(1, -1, 1, 1)

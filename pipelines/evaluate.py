@@ -37,16 +37,17 @@ DEFAULT_SPACES: tuple[str, ...] = ("inception", "effnet", "dinov2")
 class EvaluateConfig(StageConfig):
     """Inputs of `reals evaluate`."""
 
-    ref_batch: str = Field(description="reference batch .npz (ADM layout: arr_0 uint8 NHWC; mu/sigma/mu_s/sigma_s optional)")
+    ref_batch: str = Field(description="reference .npz (ADM layout: arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
     sample_batch: str = Field(description="samples .npz (ADM layout: arr_0 uint8 NHWC)")
     features: list[FeatureSpace] | None = Field(
-        None, description="feature spaces; default: inception (when its weights exist), effnet, dinov2 (when its weights exist)")
-    output: str | None = Field(None, description="metrics.json URL; default: next to the samples, <samples>.metrics.json")
+        None, description="feature spaces; default: inception and dinov2 when their weights exist, effnet always")
+    output: str | None = Field(None, description="metrics.json URL (default: <samples>.metrics.json)")
     batch_size: int = Field(64, ge=1, description="images per feature-extraction batch")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
     nearest_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall")
     split_size: int = Field(5000, ge=1, description="Inception Score split size")
-    inception_weights: str | None = Field(None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub's checkpoints)")
+    inception_weights: str | None = Field(
+        None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub checkpoints)")
     dinov2_model: str = Field("dinov2_vitl14_reg", description="teacher name for the dinov2 feature space")
     dinov2_weights_dir: str | None = Field(None, description="folder holding DINOv2 weights (default: the HF cache)")
     show_progress: bool = Field(True, description="show a progress bar")
@@ -67,11 +68,12 @@ class MakeReferenceConfig(StageConfig):
     data_path: str = Field(description="dataset URL holding manifest.json and shards")
     split: str = Field("val", description="split to draw the reference images from")
     output: str = Field(description="reference .npz URL to write")
-    num_samples: int | None = Field(None, ge=2, description="images to draw (a seeded uniform subset); default: the whole split")
+    num_samples: int | None = Field(None, ge=2, description="images to draw (a seeded uniform subset; default: all)")
     seed: int = Field(0, description="seed of the subset draw")
     batch_size: int = Field(64, ge=1, description="images per Inception batch for the statistics")
     device: str = Field("auto", description="torch device for the Inception statistics")
-    inception_weights: str | None = Field(None, description="FID-Inception weights file (statistics are skipped when absent)")
+    inception_weights: str | None = Field(
+        None, description="FID-Inception weights file (default: found as by evaluate; no statistics when absent)")
     show_progress: bool = Field(True, description="show a progress bar")
 
 
@@ -141,7 +143,7 @@ def _extractors(config: EvaluateConfig, device: str) -> tuple[list, dict[str, st
         "dinov2": {"model": config.dinov2_model, "weights_dir": config.dinov2_weights_dir},
     }
     extractors, skipped = [], {}
-    for space in config.features or DEFAULT_SPACES:
+    for space in dict.fromkeys(config.features or DEFAULT_SPACES):
         try:
             extractors.append(build_feature_extractor(space, device, **options[space]))
         except ReaLSError as e:
@@ -198,11 +200,12 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
         stats = ref_stats if e.space == "inception" else None
         for record in space_metrics(e.space, acts_ref[e.space], acts_smp[e.space], stats,
                                     k=config.nearest_k, split_size=config.split_size, device=device):
-            metrics[record.pop("metric")] = {**record, **e.info(), **counts}
+            name = record.pop("metric")
+            metrics[name] = {**record, **e.info(), **counts}
     notes = []
     if "inception" in skipped:
-        notes.append("FID-Inception weights are missing, so FID, sFID, IS, Precision and Recall were NOT computed "
-                     f"({skipped['inception']}). FD_* numbers are Frechet distances in teacher feature spaces, "
+        notes.append("FID, sFID, IS, Precision and Recall were NOT computed: the FID-Inception weights are missing "
+                     "(see feature_spaces.inception). FD_* numbers are Frechet distances in teacher feature spaces, "
                      "not FID, and are not comparable with published FID.")
     report = {
         "ref_batch": to_url(config.ref_batch),
@@ -215,7 +218,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
             **{space: {"status": "skipped", "reason": reason} for space, reason in skipped.items()},
         },
         "notes": notes,
-        "config": config.model_dump(),
+        "config": config.model_dump(mode="json"),
     }
     write_json(output, report)
     return EvaluateSummary(output=to_url(output), **counts, metrics=metrics, skipped=skipped, notes=notes)
@@ -225,17 +228,17 @@ def print_report(summary: EvaluateSummary, console: Console | None = None) -> No
     """One screen: a table of the numbers, then what was skipped and why."""
     console = console or Console()
     table = Table(title=f"{summary.num_samples} samples vs {summary.num_reference} reference images")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("feature space")
-    table.add_column("weights", max_width=48, overflow="ellipsis", no_wrap=True)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("feature space", no_wrap=True)
+    table.add_column("weights", max_width=40, overflow="ellipsis", no_wrap=True)
     for name, m in summary.metrics.items():
-        table.add_row(name, f"{m['value']:.4f}", m["feature_space"], m["weights"])
+        table.add_row(name, f"{m['value']:.4f}", m["feature_space"], os.path.basename(m["weights"]))
     console.print(table)
     for space, reason in summary.skipped.items():
-        console.print(f"[yellow]skipped {space}[/]: {reason}", soft_wrap=True)
+        console.print(f"[yellow]skipped {space}[/]: {reason}")
     for note in summary.notes:
-        console.print(f"[bold yellow]note[/]: {note}", soft_wrap=True)
+        console.print(f"[bold yellow]note[/]: {note}")
     console.print(f"metrics written to {summary.output}")
 
 
@@ -249,9 +252,10 @@ def _priority(seed: int, key: str) -> int:
 
 
 def _draw(urls: list[str], num_samples: int | None, seed: int, bad: list) -> list[dict]:
-    """A seeded uniform subset of a split's samples (all when ``num_samples`` is None), in shard order.
+    """A seeded uniform subset of a split's samples (all when ``num_samples`` is None), sorted by key.
 
-    The subset depends only on the sample keys, never on shard order or on which samples fail to decode.
+    The subset and its order depend only on the sample keys, never on shard order or on which other
+    samples fail to decode.
     """
     from storage.shards import iter_shards
 
@@ -262,12 +266,12 @@ def _draw(urls: list[str], num_samples: int | None, seed: int, bad: list) -> lis
         if s["image"].shape != shape:
             bad.append((s["__key__"], f"image shape {s['image'].shape} differs from {shape}"))
             continue
-        item = (-_priority(seed, s["__key__"]), i, s)
+        item = (-_priority(seed, s["__key__"]), s["__key__"], i, s)
         if num_samples is None or len(heap) < num_samples:
             heapq.heappush(heap, item)
         elif item[0] > heap[0][0]:
             heapq.heapreplace(heap, item)
-    return [s for _, _, s in sorted(heap, key=lambda t: t[1])]
+    return [item[-1] for item in sorted(heap, key=lambda t: t[1:3])]
 
 
 def _inception_statistics(images: np.ndarray, config: MakeReferenceConfig) -> tuple[dict, str, str]:
@@ -311,8 +315,8 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
 
     manifest = read_manifest(config.data_path)
     urls = shard_urls(config.data_path, config.split)
-    meta = {"source": to_url(config.data_path), "split": config.split, "source_fingerprint": manifest.get("fingerprint"),
-            "num_samples": config.num_samples, "seed": config.seed}
+    meta = {"source": to_url(config.data_path), "split": config.split, "num_samples": config.num_samples,
+            "seed": config.seed, "source_fingerprint": manifest.get("fingerprint")}
     if exists(config.output):
         with _open_npz(config.output, "reference") as f:
             old, has_stats = read_meta(f), bool(read_stats(f))
@@ -324,7 +328,8 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     bad: list = []
     samples = _draw(urls, config.num_samples, config.seed, bad)
     if len(samples) < 2:
-        raise StageError(f"split {config.split!r} of {config.data_path} has {len(samples)} readable images; need at least 2")
+        raise StageError(f"split {config.split!r} of {config.data_path} has {len(samples)} readable images; "
+                         "need at least 2")
     images = np.empty((len(samples), *samples[0]["image"].shape), dtype=np.uint8)
     for i, s in enumerate(samples):
         images[i] = s.pop("image")
@@ -361,29 +366,37 @@ def _make_reference_cli(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "evaluate", help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
+        description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature space: "
+                    "FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) and FD_dinov2 "
+                    "(DINOv2 weights) otherwise. Writes metrics.json and prints a table.")
     p.add_argument("ref_batch", help="reference batch .npz (ADM layout)")
     p.add_argument("sample_batch", help="samples .npz (ADM layout: arr_0 uint8 NHWC)")
     p.add_argument("--features", nargs="+", choices=DEFAULT_SPACES, default=None,
                    help="feature spaces to use (default: inception when its weights exist, effnet, dinov2 when its "
                         "weights exist); a space named here must be available")
     p.add_argument("--output", help="metrics.json URL (default: <samples>.metrics.json)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per feature-extraction batch (default 64)")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="images per feature-extraction batch (default 64)")
     p.add_argument("--device", help="torch device (default auto: cuda when available)")
-    p.add_argument("--nearest-k", dest="nearest_k", type=int, help="k of the k-NN manifolds for precision/recall (default 3)")
+    p.add_argument("--nearest-k", dest="nearest_k", type=int,
+                   help="k of the k-NN manifolds for precision/recall (default 3)")
     p.add_argument("--split-size", dest="split_size", type=int, help="Inception Score split size (default 5000)")
     p.add_argument("--inception-weights", dest="inception_weights",
-                   help="pt_inception-2015-12-05-*.pth (default: $REALS_INCEPTION_WEIGHTS, then ~/.cache/torch/hub/checkpoints)")
-    p.add_argument("--dinov2-model", dest="dinov2_model", help="DINOv2 teacher for FD_dinov2 (default dinov2_vitl14_reg)")
-    p.add_argument("--dinov2-weights-dir", dest="dinov2_weights_dir", help="folder with DINOv2 weights (default: HF cache)")
+                   help="pt_inception-2015-12-05-*.pth file (default: $REALS_INCEPTION_WEIGHTS, then "
+                        "~/.cache/torch/hub/checkpoints/)")
+    p.add_argument("--dinov2-model", dest="dinov2_model",
+                   help="DINOv2 teacher for FD_dinov2 (default dinov2_vitl14_reg)")
+    p.add_argument("--dinov2-weights-dir", dest="dinov2_weights_dir",
+                   help="folder with DINOv2 weights (default: $REALS_DINOV2_DIR, then the HF cache)")
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
     p.set_defaults(handler=_evaluate_cli)
 
-    p = subparsers.add_parser("make-reference", help="write an ADM-layout reference .npz from dataset shards",
-                              description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference "
-                                          ".npz (arr_0 images, arr_1 labels, mu/sigma/mu_s/sigma_s when the "
-                                          "FID-Inception weights exist).")
+    p = subparsers.add_parser(
+        "make-reference", help="write an ADM-layout reference .npz from dataset shards",
+        description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
+                    "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist).")
     p.add_argument("--data-path", dest="data_path", help="dataset URL holding manifest.json and the shards")
     p.add_argument("--split", help="split to draw from (default val)")
     p.add_argument("--output", help="reference .npz URL to write")

@@ -83,6 +83,11 @@ def sanitize(name: str, limit: int = 64) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", ascii_name).strip("-")[:limit] or "x"
 
 
+def printable(rel: str) -> str:
+    """A path as valid Unicode for reports: bytes that are not UTF-8 in a file name become ``\\xNN``."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _split_dir(data_path: str, split: str) -> str:
     if "://" in data_path and not data_path.startswith("file://"):
         raise StageError(f"--data-path must be a local folder, got {data_path}")
@@ -104,21 +109,22 @@ def class_folders(split_dir: str) -> list[str]:
 def list_split(data_path: str, split: str, classes: list[str] | None = None) -> tuple[list[str], list[list], list[str]]:
     """``(classes, entries, empty_classes)``; an entry is ``[rel_path, cls, class_id, key, size, mtime_ns]``.
 
-    ``classes`` (from an existing manifest) fixes the label order; otherwise the sorted class folders do.
+    ``classes`` (from an existing manifest) fixes the label order; otherwise the sorted class folders do
+    (names as ``printable`` gives them).
     Every non-directory entry is listed (broken links included) so that unreadable files get reported.
     """
     split_dir = _split_dir(data_path, split)
     found = class_folders(split_dir)
     if not found:
         raise StageError(f"no class folders in {split_dir}: expected {split}/<class-id>/<images>")
-    classes = classes or found
+    classes = classes or [printable(c) for c in found]
     index = {c: i for i, c in enumerate(classes)}
     entries, empty = [], []
     for cid in found:
         with os.scandir(os.path.join(split_dir, cid)) as it:
             files = sorted((e for e in it if not e.is_dir()), key=lambda e: e.name)
         if not files:
-            empty.append(cid)
+            empty.append(printable(cid))
         for e in files:
             try:
                 st = e.stat()
@@ -126,7 +132,7 @@ def list_split(data_path: str, split: str, classes: list[str] | None = None) -> 
             except OSError:
                 size, mtime = -1, -1
             key = f"{sanitize(cid)}_{sanitize(os.path.splitext(e.name)[0])}_{len(entries):07d}"
-            entries.append([f"{split}/{cid}/{e.name}", index[cid], cid, key, size, mtime])
+            entries.append([f"{split}/{cid}/{e.name}", index[printable(cid)], cid, key, size, mtime])
     return classes, entries, empty
 
 
@@ -147,16 +153,17 @@ def shard_name(split: str, index: int) -> str:
 
 def _read_source(path: str) -> bytes:
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise IsADirectoryError(0, "not a regular file")
+        raise OSError(0, "not a regular file")
     with open(path, "rb") as f:
         return f.read()
 
 
 def _samples(unit: dict, skipped: list, upsampled: list):
     """Encoded samples of a unit's files; files that fail are appended to ``skipped`` with a reason."""
-    for rel, cls, cid, key in unit["entries"]:
+    for path, cls, cid, key in unit["entries"]:
+        rel = printable(path)
         try:
-            data = _read_source(os.path.join(unit["root"], rel))
+            data = _read_source(os.path.join(unit["root"], path))
         except OSError as e:
             skipped.append({"source": rel, "reason": f"unreadable: {e.strerror or type(e).__name__}"})
             continue
@@ -170,7 +177,7 @@ def _samples(unit: dict, skipped: list, upsampled: list):
             continue
         upsampled.append(info["upsampled"])
         yield {"__key__": key, ext: payload, "cls": cls,
-               "json": {"source": rel, "class_id": cid, "size": info["size"], "mode": info["mode"],
+               "json": {"source": rel, "class_id": printable(cid), "size": info["size"], "mode": info["mode"],
                         "format": info["format"]}}
 
 
@@ -225,7 +232,7 @@ def _previous_classes(manifest: dict | None, config: ShardConfig, found_split_cl
             raise StageError(f"{config.output} holds splits {others} with {field}={manifest.get(field)!r}; "
                              f"use the same --{field.replace('_', '-')} or another --output")
     classes = manifest["classes"]
-    extra = sorted(set(found_split_classes) - set(classes))
+    extra = sorted({printable(c) for c in found_split_classes} - set(classes))
     if extra:
         raise StageError(f"class folders {extra[:3]} of split {config.split!r} are not in the classes of "
                          f"{config.output} (splits {others}); shard all splits from the same dataset")
@@ -249,11 +256,12 @@ def plan(config: ShardConfig) -> tuple[list[str], list[dict], list[str], str]:
     classes, entries, empty = list_split(config.data_path, config.split,
                                          _previous_classes(manifest, config, found))
     settings = (config.resolution, config.image_format, FORMAT_VERSION)
+    root = os.path.abspath(config.data_path.removeprefix("file://"))
     units = []
     for i, start in enumerate(range(0, len(entries), config.shard_size)):
         rows = entries[start:start + config.shard_size]
         units.append({
-            "index": i, "split": config.split, "output": output, "root": config.data_path.removeprefix("file://"),
+            "index": i, "split": config.split, "output": output, "root": root,
             "resolution": config.resolution, "image_format": config.image_format,
             "entries": [row[:4] for row in rows], "fingerprint": _digest(rows, *settings),
         })
@@ -345,13 +353,17 @@ def _handle(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``reals shard``."""
-    p = subparsers.add_parser("shard", help="pack an ImageNet-layout folder into WebDataset shards",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "shard", help="pack an ImageNet-layout folder into WebDataset shards",
+        description="Pack <data-path>/<split>/<class-id>/<images> into WebDataset shards (ADM center crop) and "
+                    "manifest.json, one Ray task per shard. Re-runs skip finished shards and redo broken ones; "
+                    "unreadable or corrupt files are skipped and listed.")
     p.add_argument("--data-path", dest="data_path", required=True,
                    help="dataset root holding <split>/<class-id>/<images> (a local folder)")
     p.add_argument("--output", required=True, help="dataset URL for the shards and manifest.json (path, s3://...)")
     p.add_argument("--split", help="split folder to shard (default train)")
-    p.add_argument("--resolution", type=int, help="ADM center-crop side in pixels; 0 keeps original bytes (default 256)")
+    p.add_argument("--resolution", type=int,
+                   help="ADM center-crop side in pixels; 0 keeps original bytes (default 256)")
     p.add_argument("--shard-size", dest="shard_size", type=int, help="images per shard (default 1000)")
     p.add_argument("--image-format", dest="image_format", choices=["png", "jpg"],
                    help="member encoding: png (lossless, default) or jpg (quality 95)")

@@ -127,12 +127,11 @@ def shape_mask(shape: str, side: int, cx: float, cy: float, r: float, rot: float
     return np.asarray(canvas, dtype=bool)
 
 
-def texture(kind: str, side: int, rng: np.random.Generator, primary: np.ndarray, secondary: np.ndarray,
-            period: float) -> np.ndarray:
-    """A ``side x side x 3`` fill of one texture kind in two colours."""
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+def texture(kind: str, xx: np.ndarray, yy: np.ndarray, side: int, rng: np.random.Generator,
+            primary: np.ndarray, secondary: np.ndarray, period: float) -> np.ndarray:
+    """Colours ``[N, 3]`` of one texture kind in two colours at pixel coordinates ``xx``, ``yy`` ``[N]``."""
     if kind == "solid":
-        weight = np.zeros((side, side), np.float32)
+        weight = np.zeros(xx.shape, np.float32)
     elif kind == "stripes":
         angle = rng.uniform(0, math.pi)
         phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
@@ -145,10 +144,11 @@ def texture(kind: str, side: int, rng: np.random.Generator, primary: np.ndarray,
     elif kind == "noise":
         cells = max(2, int(side / max(period / 2, 1.0)))
         coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
-        weight = np.asarray(coarse.resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255.0
+        field = np.asarray(coarse.resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255.0
+        weight = field[yy, xx]
     else:
         raise ValueError(f"unknown texture {kind!r}")
-    return primary * (1 - weight[..., None]) + secondary * weight[..., None]
+    return primary * (1 - weight[:, None]) + secondary * weight[:, None]
 
 
 def background(side: int, rng: np.random.Generator) -> np.ndarray:
@@ -190,8 +190,8 @@ def render(k: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, np
         hue = spec["hue"] + rng.normal(0, 0.02)
         primary = _hsv(hue, rng.uniform(0.65, 0.95), rng.uniform(0.75, 1.0))
         secondary = _hsv(hue + 0.5, rng.uniform(0.5, 0.9), rng.uniform(0.2, 0.45))
-        fill = texture(spec["texture"], side, rng, primary, secondary, period=r * side / 2.5)
-        img[cover] = fill[cover]
+        yy, xx = np.nonzero(cover)
+        img[yy, xx] = texture(spec["texture"], xx, yy, side, rng, primary, secondary, period=r * side / 2.5)
         mask[cover] = k + 1
         depth[cover] = j + 1
     pixels = np.clip(np.round(img), 0, 255).astype(np.uint8)
@@ -243,8 +243,10 @@ def _handle(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``reals synthetic``."""
-    p = subparsers.add_parser("synthetic", help="write a synthetic ImageNet-layout dataset with masks and depth",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "synthetic", help="write a synthetic ImageNet-layout dataset with masks and depth",
+        description="Write a deterministic ImageNet-layout folder of K shape classes (train/, optional val/), "
+                    "with per-pixel masks/ (class index + 1) and depth/ (drawing order, larger = nearer).")
     p.add_argument("--output", required=True, help="folder to write train/, val/, masks/, depth/ into")
     p.add_argument("--classes", type=int, help="number of classes (default 10)")
     p.add_argument("--per-class", dest="per_class", type=int, help="training images per class (default 64)")

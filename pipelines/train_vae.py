@@ -477,15 +477,15 @@ class Trainer:
         update_ema(self.ema, self.model, cfg.ema_decay)
 
         stats = {k: float(v.detach()) for k, v in terms.items()}
-        stats.update(align=float(align["loss"]), patch_cos=float(align["patch_cos"]),
-                     global_cos=float(align["global_cos"]), loss=float(loss))
+        stats.update(align=float(align["loss"].detach()), patch_cos=float(align["patch_cos"]),
+                     global_cos=float(align["global_cos"]), loss=float(loss.detach()))
         if gan:
             self.opt_d.zero_grad(set_to_none=True)
             with self.autocast:
                 d_loss = hinge_d_loss(self.train_disc(images), self.train_disc(out["rec"].detach()))
             d_loss.backward()
             self.opt_d.step()
-            stats["d_loss"] = float(d_loss)
+            stats["d_loss"] = float(d_loss.detach())
         return stats
 
     # -- the loop -----------------------------------------------------------------------------------

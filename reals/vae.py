@@ -99,17 +99,21 @@ def build_vae(config: str | dict = "sd-f8c4", ckpt: str | Path | None = None):
     if ckpt is not None and Path(ckpt).is_dir():
         if not (Path(ckpt) / "config.json").is_file():
             raise ReaLSError(f"VAE checkpoint dir {ckpt} has no config.json (not a diffusers AutoencoderKL dir)")
-        return AutoencoderKL.from_pretrained(str(ckpt))
+        return AutoencoderKL.from_pretrained(str(ckpt), low_cpu_mem_usage=False)
     vae = AutoencoderKL(**vae_config(config))
     if ckpt is not None:
         if not Path(ckpt).is_file():
             raise ReaLSError(f"VAE checkpoint not found: {ckpt}")
-        result = vae.load_state_dict(load_state_dict_file(ckpt), strict=False)
+        name = config if isinstance(config, str) else "dict"
+        try:
+            result = vae.load_state_dict(load_state_dict_file(ckpt), strict=False)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ReaLSError(f"VAE checkpoint {ckpt} does not fit config {name}: {first}") from None
         if result.missing_keys or result.unexpected_keys:
             bad = (result.missing_keys + result.unexpected_keys)[:3]
-            raise ReaLSError(f"VAE checkpoint {ckpt} does not fit config {config if isinstance(config, str) else 'dict'}: "
-                             f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys "
-                             f"(e.g. {', '.join(bad)})")
+            raise ReaLSError(f"VAE checkpoint {ckpt} does not fit config {name}: {len(result.missing_keys)} "
+                             f"missing, {len(result.unexpected_keys)} unexpected keys (e.g. {', '.join(bad)})")
     return vae
 
 
@@ -173,7 +177,7 @@ class ReaLSVAE(nn.Module):
         stats = json.loads((path / MEAN_STD_FILE).read_text())
         provenance_file = path / PROVENANCE_FILE
         provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-        model = cls(AutoencoderKL.from_pretrained(str(path)), AlignNet.load(str(path)),
+        model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), AlignNet.load(str(path)),
                     stats["mean"], stats["std"], provenance)
         return model.eval()
 

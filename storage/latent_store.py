@@ -8,7 +8,8 @@ Layout under an output URL::
         mean_flip, std_flip        the same for the horizontally flipped image (optional)
         labels (int32 [N]), keys (vlen utf-8 [N]), teacher_global (float16 [N, D])
         teacher_patch              float16 [N, D, gh, gw] (optional)
-        markers/<shard>.json       done-marker of one source shard, written after its rows
+        markers/<shard>.json       done-marker of one source shard, written after its rows (an empty
+                                   zarr group holds them, so plain zarr lists the hierarchy cleanly)
 
 Each source shard owns a fixed range of whole row chunks (its row map entry), so every writer owns
 whole chunks and padding rows are never marked done. Only the driver creates, resizes or edits attrs.
@@ -150,6 +151,7 @@ class LatentStore:
                  "flip": flip, "teacher_width": teacher_width, "teacher_patch": teacher_grid is not None,
                  "shards": [], "created": utc_now()}
         group = zarr.open_group(zarr_store(group_url), mode="w", zarr_format=3, attributes=attrs)
+        group.create_group(MARKERS, attributes={"description": "done-marker JSON of each source shard"})
         names = LATENT_ARRAYS + (FLIP_ARRAYS if flip else ())
         for name in names:
             group.create_array(name, shape=(0, c, h, w), chunks=(chunk_rows, c, h, w), dtype="float16",

@@ -20,8 +20,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with 2 CPUs, started once for the whole test session."""
+def ray_session(s3_server):
+    """A local Ray with 2 CPUs, started once; it starts after the S3 server so workers see its endpoint."""
     import ray
 
     from pipelines.parallel import ensure_ray

@@ -16,28 +16,12 @@ from PIL import Image
 from pipelines import StageError
 from pipelines.cli import main
 from pipelines.imaging import center_crop, to_rgb
-from pipelines.parallel import ensure_ray
 from pipelines.shard import ShardConfig, plan, run
 from storage import fs as sfs
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
 
 TINY = dict(resolution=32, shard_size=24, workers=2, show_progress=False)  # as the tiny_shards fixture
-
-
-@pytest.fixture()
-def ray_sees_s3(s3_server, ray_session):
-    """Ray whose workers see the moto endpoint: restart it once if it came up before the S3 server."""
-    import ray
-
-    @ray.remote
-    def endpoint():
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_server:
-        ray.shutdown()
-        ensure_ray(num_cpus=2)
-    return ray
 
 
 def _encoded(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -99,7 +83,8 @@ def test_tiny_shards_read_back_with_plain_webdataset(tiny_shards, synthetic_root
     manifest = read_manifest(tiny_shards)
     classes = sorted(p.name for p in (Path(synthetic_root) / "train").iterdir())
     assert manifest["classes"] == classes and manifest["resolution"] == 32 and manifest["image_format"] == "png"
-    assert {s: (v["count"], len(v["shards"])) for s, v in manifest["splits"].items()} == {"train": (48, 2), "val": (12, 1)}
+    counts = {s: (v["count"], len(v["shards"])) for s, v in manifest["splits"].items()}
+    assert counts == {"train": (48, 2), "val": (12, 1)}
     for split, per_class in (("train", 12), ("val", 3)):
         samples = _samples(shard_urls(tiny_shards, split))
         assert len(samples) == per_class * 4 and len({s["__key__"] for s in samples}) == len(samples)
@@ -122,9 +107,7 @@ def test_ray_data_reads_the_shards(tiny_shards, ray_session):
     assert np.asarray(rows[0]["png"]).shape == (32, 32, 3)
 
 
-def test_local_and_s3_shards_are_byte_identical_and_resume(storage_root, synthetic_root, tiny_shards, request):
-    if storage_root.startswith("s3://"):
-        request.getfixturevalue("ray_sees_s3")
+def test_local_and_s3_shards_are_byte_identical_and_resume(storage_root, synthetic_root, tiny_shards):
     out = sfs.join(storage_root, "ds")
     summary = run(ShardConfig(data_path=str(synthetic_root), output=out, **TINY))
     assert (summary.shards, summary.shards_written, summary.images, summary.skipped_files) == (2, 2, 48, 0)

@@ -38,8 +38,9 @@ class FeatureExtractor(ABC):
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ReaLSError(f"{self.space} features: expected uint8 NHWC RGB images, got {images.dtype} {images.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+            raise ReaLSError(f"{self.space} features: expected uint8 NHWC RGB images, "
+                             f"got {images.dtype} {images.shape}")
+        x = torch.tensor(images, device=self.device).permute(0, 3, 1, 2).float() / 255.0
         with torch.inference_mode():
             out = self.features(x)
         return {k: v.float().cpu().numpy() for k, v in out.items()}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
 from reals import ReaLSError
@@ -100,7 +99,7 @@ class FIDInceptionV3(Inception3):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images float ``[B, 3, H, W]`` in [0, 1] -> ``{"pool": [B, 2048], "spatial": [B, 2023], "logits": [B, 1008]}``."""
+        """Images ``[B, 3, H, W]`` in [0, 1] -> ``{"pool": [B, 2048], "spatial": [B, 2023], "logits": [B, 1008]}``."""
         x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         x = 2.0 * x - 1.0
         for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
@@ -142,7 +141,8 @@ def find_weights() -> Path:
     return Path(hits[-1])
 
 
-def build_fid_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
+def build_fid_inception(weights: str | os.PathLike | None = None,
+                        device: str | torch.device = "cpu") -> FIDInceptionV3:
     """The FID-Inception network with its weights loaded from ``weights`` (found with ``find_weights`` if None)."""
     path = Path(weights) if weights else find_weights()
     if not path.is_file():

@@ -22,6 +22,13 @@ def activation_statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm`` without its conditioning chatter (the ADM evaluator calls it with ``disp=False``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
@@ -31,11 +38,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ReaLSError(f"Frechet distance: statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ReaLSError(f"Frechet distance: matrix square root has an imaginary component "

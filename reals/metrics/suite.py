@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from reals.metrics.frechet import activation_statistics, frechet_distance
+from reals.metrics.frechet import activation_statistics, frechet_distance, frechet_distance_from_activations
 from reals.metrics.inception_score import inception_score
 from reals.metrics.precision_recall import precision_recall
 
 
 def _frechet(ref: np.ndarray, sample: np.ndarray, stats: tuple | None) -> tuple[float, str]:
-    mu_r, sigma_r = stats if stats is not None else activation_statistics(ref)
-    return frechet_distance(*activation_statistics(sample), mu_r, sigma_r), ("precomputed" if stats is not None else "computed")
+    """FD of the samples to the reference's precomputed ``(mu, sigma)`` if given, else to its activations."""
+    if stats is None:
+        return frechet_distance_from_activations(sample, ref), "computed"
+    return frechet_distance(*activation_statistics(sample), *stats), "precomputed"
 
 
 def space_metrics(space: str, ref: dict[str, np.ndarray], sample: dict[str, np.ndarray],

@@ -1,0 +1,137 @@
+"""What a run shows in the Prefect UI: tables, markdown, links, images and live progress of the stages."""
+from __future__ import annotations
+
+import base64
+import contextvars
+import posixpath
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from storage.fs import exists, read_bytes, to_url
+
+MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes."""
+    text = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------
+
+def table(key: str, rows: list[dict], description: str) -> None:
+    """A table artifact (one row per dict); an empty table still records that there was nothing."""
+    create_table_artifact(rows or [{"note": "none"}], key=artifact_key(key), description=description)
+
+
+def link(key: str, url: str, text: str) -> None:
+    """A link to a file the run wrote (``file://`` for local paths)."""
+    url = to_url(url)
+    create_link_artifact(url if "://" in url else f"file://{url}", link_text=text, key=artifact_key(key))
+
+
+def image(key: str, url: str, description: str) -> None:
+    """A PNG the run wrote: embedded as an image artifact (small files), and always linked."""
+    if not exists(url):
+        return
+    data = read_bytes(url)
+    if len(data) <= MAX_INLINE_IMAGE:
+        create_image_artifact(f"data:image/png;base64,{base64.b64encode(data).decode()}",
+                              key=artifact_key(key, "image"), description=description)
+    link(key, url, posixpath.basename(to_url(url)))
+
+
+def markdown(key: str, text: str, description: str) -> None:
+    create_markdown_artifact(text, key=artifact_key(key), description=description)
+
+
+@contextmanager
+def progress(key: str, description: str, probe: Callable[[], float | None], every: float = 5.0) -> Iterator[None]:
+    """A progress artifact updated every ``every`` seconds from ``probe()`` (a fraction, or None) while inside."""
+    artifact_id = create_progress_artifact(0.0, key=artifact_key(key, "progress"), description=description)
+    stop = threading.Event()
+    last = [0.0]
+
+    def poll() -> None:
+        while not stop.wait(every):
+            try:
+                value = probe()
+            except Exception:  # noqa: BLE001 - a probe that cannot read yet (file half-written) just waits
+                continue
+            if value is not None and 100 * value > last[0]:
+                last[0] = min(100.0, 100 * value)
+                update_progress_artifact(artifact_id, last[0])
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(poll,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    update_progress_artifact(artifact_id, 100.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per stage
+# ---------------------------------------------------------------------------------------------------
+
+def shard_artifacts(summary) -> None:
+    """Shard counts and the files left out, with their reasons."""
+    split = summary.split
+    table(f"shard-{split}-counts", [{
+        "split": split, "classes": summary.classes, "shards": summary.shards, "written": summary.shards_written,
+        "already done": summary.shards_skipped, "redone": summary.shards_redone, "images": summary.images,
+        "upsampled": summary.upsampled, "skipped files": summary.skipped_files,
+        "empty classes": len(summary.empty_classes), "output": summary.output,
+    }], f"WebDataset shards of split {split!r}")
+    table(f"shard-{split}-skipped-files", [s.model_dump() for s in summary.skipped],
+          f"input files of split {split!r} left out of the shards, and why")
+
+
+def encode_artifacts(summary) -> None:
+    """Rows of the latent store version: done and total."""
+    table(f"encode-{summary.split}-store", [{
+        "store": summary.store, "version (VAE fingerprint)": summary.version, "shards": summary.shards,
+        "encoded": summary.shards_encoded, "already done": summary.shards_skipped, "redone": summary.shards_redone,
+        "rows encoded now": summary.rows_encoded, "rows done": summary.rows_done, "rows total": summary.rows_total,
+        "undecodable samples": summary.samples_skipped,
+    }], "latent store rows done")
+
+
+def sample_artifacts(summary) -> None:
+    table("sample-summary", [{
+        "samples": summary.num_samples, "image shape": "x".join(map(str, summary.image_shape)),
+        "model": summary.model, "weights": summary.weights, "parts drawn": summary.parts_sampled,
+        "parts reused": summary.parts_reused, "samples/s": summary.samples_per_sec, "output": summary.output,
+    }], "samples drawn")
+    image("sample-grid", summary.grid, f"the first samples of {summary.output}")
+
+
+def metric_rows(metrics: dict) -> list[dict]:
+    """One row per number, each naming its feature space, extractor and weights."""
+    return [{"metric": name, "value": round(float(m["value"]), 4), "feature space": m.get("feature_space"),
+             "extractor": m.get("extractor"), "weights": m.get("weights"), "samples": m.get("num_samples"),
+             "reference images": m.get("num_reference")} for name, m in metrics.items()]
+
+
+def evaluate_artifacts(summary) -> None:
+    table("evaluate-metrics", metric_rows(summary.metrics),
+          "sample quality; FD_<space> is a Frechet distance in that teacher's feature space, not FID")
+    if summary.notes or summary.skipped:
+        lines = [f"- **{space} skipped**: {why}" for space, why in summary.skipped.items()]
+        lines += [f"- {note}" for note in summary.notes]
+        markdown("evaluate-notes", "\n".join(lines), "what was not computed and why")

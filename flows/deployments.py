@@ -1,0 +1,73 @@
+"""Deployments served by ``reals serve``: the pipeline, every stage, and ``reencode`` on a cron schedule."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from prefect import serve
+
+from flows.pipeline import reals_pipeline, reencode
+from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
+from flows.runtime import start_server
+from flows.stages import STAGE_FLOWS, TRAINING
+from pipelines import StageError
+
+DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
+TAGS = ["reals"]
+
+
+def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENCODE_CRON) -> list:
+    """The deployments ``serve`` runs; stage forms are pre-filled with the pipeline config's stage settings."""
+    params = {"config": config.model_dump(mode="json")}
+    deployments = [reals_pipeline.to_deployment("reals-pipeline", parameters=params, tags=TAGS,
+                                                description="the whole chain; complete stages are skipped"),
+                   reencode.to_deployment("reencode", cron=reencode_cron, parameters=params, tags=TAGS,
+                                          description="incremental encode: new shards and new VAE versions")]
+    seen = set()
+    for step in plan_steps(config):
+        if step.stage in seen:
+            continue
+        seen.add(step.stage)
+        stage_params = {"config": step.config.model_dump(mode="json")}
+        if step.stage in TRAINING:
+            stage_params["nproc_per_node"] = config.nproc_per_node
+        deployments.append(STAGE_FLOWS[step.stage].to_deployment(step.stage, parameters=stage_params, tags=TAGS))
+    return deployments
+
+
+@contextmanager
+def local_server():
+    """A ``prefect server`` (SQLite) on 127.0.0.1:4200 for the duration, with PREFECT_API_URL pointing at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    print("starting the Prefect server on http://127.0.0.1:4200 ...")
+    proc = start_server()
+    url = "http://127.0.0.1:4200/api"
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+def serve_deployments(config_file: str | None = None, with_server: bool = False,
+                      reencode_cron: str = DEFAULT_REENCODE_CRON) -> None:
+    """Serve every deployment until interrupted (with ``with_server``: on a local Prefect server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    config = load_pipeline_config(config_file)
+    if with_server:
+        with local_server():
+            print("Prefect UI: http://127.0.0.1:4200")
+            serve(*build_deployments(config, reencode_cron))
+        return
+    if not PREFECT_API_URL.value():
+        raise StageError("reals serve needs a Prefect server: set PREFECT_API_URL or pass --with-server")
+    serve(*build_deployments(config, reencode_cron))

@@ -1,0 +1,112 @@
+"""The end-to-end ``reals_pipeline`` flow (stages whose outputs are complete are skipped) and ``reencode``."""
+from __future__ import annotations
+
+import posixpath
+import time
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from pydantic import BaseModel
+
+from flows import artifacts
+from flows.plan import Layout, PipelineConfig, Step, missing, plan_steps, write_record
+from flows.stages import STAGE_FLOWS, TRAINING, encode_flow, shard_flow
+from pipelines.encode import EncodeSummary
+from pipelines.report import ReportConfig, ReportSummary, write_report
+from storage.fs import exists, join, to_url
+
+SKIPPED = "skipped (complete)"
+
+
+class PipelineSummary(BaseModel):
+    """What a pipeline run did: one row per stage run, the report and its metrics."""
+
+    output: str
+    stages: list[dict]
+    report: str
+    metrics: dict[str, float]
+
+
+@task(task_run_name="{name}: skipped (complete)", cache_policy=NO_CACHE, persist_result=False)
+def skipped(name: str):
+    """Shows in the run that a stage was not started because its outputs are complete."""
+    return Completed(name="Skipped", message=f"{name}: {SKIPPED}")
+
+
+@task(task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
+def report_task(config: ReportConfig) -> ReportSummary:
+    """Write the markdown run report with its plots."""
+    return write_report(config)
+
+
+def run_step(step: Step, nproc_per_node: int):
+    """Start the stage flow of ``step`` as a subflow named after the step."""
+    stage_flow = STAGE_FLOWS[step.stage].with_options(flow_run_name=step.name)
+    if step.stage in TRAINING:
+        return stage_flow(step.config, nproc_per_node=nproc_per_node)
+    return stage_flow(step.config)
+
+
+def publish_report(summary: ReportSummary) -> None:
+    artifacts.markdown("reals-report", summary.markdown, f"run report ({summary.report})")
+    artifacts.link("reals-report-file", summary.report, "report.md")
+    for name, url in summary.images.items():
+        artifacts.image(f"report-{name}", url, name.replace("_", " "))
+
+
+@flow(name="reals-pipeline", log_prints=True)
+def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
+    """From a dataset folder to metrics: every stage in order, those already complete skipped."""
+    steps = plan_steps(config)
+    at = Layout(to_url(config.output))
+    ran: set[str] = set()
+    rows: list[dict] = []
+    for step in steps:
+        upstream = [name for name in step.after if name in ran]
+        why = f"{upstream[0]} ran" if upstream else missing(config.output, step)
+        if why is None:
+            skipped(step.name)
+            print(f"{step.name}: {SKIPPED}")
+            rows.append({"stage": step.name, "status": SKIPPED, "seconds": 0.0, "reason": ""})
+            continue
+        print(f"{step.name}: running ({why})")
+        t0 = time.perf_counter()
+        run_step(step, config.nproc_per_node)
+        seconds = time.perf_counter() - t0
+        write_record(config.output, step, seconds)
+        ran.add(step.name)
+        rows.append({"stage": step.name, "status": "ran", "seconds": round(seconds, 1), "reason": why})
+    artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")
+    configs = {s.name: s.config for s in steps}
+    report = report_task(ReportConfig(
+        output=at.report, title=f"ReaLS run report: {at.root}", data_path=at.shards,
+        vae_run=configs["train-vae"].output, vae_dir=configs["convert"].output_dir, store=configs["encode"].output,
+        sit_run=configs["train-sit"].output, samples=configs["sample"].output, metrics=configs["evaluate"].output,
+        stages=rows))
+    publish_report(report)
+    return PipelineSummary(output=at.root, stages=rows, report=report.report, metrics=report.metrics)
+
+
+@flow(name="reencode", log_prints=True)
+def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list[EncodeSummary]:
+    """Nightly: shard new training images, then encode what the store lacks for every VAE version.
+
+    Shards whose inputs did not change and store rows already encoded are skipped by the stages; a VAE
+    directory with new weights (a new fingerprint) gets its own store version.
+    """
+    steps = {s.name: s for s in plan_steps(config)}
+    shard = steps["shard-train"].config
+    if exists(join(shard.data_path, "train")):
+        shard_flow.with_options(flow_run_name="shard-train")(shard)
+    else:
+        print(f"shard-train: no {join(shard.data_path, 'train')} folder; encoding the shards there are")
+    base = steps["encode"].config
+    summaries = []
+    for vae in [base.vae_path, *(vae_paths or [])]:
+        if not exists(join(vae, "provenance.json")):
+            print(f"encode: {vae} is not a converted VAE directory yet; skipped")
+            continue
+        name = f"encode-{posixpath.basename(to_url(vae).rstrip('/'))}"
+        summaries.append(encode_flow.with_options(flow_run_name=name)(base.model_copy(update={"vae_path": vae})))
+    return summaries

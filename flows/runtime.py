@@ -1,0 +1,154 @@
+"""Where flows run: the Prefect API, the process's one Ray as task runner, retries, torchrun for training."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect_ray import RayTaskRunner
+
+from pipelines import StageError
+from pipelines.parallel import ensure_ray
+
+# OSErrors that name a missing or forbidden path: the user must act, a retry cannot help.
+PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# S3 error codes that clear up by themselves.
+TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                      "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retries on transient storage errors
+# ---------------------------------------------------------------------------------------------------
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a storage hiccup worth retrying."""
+    from botocore.exceptions import ClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    for e in _chain(exc):
+        if isinstance(e, OSError) and not isinstance(e, PERMANENT_OS_ERRORS):
+            return True
+        if isinstance(e, BotoConnectionError):
+            return True
+        if isinstance(e, ClientError) and str(e.response.get("Error", {}).get("Code")) in TRANSIENT_S3_CODES:
+            return True
+    return False
+
+
+def retry_on_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task only when its error is transient."""
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - the failed task's own exception, classified here
+        return is_transient(e)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray: one start per process, as a Prefect task runner
+# ---------------------------------------------------------------------------------------------------
+
+class SharedRayTaskRunner(RayTaskRunner):
+    """RayTaskRunner on the process's one Ray (``RAY_ADDRESS`` or local, started once, never shut down here)."""
+
+    def duplicate(self) -> SharedRayTaskRunner:
+        return type(self)(address=self.address, init_kwargs=self.init_kwargs)
+
+    def __enter__(self) -> SharedRayTaskRunner:
+        ensure_ray()
+        return super().__enter__()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Prefect API: PREFECT_API_URL, or one local server shared with this process's Ray workers
+# ---------------------------------------------------------------------------------------------------
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the API URL: ``PREFECT_API_URL`` if set, else a local SQLite server started for this process.
+
+    Prefect's own ephemeral mode would start one server per process, Ray workers included; this starts
+    it once and exports its URL so that Ray workers report to it too.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``prefect server start`` (SQLite) in a subprocess and wait until ``/api/health`` answers."""
+    import httpx
+
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    health = f"http://{host}:{port}/api/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = (proc.stderr.read() or "").strip().splitlines()
+            raise StageError(f"prefect server exited with {proc.returncode}: {err[-1] if err else 'no output'}")
+        try:
+            if httpx.get(health, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise StageError(f"prefect server did not answer {health} within {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training under torchrun (several processes per node)
+# ---------------------------------------------------------------------------------------------------
+
+def torchrun_command(stage: str, config_file: str, summary_file: str, nproc_per_node: int) -> list[str]:
+    """The torchrun command line that runs one training stage from a JSON config on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", "flows", "run-stage", stage, config_file, "--summary", summary_file]
+
+
+def run_torchrun(stage: str, config, nproc_per_node: int) -> dict:
+    """Run a training stage in ``nproc_per_node`` processes; returns rank 0's summary as a dict."""
+    with tempfile.TemporaryDirectory(prefix=f"reals-{stage}-") as tmp:
+        config_file, summary_file = Path(tmp, "config.json"), Path(tmp, "summary.json")
+        config_file.write_text(config.model_dump_json())
+        cmd = torchrun_command(stage, str(config_file), str(summary_file), nproc_per_node)
+        rc = subprocess.run(cmd).returncode
+        if rc != 0 or not summary_file.is_file():
+            raise StageError(f"{stage}: torchrun with {nproc_per_node} processes exited with {rc}; "
+                             "re-run to resume from the last checkpoint")
+        return json.loads(summary_file.read_text())

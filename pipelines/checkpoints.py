@@ -1,0 +1,143 @@
+"""Run folders of the training stages: ``{step:07d}.pt`` checkpoints, ``latest.json``, RNG states, ``log.jsonl``.
+
+Everything goes through storage URLs (local, ``s3://``, ``memory://``). A checkpoint is written whole and
+atomically, then ``latest.json`` points at it, so a reader never follows a pointer to a torn file. Loading is
+``weights_only``: checkpoints hold tensors, numbers, strings and plain containers only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import random
+import re
+
+import numpy as np
+import torch
+
+from pipelines import StageError
+from storage.fs import filesystem, join, list_files, read_bytes, write_bytes_atomic
+from storage.markers import read_json, write_json
+
+LATEST = "latest.json"
+LOG = "log.jsonl"
+CHECKPOINT_RE = re.compile(r"^\d{7}\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint after ``step`` optimiser steps."""
+    return f"{step:07d}.pt"
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def save_checkpoint(output: str, step: int, state: dict) -> str:
+    """Write ``state`` as ``{step:07d}.pt`` under ``output``, then point ``latest.json`` at it; returns its URL."""
+    name = checkpoint_name(step)
+    url = join(output, name)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(url, buf.getvalue())
+    write_json(join(output, LATEST), {"checkpoint": name, "step": step})
+    return url
+
+
+def load_checkpoint(url: str) -> dict:
+    """A checkpoint (``weights_only``; memory-mapped when local) from a local or object-store URL."""
+    try:
+        if is_local(url):
+            return torch.load(filesystem(url)[1], map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"checkpoint not found: {url}") from None
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is a user-facing problem
+        raise StageError(f"cannot read checkpoint {url}: {type(e).__name__}: {e}") from None
+
+
+def latest_checkpoint(output: str) -> str | None:
+    """URL of the newest checkpoint of a run folder: ``latest.json``, else the highest ``{step:07d}.pt``."""
+    latest = read_json(join(output, LATEST))
+    if latest is not None:
+        return join(output, latest["checkpoint"])
+    found = [u for u in list_files(output, ".pt") if CHECKPOINT_RE.match(posixpath.basename(u))]
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A checkpoint URL from itself (a file) or from a run folder."""
+    fs, path = filesystem(url)
+    if fs.isfile(path):
+        return url
+    found = latest_checkpoint(url) if fs.isdir(path) else None
+    if found is None:
+        raise StageError(f"checkpoint not found: {url} is neither a checkpoint file nor a run folder holding one")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(np_state)
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run log
+# ---------------------------------------------------------------------------------------------------
+
+class RunLog:
+    """``log.jsonl``, one JSON object per logging interval: appended locally, rewritten whole on object stores.
+
+    Opening it with ``keep_until`` (a resumed run's step) drops the entries written after that checkpoint.
+    """
+
+    def __init__(self, url: str, keep_until: int | None = None):
+        self.url = url
+        fs, self.path = filesystem(url)
+        self.local = is_local(url)
+        self.lines: list[str] = []
+        if keep_until is not None and fs.exists(self.path):
+            text = read_bytes(url).decode()
+            self.lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        write_bytes_atomic(self.url, "".join(ln + "\n" for ln in self.lines).encode())
+
+    def append(self, entry: dict) -> None:
+        line = json.dumps(entry, sort_keys=True)
+        self.lines.append(line)
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        else:
+            self._rewrite()
+
+
+def read_log(url: str) -> list[dict]:
+    """The entries of a ``log.jsonl`` (empty when absent)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return [json.loads(ln) for ln in read_bytes(url).decode().splitlines() if ln.strip()]

@@ -1,0 +1,261 @@
+"""Stages `convert` (train-vae checkpoint -> ReaLS VAE directory) and `extract-ema` (EMA VAE state_dict).
+
+The directory loads with plain ``diffusers.AutoencoderKL.from_pretrained(dir)`` and with
+``reals.vae.ReaLSVAE.from_pretrained(dir)``; it holds the EMA weights unless ``--no-ema``.
+
+Latent statistics in ``mean_std.json``: over the posterior means ``z`` of the first ``--num-samples``
+training images (manifest order), channel-wise over all images and latent positions::
+
+    mean_c = E[z_c]        std_c = sqrt(E[(z_c - mean_c)^2])
+
+accumulated in float64 as sums of ``z`` and ``z^2``. The diffusion model sees ``(z - mean) / std``.
+``provenance.json`` is written last and marks the directory complete: a re-run with the same checkpoint,
+weights choice, data and sample count skips the work.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from pipelines.train_vae import load_checkpoint, resolve_checkpoint, to_model_images
+from reals.align import AlignNet
+from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor
+from storage.fs import to_url, write_bytes_atomic
+from storage.markers import sha256_url
+from storage.shards import iter_shards, read_manifest, shard_urls
+
+STATS_FORMULA = "mean_c = E[z_c], std_c = sqrt(E[(z_c - mean_c)^2]) over posterior means, all images and positions"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs and summaries
+# ---------------------------------------------------------------------------------------------------
+
+class ConvertConfig(StageConfig):
+    """Inputs of `reals convert`."""
+
+    ckpt: str = Field(description="train-vae checkpoint URL (.pt), or a run folder (its latest.json)")
+    output_dir: str = Field(description="ReaLS VAE directory to write; local only (diffusers loads local dirs)")
+    data_path: str = Field(description="shards URL whose training images give the latent mean/std")
+    split: str = Field("train", description="shard split for the latent statistics")
+    num_samples: int = Field(10000, gt=0, description="images for the latent statistics (the first N)")
+    ema: bool = Field(True, description="convert the EMA weights (False: the raw training weights)")
+    batch_size: int = Field(32, gt=0, description="images per encoding batch")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class ConvertSummary(BaseModel):
+    output_dir: str
+    fingerprint: str
+    checkpoint: str
+    step: int
+    weights: str = Field(description="ema or raw")
+    mean: list[float]
+    std: list[float]
+    num_images: int
+    skipped: bool = Field(description="the directory was already converted from the same inputs")
+
+
+class ExtractEMAConfig(StageConfig):
+    """Inputs of `reals extract-ema`."""
+
+    ckpt: str = Field(description="train-vae checkpoint URL (.pt), or a run folder (its latest.json)")
+    output: str = Field(description="state_dict URL to write (.pt torch file, or .safetensors)")
+
+
+class ExtractEMASummary(BaseModel):
+    output: str
+    checkpoint: str
+    step: int
+    tensors: int
+    vae_config: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------
+
+def code_version() -> str:
+    try:
+        return metadata.version("reals-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def model_from_checkpoint(ckpt: dict, ema: bool = True) -> ReaLSVAE:
+    """The ReaLS VAE (unit statistics) held by a train-vae checkpoint: EMA or raw weights."""
+    from diffusers import AutoencoderKL
+
+    weights = ckpt["ema"] if ema else {"vae": ckpt["vae"], "align_net": ckpt["align_net"]}
+    vae = AutoencoderKL(**ckpt["vae_config"])
+    vae.load_state_dict(weights["vae"])
+    align = AlignNet.from_config(ckpt["align_config"])
+    align.load_state_dict(weights["align_net"])
+    return ReaLSVAE(vae, align).eval()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def latent_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_size: int,
+                      device: torch.device, show_progress: bool = False) -> tuple[list[float], list[float], int]:
+    """Channel-wise (mean, std, images used) of posterior-mean latents of the first ``num_samples`` images."""
+    c = model.latent_channels
+    total, total_sq, values, images = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0, 0
+    samples = itertools.islice(iter_shards(urls, shuffle=0, split_by_worker=False), num_samples)
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task("latent statistics", total=num_samples)
+        while batch := list(itertools.islice(samples, batch_size)):
+            x = to_model_images(np.stack([s["image"] for s in batch]), device)
+            z = model.encode(x)[0].double().cpu()
+            total += z.sum(dim=(0, 2, 3))
+            total_sq += z.square().sum(dim=(0, 2, 3))
+            values += z.shape[0] * z.shape[2] * z.shape[3]
+            images += len(batch)
+            bar.advance(task, len(batch))
+    if images == 0:
+        raise StageError("no decodable images for the latent statistics")
+    mean = total / values
+    std = (total_sq / values - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist(), images
+
+
+def run(config: ConvertConfig) -> ConvertSummary:
+    """Write the ReaLS VAE directory for a checkpoint (skipped when it exists from the same inputs)."""
+    out = config.output_dir
+    if "://" in out and not out.startswith("file://"):
+        raise StageError(f"--output-dir must be a local directory (diffusers loads local dirs), got {out}")
+    out = Path(out.removeprefix("file://")).expanduser().resolve()
+    ckpt_url = resolve_checkpoint(to_url(config.ckpt))
+    ckpt_sha = sha256_url(ckpt_url)
+    manifest = read_manifest(config.data_path)
+    source = {"checkpoint_sha256": ckpt_sha, "weights": "ema" if config.ema else "raw",
+              "num_samples": config.num_samples, "data_fingerprint": manifest.get("fingerprint"),
+              "split": config.split}
+
+    done = out / PROVENANCE_FILE
+    if done.is_file() and (out / MEAN_STD_FILE).is_file():
+        prov = json.loads(done.read_text())
+        if all(prov.get("conversion", {}).get(k) == v for k, v in source.items()):
+            stats = json.loads((out / MEAN_STD_FILE).read_text())
+            return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=ckpt_url,
+                                  step=prov["training"]["step"], weights=source["weights"], mean=stats["mean"],
+                                  std=stats["std"], num_images=prov["latent_statistics"]["num_images"], skipped=True)
+        done.unlink()
+
+    ckpt = load_checkpoint(ckpt_url)
+    device = _device(config.device)
+    model = model_from_checkpoint(ckpt, config.ema).to(device)
+    urls = shard_urls(config.data_path, config.split)
+    mean, std, n = latent_statistics(model, urls, config.num_samples, config.batch_size, device,
+                                     config.show_progress)
+    model = ReaLSVAE(model.vae.cpu(), model.align_net.cpu(), mean, std)
+    train_cfg = ckpt["config"]
+    provenance = {
+        "fingerprint": model.fingerprint,
+        "teacher": ckpt["teacher"],
+        "vae_config": train_cfg.get("vae_config"),
+        "autoencoder_kl": ckpt["vae_config"],
+        "align_net": ckpt["align_config"],
+        "align_weight": train_cfg.get("align_weight"),
+        "perceptual": ckpt.get("perceptual"),
+        "resolution": ckpt["resolution"],
+        "latent_shape": ckpt["latent_shape"],
+        "downsample_factor": downsample_factor(model.vae),
+        "training": {"run": train_cfg.get("output"), "checkpoint": ckpt_url, "step": ckpt["step"],
+                     "data_path": train_cfg.get("data_path"), "data_fingerprint": ckpt.get("data_fingerprint"),
+                     "config": train_cfg},
+        "latent_statistics": {"num_images": n, "data_path": to_url(config.data_path), "formula": STATS_FORMULA,
+                              "normalisation": "z_norm = (z - mean) / std, channel-wise"},
+        "conversion": source,
+        "code_version": code_version(),
+    }
+    model.save_pretrained(out, provenance)
+    return ConvertSummary(output_dir=str(out), fingerprint=model.fingerprint, checkpoint=ckpt_url,
+                          step=ckpt["step"], weights=source["weights"], mean=mean, std=std, num_images=n,
+                          skipped=False)
+
+
+def run_extract_ema(config: ExtractEMAConfig) -> ExtractEMASummary:
+    """Write the EMA VAE weights of a checkpoint as a plain state_dict (usable as ``--vae-ckpt``)."""
+    ckpt_url = resolve_checkpoint(to_url(config.ckpt))
+    ckpt = load_checkpoint(ckpt_url)
+    state = {k: v.contiguous() for k, v in ckpt["ema"]["vae"].items()}
+    if config.output.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save(state, metadata={"format": "pt"})
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    write_bytes_atomic(to_url(config.output), data)
+    return ExtractEMASummary(output=to_url(config.output), checkpoint=ckpt_url, step=ckpt["step"],
+                             tensors=len(state), vae_config=str(ckpt["config"].get("vae_config")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def add_cli(subparsers) -> None:
+    h = ConvertConfig.model_fields
+    p = subparsers.add_parser(
+        "convert", help="checkpoint -> ReaLS VAE dir (diffusers AutoencoderKL + align_net + mean_std.json)",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help=h["ckpt"].description)
+    p.add_argument("--output-dir", required=True, help=h["output_dir"].description)
+    p.add_argument("--data-path", required=True, help=h["data_path"].description)
+    p.add_argument("--split", help=h["split"].description)
+    p.add_argument("--num-samples", type=int, help=h["num_samples"].description + " (default 10000)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", default=None,
+                   help="convert the raw training weights instead of the EMA weights")
+    p.add_argument("--batch-size", type=int, help=h["batch_size"].description)
+    p.add_argument("--device", help=h["device"].description)
+    p.add_argument("--no-progress", dest="show_progress", action="store_false", default=None,
+                   help="hide the progress bar")
+    p.set_defaults(handler=_main_convert)
+
+    h = ExtractEMAConfig.model_fields
+    p = subparsers.add_parser("extract-ema", help="write a checkpoint's EMA VAE weights as a state_dict",
+                              description="Write the EMA VAE weights of a train-vae checkpoint as a state_dict "
+                                          "(usable as train-vae --vae-ckpt with the same --vae-config).")
+    p.add_argument("--ckpt", required=True, help=h["ckpt"].description)
+    p.add_argument("--output", required=True, help=h["output"].description)
+    p.set_defaults(handler=_main_extract)
+
+
+def _fmt(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
+
+
+def _main_convert(args) -> int:
+    s = run(config_from_args(ConvertConfig, args))
+    verb = "already converted" if s.skipped else "converted"
+    print(f"convert: {verb} {s.checkpoint} (step {s.step}, {s.weights} weights) -> {s.output_dir}")
+    print(f"  fingerprint {s.fingerprint}; latent mean {_fmt(s.mean)}, std {_fmt(s.std)} over {s.num_images} images")
+    return 0
+
+
+def _main_extract(args) -> int:
+    s = run_extract_ema(config_from_args(ExtractEMAConfig, args))
+    print(f"extract-ema: {s.tensors} EMA tensors of {s.checkpoint} (step {s.step}, vae config {s.vae_config}) "
+          f"-> {s.output}")
+    return 0

@@ -1,0 +1,771 @@
+"""Training-free segmentation and depth from ReaLS latents (``reals downstream seg|depth``).
+
+Linear heads (``reals.downstream``) are fitted in closed form (ridge) on the teacher's patch features of
+``--num-fit`` labelled ``--fit-split`` images, or loaded from DINOv2's published heads (``--seg-head`` /
+``--depth-head``), then evaluated on ``--num-eval`` held-out ``--eval-split`` images with three feature
+sources side by side:
+
+- ``teacher``: the head on the teacher's own features (the upper bound);
+- ``reals``: the same head on ``semantic_features`` of the ReaLS latents (normalised posterior means
+  through the alignment network): training-free, no decoding;
+- ``baseline``: a head ridge-fitted directly on a plain VAE's latents (``--baseline-vae-path``: a
+  diffusers AutoencoderKL dir or a ReaLS VAE dir, whose normalised latents are used), or on the ReaLS
+  VAE's own latents when that flag is absent (the report says so).
+
+Generated latents (``--samples``: the sampler's normalised latents, ``latents`` in the ``.npz`` or a
+``.latents.npy`` beside it, or a ``.npy``) go through the same head as ``reals``, straight from the sampler.
+
+Data: a synthetic folder (``reals synthetic``) or shards (``reals shard``) whose samples' ``.json`` name
+their source path, with ground truth under ``--ground-truth`` (default: the synthetic folder itself):
+``masks/<split>/<class-id>/<stem>.png`` (class index + 1, 0 background) and ``depth/...`` (drawing order).
+Images get the ADM center crop at the VAE's resolution, ground truth the same crop (nearest). Depth
+truth is the positive, distance-like ``1 / (1 + order)``: background 1, the j-th shape drawn 1/(1+j);
+adjacent layers differ by a ratio >= 1.25, so ``delta < 1.25`` counts pixels put on the right layer.
+Images whose ground truth is missing are skipped and reported.
+
+With a published head, the teacher and ReaLS predictions are in the head's own label set or metres,
+so they are scored against each other (``agreement``), not against the dataset's truth.
+Output: ``report.md`` (a table), ``overlays_real.png`` / ``overlays_generated.png`` (image, masks, depths
+side by side) and ``metrics.json``, written last; a re-run with the same inputs reuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import posixpath
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from storage import fs as sfs
+from storage.markers import fingerprint, read_json, sha256_url, write_json
+
+TASKS = ("seg", "depth")
+TRUTH_DIRS = {"seg": "masks", "depth": "depth"}
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".webp")
+SOURCES = ("teacher", "reals", "baseline")
+SOURCE_TITLES = {"teacher": "teacher (upper bound)", "reals": "ReaLS latents (training-free)", "baseline": "baseline"}
+
+
+class DownstreamConfig(StageConfig):
+    """Settings of ``reals downstream``."""
+
+    tasks: list[Literal["seg", "depth"]] = Field(min_length=1, description="tasks to evaluate: seg, depth or both")
+    data_path: str = Field(description="synthetic folder (reals synthetic) or shards URL (reals shard)")
+    vae_path: str = Field(description="converted ReaLS VAE directory (local)")
+    output: str = Field(description="folder (URL) for report.md, metrics.json and the overlay PNGs")
+    samples: str | None = Field(None, description="generated latents: .npz with `latents` (or a .latents.npy "
+                                                  "beside it), or a .npy")
+    baseline_vae_path: str | None = Field(None, description="plain VAE dir for the baseline (default: the ReaLS "
+                                                            "VAE's own raw latents)")
+    ground_truth: str | None = Field(None, description="folder with masks/ and depth/ (default: --data-path "
+                                                       "when it is a synthetic folder)")
+    seg_head: str | None = Field(None, description="DINOv2 published segmentation linear head (.pth) instead "
+                                                   "of the ridge head")
+    depth_head: str | None = Field(None, description="DINOv2 published depth linear head (.pth) instead of the "
+                                                     "ridge head")
+    fit_split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="split the heads are fitted on")
+    eval_split: str = Field("val", pattern=r"^[A-Za-z0-9_-]+$", description="held-out split evaluated")
+    num_fit: int = Field(256, ge=2, description="images to fit the heads on (spread evenly over the split)")
+    num_eval: int = Field(64, ge=1, description="held-out images (and generated latents) to evaluate")
+    resolution: int | None = Field(None, ge=8, description="image side (default: the VAE's resolution)")
+    ridge: float = Field(1e-3, gt=0, description="ridge penalty, relative to the mean feature variance")
+    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    num_overlays: int = Field(8, ge=0, description="rows in each overlay PNG")
+    dino_model: str | None = Field(None, description="teacher name (default: the VAE's provenance)")
+    dino_input_size: int | None = Field(None, ge=1, description="teacher input size (default: the provenance)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class DownstreamSummary(BaseModel):
+    """What ``reals downstream`` measured (``metrics[task][source]``)."""
+
+    output: str
+    tasks: list[str]
+    teacher: str
+    vae_fingerprint: str
+    baseline: str
+    heads: dict[str, str]
+    fit_images: int
+    eval_images: int
+    generated: int
+    skipped: list[str]
+    metrics: dict[str, dict[str, dict]]
+    agreement: dict[str, dict]
+    generated_metrics: dict[str, dict]
+    files: list[str]
+    reused: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truth and images
+# ---------------------------------------------------------------------------------------------------
+
+def depth_from_order(order: np.ndarray) -> np.ndarray:
+    """Synthetic drawing order (0 background, j: the j-th shape, nearer) -> positive depth ``1 / (1 + order)``."""
+    return 1.0 / (1.0 + order.astype(np.float32))
+
+
+def crop_truth(truth: np.ndarray, size: int) -> np.ndarray:
+    """The ADM center-crop geometry applied to a label map, with nearest resampling."""
+    from PIL import Image
+
+    h, w = truth.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(truth[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.Resampling.NEAREST))
+
+
+def crop_image(image, size: int) -> np.ndarray:
+    """Encoded bytes or an RGB array -> uint8 ``[size, size, 3]`` (ADM center crop)."""
+    from PIL import Image
+
+    from pipelines.imaging import center_crop, open_image, to_rgb
+
+    im = to_rgb(open_image(image)) if isinstance(image, bytes) else Image.fromarray(image)
+    if im.size != (size, size):
+        im = center_crop(im, size)
+    return np.asarray(im)
+
+
+def _read_png(url: str) -> np.ndarray | None:
+    from PIL import Image
+
+    if not sfs.exists(url):
+        return None
+    with Image.open(io.BytesIO(sfs.read_bytes(url))) as im:
+        return np.asarray(im.convert("L"))
+
+
+def _evenly_spaced(total: int, n: int) -> list[int]:
+    """``min(n, total)`` indices spread evenly over ``range(total)`` (every class of a sorted list)."""
+    if total <= n:
+        return list(range(total))
+    return sorted({int(round(i)) for i in np.linspace(0, total - 1, n)})
+
+
+class Dataset:
+    """Labelled images from a synthetic folder or shards, with their ground truth when there is any."""
+
+    def __init__(self, data_path: str, ground_truth: str | None):
+        self.url = sfs.to_url(data_path)
+        self.manifest = read_json(sfs.join(self.url, "manifest.json"))
+        if self.manifest is None:
+            root = self.url.removeprefix("file://")
+            if "://" in root or not os.path.isdir(root):
+                raise StageError(f"--data-path {data_path}: neither shards (no manifest.json) nor a local folder")
+            self.classes = sorted({c for split in os.listdir(root) if split not in TRUTH_DIRS.values()
+                                   and os.path.isdir(os.path.join(root, split))
+                                   for c in os.listdir(os.path.join(root, split))
+                                   if os.path.isdir(os.path.join(root, split, c))})
+            ground_truth = ground_truth or (root if any(os.path.isdir(os.path.join(root, d))
+                                                        for d in TRUTH_DIRS.values()) else None)
+        else:
+            self.classes = list(self.manifest["classes"])
+        self.truth_root = sfs.to_url(ground_truth) if ground_truth else None
+
+    @property
+    def num_seg_classes(self) -> int:
+        return len(self.classes) + 1
+
+    def fingerprint(self) -> str:
+        """The manifest's fingerprint, or a digest of the folder's names, sizes and times."""
+        if self.manifest is not None:
+            return str(self.manifest.get("fingerprint"))
+        rows = []
+        for top, dirs, files in os.walk(self.url.removeprefix("file://")):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(top, f))
+                rows.append([os.path.join(top, f), st.st_size, st.st_mtime_ns])
+        return fingerprint(rows)
+
+    def _entries(self, split: str) -> list[tuple[str, int]]:
+        """``(relative source path, class index)`` of a folder split, sorted."""
+        root = self.url.removeprefix("file://")
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise StageError(f"no {split!r} split in {root}: expected {split}/<class-id>/<images> "
+                             "(e.g. `reals synthetic --val-per-class N` writes val/)")
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [(f"{split}/{c}/{f}", index[c]) for c in sorted(os.listdir(split_dir))
+                if os.path.isdir(os.path.join(split_dir, c))
+                for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.lower().endswith(IMAGE_EXTS)]
+
+    def _raw(self, split: str, n: int, skipped: list[str]):
+        """``(image bytes or array, class, source path)`` of ``n`` images spread over the split."""
+        if self.manifest is None:
+            entries = self._entries(split)
+            root = self.url.removeprefix("file://")
+            for i in _evenly_spaced(len(entries), n):
+                rel, cls = entries[i]
+                with open(os.path.join(root, rel), "rb") as f:
+                    yield f.read(), cls, rel
+            return
+        from storage.shards import iter_shards, shard_urls
+
+        count = int(self.manifest["splits"].get(split, {}).get("count", 0))
+        keep = set(_evenly_spaced(count, n))
+        bad: list = []
+        for i, sample in enumerate(iter_shards(shard_urls(self.url, split), split_by_worker=False, skipped=bad)):
+            if i in keep:
+                yield sample["image"], sample["cls"], sample["json"].get("source", sample["__key__"])
+        skipped.extend(f"{key}: {reason}" for key, reason in bad)
+
+    def truth_url(self, task: str, source: str) -> str:
+        """Where the ground truth of ``task`` for the image at ``source`` (relative path) lies."""
+        return sfs.join(self.truth_root, TRUTH_DIRS[task], posixpath.splitext(source)[0] + ".png")
+
+    def examples(self, split: str, n: int, size: int, tasks: list[str], skipped: list[str]) -> list[dict]:
+        """Up to ``n`` images ``{image, cls, source, truth: {task: map}}`` cropped to ``size``."""
+        out = []
+        for raw, cls, source in self._raw(split, n, skipped):
+            truth, missing = {}, None
+            for task in tasks if self.truth_root else ():
+                found = _read_png(self.truth_url(task, source))
+                if found is None:
+                    missing = self.truth_url(task, source)
+                    break
+                truth[task] = crop_truth(found, size)
+            if missing:
+                skipped.append(f"{source}: no ground truth at {missing}")
+                continue
+            try:
+                image = crop_image(raw, size)
+            except Exception as e:  # noqa: BLE001 - a bad image is skipped and reported, never fatal
+                skipped.append(f"{source}: unreadable image ({type(e).__name__})")
+                continue
+            out.append({"image": image, "cls": int(cls), "source": source, "truth": truth})
+        return out
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+class LatentFeatures:
+    """A VAE's latents as plain features: a ReaLS dir gives normalised posterior means, a plain one raw means."""
+
+    def __init__(self, path: str, device: torch.device, reals_vae=None):
+        from reals.vae import ReaLSVAE, build_vae
+
+        self.path = path
+        if reals_vae is not None:
+            self.vae, self.kind = reals_vae, "reals"
+        elif os.path.isfile(os.path.join(path, "align_net.json")):
+            self.vae, self.kind = ReaLSVAE.from_pretrained(path).to(device).eval(), "reals"
+        else:
+            self.vae, self.kind = build_vae(ckpt=path).to(device).eval(), "plain"
+
+    @property
+    def channels(self) -> int:
+        return self.vae.latent_channels if self.kind == "reals" else self.vae.config.latent_channels
+
+    @property
+    def fingerprint(self) -> str:
+        if self.kind == "reals":
+            return self.vae.fingerprint
+        from reals.vae import weights_fingerprint
+
+        c = self.channels
+        return weights_fingerprint({"vae": self.vae}, torch.zeros(c), torch.ones(c))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents ``[B, C, h, w]``."""
+        if self.kind == "reals":
+            return self.vae.normalize(self.vae.encode(images)[0])
+        return self.vae.encode(images).latent_dist.mean
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def _truth_tensor(task: str, maps: list[np.ndarray]) -> torch.Tensor:
+    stack = np.stack(maps)
+    return torch.from_numpy(depth_from_order(stack) if task == "depth" else stack.astype(np.int64))
+
+
+def load_generated(path: str, limit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(latents [N, C, h, w] float32, labels or None, images uint8 NHWC or None)`` from a samples file."""
+    url = sfs.to_url(path)
+    if not sfs.exists(url):
+        raise StageError(f"--samples {path} not found")
+    data = np.load(io.BytesIO(sfs.read_bytes(url)), allow_pickle=False)
+    if isinstance(data, np.ndarray):
+        return data[:limit].astype(np.float32), None, None
+    labels = data["arr_1"][:limit] if "arr_1" in data.files else None
+    images = data["arr_0"][:limit] if "arr_0" in data.files else None
+    if "latents" in data.files:
+        latents = data["latents"]
+    else:
+        beside = [url + ".latents.npy", url.removesuffix(".npz") + ".latents.npy"]
+        found = next((u for u in beside if sfs.exists(u)), None)
+        if found is None:
+            raise StageError(f"--samples {path} holds no latents (no `latents` array, no {beside[-1]}); "
+                             "sample with --save-latents")
+        latents = np.load(io.BytesIO(sfs.read_bytes(found)), allow_pickle=False)
+    return latents[:limit].astype(np.float32), labels, images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------------
+
+def _palette(n: int = 256) -> np.ndarray:
+    import colorsys
+
+    colours = [(0.0, 0.0, 0.0)] + [colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0) for k in range(n - 1)]
+    return (np.array(colours) * 255).astype(np.float32)
+
+
+PALETTE = _palette()
+
+
+def seg_panel(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Class colours blended over the dimmed image (background stays dim)."""
+    labels = np.asarray(labels).astype(np.int64)
+    colour = PALETTE[labels % len(PALETTE)]
+    fg = (labels > 0)[..., None]
+    return np.clip(0.4 * image + 0.6 * colour * fg, 0, 255).astype(np.uint8)
+
+
+def depth_panel(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Nearness as a dark-blue -> yellow ramp over the range ``[lo, hi]``."""
+    near = np.clip((hi - depth) / max(hi - lo, 1e-6), 0, 1)[..., None]
+    far_c, near_c = np.array([20, 24, 80], np.float32), np.array([250, 220, 40], np.float32)
+    return (far_c * (1 - near) + near_c * near).astype(np.uint8)
+
+
+def compose(rows: list[list[np.ndarray]], labels: list[str], panel: int) -> bytes:
+    """PNG of rows of equal-size panels under a header of labels."""
+    from PIL import Image, ImageDraw
+
+    header = 14
+    canvas = Image.new("RGB", (panel * len(labels), header + panel * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(labels):
+        draw.text((j * panel + 3, 2), text, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            tile = Image.fromarray(cell).resize((panel, panel), Image.Resampling.NEAREST)
+            canvas.paste(tile, (j * panel, header + i * panel))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_rows(images: np.ndarray, columns: list[tuple[str, str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Rows ``[image, task panels...]``; depth panels of a row share one range."""
+    rows = []
+    for i, image in enumerate(images):
+        depths = [c[2][i] for c in columns if c[0] == "depth"]
+        lo = min((float(d.min()) for d in depths), default=0.0)
+        hi = max((float(d.max()) for d in depths), default=1.0)
+        row = [image]
+        for task, _, maps in columns:
+            row.append(seg_panel(image, maps[i]) if task == "seg" else depth_panel(maps[i], lo, hi))
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+METRIC_COLUMNS = {"seg": [("miou", "seg mIoU"), ("pixel_accuracy", "seg pixel acc")],
+                  "depth": [("rmse", "depth RMSE"), ("delta1", "depth δ<1.25")]}
+
+
+def report_markdown(s: DownstreamSummary, source_notes: dict[str, str]) -> str:
+    """The summary as a markdown report: one table of sources x metrics, then notes."""
+    cols = [c for t in s.tasks for c in METRIC_COLUMNS[t]]
+    lines = ["# Training-free downstream tasks", "",
+             f"Teacher: {s.teacher}. ReaLS VAE fingerprint `{s.vae_fingerprint}`. "
+             f"Heads fitted on {s.fit_images} images, evaluated on {s.eval_images} held-out images.", "",
+             "| source | features | " + " | ".join(label for _, label in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for source in SOURCES:
+        if not any(source in s.metrics.get(t, {}) for t in s.tasks) and source not in source_notes:
+            continue
+        values = [_fmt(s.metrics.get(t, {}).get(source, {}).get(key)) for t in s.tasks for key, _ in METRIC_COLUMNS[t]]
+        lines.append(f"| {SOURCE_TITLES[source]} | {source_notes.get(source, '')} | " + " | ".join(values) + " |")
+    if s.agreement:
+        values = [_fmt(s.agreement.get(t, {}).get(key)) for t in s.tasks for key, _ in METRIC_COLUMNS[t]]
+        lines.append("| ReaLS vs teacher predictions | agreement (teacher predictions as truth) | "
+                     + " | ".join(values) + " |")
+    lines += ["", "Heads:"] + [f"- {t}: {h}" for t, h in s.heads.items()]
+    lines += ["", f"Baseline: {s.baseline}.",
+              "Depth truth is `1 / (1 + drawing order)` (background 1; δ<1.25 = right layer); "
+              "mIoU includes the background class.", ""]
+    if s.generated:
+        lines.append(f"Generated latents: {s.generated}, through the alignment network (no decoding).")
+        for t, m in s.generated_metrics.items():
+            lines.append(f"- {t}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()))
+        lines.append("")
+    if s.skipped:
+        lines += [f"Skipped {len(s.skipped)} images (first: {s.skipped[0]}).", ""]
+    lines += ["Overlays: " + ", ".join(f for f in s.files if f.endswith(".png")), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------
+
+def _file_digest(path: str | None) -> str | None:
+    return sha256_url(sfs.to_url(path)) if path and sfs.exists(sfs.to_url(path)) else None
+
+
+class Evaluation:
+    """Holds the models and heads of one run; fits, evaluates and renders."""
+
+    def __init__(self, cfg: DownstreamConfig):
+        from pipelines.encode import teacher_spec
+        from reals.teachers import build_teacher
+        from reals.vae import ReaLSVAE
+
+        self.cfg = cfg
+        self.device = _device(cfg.device)
+        self.data = Dataset(cfg.data_path, cfg.ground_truth)
+        self.vae = ReaLSVAE.from_pretrained(cfg.vae_path).to(self.device).eval()
+        name, input_size = teacher_spec(self.vae.provenance, cfg.dino_model, cfg.dino_input_size)
+        self.teacher = build_teacher(name, input_size=input_size).to(self.device)
+        if self.vae.align_net.teacher_width != self.teacher.width:
+            raise StageError(f"the VAE's alignment network predicts {self.vae.align_net.teacher_width}-d features "
+                             f"but teacher {self.teacher.name} gives {self.teacher.width}-d; pass the VAE's teacher")
+        self.size = cfg.resolution or self.vae.resolution
+        if self.size % self.vae.downsample_factor:
+            raise StageError(f"resolution {self.size} is not a multiple of the VAE's downsample factor "
+                             f"{self.vae.downsample_factor}")
+        self.has_truth = self.data.truth_root is not None
+        self.published = {"seg": cfg.seg_head, "depth": cfg.depth_head}
+        missing = [t for t in cfg.tasks if not self.published[t] and not self.has_truth]
+        if missing:
+            raise StageError(f"no ground truth to fit the {'/'.join(missing)} head: give --ground-truth DIR (a "
+                             f"synthetic folder with masks/ and depth/) or --{missing[0]}-head FILE (a DINOv2 head)")
+        self.baseline = LatentFeatures(cfg.baseline_vae_path or cfg.vae_path, self.device,
+                                       None if cfg.baseline_vae_path else self.vae)
+        self.heads: dict[str, dict] = {t: {} for t in cfg.tasks}
+        self.skipped: list[str] = []
+
+    # -- describing -------------------------------------------------------------------------------------
+
+    def baseline_note(self) -> str:
+        if self.cfg.baseline_vae_path:
+            kind = "normalised" if self.baseline.kind == "reals" else "raw (un-normalised)"
+            return f"{kind} posterior-mean latents of {self.cfg.baseline_vae_path}, ridge heads fitted on them"
+        return ("no --baseline-vae-path given: the ReaLS VAE's own normalised latents, without the alignment "
+                "network, ridge heads fitted on them")
+
+    def fingerprint(self) -> str:
+        settings = self.cfg.model_dump(exclude={"output", "show_progress", "device"})
+        return fingerprint({"settings": settings, "vae": self.vae.fingerprint, "baseline": self.baseline.fingerprint,
+                            "data": self.data.fingerprint(), "samples": _file_digest(self.cfg.samples),
+                            "seg_head": _file_digest(self.cfg.seg_head),
+                            "depth_head": _file_digest(self.cfg.depth_head)})
+
+    # -- fitting ----------------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        """Ridge-fit heads on the fit split (with truth) and calibrate published heads' token norms."""
+        from reals.downstream import HeadFitter, load_dinov2_head
+
+        for task in self.cfg.tasks:
+            if self.published[task]:
+                self.heads[task]["teacher"] = load_dinov2_head(self.published[task], task, self.teacher.name,
+                                                               self.teacher.width).to(self.device)
+        k = self.data.num_seg_classes
+        fitters = {}
+        for task in self.cfg.tasks if self.has_truth else ():
+            if not self.published[task]:
+                fitters[task, "teacher"] = HeadFitter(task, self.teacher.width, k, f"teacher {self.teacher.name}",
+                                                      token_norm=1.0)
+            fitters[task, "baseline"] = HeadFitter(task, self.baseline.channels, k, "baseline latents")
+        examples = self.data.examples(self.cfg.fit_split, self.cfg.num_fit, self.size, self.cfg.tasks, self.skipped)
+        if len(examples) < 2:
+            raise StageError(f"only {len(examples)} usable images in split {self.cfg.fit_split!r} of "
+                             f"{self.cfg.data_path} to fit the heads (need >= 2; see skipped files)")
+        norms = torch.zeros(2, dtype=torch.float64)
+        with progress_bar(disable=not self.cfg.show_progress) as bar:
+            job = bar.add_task("fit heads", total=len(examples))
+            for batch in _batches(examples, self.cfg.batch_size):
+                x = _to_tensor(np.stack([e["image"] for e in batch]), self.device)
+                patch, global_token = self.teacher(x)
+                norms += torch.stack([patch.norm(dim=1).mean() * len(batch), global_token.norm(dim=1).sum()]).cpu()
+                latents = self.baseline(x * 2 - 1) if fitters else None
+                for (task, source), fitter in fitters.items():
+                    truth = _truth_tensor(task, [e["truth"][task] for e in batch]).to(self.device)
+                    fitter.update(patch if source == "teacher" else latents, truth)
+                bar.advance(job, len(batch))
+        for (task, source), fitter in fitters.items():
+            self.heads[task][source] = fitter.solve(self.cfg.ridge).to(self.device)
+        token_norm, global_norm = (norms / len(examples)).tolist()
+        for task in self.cfg.tasks:
+            if self.published[task]:
+                head = self.heads[task]["teacher"]
+                head.token_norm, head.global_norm = token_norm, global_norm
+        return len(examples)
+
+    # -- evaluating -------------------------------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict, dict, int, list[list[np.ndarray]], list[str]]:
+        """Metrics per task and source, ReaLS-vs-teacher agreement, image count, overlay rows and labels."""
+        from reals.downstream import METERS, SegmentationMeter
+
+        examples = self.data.examples(self.cfg.eval_split, self.cfg.num_eval, self.size, self.cfg.tasks,
+                                      self.skipped)
+        if not examples:
+            raise StageError(f"no usable images in split {self.cfg.eval_split!r} of {self.cfg.data_path}")
+
+        def meter(task, head):
+            return SegmentationMeter(head.num_classes) if task == "seg" else METERS[task]()
+
+        meters = {t: {s: meter(t, self.heads[t]["baseline" if s == "baseline" else "teacher"])
+                      for s in self.scored_sources(t)} for t in self.cfg.tasks}
+        agree = {t: meter(t, self.heads[t]["teacher"]) for t in self.cfg.tasks}
+        shown, columns = [], []
+        with progress_bar(disable=not self.cfg.show_progress) as bar:
+            job = bar.add_task("evaluate", total=len(examples))
+            for batch in _batches(examples, self.cfg.batch_size):
+                x = _to_tensor(np.stack([e["image"] for e in batch]), self.device)
+                preds = self._predict_real(x)
+                for task in self.cfg.tasks:
+                    truth = _truth_tensor(task, [e["truth"][task] for e in batch]) if self.has_truth else None
+                    for source, m in meters[task].items():
+                        m.update(preds[task][source].cpu(), truth)
+                    agree[task].update(preds[task]["reals"].cpu(), preds[task]["teacher"].cpu())
+                if len(shown) < self.cfg.num_overlays:
+                    take = self.cfg.num_overlays - len(shown)
+                    shown.extend(batch[:take])
+                    columns.append({(t, s): preds[t][s][:take].cpu().numpy() for t in self.cfg.tasks
+                                    for s in preds[t]})
+                bar.advance(job, len(batch))
+        metrics = {t: {s: m.compute() for s, m in meters[t].items()} for t in self.cfg.tasks}
+        rows, labels = self._real_overlays(shown, columns)
+        return metrics, {t: m.compute() for t, m in agree.items()}, len(examples), rows, labels
+
+    def scored_sources(self, task: str) -> list[str]:
+        """Sources scored against the truth: none without truth, only the baseline with a published head."""
+        if not self.has_truth:
+            return []
+        return ["baseline"] if self.published[task] else list(SOURCES)
+
+    @torch.no_grad()
+    def _predict_real(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Predictions ``[B, H, W]`` per task and source for images ``x`` in [0, 1]."""
+        from reals.downstream import predict_from_latents
+
+        size = tuple(x.shape[-2:])
+        patch, global_token = self.teacher(x)
+        z = self.vae.normalize(self.vae.encode(x * 2 - 1)[0])
+        latents = z if self.baseline.vae is self.vae else self.baseline(x * 2 - 1)
+        out = {}
+        for task in self.cfg.tasks:
+            heads = self.heads[task]
+            out[task] = {"teacher": heads["teacher"].predict(patch, global_token, size),
+                         "reals": predict_from_latents(self.vae, heads["teacher"], z, size)}
+            if "baseline" in heads:
+                out[task]["baseline"] = heads["baseline"].predict(latents, None, size)
+        return out
+
+    def _real_overlays(self, shown: list[dict], columns: list[dict]):
+        if not shown:
+            return [], []
+        keys = list(columns[0])
+        merged = {k: np.concatenate([c[k] for c in columns])[:len(shown)] for k in keys}
+        cols = []
+        for task in self.cfg.tasks:
+            for source in [s for s in SOURCES if (task, s) in merged]:
+                maps = merged[task, source]
+                cols.append((task, f"{task} {'ReaLS' if source == 'reals' else source}", maps))
+            if self.has_truth:
+                truth = np.stack([e["truth"][task] for e in shown])
+                cols.append((task, f"{task} truth", depth_from_order(truth) if task == "depth" else truth))
+        images = np.stack([e["image"] for e in shown])
+        return overlay_rows(images, cols), ["image"] + [c[1] for c in cols]
+
+    # -- generated latents ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generated(self) -> tuple[int, dict, list[list[np.ndarray]], list[str]]:
+        """Heads on the sampler's latents: count, label agreement (seg), overlay rows and labels."""
+        from reals.downstream import predict_from_latents
+
+        latents, labels, images = load_generated(self.cfg.samples, self.cfg.num_eval)
+        c = self.vae.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != c:
+            raise StageError(f"--samples latents have shape {tuple(latents.shape)}, but the VAE "
+                             f"{self.cfg.vae_path} has {c} latent channels (expected [N, {c}, h, w])")
+        size = tuple(s * self.vae.downsample_factor for s in latents.shape[2:])
+        preds = {t: [] for t in self.cfg.tasks}
+        for start in range(0, len(latents), self.cfg.batch_size):
+            z = torch.from_numpy(latents[start:start + self.cfg.batch_size]).to(self.device)
+            for task in self.cfg.tasks:
+                preds[task].append(predict_from_latents(self.vae, self.heads[task]["teacher"], z, size).cpu())
+        preds = {t: torch.cat(p) for t, p in preds.items()}
+        metrics = {}
+        if "seg" in preds and labels is not None and not self.published["seg"]:
+            fg = preds["seg"] > 0
+            match = preds["seg"] == torch.as_tensor(labels, dtype=torch.int64)[:, None, None] + 1
+            metrics["seg"] = {"foreground_share": float(fg.float().mean()),
+                              "label_agreement": float(match.sum() / fg.sum().clamp(min=1))}
+        n = min(self.cfg.num_overlays, len(latents))
+        if not n:
+            return len(latents), metrics, [], []
+        shown = self._generated_images(latents[:n], images, size)
+        cols = [(task, f"{task} ReaLS", preds[task][:n].numpy()) for task in self.cfg.tasks]
+        return len(latents), metrics, overlay_rows(shown, cols), ["image"] + [c[1] for c in cols]
+
+    @torch.no_grad()
+    def _generated_images(self, latents: np.ndarray, images: np.ndarray | None, size) -> np.ndarray:
+        """The samples' own images when the file has them, else the latents decoded (for display only)."""
+        from PIL import Image
+
+        if images is not None and len(images) >= len(latents):
+            return np.stack([np.asarray(Image.fromarray(im).resize(size[::-1], Image.Resampling.BICUBIC))
+                             for im in images[:len(latents)]])
+        z = torch.from_numpy(latents).to(self.device)
+        decoded = self.vae.decode(self.vae.denormalize(z)).clamp(-1, 1)
+        return ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _describe_heads(ev: Evaluation) -> dict[str, str]:
+    out = {}
+    for task, heads in ev.heads.items():
+        parts = [f"teacher/ReaLS: {heads['teacher'].source}"]
+        if "baseline" in heads:
+            parts.append(f"baseline: {heads['baseline'].source}")
+        out[task] = "; ".join(parts)
+    return out
+
+
+def run(config: DownstreamConfig) -> DownstreamSummary:
+    """Fit the heads, evaluate the three feature sources (and generated latents), write the report."""
+    out = sfs.to_url(config.output)
+    ev = Evaluation(config)
+    digest = ev.fingerprint()
+    previous = read_json(sfs.join(out, "metrics.json"))
+    if previous and previous.get("fingerprint") == digest \
+            and all(sfs.exists(sfs.join(out, f)) for f in previous.get("summary", {}).get("files", [])):
+        return DownstreamSummary(**{**previous["summary"], "reused": True})
+
+    fit_images = ev.fit()
+    metrics, agreement, eval_images, rows, labels = ev.evaluate()
+    panel = max(ev.size, 96)
+    files = []
+    if rows:
+        sfs.write_bytes_atomic(sfs.join(out, "overlays_real.png"), compose(rows, labels, panel))
+        files.append("overlays_real.png")
+    generated, generated_metrics = 0, {}
+    if config.samples:
+        generated, generated_metrics, grows, glabels = ev.generated()
+        if grows:
+            sfs.write_bytes_atomic(sfs.join(out, "overlays_generated.png"), compose(grows, glabels, panel))
+            files.append("overlays_generated.png")
+    files += ["report.md", "metrics.json"]
+    summary = DownstreamSummary(
+        output=out, tasks=list(config.tasks), teacher=ev.teacher.description, vae_fingerprint=ev.vae.fingerprint,
+        baseline=ev.baseline_note() if ev.has_truth else "none (no ground truth to fit it)",
+        heads=_describe_heads(ev), fit_images=fit_images, eval_images=eval_images, generated=generated,
+        skipped=ev.skipped, metrics=metrics, agreement=agreement, generated_metrics=generated_metrics, files=files)
+    notes = {"teacher": f"{ev.teacher.name} patch tokens", "reals": "semantic_features(ReaLS latents) via align_net"}
+    if ev.has_truth:
+        notes["baseline"] = "ReaLS VAE latents, no align_net" if not config.baseline_vae_path \
+            else f"latents of {os.path.basename(config.baseline_vae_path.rstrip('/'))}"
+    sfs.write_bytes_atomic(sfs.join(out, "report.md"), report_markdown(summary, notes).encode())
+    write_json(sfs.join(out, "metrics.json"), {"fingerprint": digest, "summary": json.loads(summary.model_dump_json())})
+    return summary
+
+
+def print_summary(s: DownstreamSummary) -> None:
+    """The metrics table on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = [(t, key, label) for t in s.tasks for key, label in METRIC_COLUMNS[t]]
+    table = Table(title=f"reals downstream {' '.join(s.tasks)}" + (" (reused)" if s.reused else ""))
+    table.add_column("source")
+    for _, _, label in cols:
+        table.add_column(label, justify="right")
+    for source in SOURCES:
+        if any(source in s.metrics.get(t, {}) for t in s.tasks):
+            table.add_row(SOURCE_TITLES[source], *[_fmt(s.metrics.get(t, {}).get(source, {}).get(k)) for t, k, _ in cols])
+    if s.agreement:
+        table.add_row("ReaLS vs teacher", *[_fmt(s.agreement.get(t, {}).get(k)) for t, k, _ in cols])
+    console = Console()
+    console.print(table)
+    console.print(f"{s.fit_images} fit / {s.eval_images} eval images, {s.generated} generated latents, "
+                  f"{len(s.skipped)} skipped; baseline: {s.baseline}", markup=False, highlight=False)
+    console.print(f"-> {s.output}/report.md", markup=False, highlight=False)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    print_summary(run(config_from_args(DownstreamConfig, args, "downstream")))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals downstream``."""
+    p = subparsers.add_parser("downstream", help="training-free segmentation/depth from ReaLS latents",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("tasks", nargs="+", choices=TASKS, metavar="seg|depth",
+                   help="task(s) to evaluate: seg (semantic segmentation), depth, or both")
+    p.add_argument("--data-path", dest="data_path", required=True,
+                   help="synthetic folder (reals synthetic) or shards URL (reals shard) with fit and eval splits")
+    p.add_argument("--vae-path", dest="vae_path", required=True, help="converted ReaLS VAE directory (local)")
+    p.add_argument("--output", required=True, help="folder (URL) for report.md, metrics.json and overlay PNGs")
+    p.add_argument("--config", help="YAML file; its `downstream:` section sets defaults for these flags")
+    p.add_argument("--samples", help="generated latents: FILE.npz with `latents` (or FILE.latents.npy beside it, "
+                                     "from `reals sample --save-latents`), or a .npy")
+    p.add_argument("--num-fit", dest="num_fit", type=int, help="images to fit the heads on (default 256)")
+    p.add_argument("--num-eval", dest="num_eval", type=int,
+                   help="held-out images and generated latents to evaluate (default 64)")
+    p.add_argument("--baseline-vae-path", dest="baseline_vae_path",
+                   help="plain (unaligned) VAE dir for the baseline (default: the ReaLS VAE's raw latents)")
+    p.add_argument("--ground-truth", dest="ground_truth",
+                   help="folder with masks/ and depth/ (default: --data-path when it is a synthetic folder)")
+    p.add_argument("--seg-head", dest="seg_head",
+                   help="DINOv2 linear head, e.g. dinov2_vitb14_voc2012_linear_head.pth (teacher dinov2_vitb14)")
+    p.add_argument("--depth-head", dest="depth_head",
+                   help="DINOv2 linear head, e.g. dinov2_vitb14_nyu_linear_head.pth (teacher dinov2_vitb14)")
+    p.add_argument("--fit-split", dest="fit_split", help="split the heads are fitted on (default train)")
+    p.add_argument("--eval-split", dest="eval_split", help="held-out split to evaluate (default val)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the VAE's resolution)")
+    p.add_argument("--ridge", type=float, help="ridge penalty relative to the mean feature variance (default 1e-3)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per forward pass (default 16)")
+    p.add_argument("--num-overlays", dest="num_overlays", type=int, help="rows per overlay PNG (default 8)")
+    p.add_argument("--dino-model", dest="dino_model", help="teacher name (default: from the VAE's provenance)")
+    p.add_argument("--dino-input-size", dest="dino_input_size", type=int,
+                   help="teacher input size in pixels (default: from the VAE's provenance)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
+    p.set_defaults(handler=_handle)

@@ -1,0 +1,526 @@
+"""Stage `sample`: draw images from a SiT checkpoint through the ReaLS VAE, in parallel on Ray actors.
+
+Every sample ``i`` is a pure function of ``(global_seed, i)`` and the settings: its label, its initial noise
+and its SDE noise come from its own generators, and index ranges are cut into batches the same way whatever
+the number of workers, so the result does not depend on how many workers drew it. The work is split into
+units of ``--unit-size`` indices; each Ray actor loads the SiT and the VAE once and writes a unit as
+``<output>.parts/{start:08d}-{end:08d}.npz`` (``arr_0`` uint8 NHWC images, ``arr_1`` labels, optionally
+``latents``) followed by its done-marker ``.json``. A re-run skips units whose marker agrees with the
+settings and the part's bytes. The driver then merges the parts into ``<output>`` in the ADM layout that the
+ADM evaluator reads (``arr_0`` uint8 NHWC, ``arr_1`` int64 labels; ``latents`` float32 normalised latents
+with ``--save-latents``) and writes a PNG grid of the first 64 samples next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import tempfile
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field, field_validator
+
+from pipelines import StageError
+from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
+from pipelines.config import StageConfig, config_from_args
+from reals import ReaLSError
+from reals.sit import create_sit
+from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
+from reals.vae import ReaLSVAE
+from storage.fs import filesystem, join, read_bytes, to_url, write_bytes_atomic
+from storage.markers import fingerprint, read_json, sha256_bytes, write_json
+
+GRID_SAMPLES = 64
+LABEL_STREAM, NOISE_STREAM = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and summary
+# ---------------------------------------------------------------------------------------------------
+
+class SampleConfig(StageConfig):
+    """Inputs of `reals sample`."""
+
+    mode: Literal["ODE", "SDE"] = Field(description="ODE: probability-flow ODE; SDE: Euler-Maruyama on the SDE")
+    ckpt: str = Field(description="SiT checkpoint: a train-sit .pt (or its run folder) or a bare SiT state_dict")
+    vae_path: str = Field(description="ReaLS VAE directory that decodes the latents (local)")
+    output: str = Field(description="samples file (.npz, ADM layout), local or s3://")
+    model: str | None = Field(None, description="SiT model name, e.g. SiT-XL/2 (default: the checkpoint's)")
+    cfg_scale: float = Field(1.5, ge=0, description="classifier-free guidance scale (1: no guidance)")
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="guide only where LO <= tau <= HI, tau = 1 - t the noise level (tau=1 pure noise, "
+                          "tau=0 data; t is SiT's time); ReaLS uses 0 0.75 (the noisiest quarter unguided); "
+                          "default: guide everywhere")
+    cfg_channels: str = Field("all", pattern=r"^(all|[1-9]\d*)$",
+                              description="latent channels guided: all, or the first N (3 as in DiT/SiT)")
+    num_sampling_steps: int = Field(250, ge=1, description="integration steps (SDE: drift evaluations)")
+    sampling_method: Literal["euler", "heun", "dopri5"] = Field(
+        "heun", description="ODE integrator; dopri5 is adaptive and its steps depend on the whole batch")
+    atol: float = Field(1e-6, gt=0, description="dopri5 absolute tolerance")
+    rtol: float = Field(1e-3, gt=0, description="dopri5 relative tolerance")
+    diffusion_norm: float = Field(1.0, ge=0, description="SDE diffusion w(t) = norm * sigma_t")
+    last_step_size: float = Field(0.04, gt=0, lt=1, description="SDE final deterministic step size")
+    path_type: Literal["Linear", "GVP"] | None = Field(None, description="transport path (default: the checkpoint's)")
+    prediction: Literal["velocity", "score", "noise"] | None = Field(
+        None, description="what the model predicts (default: the checkpoint's)")
+    num_fid_samples: int = Field(50000, ge=1, description="number of samples")
+    num_classes: int | None = Field(None, ge=1, description="classes (default: from the checkpoint)")
+    labels: Literal["random", "balanced"] = Field(
+        "random", description="random: each sample's label from its own seed; balanced: label i mod K")
+    per_proc_batch_size: int = Field(32, ge=1, description="samples per batch in each worker")
+    unit_size: int = Field(128, ge=1, description="samples per unit of work (one part file)")
+    global_seed: int = Field(0, ge=0, description="seed; sample i uses the seeds (global_seed, i)")
+    use_ema: bool = Field(True, description="use the checkpoint's EMA weights")
+    save_latents: bool = Field(False, description="also store the normalised latents as `latents` in the .npz")
+    workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else one per CPU)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the workers run the models")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("output")
+    @classmethod
+    def _npz(cls, v: str) -> str:
+        if not v.endswith(".npz"):
+            raise ValueError(f"must end with .npz, got {v!r}")
+        return v
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v):
+        if v is not None and not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError(f"needs 0 <= LO <= HI <= 1, got {list(v)}")
+        return v
+
+
+class SampleSummary(BaseModel):
+    """What `reals sample` did."""
+
+    output: str
+    grid: str
+    num_samples: int
+    image_shape: list[int]
+    parts: int
+    parts_sampled: int
+    parts_reused: int
+    samples_sampled: int
+    seconds: float
+    samples_per_sec: float = Field(description="newly drawn samples per second of wall time, actors included")
+    nfe: int = Field(description="model evaluations per batch of the last part drawn (0 when all were reused)")
+    workers: int
+    checkpoint: str
+    model: str
+    weights: str
+    label_counts: list[int]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds, labels, images
+# ---------------------------------------------------------------------------------------------------
+
+def sample_seed(global_seed: int, index: int, stream: int) -> int:
+    """The 64-bit seed of one random stream (label or noise) of sample ``index``."""
+    return int(np.random.SeedSequence([global_seed, index, stream]).generate_state(1, np.uint64)[0])
+
+
+def sample_generators(global_seed: int, indices, stream: int) -> list[torch.Generator]:
+    """One CPU generator per sample index for ``stream``."""
+    return [torch.Generator().manual_seed(sample_seed(global_seed, int(i), stream)) for i in indices]
+
+
+def sample_labels(mode: str, num_classes: int, global_seed: int, indices) -> torch.Tensor:
+    """Labels [B] of the samples ``indices``: from each sample's own seed, or ``i mod num_classes``."""
+    if mode == "balanced":
+        return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
+    gens = sample_generators(global_seed, indices, LABEL_STREAM)
+    return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens])
+
+
+@torch.no_grad()
+def decode_latents(vae, z_norm: torch.Tensor) -> np.ndarray:
+    """Normalised latents -> uint8 NHWC images through the ReaLS VAE (``z = z_norm * std + mean``)."""
+    z = vae.denormalize(z_norm.to(device=vae.mean.device, dtype=torch.float32))
+    x = vae.decode(z).float().clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, cols: int) -> bytes:
+    """uint8 [N, H, W, 3] -> a PNG of ``cols`` images per row (the last row padded with black)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * cols, h, w, c), np.uint8)
+    canvas[:n] = images
+    grid = canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models from checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def checkpoint_weights(ckpt: dict, use_ema: bool) -> tuple[dict, str]:
+    """``(state_dict, which)`` from a train-sit checkpoint (``ema`` or ``model``) or a bare SiT state_dict."""
+    if isinstance(ckpt.get("model"), dict):
+        if use_ema and isinstance(ckpt.get("ema"), dict):
+            return ckpt["ema"], "ema"
+        return ckpt["model"], "model"
+    if "x_embedder.proj.weight" not in ckpt:
+        raise StageError("the checkpoint holds neither a train-sit state nor a SiT state_dict")
+    return ckpt, "state_dict"
+
+
+def sit_spec(ckpt: dict, model: str | None = None, num_classes: int | None = None) -> tuple[str, dict]:
+    """``(model name, SiT keyword arguments)`` of a checkpoint: its recorded config, else inferred from shapes."""
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    recorded = args.get("model")
+    if model and recorded and model != recorded:
+        raise StageError(f"--model {model} disagrees with the checkpoint, which holds a {recorded}")
+    name = model or recorded
+    if not name:
+        raise StageError("the checkpoint does not name its model: pass --model (e.g. SiT-XL/2)")
+    if isinstance(ckpt.get("model_config"), dict):
+        kw = {k: ckpt["model_config"][k] for k in ("input_size", "in_channels", "num_classes",
+                                                    "class_dropout_prob", "learn_sigma")}
+    else:
+        state, _ = checkpoint_weights(ckpt, False)
+        d, c, p, _ = state["x_embedder.proj.weight"].shape
+        side = math.isqrt(state["pos_embed"].shape[1]) * p
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+        out = state["final_layer.linear.weight"].shape[0] // (p * p)
+        has_null = num_classes is None or rows == num_classes + 1
+        kw = {"input_size": side, "in_channels": c, "num_classes": rows - 1 if has_null else rows,
+              "class_dropout_prob": 0.1 if has_null else 0.0, "learn_sigma": out == 2 * c}
+    if num_classes is not None and num_classes != kw["num_classes"]:
+        raise StageError(f"--num-classes {num_classes} disagrees with the checkpoint's {kw['num_classes']} classes")
+    return name, kw
+
+
+def check_weights_fit(name: str, kw: dict, state: dict) -> None:
+    """Refuse a state_dict whose tensors do not fit model ``name`` (checked on the meta device, no memory)."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in create_sit(name, **kw).state_dict().items()}
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = [k for k in shapes if k in state and tuple(state[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        first = (missing + unexpected + wrong)[0]
+        raise StageError(f"the checkpoint does not fit {name}: {len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(wrong)} mis-shaped tensors (e.g. {first}); is --model right?")
+
+
+def load_sit(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> tuple[torch.nn.Module, str]:
+    """The SiT of a checkpoint in eval mode on ``device``, and which weights it got."""
+    state, which = checkpoint_weights(ckpt, use_ema)
+    model = create_sit(name, **kw)
+    model.load_state_dict(state)
+    return model.to(device).eval(), which
+
+
+def guided_model(model, cfg_scale: float, cfg_channels: int | None, interval: tuple[float, float] | None):
+    """The model wrapped in classifier-free guidance (the bare model when ``cfg_scale`` is 1)."""
+    if cfg_scale == 1.0:
+        return model
+    return ClassifierFreeGuidance(model, cfg_scale, cfg_channels=cfg_channels, guidance_interval=interval)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One unit of work: an index range (runs in a Ray actor)
+# ---------------------------------------------------------------------------------------------------
+
+def part_url(parts: str, start: int, end: int, ext: str) -> str:
+    return join(parts, f"{start:08d}-{end:08d}.{ext}")
+
+
+def part_is_done(parts: str, start: int, end: int, run_fp: str) -> bool:
+    """Whether the unit's marker exists, belongs to these settings and agrees with the part's bytes."""
+    marker = read_json(part_url(parts, start, end, "json"))
+    if not marker or marker.get("run") != run_fp or marker.get("count") != end - start:
+        return False
+    try:
+        return sha256_bytes(read_bytes(part_url(parts, start, end, "npz"))) == marker.get("sha256")
+    except FileNotFoundError:
+        return False
+
+
+class SampleWorker:
+    """Holds a SiT, its sampler and the ReaLS VAE; draws whole index ranges into part files."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        device = spec["device"]
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        ckpt = load_checkpoint(spec["ckpt"])
+        self.model, _ = load_sit(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
+        del ckpt
+        self.vae = ReaLSVAE.from_pretrained(spec["vae_path"]).to(self.device).eval()
+        transport = create_transport(spec["path_type"], spec["prediction"])
+        if spec["mode"] == "ODE":
+            self.sampler = ODESampler(transport, spec["sampling_method"], spec["num_sampling_steps"],
+                                      spec["atol"], spec["rtol"])
+        else:
+            self.sampler = SDESampler(transport, spec["num_sampling_steps"], spec["diffusion_norm"],
+                                      spec["last_step_size"])
+        channels = None if spec["cfg_channels"] == "all" else int(spec["cfg_channels"])
+        interval = tuple(spec["guidance_interval"]) if spec["guidance_interval"] else None
+        self.fn = guided_model(self.model, spec["cfg_scale"], channels, interval)
+        m = self.model
+        self.latent_shape = (m.in_channels, m.input_size, m.input_size)
+
+    @torch.no_grad()
+    def sample(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uint8 NHWC images, labels, normalised latents) of the samples ``indices`` (one batch)."""
+        s = self.spec
+        y = sample_labels(s["labels"], s["num_classes"], s["global_seed"], indices)
+        gens = sample_generators(s["global_seed"], indices, NOISE_STREAM)
+        x0 = randn_per_sample(gens, self.latent_shape, device=self.device)
+        y = y.to(self.device)
+        if s["mode"] == "SDE":
+            z = self.sampler(x0, self.fn, generators=gens, y=y)
+        else:
+            z = self.sampler(x0, self.fn, y=y)
+        return decode_latents(self.vae, z), y.cpu().numpy(), z.float().cpu().numpy()
+
+    def sample_range(self, unit: dict) -> dict:
+        """Draw indices ``[start, end)`` in batches, write the part file, then its marker."""
+        start, end, parts = unit["start"], unit["end"], self.spec["parts"]
+        t0 = time.perf_counter()
+        out = [self.sample(np.arange(b, min(b + self.spec["per_proc_batch_size"], end)))
+               for b in range(start, end, self.spec["per_proc_batch_size"])]
+        arrays = {"arr_0": np.concatenate([o[0] for o in out]), "arr_1": np.concatenate([o[1] for o in out])}
+        if self.spec["save_latents"]:
+            arrays["latents"] = np.concatenate([o[2] for o in out])
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        write_bytes_atomic(part_url(parts, start, end, "npz"), data)
+        write_json(part_url(parts, start, end, "json"),
+                   {"start": start, "end": end, "count": end - start, "run": self.spec["run"],
+                    "sha256": sha256_bytes(data), "nfe": self.sampler.nfe})
+        return {"start": start, "end": end, "count": end - start, "seconds": time.perf_counter() - t0,
+                "nfe": self.sampler.nfe}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------
+
+def _check_vae(vae, name: str, kw: dict, ckpt: dict, vae_path: str) -> None:
+    """Refuse a VAE whose latents differ from the model's, or one other than the VAE the model learned."""
+    side = vae.resolution // vae.downsample_factor
+    model_shape = [kw["in_channels"], kw["input_size"], kw["input_size"]]
+    vae_shape = [vae.latent_channels, side, side]
+    if model_shape != vae_shape:
+        raise StageError(f"{name} in the checkpoint takes latents {'x'.join(map(str, model_shape))}, the VAE "
+                         f"{vae_path} makes {'x'.join(map(str, vae_shape))}")
+    trained_on = (ckpt.get("store") or {}).get("vae_fingerprint")
+    if trained_on and trained_on != vae.fingerprint:
+        raise StageError(f"the model was trained on latents of VAE {trained_on}, but {vae_path} is VAE "
+                         f"{vae.fingerprint}: pass the VAE the latent store was encoded with")
+
+
+SAMPLE_KEYS = ("mode", "cfg_scale", "guidance_interval", "cfg_channels", "num_sampling_steps", "labels",
+               "per_proc_batch_size", "global_seed", "use_ema", "save_latents")
+METHOD_KEYS = {"ODE": ("sampling_method", "atol", "rtol"), "SDE": ("diffusion_norm", "last_step_size")}
+
+
+def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: dict, vae_fp: str) -> dict:
+    """Everything a worker needs, with ``run``: the fingerprint of every setting that changes the samples."""
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    fs, path = filesystem(ckpt_url)
+    spec = {**config.model_dump(), "ckpt": ckpt_url, "model": name, "model_kwargs": kw,
+            "num_classes": kw["num_classes"], "vae_path": str(config.vae_path), "vae_fingerprint": vae_fp,
+            "path_type": config.path_type or args.get("path_type", "Linear"),
+            "prediction": config.prediction or args.get("prediction", "velocity"),
+            "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))],
+            "parts": to_url(config.output) + ".parts"}
+    keys = SAMPLE_KEYS + METHOD_KEYS[config.mode] + ("model", "model_kwargs", "vae_fingerprint", "path_type",
+                                                     "prediction", "ckpt_identity")
+    spec["run"] = fingerprint({k: spec[k] for k in keys})
+    return spec
+
+
+def _start_workers(spec: dict, n: int, device: str) -> list:
+    import ray
+
+    from pipelines.parallel import ensure_ray
+
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise StageError("--device cuda: the Ray cluster has no GPU")
+    use_gpu = device == "cuda" or (device == "auto" and gpus)
+    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if use_gpu else 0), "max_restarts": 1,
+               "max_task_retries": 1}
+    spec = dict(spec, device="cuda" if use_gpu else "cpu")
+    return [ray.remote(SampleWorker).options(**options).remote(spec) for _ in range(n)]
+
+
+def _default_workers() -> int:
+    import ray
+
+    from pipelines.parallel import ensure_ray
+
+    ensure_ray()
+    res = ray.cluster_resources()
+    return int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
+
+
+def _write_npz(url: str, arrays: dict) -> None:
+    """``np.savez`` to a local temporary file beside (or for) ``url``, then an atomic move or upload."""
+    fs, path = filesystem(url)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    folder = os.path.dirname(path) if local else None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def merge_parts(parts: str, units: list[dict], save_latents: bool) -> dict[str, np.ndarray]:
+    """The full arrays from every unit's part file, in index order."""
+    arrays: dict[str, np.ndarray] = {}
+    for u in units:
+        with np.load(io.BytesIO(read_bytes(part_url(parts, u["start"], u["end"], "npz")))) as part:
+            names = ["arr_0", "arr_1"] + (["latents"] if save_latents else [])
+            for name in names:
+                a = part[name]
+                if name not in arrays:
+                    arrays[name] = np.empty((units[-1]["end"], *a.shape[1:]), a.dtype)
+                arrays[name][u["start"]:u["end"]] = a
+    return arrays
+
+
+def run(config: SampleConfig) -> SampleSummary:
+    """Draw ``num_fid_samples`` samples (skipping units already done), merge them, write a grid."""
+    import ray
+
+    from pipelines.parallel import map_actors
+
+    output = to_url(config.output)
+    ckpt_url = resolve_checkpoint(config.ckpt)
+    ckpt = load_checkpoint(ckpt_url)
+    name, kw = sit_spec(ckpt, config.model, config.num_classes)
+    state, which = checkpoint_weights(ckpt, config.use_ema)
+    check_weights_fit(name, kw, state)
+    try:
+        vae = ReaLSVAE.from_pretrained(config.vae_path)
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    _check_vae(vae, name, kw, ckpt, config.vae_path)
+    if config.cfg_scale != 1.0 and not kw["class_dropout_prob"]:
+        raise StageError("the model was trained without class dropout (no null class): use --cfg-scale 1")
+    spec = sample_spec(config, ckpt_url, ckpt, name, kw, vae.fingerprint)
+    parts = spec["parts"]
+    del ckpt, state, vae
+
+    n = config.num_fid_samples
+    units = [{"start": s, "end": min(s + config.unit_size, n)} for s in range(0, n, config.unit_size)]
+    todo = [u for u in units if not part_is_done(parts, u["start"], u["end"], spec["run"])]
+    results: list[dict] = []
+    workers = []
+    t0 = time.perf_counter()
+    if todo:
+        count = min(config.workers or _default_workers(), len(todo))
+        try:
+            workers = _start_workers(spec, count, config.device)
+            results = map_actors(workers, "sample_range", todo, f"sample {config.mode}",
+                                 show_progress=config.show_progress)
+        finally:
+            for w in workers:
+                ray.kill(w)
+    seconds = time.perf_counter() - t0
+    arrays = merge_parts(parts, units, config.save_latents)
+    _write_npz(output, arrays)
+    grid = output[: -len(".npz")] + ".png"
+    shown = arrays["arr_0"][:GRID_SAMPLES]
+    write_bytes_atomic(grid, image_grid(shown, math.ceil(math.sqrt(len(shown)))))
+    drawn = sum(r["count"] for r in results)
+    return SampleSummary(
+        output=output, grid=grid, num_samples=n, image_shape=list(arrays["arr_0"].shape[1:]), parts=len(units),
+        parts_sampled=len(results), parts_reused=len(units) - len(results), samples_sampled=drawn,
+        seconds=round(seconds, 3), samples_per_sec=round(drawn / seconds, 3) if drawn else 0.0,
+        nfe=results[-1]["nfe"] if results else 0, workers=len(workers), checkpoint=ckpt_url, model=name,
+        weights=which, label_counts=np.bincount(arrays["arr_1"], minlength=kw["num_classes"]).tolist(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _help(name: str) -> str:
+    return SampleConfig.model_fields[name].description
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals sample``."""
+    p = subparsers.add_parser(
+        "sample", help="draw samples from a SiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
+        description=__doc__.split("\n\n")[0],
+        epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data); --guidance-interval LO HI is on the "
+               "noise level tau = 1 - t, so `--guidance-interval 0 0.75` guides all but the noisiest quarter.")
+    p.add_argument("mode", type=str.upper, choices=["ODE", "SDE"], help=_help("mode"))
+    p.add_argument("--model", help=_help("model"))
+    p.add_argument("--ckpt", required=True, help=_help("ckpt"))
+    p.add_argument("--vae-path", required=True, help=_help("vae_path"))
+    p.add_argument("--output", required=True, help=_help("output"))
+    p.add_argument("--config", help="YAML file of SampleConfig fields (flags override it)")
+    p.add_argument("--cfg-scale", type=float, help=_help("cfg_scale") + " (default 1.5)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=_help("guidance_interval"))
+    p.add_argument("--cfg-channels", help=_help("cfg_channels") + " (default all)")
+    p.add_argument("--num-sampling-steps", type=int, help=_help("num_sampling_steps") + " (default 250)")
+    p.add_argument("--sampling-method", choices=["euler", "heun", "dopri5"],
+                   help=_help("sampling_method") + " (ODE only; default heun)")
+    p.add_argument("--atol", type=float, help=_help("atol"))
+    p.add_argument("--rtol", type=float, help=_help("rtol"))
+    p.add_argument("--diffusion-norm", type=float, help=_help("diffusion_norm") + " (default 1)")
+    p.add_argument("--last-step-size", type=float, help=_help("last_step_size") + " (default 0.04)")
+    p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type"))
+    p.add_argument("--prediction", choices=["velocity", "score", "noise"], help=_help("prediction"))
+    p.add_argument("--num-fid-samples", type=int, help=_help("num_fid_samples") + " (default 50000)")
+    p.add_argument("--num-classes", type=int, help=_help("num_classes"))
+    p.add_argument("--labels", choices=["random", "balanced"], help=_help("labels") + " (default random)")
+    p.add_argument("--per-proc-batch-size", type=int, help=_help("per_proc_batch_size") + " (default 32)")
+    p.add_argument("--unit-size", type=int, help=_help("unit_size") + " (default 128)")
+    p.add_argument("--global-seed", type=int, help=_help("global_seed") + " (default 0)")
+    p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=None,
+                   help=_help("use_ema") + " (default: yes)")
+    p.add_argument("--save-latents", action="store_const", const=True, help=_help("save_latents"))
+    p.add_argument("--workers", type=int, help=_help("workers"))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")
+    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
+                   help="hide the progress bar")
+    p.set_defaults(handler=_main)
+
+
+def _main(args) -> int:
+    s = run(config_from_args(SampleConfig, args))
+    reused = f", {s.parts_reused} reused" if s.parts_reused else ""
+    print(f"sample: {s.num_samples} samples of {'x'.join(map(str, s.image_shape))} from {s.model} ({s.weights} "
+          f"weights) -> {s.output}")
+    print(f"  {s.parts_sampled} of {s.parts} parts drawn by {s.workers} workers{reused}: {s.samples_sampled} "
+          f"samples in {s.seconds:.1f} s ({s.samples_per_sec:.2f} samples/s, {s.nfe} NFE per batch)")
+    print(f"  grid: {s.grid}")
+    return 0

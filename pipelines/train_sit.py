@@ -1,0 +1,595 @@
+"""Stage `train-sit`: train a class-conditional SiT by flow matching on the normalised latents of a latent store.
+
+The model's ``in_channels`` and ``input_size`` come from the store's ``latent_shape`` and its classes from the
+store's ``num_classes`` (label ``num_classes`` is the null class of classifier-free guidance, used for class
+dropout). AdamW (weight decay 0), an EMA of the weights, gradient clipping, bf16 autocast on CUDA and an optional
+``torch.compile``. A store still being encoded trains on its done rows.
+
+Outputs under ``--output`` (local or object store): ``{step:07d}.pt`` checkpoints (model, ema, opt, args, step,
+RNG states of every rank, data position) and ``latest.json``; ``log.jsonl`` (loss, gradient norm, steps/s per
+logging interval); ``samples/{step:07d}.png`` (a fixed-seed grid drawn with the EMA weights and decoded by the
+store's ReaLS VAE, or ``--vae-path``). Resuming is exact on CPU: the data order is a pure function of
+(seed, epoch, rank) and a resumed run skips the batches its checkpoint consumed.
+
+Distributed training starts by itself under torchrun or Ray Train (torch.distributed environment variables or
+an initialised process group): gloo on CPU, NCCL on CUDA; each rank reads its own rows (global batch / world).
+
+For comparison only, ``--data-path`` may instead name a SHARDS folder (with manifest.json) together with
+``--vae-path``: the same loop is then fed by encoding images on the fly (normalised posterior sample of a
+randomly flipped image), which is what the store saves.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from contextlib import closing, nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.checkpoints import LOG, RunLog, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
+from reals import ReaLSError
+from reals.ema import requires_grad, update_ema
+from reals.sit import SiT_models, create_sit
+from reals.transport import ODESampler, create_transport, randn_per_sample
+from reals.vae import ReaLSVAE
+from storage.fs import exists, join, to_url, write_bytes_atomic
+from storage.latent_loader import LatentLoader
+from storage.latent_store import MissingRowsWarning
+from storage.shards import iter_shards, read_manifest, shard_urls
+
+GRID_SAMPLES = 8
+GRID_STEPS = 25
+GRID_CFG_SCALE = 4.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and summary
+# ---------------------------------------------------------------------------------------------------
+
+class TrainSiTConfig(StageConfig):
+    """Inputs of `reals train-sit`."""
+
+    data_path: str = Field(description="latent store URL (or, for comparison, a shards folder with --vae-path)")
+    output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
+    model: str = Field("SiT-XL/2", description="SiT model: " + ", ".join(SiT_models))
+    global_batch_size: int = Field(256, ge=1, description="samples per optimiser step over all ranks")
+    epochs: int | None = Field(None, ge=1, description="stop after this many passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    resume: bool = Field(False, description="continue from the latest checkpoint under --output")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay per step")
+    class_dropout: float = Field(0.1, ge=0, lt=1, description="probability of replacing a label by the null class")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    path_type: Literal["Linear", "GVP"] = Field("Linear", description="transport path between noise and data")
+    prediction: Literal["velocity", "score", "noise"] = Field("velocity", description="what the model predicts")
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(0, ge=0, description="seed of the weights, the data order and the noise")
+    log_every: int = Field(100, ge=1, description="append interval means to log.jsonl every N steps")
+    ckpt_every: int = Field(50_000, ge=1, description="save a checkpoint every N steps")
+    sample_every: int = Field(10_000, ge=0, description="write a sample grid every N steps (0: never)")
+    vae_path: str | None = Field(None, description="ReaLS VAE dir for sample grids (default: the store's "
+                                                   "provenance); required with a shards --data-path")
+    in_memory: bool | Literal["auto"] = Field("auto", description="hold the store in RAM: auto, true or false")
+    split: str = Field("train", description="split of a shards --data-path")
+    shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer of a shards --data-path")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
+    mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class TrainSiTSummary(BaseModel):
+    """What `reals train-sit` did (rank 0's view)."""
+
+    output: str
+    checkpoint: str
+    steps: int
+    epoch: int = Field(description="epochs completed")
+    resumed_from: int | None
+    model: str
+    parameters: int
+    latent_shape: list[int]
+    num_classes: int
+    source: Literal["store", "shards"]
+    rows_done: int
+    rows_total: int
+    world_size: int
+    global_batch_size: int
+    steps_per_sec: float = Field(description="optimiser steps per second in this run, grids and checkpoints included")
+    final_loss: float | None = Field(description="mean loss of the last logging interval")
+    grids: str = Field(description="where sample grids go, or why there are none")
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed context
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owned: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the process group a launcher made (Ray Train), or make one from torchrun's environment variables."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda requested but CUDA is not available")
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    owned = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owned = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return Dist(rank, world, torch.device("cuda", local), owned)
+    return Dist(rank, world, torch.device("cpu"), owned)
+
+
+def all_true(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data sources: batches of normalised latents [B, C, h, w] and labels [B] for one rank
+# ---------------------------------------------------------------------------------------------------
+
+class StoreSource:
+    """The latent store through ``LatentLoader`` (posterior sample, random flip, rows split by rank)."""
+
+    kind = "store"
+
+    def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MissingRowsWarning)  # reported by the stage itself
+            self.loader = LatentLoader(cfg.data_path, batch_size, rank=d.rank, world_size=d.world, seed=cfg.seed,
+                                       in_memory=cfg.in_memory)
+        self.attrs = self.loader.attrs
+        self.latent_shape = tuple(int(s) for s in self.loader.latent_shape)
+        self.num_classes = self.loader.num_classes
+        self.rows_done, self.rows_total = self.loader.rows_done, self.loader.rows_total
+        self.steps_per_epoch = len(self.loader)
+        self.vae_path = self.attrs.get("vae_path")
+        self.vae = None
+
+    def batches(self, epoch: int, skip: int = 0):
+        """The epoch's batches after the first ``skip`` (the same batches on every run)."""
+        self.loader.set_epoch(epoch)
+        with closing(iter(self.loader)) as it:
+            for i, batch in enumerate(it):
+                if i >= skip:
+                    yield batch
+
+
+class ShardSource:
+    """Shards encoded on the fly by the ReaLS VAE: the comparison baseline for the store."""
+
+    kind = "shards"
+
+    def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
+        if not cfg.vae_path:
+            raise StageError(f"{cfg.data_path} holds shards, not a latent store: pass --vae-path to encode them "
+                             "on the fly, or train on the store `reals encode` makes")
+        manifest = read_manifest(cfg.data_path)
+        self.urls = shard_urls(cfg.data_path, cfg.split)
+        if d.world > len(self.urls):
+            raise StageError(f"{len(self.urls)} {cfg.split} shards for {d.world} ranks: re-shard smaller")
+        self.vae = load_vae(cfg.vae_path).to(d.device)
+        side = int(manifest["resolution"]) // self.vae.downsample_factor
+        self.latent_shape = (self.vae.latent_channels, side, side)
+        self.num_classes = len(manifest["classes"])
+        self.rows_done = self.rows_total = int(manifest["splits"][cfg.split]["count"])
+        self.steps_per_epoch = self.rows_total // (batch_size * d.world)
+        self.attrs = {"vae_fingerprint": self.vae.fingerprint, "vae_path": to_url(cfg.vae_path),
+                      "num_classes": self.num_classes, "classes": manifest["classes"],
+                      "source_fingerprint": manifest.get("fingerprint")}
+        self.vae_path = cfg.vae_path
+        self.cfg, self.batch_size, self.d = cfg, batch_size, d
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray, rng: torch.Generator, skip: bool) -> torch.Tensor | None:
+        """uint8 [B, H, W, 3] -> normalised posterior samples of the randomly flipped images (None when skipped)."""
+        flip = torch.rand(len(images), generator=rng) < 0.5
+        eps = torch.randn((len(images), *self.latent_shape), generator=rng)
+        if skip:
+            return None
+        x = torch.from_numpy(images).to(self.d.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        mean, std = self.vae.encode(x)
+        return self.vae.normalize(mean + std * eps.to(x.device))
+
+    def batches(self, epoch: int, skip: int = 0):
+        """The epoch's batches after the first ``skip`` (their randomness is drawn, their encoding skipped)."""
+        cfg = self.cfg
+        rng = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, self.d.rank])
+                                                .generate_state(1, np.uint64)[0]))
+        samples = iter_shards(self.urls, shuffle=cfg.shuffle_buffer, seed=cfg.seed * 1_000_003 + epoch,
+                              split_by_node=self.d.enabled, split_by_worker=False)
+        images, labels, i = [], [], 0
+        for s in samples:
+            images.append(s["image"])
+            labels.append(s["cls"])
+            if len(images) == self.batch_size:
+                z = self.encode(np.stack(images), rng, skip=i < skip)
+                if z is not None:
+                    yield z, torch.tensor(labels, dtype=torch.long)
+                images, labels, i = [], [], i + 1
+
+
+def open_source(cfg: TrainSiTConfig, batch_size: int, d: Dist) -> StoreSource | ShardSource:
+    """A shards folder (manifest.json) or a latent store."""
+    if exists(join(to_url(cfg.data_path), "manifest.json")):
+        return ShardSource(cfg, batch_size, d)
+    return StoreSource(cfg, batch_size, d)
+
+
+def load_vae(path: str) -> ReaLSVAE:
+    """A ReaLS VAE directory, as a StageError when it is not one."""
+    try:
+        return ReaLSVAE.from_pretrained(path)
+    except (ReaLSError, OSError) as e:
+        raise StageError(f"cannot load the ReaLS VAE {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+def build_model(name: str, latent_shape: tuple[int, int, int], num_classes: int, class_dropout: float):
+    """The SiT ``name`` for latents ``latent_shape``; a StageError naming both shapes when it cannot fit."""
+    c, h, w = latent_shape
+    if name not in SiT_models:
+        raise StageError(f"unknown SiT model {name!r}; choose one of: {', '.join(SiT_models)}")
+    if h != w:
+        raise StageError(f"SiT takes square latents; the store holds {shape_str(latent_shape)}")
+    try:
+        return create_sit(name, input_size=h, in_channels=c, num_classes=num_classes,
+                          class_dropout_prob=class_dropout)
+    except ReaLSError as e:
+        raise StageError(f"{name} cannot take the store's latents {shape_str(latent_shape)}: {e}") from None
+
+
+class Trainer:
+    """One training run: model, EMA, optimiser, data position; ``fit`` runs until max steps or epochs."""
+
+    def __init__(self, cfg: TrainSiTConfig, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.output = to_url(cfg.output)
+        if cfg.global_batch_size % d.world:
+            raise StageError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {d.world} ranks")
+        self.batch_size = cfg.global_batch_size // d.world
+        self.source = open_source(cfg, self.batch_size, d)
+        self.latent_shape = self.source.latent_shape
+        if self.source.steps_per_epoch == 0:
+            raise StageError(f"{cfg.data_path} has {self.source.rows_done} usable rows, fewer than one global batch "
+                             f"of {cfg.global_batch_size}: lower --global-batch-size")
+
+        torch.manual_seed(cfg.seed)  # the same initial weights (and EMA) on every rank
+        self.model = build_model(cfg.model, self.latent_shape, self.source.num_classes,
+                                 cfg.class_dropout).to(d.device)
+        self.ema = copy.deepcopy(self.model).eval()
+        requires_grad(self.ema, False)
+        try:
+            self.transport = create_transport(cfg.path_type, cfg.prediction)
+        except ReaLSError as e:
+            raise StageError(str(e)) from None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.resumed_from: int | None = None
+        self.last_checkpoint: str | None = None
+        self.loss_sum, self.gnorm_sum, self.interval_steps = 0.0, 0.0, 0
+        self.interval_start = time.perf_counter()
+        self.final_loss: float | None = None
+
+        rank_seed = cfg.seed * 1_000_003 + d.rank + 1  # noise, times and label dropout differ across ranks
+        torch.manual_seed(rank_seed)
+        np.random.seed(rank_seed % 2**32)
+        self._maybe_resume()
+        self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
+        self.grid_vae, self.grids = self._grid_vae() if d.main else (None, "")
+
+        self.train_model = self.model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        use_bf16 = d.device.type == "cuda" and cfg.mixed_precision
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # -- resume -------------------------------------------------------------------------------------
+
+    def _maybe_resume(self) -> None:
+        latest = latest_checkpoint(self.output)
+        if latest is None:
+            return
+        if not self.cfg.resume:
+            raise StageError(f"{self.output} already holds checkpoints (latest: {latest}); pass --resume to continue "
+                             "that run, or choose another --output")
+        ckpt = load_checkpoint(latest)
+        old = ckpt["args"]
+        for key in ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, now {getattr(self.cfg, key)!r}")
+        mc = ckpt["model_config"]
+        trained = (mc["in_channels"], mc["input_size"], mc["input_size"])
+        if trained != self.latent_shape:
+            raise StageError(f"cannot resume {self.output}: its {old['model']} takes latents {shape_str(trained)}, "
+                             f"the store holds {shape_str(self.latent_shape)}")
+        if mc["num_classes"] != self.source.num_classes:
+            raise StageError(f"cannot resume {self.output}: its model has {mc['num_classes']} classes, the store "
+                             f"{self.source.num_classes}")
+        was, now = ckpt["store"].get("vae_fingerprint"), self.source.attrs.get("vae_fingerprint")
+        if was != now:
+            raise StageError(f"cannot resume {self.output}: it trained on latents of VAE {was}, the store holds "
+                             f"VAE {now}'s")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        for group in self.opt.param_groups:  # a resumed run may change these
+            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        states = ckpt["rng"]
+        set_rng_state(states[self.d.rank % len(states)])
+        self.resumed_from = self.step
+        self.last_checkpoint = latest
+
+    # -- checkpoints and grids -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """``{step:07d}.pt`` with model, ema, opt, args, step, every rank's RNG state and the data position."""
+        states = [rng_state()]
+        if self.d.enabled:
+            gathered: list = [None] * self.d.world
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        url = join(self.output, f"{self.step:07d}.pt")
+        if self.d.main:
+            keep = ("vae_fingerprint", "vae_path", "mean", "std", "num_classes", "classes", "resolution",
+                    "source_fingerprint", "teacher")
+            save_checkpoint(self.output, self.step, {
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "args": self.cfg.model_dump(), "model_config": dict(self.model.config), "step": self.step,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": states, "world_size": self.d.world,
+                "latent_shape": list(self.latent_shape), "source": self.source.kind,
+                "store": {k: self.source.attrs[k] for k in keep if k in self.source.attrs},
+            })
+        if self.d.enabled:
+            dist.barrier()
+        self.last_checkpoint = url
+        return url
+
+    def _grid_vae(self) -> tuple[ReaLSVAE | None, str]:
+        """The VAE that decodes sample grids and where the grids go (or why there are none)."""
+        cfg = self.cfg
+        if not cfg.sample_every:
+            return None, "off (--sample-every 0)"
+        if self.source.vae is not None:
+            return self.source.vae, join(self.output, "samples")
+        path = cfg.vae_path or self.source.vae_path
+        if not path:
+            return None, "off: the store names no VAE; pass --vae-path"
+        if not cfg.vae_path and not os.path.isdir(path):
+            return None, f"off: the store's VAE {path} is not here; pass --vae-path"
+        vae = load_vae(path)
+        side = vae.resolution // vae.downsample_factor
+        if (vae.latent_channels, side, side) != self.latent_shape:
+            raise StageError(f"the VAE {path} makes latents {shape_str((vae.latent_channels, side, side))}, the "
+                             f"store holds {shape_str(self.latent_shape)}")
+        return vae.to(self.d.device), join(self.output, "samples")
+
+    @torch.no_grad()
+    def sample_grid(self) -> bytes:
+        """A fixed-seed row of EMA samples over a handful of classes, decoded by the ReaLS VAE."""
+        k = self.source.num_classes
+        idx = np.arange(GRID_SAMPLES)
+        y = torch.tensor([i * k // GRID_SAMPLES for i in idx], device=self.d.device)
+        x0 = randn_per_sample(sample_generators(self.cfg.seed, idx, NOISE_STREAM), self.latent_shape,
+                              device=self.d.device)
+        fn = guided_model(self.ema, GRID_CFG_SCALE if self.cfg.class_dropout else 1.0, None, None)
+        z = ODESampler(self.transport, "heun", GRID_STEPS)(x0, fn, y=y)
+        return image_grid(decode_latents(self.grid_vae, z), GRID_SAMPLES)
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def train_step(self, x1: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step and EMA update; (loss, gradient norm before clipping)."""
+        cfg = self.cfg
+        with self.autocast:
+            loss = self.transport.training_losses(self.train_model, x1, {"y": y})["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if not all_true(bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)), self.d):
+            where = self.save_checkpoint()
+            raise StageError(f"non-finite loss at step {self.step + 1} (loss {loss.item():.4g}, gradient norm "
+                             f"{grad_norm.item():.4g}); saved the state before it to {where}; resume with a lower --lr "
+                             "or check the latents")
+        self.opt.step()
+        update_ema(self.ema, self.model, cfg.ema_decay)
+        return loss.item(), grad_norm.item()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        cfg = self.cfg
+        return ((cfg.max_steps is not None and self.step >= cfg.max_steps)
+                or (cfg.epochs is not None and self.epoch >= cfg.epochs))
+
+    def flush_log(self) -> None:
+        """Append the interval means (loss averaged over ranks) and the speed to log.jsonl."""
+        t = torch.tensor([self.loss_sum, self.gnorm_sum], dtype=torch.float64, device=self.d.device)
+        if self.d.enabled:
+            dist.all_reduce(t)
+            t /= self.d.world
+        loss, gnorm = (t / self.interval_steps).tolist()
+        seconds = time.perf_counter() - self.interval_start
+        self.final_loss = loss
+        if self.d.main:
+            self.log.append({"step": self.step, "epoch": self.epoch, "loss": loss, "grad_norm": gnorm,
+                             "steps_per_sec": self.interval_steps / seconds,
+                             "samples_per_sec": self.interval_steps * self.cfg.global_batch_size / seconds,
+                             "lr": self.opt.param_groups[0]["lr"], "time": time.time()})
+        self.loss_sum, self.gnorm_sum, self.interval_steps = 0.0, 0.0, 0
+        self.interval_start = time.perf_counter()
+
+    def run_epoch(self, on_step) -> None:
+        """Train from the current data position until the epoch's data ends (next epoch) or the run is done."""
+        cfg, d = self.cfg, self.d
+        with closing(self.source.batches(self.epoch, skip=self.batch_in_epoch)) as batches:
+            while not self.done():
+                batch = next(batches, None)
+                if not all_true(batch is not None, d):
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    return
+                x1, y = (t.to(d.device, non_blocking=True) for t in batch)
+                loss, gnorm = self.train_step(x1, y)
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.loss_sum, self.gnorm_sum, self.interval_steps = (self.loss_sum + loss, self.gnorm_sum + gnorm,
+                                                                      self.interval_steps + 1)
+                on_step()
+                if self.step % cfg.log_every == 0:
+                    self.flush_log()
+                if self.grid_vae is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    write_bytes_atomic(join(self.output, "samples", f"{self.step:07d}.png"), self.sample_grid())
+                if self.step % cfg.ckpt_every == 0:
+                    self.save_checkpoint()
+
+    def fit(self) -> TrainSiTSummary:
+        cfg, d, s = self.cfg, self.d, self.source
+        if d.main and s.rows_done < s.rows_total:
+            print(f"train-sit: training on the {s.rows_done} done rows of {s.rows_total} "
+                  f"({s.rows_total - s.rows_done} not encoded yet)")
+        totals = [t for t in (cfg.max_steps, cfg.epochs and cfg.epochs * s.steps_per_epoch) if t]
+        start_step, t0 = self.step, time.perf_counter()
+        with progress_bar(disable=not (cfg.show_progress and d.main)) as bar:
+            task = bar.add_task(f"train-sit {cfg.model}", total=min(totals), completed=self.step)
+            while not self.done():
+                self.run_epoch(lambda: bar.advance(task))
+        if self.interval_steps:
+            self.flush_log()
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:07d}.pt"):
+            self.save_checkpoint()
+        seconds = time.perf_counter() - t0
+        return TrainSiTSummary(
+            output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
+            resumed_from=self.resumed_from, model=cfg.model,
+            parameters=sum(p.numel() for p in self.model.parameters()), latent_shape=list(self.latent_shape),
+            num_classes=s.num_classes, source=s.kind, rows_done=s.rows_done, rows_total=s.rows_total,
+            world_size=d.world, global_batch_size=cfg.global_batch_size,
+            steps_per_sec=round((self.step - start_step) / seconds, 4) if seconds > 0 else 0.0,
+            final_loss=self.final_loss, grids=self.grids)
+
+
+def run(config: TrainSiTConfig) -> TrainSiTSummary:
+    """Train SiT on a latent store (or shards encoded on the fly); returns rank 0's summary."""
+    if config.max_steps is None and config.epochs is None:
+        raise StageError("train-sit needs --epochs or --max-steps")
+    d = init_distributed(config.device)
+    try:
+        return Trainer(config, d).fit()
+    finally:
+        if d.owned:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _help(name: str) -> str:
+    return TrainSiTConfig.model_fields[name].description
+
+
+def _in_memory(value: str) -> bool | str:
+    choices = {"auto": "auto", "true": True, "false": False}
+    if value.lower() not in choices:
+        raise ValueError(value)
+    return choices[value.lower()]
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals train-sit``."""
+    p = subparsers.add_parser("train-sit", help="train SiT by flow matching on a latent store",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", required=True, help=_help("data_path"))
+    p.add_argument("--output", required=True, help=_help("output"))
+    p.add_argument("--config", help="YAML file of TrainSiTConfig fields (flags override it)")
+    p.add_argument("--model", help=_help("model") + " (default SiT-XL/2)")
+    p.add_argument("--global-batch-size", type=int, help=_help("global_batch_size") + " (default 256)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--epochs", type=int, help=_help("epochs"))
+    steps.add_argument("--max-steps", type=int, help=_help("max_steps"))
+    p.add_argument("--resume", action="store_const", const=True, help=_help("resume"))
+    p.add_argument("--lr", type=float, help=_help("lr") + " (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, help=_help("weight_decay") + " (default 0)")
+    p.add_argument("--ema-decay", type=float, help=_help("ema_decay") + " (default 0.9999)")
+    p.add_argument("--class-dropout", type=float, help=_help("class_dropout") + " (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help=_help("grad_clip") + " (default 1.0)")
+    p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type") + " (default Linear)")
+    p.add_argument("--prediction", choices=["velocity", "score", "noise"], help=_help("prediction") + " (default velocity)")
+    p.add_argument("--compile", action="store_const", const=True, help=_help("compile"))
+    p.add_argument("--seed", type=int, help=_help("seed") + " (default 0)")
+    p.add_argument("--log-every", type=int, help=_help("log_every") + " (default 100)")
+    p.add_argument("--ckpt-every", type=int, help=_help("ckpt_every") + " (default 50000)")
+    p.add_argument("--sample-every", type=int, help=_help("sample_every") + " (default 10000)")
+    p.add_argument("--vae-path", help=_help("vae_path"))
+    p.add_argument("--in-memory", type=_in_memory, metavar="{auto,true,false}", help=_help("in_memory"))
+    p.add_argument("--split", help=_help("split") + " (default train)")
+    p.add_argument("--shuffle-buffer", type=int, help=_help("shuffle_buffer") + " (default 1000)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")
+    p.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_const", const=False,
+                   help="train in float32 on CUDA too")
+    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
+                   help="hide the progress bar")
+    p.set_defaults(handler=_main)
+
+
+def _main(args) -> int:
+    s = run(config_from_args(TrainSiTConfig, args))
+    if s.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
+    loss = "n/a" if s.final_loss is None else f"{s.final_loss:.4f}"
+    print(f"train-sit: {s.model} ({s.parameters / 1e6:.1f}M parameters) on {s.source} latents "
+          f"{shape_str(s.latent_shape)}, {s.num_classes} classes: {s.steps} steps ({s.epoch} epochs done){resumed}")
+    print(f"  rows: {s.rows_done} of {s.rows_total}; {s.world_size} rank(s) x {s.global_batch_size // s.world_size} "
+          f"per step; {s.steps_per_sec:.2f} steps/s; final loss {loss}")
+    print(f"  checkpoint: {s.checkpoint}\n  grids: {s.grids}")
+    return 0

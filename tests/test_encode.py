@@ -1,0 +1,248 @@
+"""reals encode and verify-store on the tiny shards with a real (tiny) converted ReaLS VAE, on 2 Ray workers."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipelines import StageError
+from pipelines.cli import main as cli_main
+from pipelines.encode import EncodeConfig, EncodeWorker, run
+from pipelines.verify_store import VerifyStoreConfig
+from pipelines.verify_store import run as verify
+from storage import StorageError
+from storage.fs import join, remove
+from storage.latent_store import LatentStore
+from storage.lease import Lease
+from storage.markers import read_json
+from storage.shards import iter_shard
+
+
+def make_vae_dir(path, seed: int) -> str:
+    """A converted tiny ReaLS VAE directory (AutoencoderKL + AlignNet + mean_std + provenance)."""
+    from reals.align import AlignNet
+    from reals.vae import ReaLSVAE, build_vae
+
+    torch.manual_seed(seed)
+    vae = ReaLSVAE(build_vae("tiny"), AlignNet(4, 32, hidden_dim=16, num_layers=1),
+                   torch.tensor([0.1, 0.0, -0.1, 0.2]), torch.tensor([1.0, 2.0, 0.5, 1.5]),
+                   {"teacher": {"name": "tiny-dinov2", "input_size": 28}, "run": f"test-{seed}"})
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vaes")
+    return make_vae_dir(root / "a", 0), make_vae_dir(root / "b", 1)
+
+
+def encode(data_path, vae_path, output, **kw):
+    kw.setdefault("workers", 1)
+    return run(EncodeConfig(data_path=data_path, vae_path=vae_path, output=output, chunk_rows=16,
+                            show_progress=False, **kw))
+
+
+def arrays(version_url):
+    group = zarr.open_group(version_url, mode="r")
+    return {name: np.asarray(a[:]) for name, a in group.arrays()}
+
+
+def assert_same_arrays(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_shards, vae_dirs, tmp_path_factory, ray_session):
+    """An uninterrupted 2-worker encode of the tiny train shards with VAE a (local)."""
+    out = str(tmp_path_factory.mktemp("latents") / "store")
+    summary = encode(tiny_shards, vae_dirs[0], out, workers=2)
+    return out, summary
+
+
+def copy_store(src, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encode
+# ---------------------------------------------------------------------------------------------------
+
+def test_encode_writes_a_complete_store(encoded, tiny_shards):
+    out, summary = encoded
+    assert (summary.shards, summary.shards_encoded, summary.rows_encoded, summary.rows_done) == (2, 2, 48, 48)
+    group = zarr.open_group(join(out, summary.version), mode="r")  # plain zarr, no project code
+    attrs = dict(group.attrs)
+    for key in ("vae_fingerprint", "vae_path", "teacher", "mean", "std", "resolution", "latent_shape", "num_classes",
+                "classes", "source_fingerprint", "source_shards", "code_version", "created"):
+        assert attrs.get(key) not in (None, "", []), key
+    assert attrs["latent_shape"] == [4, 8, 8] and attrs["teacher"]["name"] == "tiny-dinov2"
+    assert attrs["source_shards"] == ["train-000000.tar", "train-000001.tar"]
+    assert group["mean"].shape == (64, 4, 8, 8) and group["teacher_global"].shape == (64, 32)
+    # rows of a shard are its samples in order; the pad rows of each 32-row range stay unlabelled
+    for entry, url in zip(attrs["shards"], sorted(f"{tiny_shards}/{s}" for s in attrs["source_shards"])):
+        samples = list(iter_shard(url))
+        start = entry["row_start"]
+        assert list(group["keys"][start:start + len(samples)]) == [s["__key__"] for s in samples]
+        assert group["labels"][start:start + len(samples)].tolist() == [s["cls"] for s in samples]
+        assert (group["labels"][start + len(samples):start + entry["capacity"]] == -1).all()
+    mean, flipped = group["mean"][:24].astype(np.float32), group["mean_flip"][:24].astype(np.float32)
+    assert np.isfinite(mean).all() and not np.allclose(mean, flipped)
+    assert (group["std"][:24] > 0).all()
+    assert read_json(join(out, "versions.json"))["latest"] == summary.version
+
+
+def test_rerun_skips_done_shards(encoded, tiny_shards, vae_dirs, capsys):
+    out, summary = encoded
+    again = encode(tiny_shards, vae_dirs[0], out)
+    assert (again.shards_encoded, again.shards_skipped, again.rows_done) == (0, 2, 48)
+    assert "skipping 2 of 2 shards" in capsys.readouterr().out
+
+
+def test_encode_on_s3(tiny_shards, vae_dirs, s3_bucket, ray_session, encoded):
+    out = f"{s3_bucket}/latents"
+    summary = encode(tiny_shards, vae_dirs[0], out, workers=2)
+    assert summary.rows_done == 48
+    assert_same_arrays(arrays(join(out, summary.version)), arrays(join(encoded[0], encoded[1].version)))
+
+
+def test_interrupted_run_resumes_to_the_same_arrays(encoded, tiny_shards, vae_dirs, tmp_path):
+    out, summary = encoded
+    copy = copy_store(out, tmp_path)
+    version = join(copy, summary.version)
+    group = zarr.open_group(version, mode="r+")
+    # a run killed while writing shard 1: half its rows garbage, no marker ...
+    (tmp_path / "copy" / summary.version / "markers" / "train-000001.json").unlink()
+    group["mean"][32:40] = np.full((8, 4, 8, 8), 7, np.float16)
+    # ... and rows of shard 0 damaged after its marker (found by --verify)
+    group["std"][0:16] = np.zeros((16, 4, 8, 8), np.float16)
+    assert LatentStore.open_for_vae(copy, summary.vae_fingerprint, (4, 8, 8)).done_rows().sum() == 24
+    resumed = encode(tiny_shards, vae_dirs[0], copy, verify=True)
+    assert (resumed.shards_encoded, resumed.shards_redone, resumed.shards_skipped) == (1, 1, 0)
+    assert_same_arrays(arrays(version), arrays(join(out, summary.version)))
+
+
+def test_new_shards_extend_the_store(encoded, tiny_shards, vae_dirs, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_shards, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:1]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    out = str(tmp_path / "store")
+    first = encode(str(partial), vae_dirs[0], out)
+    assert (first.shards, first.shards_encoded, first.rows_done) == (1, 1, 24)
+    shutil.copy(f"{tiny_shards}/manifest.json", partial / "manifest.json")
+    # a crashed run left a lease behind: it has expired, so this run takes the store over
+    Lease(join(out, "encode.lease.json"), owner="crashed-run", ttl=0.1).acquire()
+    time.sleep(0.2)
+    second = encode(str(partial), vae_dirs[0], out)
+    assert (second.shards_encoded, second.shards_skipped, second.rows_done) == (1, 1, 48)
+    assert_same_arrays(arrays(join(out, second.version)), arrays(join(encoded[0], encoded[1].version)))
+
+
+def test_another_vae_gets_its_own_version(encoded, tiny_shards, vae_dirs, tmp_path):
+    out, summary = encoded
+    copy = copy_store(out, tmp_path)
+    other = encode(tiny_shards, vae_dirs[1], copy)
+    assert other.version != summary.version and other.shards_encoded == 2
+    index = read_json(join(copy, "versions.json"))
+    assert [v["name"] for v in index["versions"]] == [summary.version, other.version]
+    assert index["latest"] == other.version
+    assert LatentStore.open(copy).version == other.version
+    old = LatentStore.open(copy, version=summary.version)
+    assert old.done_rows().sum() == 48
+    assert_same_arrays(arrays(old.url), arrays(join(out, summary.version)))
+    with pytest.raises(StorageError, match=f"made by VAE {summary.version}, not by VAE {other.version}"):
+        LatentStore.open_for_vae(old.url, other.version, (4, 8, 8))
+
+
+def test_live_lease_refuses_or_waits(encoded, tiny_shards, vae_dirs):
+    out, _ = encoded
+    holder = Lease(join(out, "encode.lease.json"), owner="other-run", ttl=60).acquire()
+    try:
+        with pytest.raises(StorageError, match="leased by other-run until"):
+            encode(tiny_shards, vae_dirs[0], out)
+        threading.Timer(0.5, holder.release).start()
+        waited = encode(tiny_shards, vae_dirs[0], out, lease_wait=20)
+        assert waited.shards_skipped == 2
+    finally:
+        holder.release()
+
+
+def test_a_failing_unit_is_retried_before_its_marker(encoded, tiny_shards, vae_dirs, tmp_path, monkeypatch):
+    out, summary = encoded
+    copy = copy_store(out, tmp_path)
+    store = LatentStore.open_for_vae(copy, summary.vae_fingerprint, (4, 8, 8))
+    entry = store.shard_map[1]
+    marker_url = store.marker_url(entry["name"])
+    store.array("mean")[32:40] = np.zeros((8, 4, 8, 8), np.float16)
+    unit = {"name": entry["name"], "url": f"{tiny_shards}/{entry['name']}", "source_sha256": None, "marker": None,
+            "group_url": store.url, "row_start": entry["row_start"], "capacity": entry["capacity"]}
+    worker = EncodeWorker(vae_dirs[0], "tiny-dinov2", 28, "cpu", batch_size=32, retries=2, retry_delay=0)
+    real_write = LatentStore.write_rows
+    calls = []
+
+    def flaky_write(self, row_start, rows):
+        calls.append(row_start)
+        if len(calls) == 1:
+            raise OSError("S3 said: SlowDown")
+        return real_write(self, row_start, rows)
+
+    monkeypatch.setattr(LatentStore, "write_rows", flaky_write)
+    remove(marker_url)
+    result = worker.encode_shard(unit)
+    assert (result["status"], result["attempts"]) == ("encoded", 2)
+    assert read_json(marker_url)["checksum"] == read_json(join(out, summary.version, "markers",
+                                                               "train-000001.json"))["checksum"]
+    remove(marker_url)
+    monkeypatch.setattr(LatentStore, "write_rows", lambda *a: (_ for _ in ()).throw(OSError("S3 is down")))
+    failed = worker.encode_shard(unit)
+    assert failed["status"] == "failed" and "S3 is down" in failed["error"]
+    assert read_json(marker_url) is None
+
+
+def test_bad_inputs_are_clear_errors(tiny_shards, vae_dirs, tmp_path, encoded):
+    with pytest.raises(StageError, match="split 'test' not in"):
+        encode(tiny_shards, vae_dirs[0], str(tmp_path / "s"), split="test")
+    with pytest.raises(StageError, match="has flip=True, this run wants False"):
+        encode(tiny_shards, vae_dirs[0], encoded[0], flip=False)
+    assert cli_main(["encode", "--data-path", str(tmp_path / "none"), "--vae-path", vae_dirs[0],
+                     "--output", str(tmp_path / "s")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify-store
+# ---------------------------------------------------------------------------------------------------
+
+def test_verify_store_accepts_a_good_store(encoded, tiny_shards, vae_dirs):
+    out, _ = encoded
+    summary = verify(VerifyStoreConfig(store=out, data_path=tiny_shards, vae_path=vae_dirs[0], num_samples=8))
+    assert summary.ok, summary.problems
+    assert (summary.markers_checked, summary.rows_compared) == (2, 8)
+    assert cli_main(["verify-store", out, "--data-path", tiny_shards, "--vae-path", vae_dirs[0],
+                     "--num-samples", "2"]) == 0
+
+
+def test_verify_store_rejects_tampering_and_another_vae(encoded, tiny_shards, vae_dirs, tmp_path):
+    out, summary = encoded
+    copy = copy_store(out, tmp_path)
+    group = zarr.open_group(join(copy, summary.version), mode="r+")
+    group["teacher_global"][40] = group["teacher_global"][40] + np.float16(1)
+    result = verify(VerifyStoreConfig(store=copy, data_path=tiny_shards, vae_path=vae_dirs[0], num_samples=48))
+    assert not result.ok
+    assert any("train-000001.tar do not match their marker's checksum" in p for p in result.problems)
+    assert any(p.startswith("row 40 ") and "teacher_global differs" in p for p in result.problems)
+    assert cli_main(["verify-store", copy, "--data-path", tiny_shards, "--vae-path", vae_dirs[0],
+                     "--num-samples", "0"]) == 1
+    wrong = verify(VerifyStoreConfig(store=out, data_path=tiny_shards, vae_path=vae_dirs[1], num_samples=2))
+    assert not wrong.ok and any("store was made by VAE" in p for p in wrong.problems)

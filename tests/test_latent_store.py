@@ -1,0 +1,186 @@
+"""Latent store and lease: one suite run on local disk and S3 (moto), plus plain-zarr readability."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from storage import StorageError
+from storage.fs import join
+from storage.latent_store import LatentStore, MissingRowsWarning, rows_checksum
+from storage.lease import Lease
+from storage.markers import read_json
+
+SHAPE = (4, 2, 2)
+
+
+def make_store(root, fingerprint="vae-a", chunk_rows=8, shards=(("s-0.tar", 10), ("s-1.tar", 5)), flip=True):
+    store = LatentStore.create(root, fingerprint=fingerprint, latent_shape=SHAPE, teacher_width=3,
+                               chunk_rows=chunk_rows, flip=flip,
+                               provenance={"num_classes": 7, "classes": list("abcdefg"), "split": "train"})
+    return store, store.plan_shards(list(shards))
+
+
+def fill(store, entry, seed=0, marker=True):
+    """Write an entry's rows (label = row number) and, by default, its marker; returns the rows."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = entry["count"], *SHAPE
+    rows = {name: rng.standard_normal((n, c, h, w)).astype(np.float16) for name in ("mean", "mean_flip")}
+    rows.update(std=np.ones((n, c, h, w), np.float16), std_flip=np.ones((n, c, h, w), np.float16),
+                labels=np.arange(entry["row_start"], entry["row_start"] + n, dtype=np.int32),
+                keys=np.array([f"key{entry['row_start'] + i}" for i in range(n)], dtype=object),
+                teacher_global=rng.standard_normal((n, 3)).astype(np.float16))
+    rows = {k: v for k, v in rows.items() if k in store.array_names}
+    store.write_rows(entry["row_start"], rows)
+    if marker:
+        store.write_marker({"shard": entry["name"], "row_start": entry["row_start"], "count": n,
+                            "vae_fingerprint": store.attrs["vae_fingerprint"], "arrays": store.array_names,
+                            "checksum": rows_checksum(rows)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------------
+
+def test_row_map_is_chunk_aligned_and_stable(storage_root):
+    store, entries = make_store(storage_root, shards=[("s-0.tar", 10), ("s-1.tar", 5)])
+    assert [(e["row_start"], e["capacity"]) for e in entries] == [(0, 16), (16, 8)]
+    assert store.num_rows == 24 and store.num_samples == 15
+    # a shard added later goes after the existing ones; the existing ranges do not move
+    again = store.plan_shards([("s-0.tar", 10), ("s-1.tar", 5), ("s-2.tar", 9)], shard_size=10)
+    assert [(e["row_start"], e["capacity"]) for e in again] == [(0, 16), (16, 8), (24, 16)]
+    assert store.num_rows == 40
+    assert all(store.array(n).shape[0] == 40 for n in store.array_names)
+    with pytest.raises(StorageError, match="grew to 9 samples"):
+        store.plan_shards([("s-1.tar", 9)])
+    with pytest.raises(StorageError, match="cannot resize"):
+        store.extend(41)
+
+
+def test_done_rows_follow_markers_and_open_warns(storage_root):
+    store, (e0, e1) = make_store(storage_root)
+    written = fill(store, e0)
+    fill(store, e1, marker=False)  # rows written, no marker: not done
+    done = store.done_rows()
+    assert done[:10].all() and not done[10:].any()
+    with pytest.warns(MissingRowsWarning, match="5 of 15 rows are not encoded"):
+        reader = LatentStore.open(storage_root)
+    assert reader.version == "vae-a"
+    assert np.array_equal(reader.read_rows(0, 10)["mean"], written["mean"])
+    assert list(reader.read_rows(0, 3)["keys"]) == ["key0", "key1", "key2"]
+    marker = reader.markers()["s-0.tar"]
+    assert reader.stored_checksum(marker) == marker["checksum"]
+    # a marker from another VAE, or at another row offset, does not count
+    store.write_marker({**marker, "shard": "s-1.tar", "row_start": e1["row_start"], "count": 5,
+                        "vae_fingerprint": "vae-other"})
+    assert store.done_rows().sum() == 10
+
+
+def test_tampered_rows_change_the_checksum(tmp_path):
+    store, (e0, _) = make_store(str(tmp_path / "s"))
+    fill(store, e0)
+    marker = store.markers()["s-0.tar"]
+    store.array("std")[3] = np.full(SHAPE, 2, np.float16)
+    assert store.stored_checksum(marker) != marker["checksum"]
+
+
+def test_versions_and_open_for_vae_refusals(storage_root):
+    make_store(storage_root, fingerprint="vae-a")
+    with pytest.raises(StorageError, match="made by VAE vae-a, not by VAE vae-b"):
+        LatentStore.open_for_vae(storage_root, "vae-b", SHAPE)
+    with pytest.raises(StorageError, match=r"shape \[4, 2, 2\].*makes \[4, 4, 4\]"):
+        LatentStore.open_for_vae(storage_root, "vae-a", (4, 4, 4))
+    assert LatentStore.open_for_vae(storage_root, "vae-a", SHAPE).version == "vae-a"
+    make_store(storage_root, fingerprint="vae-b")
+    index = read_json(join(storage_root, "versions.json"))
+    assert index["latest"] == "vae-b" and [v["name"] for v in index["versions"]] == ["vae-a", "vae-b"]
+    with pytest.warns(MissingRowsWarning):
+        assert LatentStore.open(storage_root).version == "vae-b"
+        assert LatentStore.open(storage_root, version="vae-a").version == "vae-a"
+        assert LatentStore.open(join(storage_root, "vae-a")).version == "vae-a"
+    with pytest.raises(StorageError, match="has no version 'vae-c'"):
+        LatentStore.open(storage_root, version="vae-c")
+    with pytest.raises(StorageError, match="already exists"):
+        make_store(storage_root, fingerprint="vae-a")
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StorageError, match="no latent store at .*run `reals encode`"):
+        LatentStore.open(str(tmp_path / "nothing"))
+
+
+def test_plain_zarr_reads_the_store(tmp_path):
+    root = str(tmp_path / "s")
+    store, (e0, _) = make_store(root)
+    written = fill(store, e0)
+    group = zarr.open_group(join(root, "vae-a"), mode="r")
+    attrs = dict(group.attrs)
+    for key in ("vae_fingerprint", "latent_shape", "chunk_rows", "flip", "shards", "num_classes", "classes"):
+        assert key in attrs
+    assert set(group.array_keys()) == {"mean", "std", "mean_flip", "std_flip", "labels", "keys", "teacher_global"}
+    assert group["mean"].dtype == np.float16 and group["mean"].chunks == (8, *SHAPE)
+    assert np.array_equal(group["teacher_global"][:10], written["teacher_global"])
+    assert group["labels"][12] == -1  # a pad row keeps the fill value
+
+
+def test_no_flip_store_has_no_flip_arrays(tmp_path):
+    store, _ = make_store(str(tmp_path / "s"), flip=False)
+    assert store.array_names == ["mean", "std", "labels", "keys", "teacher_global"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lease
+# ---------------------------------------------------------------------------------------------------
+
+def test_lease_refuses_then_waits(storage_root):
+    url = join(storage_root, "lease.json")
+    first = Lease(url, owner="run-one", ttl=30).acquire()
+    with pytest.raises(StorageError, match="leased by run-one until"):
+        Lease(url, owner="run-two").acquire(wait=0)
+    timer = threading.Timer(0.5, first.release)
+    timer.start()
+    second = Lease(url, owner="run-two", ttl=30).acquire(wait=10, poll=0.1)
+    assert second.holder()["owner"] == "run-two"
+    second.release()
+    assert second.holder() is None
+
+
+def test_crashed_holder_expires_and_live_holder_renews(storage_root):
+    url = join(storage_root, "lease.json")
+    crashed = Lease(url, owner="crashed", ttl=0.5).acquire()
+    time.sleep(0.6)
+    taker = Lease(url, owner="taker", ttl=0.6)
+    with taker.hold():
+        time.sleep(1.2)  # two expiries' worth: only the background renewal keeps it
+        with pytest.raises(StorageError, match="leased by taker"):
+            Lease(url, owner="late").acquire(wait=0)
+    assert taker.holder() is None
+    with pytest.raises(StorageError, match="was lost"):
+        crashed.renew()
+
+
+def test_lease_race_has_one_winner(storage_root):
+    url = join(storage_root, "lease.json")
+    results: dict[str, bool] = {}
+    barrier = threading.Barrier(4)
+
+    def attempt(name):
+        barrier.wait()
+        try:
+            Lease(url, owner=name, ttl=30).acquire(wait=0)
+            results[name] = True
+        except StorageError:
+            results[name] = False
+
+    threads = [threading.Thread(target=attempt, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [n for n, won in results.items() if won]
+    assert len(winners) == 1
+    assert Lease(url).holder()["owner"] == winners[0]

@@ -1,0 +1,131 @@
+"""`reals train-vae` on tiny shards: losses fall, exact resume, NaN stop, S3 checkpoints, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipelines import StageError
+from pipelines.cli import main
+from pipelines.train_vae import TrainVAEConfig, load_checkpoint, run
+from reals.losses import AutoencoderLoss
+from storage.fs import exists, join, read_bytes
+
+TINY = dict(vae_config="tiny", dino_model="tiny-dinov2", perceptual="none", align_hidden_dim=32,
+            disc_channels=8, disc_layers=2, lr=2e-3, shuffle_buffer=16, ema_decay=0.9, show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow steps down badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(data_path: str, output: str, **kw) -> TrainVAEConfig:
+    return TrainVAEConfig(data_path=data_path, output=output, **{**TINY, **kw})
+
+
+def read_log(output: str) -> list[dict]:
+    return [json.loads(line) for line in read_bytes(join(output, "log.jsonl")).decode().splitlines()]
+
+
+def test_reconstruction_and_alignment_losses_fall(tiny_shards, tmp_path):
+    out = str(tmp_path / "run")
+    s = run(tiny_config(tiny_shards, out, max_steps=36, log_every=6, sample_every=36, ckpt_every=100))
+    log = read_log(out)
+    assert [e["step"] for e in log] == [6, 12, 18, 24, 30, 36]
+    first, last = log[0], log[-1]
+    assert last["rec"] < 0.8 * first["rec"]
+    assert last["align"] < 0.8 * first["align"]
+    assert last["patch_cos"] > first["patch_cos"]
+    assert s.steps == 36 and s.checkpoint.endswith("0000036.pt") and exists(s.checkpoint)
+    assert s.perceptual.startswith("none") and "tiny-dinov2" in s.teacher
+    assert s.latent_shape == [4, 8, 8] and s.final["rec"] == pytest.approx(last["rec"])
+    assert exists(join(out, "samples", "0000036.png"))
+    ckpt = load_checkpoint(s.checkpoint)
+    assert {"vae", "align_net", "ema", "opt", "opt_d", "disc", "rng", "config", "step"} <= set(ckpt)
+    assert ckpt["config"]["max_steps"] == 36 and ckpt["teacher"]["name"] == "tiny-dinov2"
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_shards, tmp_path):
+    # 48 train images / batch 8 = 6 batches per epoch: the resume lands mid-epoch, the GAN is on from step 3.
+    kw = dict(log_every=1, disc_start=3)
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run(tiny_config(tiny_shards, whole, max_steps=9, **kw))
+    first = run(tiny_config(tiny_shards, parts, max_steps=4, **kw))
+    second = run(tiny_config(tiny_shards, parts, max_steps=9, resume=True, **kw))
+    assert (first.steps, second.resumed_from, second.steps) == (4, 4, 9)
+
+    def losses(out):
+        return [{k: v for k, v in e.items() if k != "time"} for e in read_log(out)]
+
+    assert losses(parts) == losses(whole)
+    assert "d_loss" in losses(whole)[-1]
+    a, b = load_checkpoint(join(whole, "0000009.pt")), load_checkpoint(join(parts, "0000009.pt"))
+    for key in ("vae", "align_net"):
+        assert all(torch.equal(a["ema"][key][k], b["ema"][key][k]) for k in a["ema"][key])
+    assert all(torch.equal(a["disc"][k], b["disc"][k]) for k in a["disc"])
+
+
+def test_existing_run_needs_resume(tiny_shards, tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_config(tiny_shards, out, max_steps=1))
+    with pytest.raises(StageError, match="already holds checkpoints.*--resume"):
+        run(tiny_config(tiny_shards, out, max_steps=2))
+    with pytest.raises(StageError, match="batch_size was 8, now 4"):
+        run(tiny_config(tiny_shards, out, max_steps=2, batch_size=4, resume=True))
+
+
+def test_non_finite_loss_saves_and_names_the_step(tiny_shards, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = AutoencoderLoss.forward
+
+    def poisoned(self, *args, **kw):
+        terms = forward(self, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(AutoencoderLoss, "forward", poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(StageError, match="non-finite loss at step 3 .*0000002.pt"):
+        run(tiny_config(tiny_shards, out, max_steps=10))
+    assert json.loads(read_bytes(join(out, "latest.json")))["step"] == 2
+
+
+def test_checkpoints_and_resume_on_s3(tiny_shards, s3_bucket):
+    out = f"{s3_bucket}/vae-run"
+    run(tiny_config(tiny_shards, out, max_steps=2, log_every=1, ckpt_every=1))
+    s = run(tiny_config(tiny_shards, out, max_steps=3, log_every=1, resume=True))
+    assert s.resumed_from == 2 and s.checkpoint == f"{out}/0000003.pt"
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+    assert load_checkpoint(s.checkpoint)["step"] == 3
+    assert json.loads(read_bytes(join(out, "latest.json")))["checkpoint"] == "0000003.pt"
+
+
+def test_incompatible_teacher_grid_fails_at_start(tiny_shards, tmp_path):
+    # tiny-dinov2 at 42 px has a 3x3 grid: it does not divide the 8x8 latent grid.
+    with pytest.raises(StageError, match="teacher grid 3x3.*latent grid 8x8"):
+        run(tiny_config(tiny_shards, str(tmp_path / "run"), max_steps=1, dino_input_size=42))
+    assert not exists(str(tmp_path / "run" / "latest.json"))
+
+
+def test_cli_yaml_and_flags(tiny_shards, tmp_path, capsys):
+    cfg = tmp_path / "vae.yaml"
+    cfg.write_text("\n".join(f"{k}: {v}" for k, v in TINY.items() if k != "show_progress") + "\n")
+    out = str(tmp_path / "run")
+    args = ["train-vae", "--data-path", tiny_shards, "--output", out, "--config", str(cfg), "--no-progress"]
+    assert main(args + ["--max-steps", "2", "--align-weight", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "unaligned baseline" in printed and "perceptual: none" in printed
+    assert json.loads(read_bytes(join(out, "config.json")))["align_weight"] == 0
+    assert main(args) == 2  # neither --max-steps nor --max-epoch
+    assert "--max-steps or --max-epoch" in capsys.readouterr().err
+    assert main(args + ["--max-epoch", "1"]) == 2  # the run exists and --resume is missing
+    assert main(args + ["--max-epoch", "1", "--resume"]) == 0
+    assert load_checkpoint(join(out, "0000006.pt"))["epoch"] == 1
