@@ -38,8 +38,9 @@ class EncodeConfig(StageConfig):
     vae_path: str = Field(description="converted ReaLS VAE directory (local)")
     output: str = Field(description="latent store URL; each VAE gets its own version inside it")
     split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="dataset split to encode")
-    workers: int | None = Field(None, ge=1, description="Ray actors, each holding a VAE and a teacher "
-                                                        "(default: one per CPU, at most one per shard)")
+    workers: int | None = Field(None, ge=0, description="Ray actors, each holding a VAE and a teacher "
+                                                        "(default: one per CPU, at most one per shard; "
+                                                        "0: encode in this process, without Ray)")
     batch_size: int = Field(32, ge=1, description="images per VAE forward pass")
     flip: bool = Field(True, description="also store the posterior of the horizontally flipped image")
     teacher_patch: bool = Field(False, description="also store the teacher's patch tokens (large)")
@@ -123,7 +124,8 @@ def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: b
     return {k: v.float().cpu().numpy().astype(np.float16) for k, v in rows.items()}
 
 
-def _batched(samples, size: int):
+def batched(samples, size: int):
+    """Lists of up to ``size`` consecutive items."""
     batch = []
     for s in samples:
         batch.append(s)
@@ -188,7 +190,7 @@ class EncodeWorker:
         names = store.array_names
         skipped: list = []
         parts: dict[str, list] = {n: [] for n in names}
-        for batch in _batched(iter_shard(unit["url"], skipped=skipped), self.batch_size):
+        for batch in batched(iter_shard(unit["url"], skipped=skipped), self.batch_size):
             rows = encode_images(self.vae, self.teacher, np.stack([s["image"] for s in batch]),
                                  "mean_flip" in names, "teacher_patch" in names)
             rows["labels"] = np.array([s["cls"] for s in batch], dtype=np.int32)
@@ -266,26 +268,82 @@ def _check_store_fits(store: LatentStore, manifest: dict, config: EncodeConfig) 
                              "use the same settings or another --output")
 
 
-def _start_workers(config: EncodeConfig, teacher: tuple[str, int | None], n: int) -> list:
-    import ray
+def _pending_units(store: LatentStore | None, shards: list[dict], shard_size: int, verify: bool) -> list[dict]:
+    """Units for the shards without a valid marker (with ``verify``, the marked ones too, to re-check)."""
+    if store is None:
+        return [{"name": s["name"], "url": s["url"], "source_sha256": s["sha256"], "marker": None} for s in shards]
+    entries = store.plan_shards([(s["name"], s["count"]) for s in shards], shard_size)
+    markers = store.markers()
+    units = []
+    for s, entry in zip(shards, entries):
+        marker = markers.get(s["name"])
+        valid = store.marker_agrees(marker, entry, s["sha256"])
+        if verify or not valid:
+            units.append({"name": s["name"], "url": s["url"], "source_sha256": s["sha256"],
+                          "marker": marker if valid else None})
+    return units
 
-    from pipelines.parallel import ensure_ray
 
-    ensure_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    device = "cuda" if config.device == "cuda" or (config.device == "auto" and gpus) else "cpu"
-    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
-               "max_restarts": 1, "max_task_retries": 1}
-    cls = ray.remote(EncodeWorker).options(**options)
-    return [cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
-            for _ in range(n)]
+class _Pool:
+    """The encode workers of one run: Ray actors, or a single in-process worker when ``workers=0``."""
+
+    def __init__(self, config: EncodeConfig, teacher: tuple[str, int | None], n_units: int):
+        self.config = config
+        self.actors: list = []
+        self.local: EncodeWorker | None = None
+        if config.workers == 0:
+            import torch
+
+            cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+            device = "cuda" if cuda else "cpu"
+            self.local = EncodeWorker(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+            return
+        import ray
+
+        from pipelines.parallel import ensure_ray
+
+        ensure_ray()
+        resources = ray.cluster_resources()
+        n = min(config.workers or max(1, int(resources.get("CPU", 1))), n_units)
+        gpus = resources.get("GPU", 0)
+        device = "cuda" if config.device == "cuda" or (config.device == "auto" and gpus) else "cpu"
+        options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
+                   "max_restarts": 1, "max_task_retries": 1}
+        cls = ray.remote(EncodeWorker).options(**options)
+        self.actors = [cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+                       for _ in range(n)]
+
+    def describe(self) -> dict:
+        import ray
+
+        return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
+
+    def encode(self, units: list[dict]) -> list[dict]:
+        """Every unit's result, in unit order, with a progress bar."""
+        from pipelines.parallel import map_actors, progress_bar
+
+        description = f"encode {self.config.split}"
+        if self.actors:
+            return map_actors(self.actors, "encode_shard", units, description,
+                              show_progress=self.config.show_progress)
+        results = []
+        with progress_bar(disable=not self.config.show_progress) as bar:
+            task = bar.add_task(description, total=len(units))
+            for unit in units:
+                results.append(self.local.encode_shard(unit))
+                bar.advance(task)
+        return results
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
 
 
 def run(config: EncodeConfig) -> EncodeSummary:
     """Encode every source shard of the split that the store lacks; markers last; incremental."""
-    import ray
-
-    from pipelines.parallel import map_actors
     from reals.vae import ReaLSVAE
 
     output = to_url(config.output).rstrip("/")
@@ -295,50 +353,39 @@ def run(config: EncodeConfig) -> EncodeSummary:
     latent_shape = (vae.latent_channels, manifest["resolution"] // f, manifest["resolution"] // f)
     teacher = teacher_spec(vae.provenance, config.dino_model, config.dino_input_size)
     shard_size = int(manifest["splits"][config.split].get("shard_size") or max(s["count"] for s in shards))
-    workers: list = []
+    plan = [(s["name"], s["count"]) for s in shards]
+    pool = None
     with Lease(join(output, LEASE_FILE), ttl=config.lease_ttl).hold(wait=config.lease_wait) as lease:
         try:
+            store = None
             if LatentStore.has_version(output, fp):
                 store = LatentStore.open_for_vae(output, fp, latent_shape)
                 _check_store_fits(store, manifest, config)
-            else:
-                store = None
-            entries = store.plan_shards([(s["name"], s["count"]) for s in shards], shard_size) if store else []
-            markers = store.markers() if store else {}
-            units = []
-            for s, e in zip(shards, entries or [None] * len(shards)):
-                marker = markers.get(s["name"])
-                valid = store is not None and store.marker_agrees(marker, e, s["sha256"])
-                if not valid or config.verify:
-                    units.append({"name": s["name"], "url": s["url"], "source_sha256": s["sha256"],
-                                  "marker": marker if valid else None})
+            units = _pending_units(store, shards, shard_size, config.verify)
             if units:
-                n = config.workers or max(1, int(_cluster_cpus()))
-                workers = _start_workers(config, teacher, min(n, len(units)))
+                pool = _Pool(config, teacher, len(units))
             if store is None:
-                info = ray.get(workers[0].describe.remote())
+                info = pool.describe()
                 store = LatentStore.create(
                     output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info["width"],
                     chunk_rows=config.chunk_rows or min(256, shard_size), flip=config.flip,
                     teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
                     provenance=_provenance(config, vae, manifest, info, latent_shape))
-                entries = store.plan_shards([(s["name"], s["count"]) for s in shards], shard_size)
-            by_name = {e["name"]: e for e in entries}
+            rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
             for u in units:
-                u.update(group_url=store.url, row_start=by_name[u["name"]]["row_start"],
-                         capacity=by_name[u["name"]]["capacity"])
+                u.update(group_url=store.url, row_start=rows[u["name"]]["row_start"],
+                         capacity=rows[u["name"]]["capacity"])
             skipped_now = len(shards) - len(units)
             if skipped_now:
                 print(f"skipping {skipped_now} of {len(shards)} shards already encoded in {store.url}")
-            results = map_actors(workers, "encode_shard", units, f"encode {config.split}",
-                                 show_progress=config.show_progress) if units else []
+            results = pool.encode(units) if units else []
             lease.check()
-            store.group.attrs.update({"source_shards": [s["name"] for s in shards],
+            store.group.attrs.update({"source_shards": [n for n, _ in plan],
                                       "source_fingerprint": manifest.get("fingerprint"), "updated": utc_now()})
             set_latest(output, fp)
         finally:
-            for w in workers:
-                ray.kill(w)
+            if pool is not None:
+                pool.close()
     failed = [r for r in results if r["status"] == "failed"]
     if failed:
         raise StageError(f"{len(failed)} of {len(units)} shards failed after {config.retries} attempts (first: "
@@ -352,15 +399,6 @@ def run(config: EncodeConfig) -> EncodeSummary:
         rows_done=int(done.sum()), rows_total=store.num_samples,
         samples_skipped=sum(len(r["skipped"]) for r in results), skipped=[x for r in results for x in r["skipped"]],
     )
-
-
-def _cluster_cpus() -> float:
-    import ray
-
-    from pipelines.parallel import ensure_ray
-
-    ensure_ray()
-    return ray.cluster_resources().get("CPU", 1)
 
 
 def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent_shape) -> dict:
@@ -404,7 +442,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--output", required=True, help="latent store URL (path, s3://...); versions live inside it")
     p.add_argument("--config", help="YAML file; its `encode:` section sets defaults for these flags")
     p.add_argument("--split", help="dataset split to encode (default train)")
-    p.add_argument("--workers", type=int, help="Ray actors, each with its own VAE + teacher (default: one per CPU)")
+    p.add_argument("--workers", type=int, help="Ray actors, each with its own VAE + teacher (default: one per CPU; "
+                   "0: encode in this process without Ray)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per VAE forward pass (default 32)")
     p.add_argument("--no-flip", dest="flip", action="store_const", const=False,
                    help="do not store the posterior of the horizontally flipped image")

@@ -22,8 +22,9 @@ from pipelines.config import StageConfig
 from storage.fs import exists, filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import read_json
 
-NON_CURVES = {"step", "epoch", "time", "lr", "seconds", "steps_per_sec", "images_per_sec"}
+NON_CURVES = {"step", "epoch", "time", "lr", "seconds", "steps_per_sec", "samples_per_sec", "images_per_sec"}
 GRID_CLASSES, GRID_PER_CLASS, GRID_POOL = 10, 8, 2048
+PANELS = ("losses", "cosine alignment with the teacher", "gradient norm")
 
 
 class ReportConfig(StageConfig):
@@ -94,25 +95,30 @@ def _png(fig) -> bytes:
 
 
 def loss_curves_png(entries: list[dict], title: str) -> bytes | None:
-    """Loss curves of a ``log.jsonl`` (cosine alignment in its own panel), or None without entries."""
+    """Curves of a ``log.jsonl``: losses, cosine alignment and gradient norms in separate panels; None if empty."""
     from matplotlib.figure import Figure
 
-    if not entries:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        for k, v in e.items():
+            if isinstance(v, int | float) and k not in NON_CURVES:
+                series.setdefault(k, []).append((e["step"], float(v)))
+    series = {k: pts for k, pts in sorted(series.items()) if any(v != 0 for _, v in pts)}
+    if not series:
         return None
-    keys = sorted({k for e in entries for k, v in e.items() if isinstance(v, int | float) and k not in NON_CURVES})
-    cosines = [k for k in keys if k.endswith("_cos")]
-    losses = [k for k in keys if k not in cosines]
-    panels = [p for p in (losses, cosines) if p]
-    fig = Figure(figsize=(6 * len(panels), 3.6))
+    panels: dict[str, list[str]] = {name: [] for name in PANELS}
+    for k in series:
+        panels[PANELS[1] if k.endswith("_cos") else PANELS[2] if k.endswith("_norm") else PANELS[0]].append(k)
+    panels = {name: keys for name, keys in panels.items() if keys}
+    fig = Figure(figsize=(5.5 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, group in zip(axes, panels):
-        for k in group:
-            pts = [(e["step"], e[k]) for e in entries if isinstance(e.get(k), int | float)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, linewidth=1.2)
-        if group is losses and all(e[k] > 0 for e in entries for k in group if isinstance(e.get(k), int | float)):
+    for ax, (name, keys) in zip(axes, panels.items()):
+        for k in keys:
+            ax.plot([p[0] for p in series[k]], [p[1] for p in series[k]], label=k, linewidth=1.2)
+        values = [v for k in keys for _, v in series[k]]
+        if name != PANELS[1] and min(values) > 0 and max(values) > 10 * min(values):
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title("cosine alignment with the teacher" if group is cosines else "losses")
+        ax.set(xlabel="step", title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -125,6 +131,9 @@ def class_grid_png(images: np.ndarray, labels: np.ndarray, classes: int = GRID_C
     from PIL import Image
 
     h, w, c = images.shape[1:]
+    scale = max(1, 64 // h)  # small images are shown enlarged (nearest neighbour)
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
     rows = []
     for k in sorted(set(labels.tolist()))[:classes]:
         picked = images[labels == k][:per_class]
@@ -173,7 +182,7 @@ def _vae_section(vae_dir: str) -> list[str]:
              f"- alignment weight: {prov.get('align_weight')}",
              f"- perceptual loss: {perceptual}"]
     if not perceptual.startswith("LPIPS"):
-        lines.append("  (not the LPIPS metric: the LPIPS backbone weights are not available offline)")
+        lines.append("  (LPIPS was not used: its ImageNet backbone weights cannot be downloaded offline)")
     training = prov.get("training") or {}
     stats = prov.get("latent_statistics") or {}
     lines += [f"- trained for {training.get('step')} steps (`{training.get('run')}`)",

@@ -8,14 +8,12 @@ tolerance (labels and keys exactly). Prints a verdict; the exit code is 1 when a
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
-
 import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
-from pipelines.encode import encode_images, load_models, source_shards, teacher_spec
+from pipelines.encode import batched, encode_images, load_models, source_shards, teacher_spec
 from storage.latent_store import LatentStore
 from storage.shards import iter_shard
 
@@ -84,34 +82,33 @@ def check_markers(store: LatentStore) -> tuple[int, list[str]]:
 
 
 def check_rows(store: LatentStore, shard_urls: dict[str, str], vae, teacher_model, n: int, seed: int,
-               atol: float, rtol: float) -> tuple[int, list[str]]:
+               atol: float, rtol: float, batch_size: int = 32) -> tuple[int, list[str]]:
     """``(rows compared, problems)``: re-encode a random sample of done rows from their source shards."""
     done = np.flatnonzero(store.done_rows())
-    rows = np.sort(np.random.default_rng(seed).choice(done, size=min(n, len(done)), replace=False))
-    by_shard: dict[str, list[int]] = defaultdict(list)
-    for e in store.shard_map:
-        for r in rows[(rows >= e["row_start"]) & (rows < e["row_start"] + e["capacity"])]:
-            by_shard[e["name"]].append(int(r))
+    rows = np.random.default_rng(seed).choice(done, size=min(n, len(done)), replace=False)
     names = store.array_names
     problems, compared = [], 0
-    for name, shard_rows in by_shard.items():
-        stored = {r: store.read_rows(r, r + 1) for r in shard_rows}
-        wanted = {str(s["keys"][0]): r for r, s in stored.items()}
-        if name not in shard_urls:
-            problems.append(f"source shard {name} is not in the dataset's manifest")
+    for entry in store.shard_map:
+        mine = sorted(int(r) for r in rows if entry["row_start"] <= r < entry["row_start"] + entry["capacity"])
+        if not mine:
             continue
-        found = set()
-        for sample in iter_shard(shard_urls[name]):
-            r = wanted.get(sample["__key__"])
-            if r is None:
-                continue
-            found.add(r)
-            fresh = encode_images(vae, teacher_model, sample["image"][None], "mean_flip" in names,
-                                  "teacher_patch" in names)
-            problems += _compare(name, r, stored[r], fresh, sample["cls"], atol, rtol)
-            compared += 1
-        for r in sorted(set(shard_rows) - found):
-            problems.append(f"row {r} ({name}): no sample with key {stored[r]['keys'][0]!r} in the source shard")
+        if entry["name"] not in shard_urls:
+            problems.append(f"source shard {entry['name']} is not in the dataset's manifest")
+            continue
+        block = store.read_rows(mine[0], mine[-1] + 1)
+        stored = {r: {k: v[r - mine[0]:r - mine[0] + 1] for k, v in block.items()} for r in mine}
+        wanted = {str(s["keys"][0]): r for r, s in stored.items()}
+        matches = [(wanted[s["__key__"]], s) for s in iter_shard(shard_urls[entry["name"]]) if s["__key__"] in wanted]
+        for batch in batched(matches, batch_size):
+            fresh = encode_images(vae, teacher_model, np.stack([s["image"] for _, s in batch]),
+                                  "mean_flip" in names, "teacher_patch" in names)
+            for i, (r, sample) in enumerate(batch):
+                problems += _compare(entry["name"], r, stored[r], {k: v[i:i + 1] for k, v in fresh.items()},
+                                     sample["cls"], atol, rtol)
+        compared += len(matches)
+        for r in sorted(set(mine) - {r for r, _ in matches}):
+            problems.append(f"row {r} ({entry['name']}): no sample with key {stored[r]['keys'][0]!r} "
+                            "in the source shard")
     return compared, problems
 
 

@@ -44,7 +44,7 @@ def vae_dirs(tmp_path_factory):
 
 
 def encode(data_path, vae_path, output, **kw):
-    kw.setdefault("workers", 1)
+    kw.setdefault("workers", 0)  # in-process; the `encoded` fixture runs 2 Ray workers
     return run(EncodeConfig(data_path=data_path, vae_path=vae_path, output=output, chunk_rows=16,
                             show_progress=False, **kw))
 
@@ -109,9 +109,9 @@ def test_rerun_skips_done_shards(encoded, tiny_shards, vae_dirs, capsys):
     assert "skipping 2 of 2 shards" in capsys.readouterr().out
 
 
-def test_encode_on_s3(tiny_shards, vae_dirs, s3_bucket, ray_session, encoded):
+def test_encode_on_s3(tiny_shards, vae_dirs, s3_bucket, encoded):
     out = f"{s3_bucket}/latents"
-    summary = encode(tiny_shards, vae_dirs[0], out, workers=2)
+    summary = encode(tiny_shards, vae_dirs[0], out)
     assert summary.rows_done == 48
     assert_same_arrays(arrays(join(out, summary.version)), arrays(join(encoded[0], encoded[1].version)))
 

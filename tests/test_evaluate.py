@@ -51,8 +51,8 @@ def _noise_images(n: int, size: int = 32, seed: int = 1) -> np.ndarray:
 @pytest.fixture()
 def batches(tmp_path):
     ref, samples = tmp_path / "ref.npz", tmp_path / "samples.npz"
-    np.savez(ref, _smooth_images(12))
-    np.savez(samples, _noise_images(10), np.arange(10) % 4)
+    np.savez(ref, _smooth_images(8))
+    np.savez(samples, _noise_images(6), np.arange(6) % 4)
     return str(ref), str(samples)
 
 
@@ -71,7 +71,7 @@ def test_evaluate_offline_computes_teacher_fds_and_says_fid_was_not_computed(bat
     for record in metrics.values():
         assert record["feature_space"] == "effnet"
         assert "EfficientNet-Lite0" in record["extractor"] and record["weights"].endswith(".pth")
-        assert (record["num_reference"], record["num_samples"]) == (12, 10)
+        assert (record["num_reference"], record["num_samples"]) == (8, 6)
     assert metrics["FD_effnet"]["value"] > 0
     assert report["feature_spaces"]["inception"]["status"] == "skipped"
     assert WEIGHTS_FILE in report["feature_spaces"]["inception"]["reason"]

@@ -36,6 +36,7 @@ class FeatureExtractor(ABC):
         """Activations of float images ``[B, 3, H, W]`` in [0, 1] on ``self.device``."""
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Activations of a uint8 NHWC batch, as float32 numpy arrays."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ReaLSError(f"{self.space} features: expected uint8 NHWC RGB images, "
