@@ -19,12 +19,14 @@ Data: a synthetic folder (``reals synthetic``) or shards (``reals shard``) whose
 their source path, with ground truth under ``--ground-truth`` (default: the synthetic folder itself):
 ``masks/<split>/<class-id>/<stem>.png`` (class index + 1, 0 background) and ``depth/...`` (drawing order).
 Images get the ADM center crop at the VAE's resolution, ground truth the same crop (nearest). Depth
-truth is the positive, distance-like ``1 / (1 + order)``: background 1, the j-th shape drawn 1/(1+j);
-adjacent layers differ by a ratio >= 1.25, so ``delta < 1.25`` counts pixels put on the right layer.
+truth is the positive, distance-like ``1.5 ** -order``: background 1, each later shape 1.5x nearer, so
+adjacent layers differ by a ratio of 1.5 and ``delta < 1.25`` counts pixels put on the right layer.
 Images whose ground truth is missing are skipped and reported.
 
-With a published head, the teacher and ReaLS predictions are in the head's own label set or metres,
-so they are scored against each other (``agreement``), not against the dataset's truth.
+Heads for the teacher and ReaLS read tokens rescaled to a fixed norm (the alignment loss matches
+directions only, see ``reals.downstream``); a published head gets the teacher's mean token norms over
+the fit images. Its predictions are in its own label set or metres, so with a published head the
+teacher and ReaLS are scored against each other (``agreement``), not against the dataset's truth.
 Output: ``report.md`` (a table), ``overlays_real.png`` / ``overlays_generated.png`` (image, masks, depths
 side by side) and ``metrics.json``, written last; a re-run with the same inputs reuses it.
 """
@@ -46,11 +48,12 @@ from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
 from pipelines.parallel import progress_bar
 from storage import fs as sfs
-from storage.markers import fingerprint, read_json, sha256_url, write_json
+from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
 
 TASKS = ("seg", "depth")
 TRUTH_DIRS = {"seg": "masks", "depth": "depth"}
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".webp")
+DEPTH_RATIO = 1.5  # synthetic depth of drawing order j: DEPTH_RATIO ** -j
 SOURCES = ("teacher", "reals", "baseline")
 SOURCE_TITLES = {"teacher": "teacher (upper bound)", "reals": "ReaLS latents (training-free)", "baseline": "baseline"}
 
@@ -111,8 +114,8 @@ class DownstreamSummary(BaseModel):
 # ---------------------------------------------------------------------------------------------------
 
 def depth_from_order(order: np.ndarray) -> np.ndarray:
-    """Synthetic drawing order (0 background, j: the j-th shape, nearer) -> positive depth ``1 / (1 + order)``."""
-    return 1.0 / (1.0 + order.astype(np.float32))
+    """Synthetic drawing order (0 background, j: the j-th shape, nearer) -> positive depth ``1.5 ** -order``."""
+    return (DEPTH_RATIO ** -order.astype(np.float64)).astype(np.float32)
 
 
 def crop_truth(truth: np.ndarray, size: int) -> np.ndarray:
@@ -178,16 +181,18 @@ class Dataset:
     def num_seg_classes(self) -> int:
         return len(self.classes) + 1
 
-    def fingerprint(self) -> str:
-        """The manifest's fingerprint, or a digest of the folder's names, sizes and times."""
-        if self.manifest is not None:
-            return str(self.manifest.get("fingerprint"))
-        rows = []
-        for top, dirs, files in os.walk(self.url.removeprefix("file://")):
-            dirs.sort()
-            for f in sorted(files):
-                st = os.stat(os.path.join(top, f))
-                rows.append([os.path.join(top, f), st.st_size, st.st_mtime_ns])
+    def fingerprint(self, splits: list[str], tasks: list[str]) -> str:
+        """Digest of the inputs: the manifest's fingerprint (or the split folders) and the truth folders."""
+        folders = [] if self.manifest is not None else [sfs.join(self.url, s) for s in splits]
+        if self.truth_root:
+            folders += [sfs.join(self.truth_root, TRUTH_DIRS[t], s) for t in tasks for s in splits]
+        rows: list = [self.manifest.get("fingerprint") if self.manifest else None, self.truth_root]
+        for folder in folders:
+            for top, dirs, files in os.walk(folder.removeprefix("file://")):
+                dirs.sort()
+                for f in sorted(files):
+                    st = os.stat(os.path.join(top, f))
+                    rows.append([os.path.join(top, f), st.st_size, st.st_mtime_ns])
         return fingerprint(rows)
 
     def _entries(self, split: str) -> list[tuple[str, int]]:
@@ -209,8 +214,13 @@ class Dataset:
             root = self.url.removeprefix("file://")
             for i in _evenly_spaced(len(entries), n):
                 rel, cls = entries[i]
-                with open(os.path.join(root, rel), "rb") as f:
-                    yield f.read(), cls, rel
+                try:
+                    with open(os.path.join(root, rel), "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    skipped.append(f"{rel}: unreadable ({e.strerror or type(e).__name__})")
+                    continue
+                yield data, cls, rel
             return
         from storage.shards import iter_shards, shard_urls
 
@@ -425,7 +435,7 @@ def report_markdown(s: DownstreamSummary, source_notes: dict[str, str]) -> str:
                      + " | ".join(values) + " |")
     lines += ["", "Heads:"] + [f"- {t}: {h}" for t, h in s.heads.items()]
     lines += ["", f"Baseline: {s.baseline}.",
-              "Depth truth is `1 / (1 + drawing order)` (background 1; δ<1.25 = right layer); "
+              f"Depth truth is `{DEPTH_RATIO} ** -(drawing order)` (background 1; δ<1.25 = right layer); "
               "mIoU includes the background class.", ""]
     if s.generated:
         lines.append(f"Generated latents: {s.generated}, through the alignment network (no decoding).")
@@ -477,6 +487,11 @@ class Evaluation:
                                        None if cfg.baseline_vae_path else self.vae)
         self.heads: dict[str, dict] = {t: {} for t in cfg.tasks}
         self.skipped: list[str] = []
+        self.samples = load_generated(cfg.samples, cfg.num_eval) if cfg.samples else None
+        c = self.vae.latent_channels
+        if self.samples is not None and (self.samples[0].ndim != 4 or self.samples[0].shape[1] != c):
+            raise StageError(f"--samples latents have shape {tuple(self.samples[0].shape)}, but the VAE "
+                             f"{cfg.vae_path} has {c} latent channels (expected [N, {c}, h, w])")
 
     # -- describing -------------------------------------------------------------------------------------
 
@@ -490,7 +505,8 @@ class Evaluation:
     def fingerprint(self) -> str:
         settings = self.cfg.model_dump(exclude={"output", "show_progress", "device"})
         return fingerprint({"settings": settings, "vae": self.vae.fingerprint, "baseline": self.baseline.fingerprint,
-                            "data": self.data.fingerprint(), "samples": _file_digest(self.cfg.samples),
+                            "data": self.data.fingerprint([self.cfg.fit_split, self.cfg.eval_split], self.cfg.tasks),
+                            "samples": sha256_bytes(self.samples[0].tobytes()) if self.samples else None,
                             "seg_head": _file_digest(self.cfg.seg_head),
                             "depth_head": _file_digest(self.cfg.depth_head)})
 
@@ -621,11 +637,7 @@ class Evaluation:
         """Heads on the sampler's latents: count, label agreement (seg), overlay rows and labels."""
         from reals.downstream import predict_from_latents
 
-        latents, labels, images = load_generated(self.cfg.samples, self.cfg.num_eval)
-        c = self.vae.latent_channels
-        if latents.ndim != 4 or latents.shape[1] != c:
-            raise StageError(f"--samples latents have shape {tuple(latents.shape)}, but the VAE "
-                             f"{self.cfg.vae_path} has {c} latent channels (expected [N, {c}, h, w])")
+        latents, labels, images = self.samples
         size = tuple(s * self.vae.downsample_factor for s in latents.shape[2:])
         preds = {t: [] for t in self.cfg.tasks}
         for start in range(0, len(latents), self.cfg.batch_size):
@@ -719,7 +731,8 @@ def print_summary(s: DownstreamSummary) -> None:
         table.add_column(label, justify="right")
     for source in SOURCES:
         if any(source in s.metrics.get(t, {}) for t in s.tasks):
-            table.add_row(SOURCE_TITLES[source], *[_fmt(s.metrics.get(t, {}).get(source, {}).get(k)) for t, k, _ in cols])
+            values = [_fmt(s.metrics.get(t, {}).get(source, {}).get(k)) for t, k, _ in cols]
+            table.add_row(SOURCE_TITLES[source], *values)
     if s.agreement:
         table.add_row("ReaLS vs teacher", *[_fmt(s.agreement.get(t, {}).get(k)) for t, k, _ in cols])
     console = Console()

@@ -169,6 +169,7 @@ class StoreSource:
     """The latent store through ``LatentLoader`` (posterior sample, random flip, rows split by rank)."""
 
     kind = "store"
+    exact_epochs = True  # every rank gets len(loader) batches
 
     def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
         with warnings.catch_warnings():
@@ -196,6 +197,7 @@ class ShardSource:
     """Shards encoded on the fly by the ReaLS VAE: the comparison baseline for the store."""
 
     kind = "shards"
+    exact_epochs = False  # ranks hold different shards: the end of an epoch is agreed on when data runs out
 
     def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
         if not cfg.vae_path:
@@ -481,6 +483,8 @@ class Trainer:
                 loss, gnorm = self.train_step(x1, y)
                 self.step += 1
                 self.batch_in_epoch += 1
+                if self.source.exact_epochs and self.batch_in_epoch == self.source.steps_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.loss_sum, self.gnorm_sum, self.interval_steps = (self.loss_sum + loss, self.gnorm_sum + gnorm,
                                                                       self.interval_steps + 1)
                 on_step()
@@ -490,6 +494,8 @@ class Trainer:
                     write_bytes_atomic(join(self.output, "samples", f"{self.step:07d}.png"), self.sample_grid())
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
+                if self.batch_in_epoch == 0:
+                    return
 
     def fit(self) -> TrainSiTSummary:
         cfg, d, s = self.cfg, self.d, self.source

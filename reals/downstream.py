@@ -282,8 +282,8 @@ def _head_state(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ReaLSError(f"head {path}: cannot read it as a weights-only torch checkpoint "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise ReaLSError(f"head {path}: not a weights-only torch checkpoint ({type(e).__name__}); if it holds "
+                         "non-tensor metadata, re-save just its state_dict with torch.save") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -379,7 +379,8 @@ class SegmentationMeter:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add class maps of equal shape (rows of the confusion matrix: truth)."""
         if pred.shape != target.shape:
-            raise ReaLSError(f"segmentation metric: prediction {tuple(pred.shape)} and truth {tuple(target.shape)} differ")
+            raise ReaLSError(f"segmentation metric: prediction {tuple(pred.shape)} and truth "
+                             f"{tuple(target.shape)} differ")
         p, t = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
         k = self.num_classes
         if len(t) and (int(t.max()) >= k or int(p.max()) >= k or int(t.min()) < 0 or int(p.min()) < 0):

@@ -210,7 +210,7 @@ def test_guidance_interval_is_on_the_noise_level_axis():
     x1 = ODESampler(create_transport(), "euler", 8)(x, cfg, y=y)
     assert torch.allclose(x1, torch.full_like(x1, 2 / 8 + 6 / 8 * scale))
     counting = CountingModel(model)
-    ODESampler(create_transport(), "euler", 8)(x, ClassifierFreeGuidance(counting, scale, guidance_interval=(0.0, 0.75)), y=y)
+    ODESampler(create_transport(), "euler", 8)(x, ClassifierFreeGuidance(counting, scale, 10, guidance_interval=(0.0, 0.75)), y=y)
     assert counting.calls == 8  # one (doubled or plain) model call per step
 
 
