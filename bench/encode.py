@@ -1,10 +1,11 @@
 """Benchmark ``reals encode``: images/s into the latent store against the bare VAE + teacher forward.
 
 The bare forward (``encode_images`` on decoded images in memory: VAE posterior of the image and its flip,
-teacher global token, one torch thread like one Ray actor) at the same batch size is the limit one
-worker can reach. Store rates are whole runs (shard decode, Zarr writes, markers, lease) in this process
-(``workers=0``) and on Ray with 1 and 2 actors; the Ray rates include the actors' start (imports, model
-load). Demo-size VAE (f4, 4x8x8 latents at 32 px), EfficientNet-Lite0 teacher at 128 px.
+teacher global token) at the same batch size is the limit one worker can reach. Store rates are whole
+runs (shard decode, Zarr writes, markers, lease) in this process (``workers=0``) and on Ray with 1 and 2
+actors; the Ray rates include the actors' start (imports, model load). Everything runs on one torch
+thread per worker, as a Ray actor with ``num_cpus=1`` does (more threads thrash a shared 2-core machine).
+Demo-size VAE (f4, 4x8x8 latents at 32 px), EfficientNet-Lite0 teacher at 128 px.
 Prints one JSON document. About a minute on 2 cores.
 """
 from __future__ import annotations
@@ -64,16 +65,11 @@ def bare_rate(data: str, vae_path: str) -> float:
     """Images/s of ``encode_images`` alone on one torch thread, images already decoded."""
     vae, teacher = load_models(vae_path, TEACHER, TEACHER_SIZE, "cpu")
     images = np.stack([s["image"] for s in iter_shard(f"{data}/train-000000.tar")])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        encode_images(vae, teacher, images[:BATCH], True, False)  # warm-up
-        start = time.perf_counter()
-        for b in range(0, len(images), BATCH):
-            encode_images(vae, teacher, images[b:b + BATCH], True, False)
-        return len(images) / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+    encode_images(vae, teacher, images[:BATCH], True, False)  # warm-up
+    start = time.perf_counter()
+    for b in range(0, len(images), BATCH):
+        encode_images(vae, teacher, images[b:b + BATCH], True, False)
+    return len(images) / (time.perf_counter() - start)
 
 
 def store_rate(data: str, vae_path: str, out: str, workers: int) -> float:
@@ -85,6 +81,7 @@ def store_rate(data: str, vae_path: str, out: str, workers: int) -> float:
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
         data, vae_path = f"{tmp}/shards", f"{tmp}/vae"
         random_shards(data)
@@ -97,7 +94,8 @@ def main() -> None:
     print(json.dumps({
         "images": SHARDS * PER_SHARD, "image_size": SIZE, "batch_size": BATCH, "vae": "demo (f4, 4x8x8)",
         "teacher": f"{TEACHER}@{TEACHER_SIZE}", "flip": True,
-        "images_per_s": {"bare_forward_1_thread": round(bare, 1), "store_in_process": round(in_process, 1),
+        "torch_threads_per_worker": 1,
+        "images_per_s": {"bare_forward": round(bare, 1), "store_in_process": round(in_process, 1),
                          "store_ray_1_worker": round(ray_1, 1), "store_ray_2_workers": round(ray_2, 1)},
         "ratios": {"ray_1_worker_vs_bare": round(ray_1 / bare, 3), "ray_2_vs_1_workers": round(ray_2 / ray_1, 3),
                    "in_process_vs_bare": round(in_process / bare, 3)},

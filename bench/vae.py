@@ -2,11 +2,14 @@
 
 Each case trains on a few random-image shards written to a temporary folder, with the offline teacher
 (EfficientNet-Lite0), a random-backbone LPIPS of the LPIPS compute cost, and the GAN on, so one step costs
-what a real step costs. ``teacher_share`` is the teacher's forward time over the whole step time.
-Prints one JSON document. About a minute on 2 cores (the sd-f8c4 steps dominate).
+what a real step costs. ``teacher_share`` is the teacher's forward CPU time over the whole step's CPU time.
+Times are wall-clock and process CPU seconds; torch uses ``--threads`` intra-op threads (default 1: on a
+shared 2-core machine more threads spin and slow every step down). Prints one JSON document; a few
+minutes on 2 cores (the sd-f8c4 steps dominate).
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import tempfile
@@ -54,26 +57,31 @@ def bench_case(name: str, tmp: str) -> dict:
                        for i in range(batch)])
     x = to_model_images(images, torch.device("cpu"))
     trainer.train_step(x)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         trainer.train_step(x)
-    step_s = (time.perf_counter() - start) / steps
-    start = time.perf_counter()
+    step_s, step_cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for _ in range(steps):
             trainer.teacher((x + 1) / 2)
-    teacher_s = (time.perf_counter() - start) / steps
+    teacher_s, teacher_cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
     params = sum(p.numel() for p in trainer.model.vae.parameters())
     return {"image_size": size, "batch_size": batch, "latent_shape": trainer.latent_shape,
-            "vae_params_m": round(params / 1e6, 2), "step_s": round(step_s, 4),
+            "vae_params_m": round(params / 1e6, 2), "step_s": round(step_s, 4), "step_cpu_s": round(step_cpu, 4),
             "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 2),
             "teacher": trainer.teacher.description, "teacher_s": round(teacher_s, 4),
-            "teacher_share": round(teacher_s / step_s, 3)}
+            "teacher_cpu_s": round(teacher_cpu, 4), "teacher_share": round(teacher_cpu / step_cpu, 3)}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="VAE configs to time")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-vae-") as tmp:
-        results = {name: bench_case(name, tmp) for name in CASES}
+        results = {name: bench_case(name, tmp) for name in args.cases}
     print(json.dumps({"device": "cpu", "torch_threads": torch.get_num_threads(),
                       "perceptual": "random-backbone vgg LPIPS (same compute as LPIPS)", "gan": "on",
                       "cases": results}, indent=2))

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve the pipeline, stage and reencode deployments")
     p.add_argument("--config", help="pipeline YAML whose settings pre-fill the deployments (default configs/demo.yaml)")
+    p.add_argument("--output", help="run root of the deployments (default: $REALS_RUNS_URL/<name>, else the config's)")
+    p.add_argument("--local-dir", help="local folder shared by the Ray nodes (needed when the run root is on S3)")
     p.add_argument("--with-server", action="store_true", help="first start a local Prefect server on 127.0.0.1:4200")
     p.add_argument("--reencode-cron", help="cron schedule of reencode, UTC (default nightly: 0 3 * * *)")
     p = sub.add_parser("run-stage", help="run a training stage from a JSON config (used by torchrun)")
@@ -35,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", required=True, help="file rank 0 writes the summary JSON to")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from flows.deployments import DEFAULT_REENCODE_CRON, serve_deployments
+        from flows.deployments import DEFAULT_REENCODE_CRON, serve_config, serve_deployments
         from pipelines import StageError
 
         try:
-            serve_deployments(args.config, args.with_server, args.reencode_cron or DEFAULT_REENCODE_CRON)
+            serve_deployments(serve_config(args.config, args.output, args.local_dir), args.with_server,
+                              args.reencode_cron or DEFAULT_REENCODE_CRON)
         except StageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -3,21 +3,35 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 
 from prefect import serve
+from pydantic import ValidationError
 
 from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from flows.runtime import start_server
 from flows.stages import STAGE_FLOWS, TRAINING
 from pipelines import StageError
+from storage.fs import join
 
 DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
 TAGS = ["reals"]
 
 
+def check_cron(cron: str) -> None:
+    """Refuse a cron expression Prefect cannot schedule, in one line."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError as e:
+        raise StageError(f"invalid reencode cron {cron!r}: {e.errors()[0]['msg']}") from None
+
+
 def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENCODE_CRON) -> list:
     """The deployments ``serve`` runs; stage forms are pre-filled with the pipeline config's stage settings."""
+    check_cron(reencode_cron)
     params = {"config": config.model_dump(mode="json")}
     deployments = [reals_pipeline.to_deployment("reals-pipeline", parameters=params, tags=TAGS,
                                                 description="the whole chain; complete stages are skipped"),
@@ -57,12 +71,23 @@ def local_server():
             os.environ["PREFECT_API_URL"] = old
 
 
-def serve_deployments(config_file: str | None = None, with_server: bool = False,
+def serve_config(config_file: str | None = None, output: str | None = None,
+                 local_dir: str | None = None) -> PipelineConfig:
+    """The pipeline config the deployments are pre-filled with; without ``output``, runs go under
+    ``$REALS_RUNS_URL`` (when set) in a folder named like the config's own output."""
+    config = load_pipeline_config(config_file, output=output, local_dir=local_dir)
+    runs = os.environ.get("REALS_RUNS_URL")
+    if output is None and runs:
+        config = config.model_copy(update={"output": join(runs, PurePosixPath(config.output).name)})
+    return config
+
+
+def serve_deployments(config: PipelineConfig, with_server: bool = False,
                       reencode_cron: str = DEFAULT_REENCODE_CRON) -> None:
     """Serve every deployment until interrupted (with ``with_server``: on a local Prefect server)."""
     from prefect.settings import PREFECT_API_URL
 
-    config = load_pipeline_config(config_file)
+    plan_steps(config)  # a bad config fails before anything is served
     if with_server:
         with local_server():
             print("Prefect UI: http://127.0.0.1:4200")

@@ -10,7 +10,7 @@ from prefect.states import Completed
 from pydantic import BaseModel
 
 from flows import artifacts
-from flows.plan import Layout, PipelineConfig, Step, missing, plan_steps, write_record
+from flows.plan import PipelineConfig, Step, layout, missing, plan_steps, write_record
 from flows.stages import STAGE_FLOWS, TRAINING, encode_flow, shard_flow
 from pipelines.encode import EncodeSummary
 from pipelines.report import ReportConfig, ReportSummary, write_report
@@ -55,11 +55,11 @@ def publish_report(summary: ReportSummary) -> None:
         artifacts.image(f"report-{name}", url, name.replace("_", " "))
 
 
-@flow(name="reals-pipeline", log_prints=True)
+@flow(name="reals-pipeline", flow_run_name="pipeline {config.output}", log_prints=True)
 def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
     """From a dataset folder to metrics: every stage in order, those already complete skipped."""
     steps = plan_steps(config)
-    at = Layout(to_url(config.output))
+    at = layout(config)
     ran: set[str] = set()
     rows: list[dict] = []
     for step in steps:

@@ -32,10 +32,13 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output: str = Field("runs/demo", description="run root (local or s3://): every stage writes under it")
-    data_path: str | None = Field(None, description="ImageNet-layout folder with train/ and val/; "
-                                                    "default: a synthetic dataset written to <output>/data")
+    local_dir: str | None = Field(None, description="local folder, shared by the Ray nodes, for what must be "
+                                                    "local (synthetic data, the converted VAE); default: output")
+    data_path: str | None = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
+                                                    "by the Ray nodes); default: <local_dir>/data")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
-    synthetic: dict[str, Any] = Field(default_factory=dict, description="SyntheticConfig fields")
+    synthetic: dict[str, Any] | None = Field(None, description="SyntheticConfig fields: when set, a synthetic "
+                                                               "dataset is written to data_path first")
     shard: dict[str, Any] = Field(default_factory=dict, description="ShardConfig fields (both splits)")
     train_vae: dict[str, Any] = Field(default_factory=dict, description="TrainVAEConfig fields")
     convert: dict[str, Any] = Field(default_factory=dict, description="ConvertConfig fields")
@@ -68,17 +71,50 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage writes under the run root."""
+    """Where each stage writes: under the run root, or under the local folder for what must be local."""
 
     root: str
+    local: str
 
-    def __getattr__(self, name: str) -> str:
-        parts = {"data": "data", "shards": "shards", "vae_run": "vae", "vae_dir": "vae-reals", "store": "latents",
-                 "sit_run": "sit", "samples": "samples/samples.npz", "reference": "reference/val.npz",
-                 "metrics": "metrics.json", "report": "report", "records": "pipeline"}
-        if name not in parts:
-            raise AttributeError(name)
-        return join(self.root, parts[name])
+    @property
+    def data(self) -> str:
+        return os.path.join(self.local, "data")
+
+    @property
+    def vae_dir(self) -> str:
+        return os.path.join(self.local, "vae-reals")
+
+    @property
+    def shards(self) -> str:
+        return join(self.root, "shards")
+
+    @property
+    def vae_run(self) -> str:
+        return join(self.root, "vae")
+
+    @property
+    def store(self) -> str:
+        return join(self.root, "latents")
+
+    @property
+    def sit_run(self) -> str:
+        return join(self.root, "sit")
+
+    @property
+    def samples(self) -> str:
+        return join(self.root, "samples", "samples.npz")
+
+    @property
+    def reference(self) -> str:
+        return join(self.root, "reference", "val.npz")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.root, "metrics.json")
+
+    @property
+    def report(self) -> str:
+        return join(self.root, "report")
 
 
 @dataclass(frozen=True)
@@ -101,9 +137,22 @@ def _config(cls: type[StageConfig], section: str, layout_values: dict, given: di
 
 
 def _has_val(pc: PipelineConfig, data_path: str) -> bool:
-    if pc.data_path is None:
+    if pc.synthetic is not None:
         return int(pc.synthetic.get("val_per_class", 0)) > 0
     return os.path.isdir(os.path.join(data_path.removeprefix("file://"), "val"))
+
+
+def layout(pc: PipelineConfig) -> Layout:
+    """The run's layout; ``local_dir`` defaults to the run root when that is local."""
+    root = to_url(pc.output)
+    local = pc.local_dir
+    if local is None:
+        fs, path = filesystem(root)
+        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            raise StageError(f"output {pc.output} is not local: give local_dir, a local folder shared by the Ray "
+                             "nodes, for the synthetic data and the converted VAE")
+        local = path
+    return Layout(root, os.path.abspath(os.path.expanduser(local.removeprefix("file://"))))
 
 
 def plan_steps(pc: PipelineConfig) -> list[Step]:
@@ -117,16 +166,17 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
     from pipelines.train_sit import TrainSiTConfig
     from pipelines.train_vae import TrainVAEConfig
 
-    at = Layout(to_url(pc.output))
-    steps: list[Step] = []
-    if pc.data_path is None:
-        fs, _ = filesystem(at.root)
-        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise StageError(f"output {pc.output} is not local: give data_path (the synthetic data is written locally)")
-        steps.append(Step("synthetic", "synthetic", _config(SyntheticConfig, "synthetic", {"output": at.data},
-                                                            pc.synthetic), ()))
+    at = layout(pc)
     data = pc.data_path or at.data
-    source = ("synthetic",) if pc.data_path is None else ()
+    steps: list[Step] = []
+    if pc.synthetic is not None:
+        if "://" in data and not data.startswith("file://"):
+            raise StageError(f"data_path {data} is not local: the synthetic dataset is written to a local folder")
+        steps.append(Step("synthetic", "synthetic", _config(SyntheticConfig, "synthetic", {"output": data},
+                                                            pc.synthetic), ()))
+    elif pc.data_path is None:
+        raise StageError("the pipeline config needs data_path (an ImageNet-layout folder) or a synthetic section")
+    source = ("synthetic",) if pc.synthetic is not None else ()
     steps.append(Step("shard-train", "shard", _config(ShardConfig, "shard", {"data_path": data, "output": at.shards},
                                                       pc.shard, {"split": "train"}), source))
     val = _has_val(pc, data)
@@ -161,7 +211,7 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
 # ---------------------------------------------------------------------------------------------------
 
 def record_url(root: str, step: Step) -> str:
-    return join(Layout(to_url(root)).records, f"{step.name}.json")
+    return join(to_url(root), "pipeline", f"{step.name}.json")
 
 
 def write_record(root: str, step: Step, seconds: float) -> None:

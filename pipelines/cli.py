@@ -22,6 +22,8 @@ STAGE_MODULES = [
     "pipelines.train_sit",
     "pipelines.sample",
     "pipelines.evaluate",
+    "pipelines.train_evaluator",
+    "pipelines.experiment",
     "pipelines.downstream",
     "pipelines.orchestrate",
 ]

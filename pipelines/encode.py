@@ -157,15 +157,11 @@ class EncodeWorker:
         return {"name": t.name, "input_size": t.input_size, "description": t.description, "width": t.width,
                 "grid": list(t.grid)}
 
-    def _store(self, group_url: str) -> LatentStore:
-        if group_url not in self._stores:
-            import zarr
-
-            from storage.latent_store import zarr_store
-
-            group = zarr.open_group(zarr_store(group_url), mode="r+", zarr_format=3)
-            self._stores[group_url] = LatentStore(group, group_url, group_url.rsplit("/", 1)[0])
-        return self._stores[group_url]
+    def _store(self, unit: dict) -> LatentStore:
+        url = unit["group_url"]
+        if url not in self._stores:
+            self._stores[url] = LatentStore.open_for_vae(url, unit["vae_fingerprint"], unit["latent_shape"])
+        return self._stores[url]
 
     def encode_shard(self, unit: dict) -> dict:
         """Encode (or, with ``verify``, check and keep) one source shard; retried on any error."""
@@ -181,7 +177,7 @@ class EncodeWorker:
         return {"shard": unit["name"], "status": "failed", "error": error, "attempts": self.retries}
 
     def _encode_shard(self, unit: dict) -> dict:
-        store = self._store(unit["group_url"])
+        store = self._store(unit)
         status = "encoded"
         if unit.get("marker"):
             if store.stored_checksum(unit["marker"]) == unit["marker"]["checksum"]:
@@ -373,8 +369,8 @@ def run(config: EncodeConfig) -> EncodeSummary:
                     provenance=_provenance(config, vae, manifest, info, latent_shape))
             rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
             for u in units:
-                u.update(group_url=store.url, row_start=rows[u["name"]]["row_start"],
-                         capacity=rows[u["name"]]["capacity"])
+                u.update(group_url=store.url, vae_fingerprint=fp, latent_shape=list(latent_shape),
+                         row_start=rows[u["name"]]["row_start"], capacity=rows[u["name"]]["capacity"])
             skipped_now = len(shards) - len(units)
             if skipped_now:
                 print(f"skipping {skipped_now} of {len(shards)} shards already encoded in {store.url}")

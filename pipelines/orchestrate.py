@@ -22,9 +22,11 @@ def _quiet_defaults() -> None:
 
 def _run(config) -> int:
     from flows.pipeline import reals_pipeline
+    from flows.plan import plan_steps
     from flows.runtime import prefect_api
 
     t0 = time.perf_counter()
+    plan_steps(config)  # a bad config fails here, before any server starts
     with prefect_api() as api:
         summary = reals_pipeline(config)
     console = Console()
@@ -46,7 +48,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     _quiet_defaults()
     from flows.plan import load_pipeline_config
 
-    return _run(load_pipeline_config(args.config, output=args.output))
+    return _run(load_pipeline_config(args.config, output=args.output, local_dir=args.local_dir))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -58,9 +60,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     _quiet_defaults()
-    from flows.deployments import serve_deployments
+    from flows.deployments import serve_config, serve_deployments
 
-    serve_deployments(args.config, args.with_server, args.reencode_cron)
+    serve_deployments(serve_config(args.config, args.output, args.local_dir), args.with_server, args.reencode_cron)
     return 0
 
 
@@ -72,6 +74,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--config", help="pipeline YAML: output, data_path and one section per stage "
                                     "(default configs/demo.yaml)")
     p.add_argument("--output", help="run root, overriding the config's output (local path or s3://)")
+    p.add_argument("--local-dir", help="local folder shared by the Ray nodes for the synthetic data and the converted "
+                                       "VAE (needed when the run root is on S3; default: the run root)")
     p.set_defaults(handler=_pipeline)
 
     p = subparsers.add_parser("demo", help="the whole chain on the embedded CPU defaults, from nothing to metrics",
@@ -83,6 +87,9 @@ def add_cli(subparsers) -> None:
                               description="Serve the deployments (reals-pipeline, one per stage, reencode on a cron "
                                           "schedule) until interrupted.")
     p.add_argument("--config", help="pipeline YAML whose settings pre-fill the deployments (default configs/demo.yaml)")
+    p.add_argument("--output", help="run root of the deployments (default: $REALS_RUNS_URL/<config output name> when "
+                                    "set, else the config's output)")
+    p.add_argument("--local-dir", help="local folder shared by the Ray nodes (needed when the run root is on S3)")
     p.add_argument("--with-server", action="store_true",
                    help="first start a local Prefect server (SQLite) on 127.0.0.1:4200 and use it")
     p.add_argument("--reencode-cron", default="0 3 * * *",

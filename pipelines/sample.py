@@ -12,7 +12,6 @@ with ``--save-latents``) and writes a PNG grid of the first 64 samples next to i
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -306,11 +305,11 @@ class SampleWorker:
         np.savez(buf, **arrays)
         data = buf.getvalue()
         write_bytes_atomic(part_url(parts, start, end, "npz"), data)
-        write_json(part_url(parts, start, end, "json"),
-                   {"start": start, "end": end, "count": end - start, "run": self.spec["run"],
-                    "sha256": sha256_bytes(data), "nfe": self.sampler.nfe})
-        return {"start": start, "end": end, "count": end - start, "seconds": time.perf_counter() - t0,
-                "nfe": self.sampler.nfe}
+        marker = {"start": start, "end": end, "count": end - start, "run": self.spec["run"],
+                  "sha256": sha256_bytes(data), "nfe": self.sampler.nfe,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        write_json(part_url(parts, start, end, "json"), marker)
+        return marker
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -505,8 +504,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--per-proc-batch-size", type=int, help=_help("per_proc_batch_size") + " (default 32)")
     p.add_argument("--unit-size", type=int, help=_help("unit_size") + " (default 128)")
     p.add_argument("--global-seed", type=int, help=_help("global_seed") + " (default 0)")
-    p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=None,
-                   help=_help("use_ema") + " (default: yes)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--use-ema", dest="use_ema", action="store_const", const=True,
+                     help=_help("use_ema") + " (the default)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
+                     help="use the raw (non-EMA) training weights")
     p.add_argument("--save-latents", action="store_const", const=True, help=_help("save_latents"))
     p.add_argument("--workers", type=int, help=_help("workers"))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")

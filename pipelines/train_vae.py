@@ -91,7 +91,7 @@ class TrainVAEConfig(StageConfig):
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (LDM's)")
     batch_size: int = Field(8, gt=0, description="images per step per process")
     max_epoch: int | None = Field(None, gt=0, description="stop after this many epochs")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many steps")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many steps (with --max-epoch too: whichever comes first)")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay of the VAE and heads")
     shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer size (1 = shard order)")
     seed: int = Field(0, description="seed of initialisation, data order and posterior noise")

@@ -174,6 +174,7 @@ class SiT(nn.Module):
             raise ReaLSError(f"SiT: input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ReaLSError(f"SiT: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        # Constructor arguments, saved with checkpoints so that SiT(**config) rebuilds the model.
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,

@@ -4,7 +4,8 @@ Each epoch the done rows are ordered by a seeded permutation of their row chunks
 rank), cut into one contiguous segment per rank, and read in pools of ``shuffle_buffer`` rows; each pool
 is shuffled in memory, then every sample gets the flipped or unflipped posterior at random and
 ``z = mean + std * eps``. Everything is a function of ``(seed, epoch, rank)``. Rows without a
-done-marker are never served. A background thread prefetches batches.
+done-marker are never served. A background thread prefetches batches. With ``drop_last`` (the default)
+every rank yields the same number of full batches, as DDP needs; without it ranks may differ by one.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ _END = object()
 
 
 def default_memory_limit() -> int:
-    """Bytes a store may take in RAM under ``in_memory="auto"``: a quarter of physical memory, at most 16 GiB."""
+    """Bytes one loader may hold under ``in_memory="auto"``: a quarter of physical memory shared by the
+    node's ranks (``LOCAL_WORLD_SIZE``, as torchrun sets it), at most 16 GiB."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(total // 4, 16 << 30)
+    return min(total // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 16 << 30)
 
 
 class LatentLoader:

@@ -273,6 +273,7 @@ class LatentStore:
     def markers(self) -> dict[str, dict]:
         """Every done-marker of this version, by source shard name (fetched concurrently)."""
         fs, path = filesystem(join(self.url, MARKERS))
+        fs.invalidate_cache(path)  # workers in other processes add markers
         if not fs.exists(path):
             return {}
         paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
@@ -291,7 +292,7 @@ class LatentStore:
         """Whether a marker belongs to this version's row map entry (and to the same source shard bytes)."""
         if not marker:
             return False
-        return (marker.get("vae_fingerprint") == self.attrs["vae_fingerprint"]
+        return (marker.get("vae_fingerprint") == self.group.attrs["vae_fingerprint"]
                 and marker.get("row_start") == entry["row_start"]
                 and 0 <= marker.get("count", -1) <= entry["capacity"]
                 and marker.get("arrays") == self.array_names

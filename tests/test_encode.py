@@ -187,7 +187,8 @@ def test_a_failing_unit_is_retried_before_its_marker(encoded, tiny_shards, vae_d
     marker_url = store.marker_url(entry["name"])
     store.array("mean")[32:40] = np.zeros((8, 4, 8, 8), np.float16)
     unit = {"name": entry["name"], "url": f"{tiny_shards}/{entry['name']}", "source_sha256": None, "marker": None,
-            "group_url": store.url, "row_start": entry["row_start"], "capacity": entry["capacity"]}
+            "group_url": store.url, "vae_fingerprint": summary.vae_fingerprint, "latent_shape": [4, 8, 8],
+            "row_start": entry["row_start"], "capacity": entry["capacity"]}
     worker = EncodeWorker(vae_dirs[0], "tiny-dinov2", 28, "cpu", batch_size=32, retries=2, retry_delay=0)
     real_write = LatentStore.write_rows
     calls = []

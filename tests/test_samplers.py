@@ -16,7 +16,7 @@ class GaussianMixtureFlow:
 
     def __init__(self, transport, weights, means, stds):
         self.transport = transport
-        self.w, self.m, self.s = torch.tensor(weights, dtype=f64), torch.tensor(means, dtype=f64), torch.tensor(stds, dtype=f64)
+        self.w, self.m, self.s = (torch.tensor(v, dtype=f64) for v in (weights, means, stds))
 
     def __call__(self, x, t, y=None):
         path = self.transport.path
@@ -24,7 +24,8 @@ class GaussianMixtureFlow:
         s2 = self.s[None, :, None] ** 2
         var = a ** 2 * s2 + sg ** 2  # [B, K, 1]
         diff = x[:, None, :] - a * self.m[None]  # [B, K, D]
-        log_r = torch.log(self.w)[None] - 0.5 * (diff ** 2).sum(-1) / var[..., 0] - 0.5 * x.shape[1] * torch.log(var[..., 0])
+        v = var[..., 0]
+        log_r = torch.log(self.w)[None] - 0.5 * (diff ** 2).sum(-1) / v - 0.5 * x.shape[1] * torch.log(v)
         r = torch.softmax(log_r, dim=1)[..., None]
         velocity = (r * (da * self.m[None] + (da * a * s2 + dsg * sg) / var * diff)).sum(1)
         score = (r * (-diff / var)).sum(1)
@@ -150,7 +151,9 @@ def test_nfe_and_trajectory():
     ]:
         model = CountingModel(mixture(transport))
         x, trajectory = sampler(x0, model, return_trajectory=True)
-        assert sampler.nfe == model.calls and sampler.nfe == (expected_nfe or sampler.nfe) > 0
+        assert sampler.nfe == model.calls > 0
+        if expected_nfe is not None:
+            assert sampler.nfe == expected_nfe
         assert trajectory.shape == (states, 4, 2)
         assert torch.equal(trajectory[0], x0) and torch.equal(trajectory[-1], x)
     with pytest.raises(ReaLSError, match="unknown ODE method"):
@@ -210,7 +213,8 @@ def test_guidance_interval_is_on_the_noise_level_axis():
     x1 = ODESampler(create_transport(), "euler", 8)(x, cfg, y=y)
     assert torch.allclose(x1, torch.full_like(x1, 2 / 8 + 6 / 8 * scale))
     counting = CountingModel(model)
-    ODESampler(create_transport(), "euler", 8)(x, ClassifierFreeGuidance(counting, scale, 10, guidance_interval=(0.0, 0.75)), y=y)
+    cfg_counted = ClassifierFreeGuidance(counting, scale, null_class=10, guidance_interval=(0.0, 0.75))
+    ODESampler(create_transport(), "euler", 8)(x, cfg_counted, y=y)
     assert counting.calls == 8  # one (doubled or plain) model call per step
 
 

@@ -1,0 +1,241 @@
+"""Stage `train-evaluator`: train the domain evaluator (a small CNN classifier) on a dataset's shards.
+
+It learns the training split's classes from scratch, so it knows nothing of any teacher; its held-out
+accuracy on the validation split is measured and saved with it. The evaluator's penultimate features are
+the ``domain`` feature space of ``FD_domain`` and its logits give the conditional accuracy of samples
+(``reals.evaluator``). Both splits are held in memory as uint8 arrays: this is sized for the experiment's
+datasets (tens of thousands of small images), not for ImageNet.
+
+Output (a local folder): ``evaluator.safetensors`` and ``evaluator.json`` (model config, training settings,
+data fingerprint, val accuracy), the json last. A re-run with the same settings and data is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.config import StageConfig, config_from_args
+from pipelines.parallel import progress_bar
+from reals import ReaLSError
+from reals.evaluator import CONFIG_FILE, WEIGHTS_FILE, DomainClassifier
+from storage.markers import fingerprint, read_json
+from storage.shards import iter_shards, read_manifest, shard_urls
+
+# settings that change the trained weights (the rest only change how the run is shown or where it runs)
+TRAINING_KEYS = ("split", "val_split", "steps", "batch_size", "lr", "weight_decay", "width", "stages", "dropout",
+                 "seed")
+
+
+class TrainEvaluatorConfig(StageConfig):
+    """Inputs of `reals train-evaluator`."""
+
+    data_path: str = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
+    output: str = Field(description="local folder to write evaluator.safetensors and evaluator.json into")
+    split: str = Field("train", description="split to train on")
+    val_split: str = Field("val", description="held-out split whose accuracy is reported")
+    steps: int = Field(1000, ge=1, description="optimiser steps")
+    batch_size: int = Field(128, ge=2, description="images per step")
+    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate (linear warm-up, cosine decay)")
+    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay")
+    width: int = Field(32, ge=4, description="channels of the first stage (doubled at every stage)")
+    stages: int = Field(3, ge=1, le=6, description="stride-2 stages; features are width * 2**(stages-1) wide")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classification head")
+    seed: int = Field(0, ge=0, description="seed of the weights, batches and augmentation")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda")
+    show_progress: bool = Field(True, description="show a progress bar")
+
+
+class TrainEvaluatorSummary(BaseModel):
+    """What `reals train-evaluator` did."""
+
+    output: str
+    steps: int
+    num_classes: int
+    resolution: int
+    feature_dim: int
+    parameters: int
+    train_images: int
+    val_images: int
+    train_accuracy: float = Field(description="accuracy on the training split, without augmentation")
+    val_accuracy: float = Field(description="accuracy on the held-out split")
+    chance: float = Field(description="1 / number of classes")
+    final_loss: float
+    seconds: float
+    skipped: bool = Field(description="an evaluator with the same settings and data was already there")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+def load_split(data_path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All decodable images (uint8 NHWC) and labels of a split, in shard order."""
+    manifest = read_manifest(data_path)
+    if split not in manifest.get("splits", {}):
+        raise StageError(f"split {split!r} not in {data_path} (has {sorted(manifest.get('splits', {}))}); "
+                         "shard it first with `reals shard --split`")
+    samples = list(iter_shards(shard_urls(data_path, split), shuffle=0, split_by_worker=False, skipped=[]))
+    if not samples:
+        raise StageError(f"split {split!r} of {data_path} has no decodable images")
+    shapes = {s["image"].shape for s in samples}
+    if len(shapes) > 1:
+        raise StageError(f"split {split!r} of {data_path} mixes image shapes {sorted(shapes)}; shard it with a "
+                         "fixed --resolution")
+    return np.stack([s["image"] for s in samples]), np.array([s["cls"] for s in samples], dtype=np.int64)
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and translations of up to 1/8 of the side (reflect padding)."""
+    b, _, h, w = images.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def to_unit(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.no_grad()
+def accuracy(model: DomainClassifier, images: np.ndarray, labels: np.ndarray, device: torch.device,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy of the model in eval mode."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(images), batch_size):
+        _, logits = model(to_unit(images[i:i + batch_size], device))
+        hits += int((logits.argmax(1).cpu().numpy() == labels[i:i + batch_size]).sum())
+    return hits / len(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _local_dir(url: str) -> Path:
+    if "://" in url and not url.startswith("file://"):
+        raise StageError(f"--output must be a local folder, got {url}")
+    return Path(url.removeprefix("file://")).expanduser().resolve()
+
+
+def _summary(out: Path, info: dict, skipped: bool) -> TrainEvaluatorSummary:
+    return TrainEvaluatorSummary(output=str(out), skipped=skipped,
+                                 **{k: info[k] for k in TrainEvaluatorSummary.model_fields if k in info})
+
+
+def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
+    """Train the evaluator and save it with its held-out accuracy (skipped when already trained the same way)."""
+    out = _local_dir(config.output)
+    manifest = read_manifest(config.data_path)
+    training = {k: getattr(config, k) for k in TRAINING_KEYS}
+    identity = {"training": training, "data_fingerprint": manifest.get("fingerprint")}
+    old = read_json(str(out / CONFIG_FILE)) if (out / WEIGHTS_FILE).is_file() else None
+    if old and old.get("identity") == fingerprint(identity):
+        return _summary(out, old, skipped=True)
+
+    t0 = time.perf_counter()
+    device = _device(config.device)
+    images, labels = load_split(config.data_path, config.split)
+    val_images, val_labels = load_split(config.data_path, config.val_split)
+    num_classes = len(manifest["classes"])
+    torch.manual_seed(config.seed)
+    try:
+        model = DomainClassifier(num_classes, images.shape[1], config.width, config.stages, config.dropout).to(device)
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / config.steps)))))
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    order, pos, losses = rng.permutation(len(images)), 0, []
+    batch = min(config.batch_size, len(images))
+    with progress_bar(disable=not config.show_progress) as bar:
+        task = bar.add_task("train-evaluator", total=config.steps)
+        for _ in range(config.steps):
+            if pos + batch > len(order):
+                order, pos = rng.permutation(len(images)), 0
+            idx = np.sort(order[pos:pos + batch])
+            pos += batch
+            model.train()
+            x = augment(to_unit(images[idx], torch.device("cpu")), gen).to(device)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.advance(task)
+    info = {
+        "identity": fingerprint(identity), **identity, "data_path": config.data_path,
+        "classes": manifest["classes"], "steps": config.steps, "num_classes": num_classes,
+        "resolution": int(images.shape[1]), "feature_dim": model.feature_dim,
+        "parameters": sum(p.numel() for p in model.parameters()), "train_images": len(images),
+        "val_images": len(val_images), "train_accuracy": accuracy(model, images, labels, device),
+        "val_accuracy": accuracy(model, val_images, val_labels, device), "chance": 1.0 / num_classes,
+        "final_loss": float(np.mean(losses[-max(1, config.steps // 20):])),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    model.cpu().save_pretrained(out, info)
+    return _summary(out, info, skipped=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _help(name: str) -> str:
+    return TrainEvaluatorConfig.model_fields[name].description
+
+
+def _handle(args: argparse.Namespace) -> int:
+    s = run(config_from_args(TrainEvaluatorConfig, args))
+    verb = "already trained" if s.skipped else f"trained {s.steps} steps in {s.seconds:.0f} s"
+    print(f"train-evaluator: {verb}: {s.num_classes} classes at {s.resolution}px, {s.parameters} parameters, "
+          f"{s.feature_dim}-d features -> {s.output}")
+    print(f"  accuracy: val {s.val_accuracy:.3f} on {s.val_images} held-out images (chance {s.chance:.3f}), "
+          f"train {s.train_accuracy:.3f} on {s.train_images}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``reals train-evaluator``."""
+    p = subparsers.add_parser("train-evaluator", help="train the domain evaluator (CNN classifier) for FD_domain",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", dest="data_path", required=True, help=_help("data_path"))
+    p.add_argument("--output", required=True, help=_help("output"))
+    p.add_argument("--config", help="YAML file of TrainEvaluatorConfig fields (flags override it)")
+    p.add_argument("--split", help=_help("split") + " (default train)")
+    p.add_argument("--val-split", dest="val_split", help=_help("val_split") + " (default val)")
+    p.add_argument("--steps", type=int, help=_help("steps") + " (default 1000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=_help("batch_size") + " (default 128)")
+    p.add_argument("--lr", type=float, help=_help("lr") + " (default 2e-3)")
+    p.add_argument("--width", type=int, help=_help("width") + " (default 32)")
+    p.add_argument("--stages", type=int, help=_help("stages") + " (default 3)")
+    p.add_argument("--seed", type=int, help=_help("seed") + " (default 0)")
+    p.add_argument("--device", help=_help("device") + " (default auto)")
+    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
+                   help="hide the progress bar")
+    p.set_defaults(handler=_handle)

@@ -1,0 +1,123 @@
+"""docker-compose.yml: valid against the compose specification, and every environment variable the code reads
+is set for the services that run the code; secrets come from .env, which is never committed."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(__file__).resolve().parents[2] / "shared/schemas/compose-spec.json"
+CODE = ("reals", "storage", "pipelines", "flows")
+CODE_SERVICES = ("ray-head", "ray-worker", "pipeline-worker")  # the services that run this package
+
+# Variables the code reads that a deployment need not set, and why.
+OPTIONAL = {
+    "REALS_DEBUG": "debug: the CLI shows tracebacks",
+    "AWS_ENDPOINT_URL_S3": "override of AWS_ENDPOINT_URL for S3 alone",
+    "REALS_DINOV2_DIR": "override of where DINOv2 weights are looked up (default: the HF cache)",
+    "REALS_INCEPTION_WEIGHTS": "override of where the FID-Inception weights are looked up (default: torch hub's)",
+    "RANK": "set per process by torchrun / Ray Train",
+    "LOCAL_RANK": "set per process by torchrun / Ray Train",
+    "WORLD_SIZE": "set per process by torchrun / Ray Train",
+}
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _env_name(node: ast.AST, constants: dict[str, str]) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name):
+        return constants.get(node.id)
+    return None
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) \
+        and node.value.id == "os"
+
+
+def env_reads(source: str) -> set[str]:
+    """Names read by ``os.environ[...]``, ``os.environ.get/setdefault(...)`` and ``os.getenv(...)``."""
+    tree = ast.parse(source)
+    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                 for t in n.targets if isinstance(t, ast.Name)}
+    names = set()
+    for node in ast.walk(tree):
+        arg = None
+        if isinstance(node, ast.Subscript) and _is_environ(node.value) and isinstance(node.ctx, ast.Load):
+            arg = node.slice
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute):
+            f = node.func
+            if (f.attr in ("get", "setdefault") and _is_environ(f.value)) or (
+                    f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os"):
+                arg = node.args[0]
+        if arg is not None and (name := _env_name(arg, constants)):
+            names.add(name)
+    return names
+
+
+def code_env_reads() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for package in CODE:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in env_reads(path.read_text()):
+                found.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+def dockerfile_env() -> set[str]:
+    """Variables the image itself sets (``ENV`` lines)."""
+    names = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV "):
+            names.update(re.findall(r"([A-Z_][A-Z0-9_]*)=", line))
+    return names
+
+
+def test_compose_file_matches_the_compose_specification():
+    if not SCHEMA.is_file():
+        pytest.skip(f"compose specification schema not found at {SCHEMA}")
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose()), key=lambda e: list(e.path))
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
+
+
+def test_the_scan_finds_reads_of_every_form():
+    source = 'import os\nNAME = "C"\nos.environ["A"]\nos.environ.get("B")\nos.getenv(NAME)\n' \
+             'os.environ.setdefault("D", "1")\nos.environ["E"] = "x"\nos.environ.pop("F", None)\n'
+    assert env_reads(source) == {"A", "B", "C", "D"}
+
+
+def test_every_variable_the_code_reads_is_set_for_the_services_that_run_it():
+    reads = code_env_reads()
+    assert {"RAY_ADDRESS", "PREFECT_API_URL", "AWS_ENDPOINT_URL"} <= set(reads)  # the scan sees the code
+    services = compose()["services"]
+    image_env = dockerfile_env()
+    missing = {}
+    for name in CODE_SERVICES:
+        env = services[name].get("environment") or {}
+        env = set(env) if isinstance(env, dict) else {e.split("=", 1)[0] for e in env}
+        unset = sorted(v for v in reads if v not in env | image_env | set(OPTIONAL))
+        if unset:
+            missing[name] = {v: reads[v] for v in unset}
+    assert not missing, f"variables read by the code but not set in docker-compose.yml: {missing}"
+
+
+def test_secrets_come_from_an_uncommitted_env_file():
+    gitignore = (ROOT / ".gitignore").read_text().split()
+    assert ".env" in gitignore
+    used = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", (ROOT / "docker-compose.yml").read_text()))
+    example = {line.split("=", 1)[0].strip() for line in (ROOT / ".env.example").read_text().splitlines()
+               if "=" in line and not line.lstrip().startswith("#")}
+    assert used and used <= example, f"missing from .env.example: {sorted(used - example)}"

@@ -1,0 +1,271 @@
+"""Prefect flows: the end-to-end pipeline on micro data (artifacts in the API, complete stages skipped on a
+re-run), retries on transient storage errors, torchrun training, deployments and their schedule, the CLI."""
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
+from pipelines import StageError
+from storage.markers import read_json
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+MICRO = {
+    "synthetic": {"classes": 4, "per_class": 12, "val_per_class": 6, "size": 32},
+    "shard": {"resolution": 32, "shard_size": 24, "workers": 2, "show_progress": False},
+    "train_vae": {"vae_config": "tiny", "dino_model": "tiny-dinov2", "perceptual": "none", "align_hidden_dim": 32,
+                  "disc_channels": 8, "disc_layers": 2, "lr": 2e-3, "shuffle_buffer": 16, "ema_decay": 0.9,
+                  "batch_size": 8, "max_steps": 4, "log_every": 2, "sample_every": 4, "show_progress": False},
+    "convert": {"num_samples": 32, "batch_size": 16, "show_progress": False},
+    "encode": {"workers": 1, "batch_size": 16, "show_progress": False},
+    "train_sit": {"model": "SiT-T/4", "global_batch_size": 8, "max_steps": 4, "log_every": 2, "sample_every": 0,
+                  "show_progress": False},
+    "sample": {"num_sampling_steps": 2, "sampling_method": "euler", "num_fid_samples": 16, "cfg_scale": 1.0,
+               "per_proc_batch_size": 8, "unit_size": 8, "workers": 1, "show_progress": False},
+    "make_reference": {"show_progress": False},
+    "evaluate": {"features": ["effnet"], "batch_size": 16, "show_progress": False},
+}
+STAGES = ["synthetic", "shard-train", "shard-val", "train-vae", "convert", "encode", "train-sit", "sample",
+          "make-reference", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _client():
+    from prefect import get_client
+
+    return get_client(sync_client=True)
+
+
+def _subflow_runs(client, parent_id) -> dict:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+    return {r.name: r for r in runs}
+
+
+def _artifacts(client, flow_run_ids) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
+    return {a.key: a for a in found if a.key}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The end-to-end flow
+# ---------------------------------------------------------------------------------------------------
+
+def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_session, tmp_path):
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    from flows.pipeline import reals_pipeline, reencode
+    from pipelines.convert import ConvertConfig
+    from pipelines.convert import run as convert_run
+
+    out = tmp_path / "run"
+    config = PipelineConfig(output=str(out), **MICRO)
+    state = reals_pipeline(config, return_state=True)
+    summary = state.result()
+    assert [r["stage"] for r in summary.stages] == STAGES
+    assert all(r["status"] == "ran" for r in summary.stages)
+
+    metrics = read_json(str(out / "metrics.json"))["metrics"]
+    assert metrics["FD_effnet"]["feature_space"] == "effnet" and "FID" not in metrics
+    assert summary.metrics["FD_effnet"] == pytest.approx(metrics["FD_effnet"]["value"])
+    report = (out / "report" / "report.md").read_text()
+    assert "FD_effnet" in report and "not FID" in report and "perceptual loss: none" in report
+    for png in ("loss_curves_vae.png", "loss_curves_sit.png", "samples_grid.png", "vae_reconstructions.png"):
+        assert Image.open(out / "report" / png).size[0] > 0
+
+    run_id = state.state_details.flow_run_id
+    with _client() as client:
+        subflows = _subflow_runs(client, run_id)
+        assert sorted(subflows) == sorted(STAGES)
+        assert all(r.state.is_completed() for r in subflows.values())
+        arts = _artifacts(client, [run_id, *(r.id for r in subflows.values())])
+    assert {"pipeline-stages", "shard-train-counts", "shard-train-skipped-files", "encode-train-store",
+            "evaluate-metrics", "reals-report", "sample-grid-image", "train-vae-loss-curves-image",
+            "train-sit-loss-curves-image", "report-samples-grid-image"} <= set(arts)
+    assert arts["encode-train-store"].type == "table" and "rows done" in arts["encode-train-store"].data
+    assert "FD_effnet" in arts["reals-report"].data
+    assert arts["sample-grid-image"].data.startswith("data:image/png;base64,")
+    for stage in ("train-vae", "encode", "sample"):
+        assert arts[f"{stage}-progress"].type == "progress" and float(arts[f"{stage}-progress"].data) == 100.0
+
+    again = reals_pipeline(config, return_state=True)
+    assert all(r["status"] == "skipped (complete)" for r in again.result().stages)
+    with _client() as client:
+        assert _subflow_runs(client, again.state_details.flow_run_id) == {}
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[again.state_details.flow_run_id])))
+    skipped = {t.name: t.state.name for t in tasks if t.name.endswith("skipped (complete)")}
+    assert skipped == {f"{s}: skipped (complete)": "Skipped" for s in STAGES}
+
+    (out / "metrics.json").unlink()
+    third = reals_pipeline(config)
+    assert [r["stage"] for r in third.stages if r["status"] == "ran"] == ["evaluate"]
+    assert read_json(str(out / "metrics.json"))["metrics"]["FD_effnet"]["value"] == pytest.approx(
+        metrics["FD_effnet"]["value"])
+
+    # reencode: the store already holds this VAE's rows; a new VAE version (raw weights) gets its own version
+    raw = convert_run(ConvertConfig(ckpt=str(out / "vae"), output_dir=str(tmp_path / "vae-raw"), ema=False,
+                                    data_path=str(out / "shards"), num_samples=32, show_progress=False))
+    current, new = reencode(config, vae_paths=[raw.output_dir])
+    assert (current.shards_encoded, current.shards_skipped) == (0, 2)
+    assert (new.version, new.shards_encoded, new.rows_done) == (raw.fingerprint, 2, 48)
+
+
+def test_shard_flow_reports_skipped_files(prefect_api, ray_session, synthetic_root, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.stages import shard_flow
+    from pipelines.shard import ShardConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "train", data / "train")
+    (data / "train" / "n00000000" / "broken.JPEG").write_bytes(b"not a jpeg")
+    summary = shard_flow(ShardConfig(data_path=str(data), output=str(tmp_path / "shards"), resolution=32,
+                                     shard_size=24, show_progress=False))
+    assert summary.skipped_files == 1
+    with _client() as client:
+        [table] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["shard-train-skipped-files"])), limit=1, sort="CREATED_DESC")
+    assert "broken.JPEG" in table.data and "not an image" in table.data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retries on transient storage errors
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error, attempts, ok", [
+    (ConnectionResetError(errno.ECONNRESET, "connection reset by peer"), 2, True),
+    (FileNotFoundError(errno.ENOENT, "no such shard"), 1, False),
+    (StageError("bad input"), 1, False),
+])
+def test_batch_tasks_retry_transient_storage_errors_only(prefect_api, monkeypatch, error, attempts, ok):
+    from prefect import flow
+
+    import flows.stages as stages
+
+    calls = []
+
+    def flaky(config):
+        calls.append(config)
+        if len(calls) == 1:
+            raise error
+        return "done"
+
+    monkeypatch.setattr(stages, "stage_function", lambda stage: flaky)
+    monkeypatch.setattr(stages, "progress_probe", lambda stage, config: None)
+
+    @flow
+    def one_task():
+        return stages.batch_stage.with_options(retry_delay_seconds=0)("shard", "config")
+
+    state = one_task(return_state=True)
+    assert len(calls) == attempts and state.is_completed() == ok
+
+
+def test_transient_errors_are_found_through_causes():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from flows.runtime import is_transient
+
+    def client_error(code):
+        return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+
+    try:
+        try:
+            raise EndpointConnectionError(endpoint_url="http://minio:9000")
+        except EndpointConnectionError as e:
+            raise StageError("encode failed") from e
+    except StageError as wrapped:
+        assert is_transient(wrapped)
+    assert is_transient(client_error("SlowDown")) and not is_transient(client_error("NoSuchBucket"))
+    assert not is_transient(PermissionError(errno.EACCES, "denied")) and not is_transient(ValueError("x"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training under torchrun
+# ---------------------------------------------------------------------------------------------------
+
+def test_training_flow_launches_torchrun_with_several_processes(prefect_api, tiny_shards, tmp_path):
+    from flows.stages import train_vae_flow
+    from pipelines.train_vae import TrainVAEConfig
+
+    config = TrainVAEConfig(data_path=tiny_shards, output=str(tmp_path / "vae"), **{
+        **MICRO["train_vae"], "max_steps": 2, "batch_size": 4, "sample_every": 100})
+    summary = train_vae_flow(config, nproc_per_node=2)
+    assert summary.world_size == 2 and summary.steps == 2
+    assert read_json(str(tmp_path / "vae" / "latest.json"))["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deployments, configs, CLI
+# ---------------------------------------------------------------------------------------------------
+
+def test_deployments_cover_every_flow_and_reencode_runs_nightly():
+    from flows.deployments import build_deployments
+    from flows.stages import STAGE_FLOWS
+
+    config = load_pipeline_config()
+    deployments = {d.name: d for d in build_deployments(config)}
+    assert set(deployments) == {"reals-pipeline", "reencode", *STAGE_FLOWS}
+    assert [s.schedule.cron for s in deployments["reencode"].schedules] == ["0 3 * * *"]
+    assert not deployments["reals-pipeline"].schedules
+    assert deployments["reals-pipeline"].parameters["config"]["output"] == config.output
+    assert deployments["train-vae"].parameters["config"]["max_steps"] == config.train_vae["max_steps"]
+    custom = {d.name: d for d in build_deployments(config, reencode_cron="30 1 * * 0")}
+    assert custom["reencode"].schedules[0].schedule.cron == "30 1 * * 0"
+    with pytest.raises(StageError, match="invalid reencode cron"):
+        build_deployments(config, reencode_cron="every night")
+
+
+def test_shipped_configs_build_every_stage():
+    demo = {s.name: s.config for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
+    assert list(demo) == STAGES
+    assert demo["train-vae"].dino_model == "efficientnet_lite0" and demo["train-vae"].perceptual == "none"
+    paper = {s.name: s.config for s in plan_steps(load_pipeline_config(CONFIGS / "imagenet256-reals.yaml"))}
+    assert "synthetic" not in paper and "make-reference" not in paper
+    assert (paper["train-vae"].dino_model, paper["train-vae"].dino_input_size) == ("dinov2_vitb14", 448)
+    assert (paper["train-sit"].model, paper["train-sit"].global_batch_size) == ("SiT-XL/2", 256)
+    s = paper["sample"]
+    assert (s.mode, s.num_sampling_steps, s.cfg_scale, s.guidance_interval, s.num_fid_samples) == (
+        "SDE", 250, 1.8, (0.0, 0.75), 50000)
+
+
+def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["pipeline", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "pipeline config not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: x\nsynthetic: {}\ntrain_vae: {lr: -1}\n")
+    assert main(["pipeline", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid pipeline section train_vae.lr") and err.count("\n") == 1
+    with pytest.raises(StageError, match="is not local: give local_dir"):
+        plan_steps(PipelineConfig(output="s3://bucket/run", synthetic={}))
+
+
+def test_serve_needs_a_prefect_api(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["serve"]) == 2
+    assert "set PREFECT_API_URL or pass --with-server" in capsys.readouterr().err
