@@ -79,8 +79,8 @@ class SharedRayTaskRunner(RayTaskRunner):
 # ---------------------------------------------------------------------------------------------------
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
-    """Yield the API URL: ``PREFECT_API_URL`` if set, else a local SQLite server started for this process.
+def prefect_api() -> Iterator[str | None]:
+    """Yield ``PREFECT_API_URL`` if set, else None while a local API (SQLite, ``~/.prefect``) serves this process.
 
     Prefect's own ephemeral mode would start one server per process, Ray workers included; this starts
     it once and exports its URL so that Ray workers report to it too.
@@ -99,7 +99,7 @@ def prefect_api() -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            yield None
     finally:
         if old is None:
             os.environ.pop("PREFECT_API_URL", None)

@@ -48,9 +48,15 @@ def save_checkpoint(output: str, step: int, state: dict) -> str:
 def load_checkpoint(url: str) -> dict:
     """A checkpoint (``weights_only``; memory-mapped when local) from a local or object-store URL."""
     try:
-        if is_local(url):
-            return torch.load(filesystem(url)[1], map_location="cpu", weights_only=True, mmap=True)
-        return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
+        if not is_local(url):
+            return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
+        path = filesystem(url)[1]
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a file in torch's legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StageError(f"checkpoint not found: {url}") from None
     except Exception as e:  # noqa: BLE001 - a torn or foreign file is a user-facing problem

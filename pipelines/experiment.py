@@ -21,7 +21,8 @@ Inception weights), and for reconstruction (``PSNR``, ``rFD_domain`` of reconstr
 Units run as Ray tasks with one torch thread each: training units take one CPU; the batch stages (shard,
 encode, sample) run their drivers as zero-CPU tasks whose actors take the CPUs. A finished unit writes
 ``records/<unit>.json`` (its config and summary) last; a re-run skips units whose record holds the same
-config, refuses units recorded with other settings, and every stage skips its own finished work.
+config, refuses to start when a unit was recorded with other settings, and every stage skips its own
+finished work.
 """
 from __future__ import annotations
 
@@ -290,6 +291,16 @@ def _record_url(root: str, unit: Unit) -> str:
     return join(root, "records", f"{unit.name}.json")
 
 
+def refuse_changed(units: list[Unit], root: str) -> None:
+    """Raise when a unit was recorded with other settings: its outputs would not match its config."""
+    for u in units:
+        rec = read_json(_record_url(root, u))
+        if rec is not None and rec["config"] != u.config.model_dump(mode="json"):
+            diffs = config_differences(rec["config"], u.config.model_dump(mode="json"))
+            raise StageError(f"{u.name} under {root} was run with other settings ({', '.join(diffs)}); use another "
+                             f"--output, or delete its outputs and records/{u.name}.json")
+
+
 def run_unit(unit: Unit, root: str) -> dict:
     """Run one unit in this process (one torch thread) and write its record last; errors come back as text."""
     torch.set_num_threads(1)
@@ -325,15 +336,10 @@ def run_phase(units: list[Unit], root: str, description: str, show_progress: boo
     records, todo = {}, []
     for u in units:
         rec = read_json(_record_url(root, u))
-        config = u.config.model_dump(mode="json")
-        if rec is None:
-            todo.append(u)
-        elif rec["config"] == config:
+        if rec is not None and rec["config"] == u.config.model_dump(mode="json"):
             records[u.name] = rec
         else:
-            diffs = config_differences(rec["config"], config)
-            raise StageError(f"{u.name} under {root} was run with other settings ({', '.join(diffs)}); use another "
-                             f"--output, or delete its outputs and records/{u.name}.json")
+            todo.append(u)
     counts["reused"] += len(records)
     if todo:
         import ray
@@ -562,6 +568,7 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
 
     t0 = time.perf_counter()
     p = plan(config)
+    refuse_changed(list(p.shared.values()) + [u for units in p.runs.values() for u in units.values()], p.root)
     for (arm, seed), units in p.runs.items():
         root = p.run_root(arm, seed)
         write_json(join(root, "configs.json"), {"arm": arm, "seed": seed, "run": root,

@@ -39,8 +39,14 @@ def _run(config) -> int:
     for name, value in summary.metrics.items():
         console.print(f"{name}: {value:.4f}", highlight=False)
     console.print(f"report: {summary.report}", highlight=False)
-    console.print(f"flow runs and artifacts: {api.removesuffix('/api')} ({time.perf_counter() - t0:.0f} s in all)",
-                  highlight=False)
+    if api:
+        where = f"at {api.removesuffix('/api')}"
+    else:
+        from prefect.settings import PREFECT_HOME
+
+        where = f"kept in {PREFECT_HOME.value()}: browse them with `make server` at http://127.0.0.1:4200"
+    console.print(f"flow runs and artifacts {where}", highlight=False)
+    console.print(f"{time.perf_counter() - t0:.0f} s in all", highlight=False)
     return 0
 
 

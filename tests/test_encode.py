@@ -199,14 +199,18 @@ def test_a_failing_unit_is_retried_before_its_marker(encoded, tiny_shards, vae_d
             raise OSError("S3 said: SlowDown")
         return real_write(self, row_start, rows)
 
+    def broken_write(self, row_start, rows):
+        raise OSError("S3 is down")
+
     monkeypatch.setattr(LatentStore, "write_rows", flaky_write)
     remove(marker_url)
     result = worker.encode_shard(unit)
-    assert (result["status"], result["attempts"]) == ("encoded", 2)
+    assert (result["status"], result["attempts"], len(calls)) == ("encoded", 2, 2)
     assert read_json(marker_url)["checksum"] == read_json(join(out, summary.version, "markers",
                                                                "train-000001.json"))["checksum"]
+    assert_same_arrays(arrays(store.url), arrays(join(out, summary.version)))
     remove(marker_url)
-    monkeypatch.setattr(LatentStore, "write_rows", lambda *a: (_ for _ in ()).throw(OSError("S3 is down")))
+    monkeypatch.setattr(LatentStore, "write_rows", broken_write)
     failed = worker.encode_shard(unit)
     assert failed["status"] == "failed" and "S3 is down" in failed["error"]
     assert read_json(marker_url) is None

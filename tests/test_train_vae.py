@@ -108,6 +108,31 @@ def test_checkpoints_and_resume_on_s3(tiny_shards, s3_bucket):
     assert json.loads(read_bytes(join(out, "latest.json")))["checkpoint"] == "0000003.pt"
 
 
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from storage.markers import write_json
+    from storage.shards import write_shard
+
+    def png(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    data = str(tmp_path / "data")
+    samples = [{"__key__": f"img{i}", "png": png(i), "cls": i % 2} for i in range(8)]
+    samples.insert(3, {"__key__": "broken", "png": b"not a png", "cls": 0})
+    write_shard(f"{data}/train-000000.tar", samples)
+    write_json(f"{data}/manifest.json", {"classes": ["a", "b"], "resolution": 32, "image_format": "png",
+                                         "splits": {"train": {"count": 9, "shards": ["train-000000.tar"],
+                                                              "shard_size": 9}}})
+    s = run(tiny_config(data, str(tmp_path / "run"), max_epoch=2))
+    assert (s.steps, s.epoch, s.skipped) == (2, 2, 1)
+
+
 def test_incompatible_teacher_grid_fails_at_start(tiny_shards, tmp_path):
     # tiny-dinov2 at 42 px has a 3x3 grid: it does not divide the 8x8 latent grid.
     with pytest.raises(StageError, match="teacher grid 3x3.*latent grid 8x8"):
