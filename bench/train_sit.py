@@ -106,7 +106,8 @@ def bench_case(case: dict, steps: int, warmup: int) -> dict:
             ("in_memory_tensors", tensors), ("store_ram", endless(store_ram)),
             ("store_stream", endless(store_stream)), ("on_the_fly", endless(on_the_fly)))}
     return {
-        **case, "latent_shape": list(trainer.latent_shape), "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        **case, "latent_shape": list(trainer.latent_shape),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "rows": store_stream.rows_done, "steps_timed": steps, "warmup_steps": warmup, "setup_s": round(setup_s, 1),
         "steps_per_sec": rates,
         "samples_per_sec": {k: round(v * case["batch"], 1) for k, v in rates.items()},
@@ -132,8 +133,8 @@ def main() -> None:
 
     ensure_ray()
     cases = CPU_CASES + (CUDA_CASES if torch.cuda.is_available() and not args.cpu_only else [])
-    results = {**device_note(), "torch": torch.__version__, "cases": [bench_case(c, args.steps, args.warmup) for c in cases]}
-    print(json.dumps(results, indent=2))
+    results = [bench_case(c, args.steps, args.warmup) for c in cases]
+    print(json.dumps({**device_note(), "torch": torch.__version__, "cases": results}, indent=2))
 
 
 if __name__ == "__main__":

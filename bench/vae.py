@@ -23,7 +23,7 @@ from storage.markers import write_json
 from storage.shards import write_shard
 
 # name -> (image size, batch size, timed steps, teacher input size)
-CASES = {"tiny": (32, 8, 6, 128), "demo": (32, 8, 6, 128), "sd-f8c4": (256, 2, 2, 256)}
+CASES = {"tiny": (32, 8, 5, 128), "demo": (32, 8, 5, 128), "sd-f8c4": (256, 1, 1, 256)}
 
 
 def random_shards(root: str, size: int, count: int) -> None:

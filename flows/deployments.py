@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import PurePosixPath
 
 from prefect import serve
@@ -10,7 +9,7 @@ from pydantic import ValidationError
 
 from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
-from flows.runtime import start_server
+from flows.runtime import local_server
 from flows.stages import STAGE_FLOWS, TRAINING
 from pipelines import StageError
 from storage.fs import join
@@ -49,28 +48,6 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
     return deployments
 
 
-@contextmanager
-def local_server():
-    """A ``prefect server`` (SQLite) on 127.0.0.1:4200 for the duration, with PREFECT_API_URL pointing at it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    print("starting the Prefect server on http://127.0.0.1:4200 ...")
-    proc = start_server()
-    url = "http://127.0.0.1:4200/api"
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
-
-
 def serve_config(config_file: str | None = None, output: str | None = None,
                  local_dir: str | None = None) -> PipelineConfig:
     """The pipeline config the deployments are pre-filled with; without ``output``, runs go under
@@ -89,8 +66,8 @@ def serve_deployments(config: PipelineConfig, with_server: bool = False,
 
     plan_steps(config)  # a bad config fails before anything is served
     if with_server:
+        print("starting the Prefect server (UI: http://127.0.0.1:4200) ...")
         with local_server():
-            print("Prefect UI: http://127.0.0.1:4200")
             serve(*build_deployments(config, reencode_cron))
         return
     if not PREFECT_API_URL.value():

@@ -79,13 +79,30 @@ class SharedRayTaskRunner(RayTaskRunner):
 # ---------------------------------------------------------------------------------------------------
 
 @contextmanager
+def use_api(url: str) -> Iterator[str]:
+    """Point this process (settings) and the processes it starts (environment) at the Prefect API ``url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+@contextmanager
 def prefect_api() -> Iterator[str | None]:
-    """Yield ``PREFECT_API_URL`` if set, else None while a local API (SQLite, ``~/.prefect``) serves this process.
+    """Yield ``PREFECT_API_URL`` if set, else None while a local API (SQLite in PREFECT_HOME) serves this process.
 
     Prefect's own ephemeral mode would start one server per process, Ray workers included; this starts
     it once and exports its URL so that Ray workers report to it too.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if url:
@@ -95,40 +112,49 @@ def prefect_api() -> Iterator[str | None]:
 
     server = SubprocessASGIServer()
     server.start()
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield None
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old
+    with use_api(server.api_url):
+        yield None
 
 
-def start_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120.0) -> subprocess.Popen:
-    """Start ``prefect server start`` (SQLite) in a subprocess and wait until ``/api/health`` answers."""
+def _healthy(url: str) -> bool:
     import httpx
 
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def local_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120.0) -> Iterator[str]:
+    """``prefect server start`` (SQLite in PREFECT_HOME) on ``host:port`` while inside, used as the API.
+
+    A server already answering there is used as it is.
+    """
+    api = f"http://{host}:{port}/api"
+    if _healthy(f"{api}/health"):
+        with use_api(api):
+            yield api
+        return
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    log = Path(tempfile.gettempdir(), f"prefect-server-{port}.log")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    health = f"http://{host}:{port}/api/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = (proc.stderr.read() or "").strip().splitlines()
-            raise StageError(f"prefect server exited with {proc.returncode}: {err[-1] if err else 'no output'}")
-        try:
-            if httpx.get(health, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise StageError(f"prefect server did not answer {health} within {timeout:.0f} s")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(f"{api}/health"):
+            if proc.poll() is not None:
+                raise StageError(f"prefect server exited with {proc.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise StageError(f"prefect server did not answer {api}/health within {timeout:.0f} s; see {log}")
+            time.sleep(0.5)
+        with use_api(api):
+            yield api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def sit_spec(ckpt: dict, model: str | None = None, num_classes: int | None = Non
                                                     "class_dropout_prob", "learn_sigma")}
     else:
         state, _ = checkpoint_weights(ckpt, False)
-        d, c, p, _ = state["x_embedder.proj.weight"].shape
+        _, c, p, _ = state["x_embedder.proj.weight"].shape
         side = math.isqrt(state["pos_embed"].shape[1]) * p
         rows = state["y_embedder.embedding_table.weight"].shape[0]
         out = state["final_layer.linear.weight"].shape[0] // (p * p)
@@ -216,12 +216,11 @@ def check_weights_fit(name: str, kw: dict, state: dict) -> None:
                          f"{len(wrong)} mis-shaped tensors (e.g. {first}); is --model right?")
 
 
-def load_sit(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> tuple[torch.nn.Module, str]:
-    """The SiT of a checkpoint in eval mode on ``device``, and which weights it got."""
-    state, which = checkpoint_weights(ckpt, use_ema)
+def load_sit(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> torch.nn.Module:
+    """The SiT of a checkpoint (EMA weights when asked and present) in eval mode on ``device``."""
     model = create_sit(name, **kw)
-    model.load_state_dict(state)
-    return model.to(device).eval(), which
+    model.load_state_dict(checkpoint_weights(ckpt, use_ema)[0])
+    return model.to(device).eval()
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int | None, interval: tuple[float, float] | None):
@@ -262,7 +261,7 @@ class SampleWorker:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         ckpt = load_checkpoint(spec["ckpt"])
-        self.model, _ = load_sit(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
+        self.model = load_sit(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
         del ckpt
         self.vae = ReaLSVAE.from_pretrained(spec["vae_path"]).to(self.device).eval()
         transport = create_transport(spec["path_type"], spec["prediction"])

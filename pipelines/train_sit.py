@@ -34,7 +34,8 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import LOG, RunLog, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipelines.checkpoints import (LOG, RunLog, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                   set_rng_state)
 from pipelines.config import StageConfig, config_from_args
 from pipelines.parallel import progress_bar
 from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
@@ -347,7 +348,8 @@ class Trainer:
         old = ckpt["args"]
         for key in ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout"):
             if old.get(key) != getattr(self.cfg, key):
-                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, now {getattr(self.cfg, key)!r}")
+                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, "
+                                 f"now {getattr(self.cfg, key)!r}")
         mc = ckpt["model_config"]
         trained = (mc["in_channels"], mc["input_size"], mc["input_size"])
         if trained != self.latent_shape:
@@ -569,7 +571,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--class-dropout", type=float, help=_help("class_dropout") + " (default 0.1)")
     p.add_argument("--grad-clip", type=float, help=_help("grad_clip") + " (default 1.0)")
     p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type") + " (default Linear)")
-    p.add_argument("--prediction", choices=["velocity", "score", "noise"], help=_help("prediction") + " (default velocity)")
+    p.add_argument("--prediction", choices=["velocity", "score", "noise"],
+                   help=_help("prediction") + " (default velocity)")
     p.add_argument("--compile", action="store_const", const=True, help=_help("compile"))
     p.add_argument("--seed", type=int, help=_help("seed") + " (default 0)")
     p.add_argument("--log-every", type=int, help=_help("log_every") + " (default 100)")

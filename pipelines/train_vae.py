@@ -36,7 +36,6 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
 from pipelines.parallel import progress_bar
-from reals import ReaLSError
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
 from reals.ema import requires_grad, update_ema
@@ -62,13 +61,18 @@ class TrainVAEConfig(StageConfig):
     data_path: str = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
     output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
     split: str = Field("train", description="shard split to train on")
-    vae_config: str = Field("demo", description="VAE architecture: sd-f8c4, demo or tiny (ignored when --vae-ckpt is a diffusers dir)")
-    vae_ckpt: str | None = Field(None, description="initial VAE weights (local): a diffusers AutoencoderKL dir or a state_dict file")
+    vae_config: str = Field("demo",
+        description="VAE architecture: sd-f8c4, demo or tiny (ignored when --vae-ckpt is a diffusers dir)")
+    vae_ckpt: str | None = Field(None,
+        description="initial VAE weights (local): a diffusers AutoencoderKL dir or a state_dict file")
     disc_ckpt: str | None = Field(None, description="initial discriminator weights (local state_dict file)")
-    dino_model: str = Field("efficientnet_lite0", description="teacher: efficientnet_lite0 (offline), dinov2_vitb14 (ReaLS), ...")
+    dino_model: str = Field("efficientnet_lite0",
+        description="teacher: efficientnet_lite0 (offline), dinov2_vitb14 (ReaLS), ...")
     dino_input_size: int | None = Field(None, gt=0, description="teacher input size in px (default: the teacher's own)")
-    teacher_weights_dir: str | None = Field(None, description="folder holding DINOv2 teacher weights (default: $REALS_DINOV2_DIR, HF cache)")
-    align_weight: float = Field(0.5, ge=0, description="weight of the alignment loss; 0 = unaligned baseline (heads as a probe)")
+    teacher_weights_dir: str | None = Field(None,
+        description="folder holding DINOv2 teacher weights (default: $REALS_DINOV2_DIR, HF cache)")
+    align_weight: float = Field(0.5, ge=0,
+        description="weight of the alignment loss; 0 = unaligned baseline (heads as a probe)")
     align_hidden_dim: int = Field(1024, gt=0, description="hidden width of the alignment heads")
     align_layers: int = Field(3, gt=0, description="layers per alignment head")
     patch_weight: float = Field(1.0, ge=0, description="weight of the patch-token cosine term")
@@ -78,7 +82,8 @@ class TrainVAEConfig(StageConfig):
     distmat_margin: float = Field(0.25, ge=0, description="margin of the distance-matrix term")
     rec_loss: Literal["l1", "mse"] = Field("l1", description="pixel reconstruction loss")
     perceptual: Literal["lpips", "random", "none"] = Field(
-        "lpips", description="lpips (needs the backbone in the torch hub cache), random (random backbone, not LPIPS) or none")
+        "lpips", description="lpips (needs the backbone in the torch hub cache), random (random backbone, "
+                             "not the LPIPS metric) or none")
     perceptual_net: Literal["vgg", "alex", "squeeze"] = Field("vgg", description="LPIPS backbone")
     perceptual_weight: float = Field(1.0, ge=0, description="weight of the perceptual loss")
     kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term")
@@ -91,7 +96,8 @@ class TrainVAEConfig(StageConfig):
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (LDM's)")
     batch_size: int = Field(8, gt=0, description="images per step per process")
     max_epoch: int | None = Field(None, gt=0, description="stop after this many epochs")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many steps (with --max-epoch too: whichever comes first)")
+    max_steps: int | None = Field(None, gt=0,
+        description="stop after this many steps (with --max-epoch too: whichever comes first)")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay of the VAE and heads")
     shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer size (1 = shard order)")
     seed: int = Field(0, description="seed of initialisation, data order and posterior noise")
@@ -568,8 +574,6 @@ def run(config: TrainVAEConfig) -> TrainVAESummary:
     d = init_distributed(config.device)
     try:
         return Trainer(config, d).fit()
-    except ReaLSError as e:
-        raise StageError(str(e)) from None
     finally:
         if d.owned:
             dist.destroy_process_group()
@@ -614,14 +618,18 @@ def add_cli(subparsers) -> None:
     p.set_defaults(handler=_main)
 
 
+SUMMARY_TERMS = ("rec", "perceptual", "kl", "align", "patch_cos", "global_cos", "g", "d_loss")
+
+
 def _main(args) -> int:
     s = run(config_from_args(TrainVAEConfig, args))
-    if s.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    final = ", ".join(f"{k} {v:.4g}" for k, v in s.final.items() if k in ("rec", "perceptual", "kl", "align",
-                                                                            "patch_cos", "global_cos", "g", "d_loss"))
-    print(f"train-vae: {s.steps} steps ({s.epoch} epochs done){'' if s.resumed_from is None else f', resumed from {s.resumed_from}'}"
-          f"; latents {'x'.join(map(str, s.latent_shape))}")
+    final = ", ".join(f"{k} {v:.4g}" for k, v in s.final.items() if k in SUMMARY_TERMS)
+    resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
+    print(f"train-vae: {s.steps} steps ({s.epoch} epochs done{resumed}); latents {'x'.join(map(str, s.latent_shape))}")
     print(f"  teacher: {s.teacher}\n  perceptual: {s.perceptual}\n  alignment: {s.alignment}")
-    print(f"  final: {final}\n  checkpoint: {s.checkpoint}" + (f"\n  skipped {s.skipped} undecodable samples" if s.skipped else ""))
+    print(f"  final: {final}\n  checkpoint: {s.checkpoint}")
+    if s.skipped:
+        print(f"  skipped {s.skipped} undecodable samples")
     return 0

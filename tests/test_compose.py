@@ -24,6 +24,7 @@ OPTIONAL = {
     "RANK": "set per process by torchrun / Ray Train",
     "LOCAL_RANK": "set per process by torchrun / Ray Train",
     "WORLD_SIZE": "set per process by torchrun / Ray Train",
+    "LOCAL_WORLD_SIZE": "set per process by torchrun / Ray Train",
 }
 
 

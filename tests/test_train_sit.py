@@ -198,7 +198,8 @@ def test_shards_encoded_on_the_fly(tiny_shards, tmp_path):
     with pytest.raises(StageError, match="--vae-path"):
         run(config(tiny_shards, tmp_path / "a", max_steps=1))
     summary = run(config(tiny_shards, tmp_path / "run", max_steps=3, vae_path=vae_dir, shuffle_buffer=8))
-    assert (summary.source, summary.latent_shape, summary.num_classes, summary.rows_total) == ("shards", [4, 8, 8], 4, 48)
+    assert (summary.source, summary.latent_shape, summary.num_classes) == ("shards", [4, 8, 8], 4)
+    assert summary.rows_total == 48
     assert summary.steps == 3 and np.isfinite(summary.final_loss)
     assert load_checkpoint(summary.checkpoint)["store"]["vae_fingerprint"] == load_vae(vae_dir).fingerprint
 
@@ -231,7 +232,8 @@ def _ddp_rank(rank: int, world: int, port: int, store: str, output: str, dump: s
     summary = ts.run(config(store, output, max_steps=4, ckpt_every=2))
     weights = hashlib.sha256(b"".join(v.numpy().tobytes() for v in trainers[0].model.state_dict().values()))
     with open(f"{dump}.{rank}.json", "w") as f:
-        json.dump({"rows": seen, "world": summary.world_size, "steps": summary.steps, "weights": weights.hexdigest()}, f)
+        json.dump({"rows": seen, "world": summary.world_size, "steps": summary.steps,
+                   "weights": weights.hexdigest()}, f)
 
 
 def test_ddp_two_cpu_processes_see_disjoint_rows(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from pipelines import StageError
 from pipelines.cli import main
 from pipelines.train_vae import TrainVAEConfig, load_checkpoint, run
+from reals import ReaLSError
 from reals.losses import AutoencoderLoss
 from storage.fs import exists, join, read_bytes
 
@@ -135,7 +136,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
 
 def test_incompatible_teacher_grid_fails_at_start(tiny_shards, tmp_path):
     # tiny-dinov2 at 42 px has a 3x3 grid: it does not divide the 8x8 latent grid.
-    with pytest.raises(StageError, match="teacher grid 3x3.*latent grid 8x8"):
+    with pytest.raises(ReaLSError, match="teacher grid 3x3.*latent grid 8x8"):
         run(tiny_config(tiny_shards, str(tmp_path / "run"), max_steps=1, dino_input_size=42))
     assert not exists(str(tmp_path / "run" / "latest.json"))
 
