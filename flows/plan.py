@@ -82,7 +82,7 @@ class Layout:
 
     @property
     def vae_dir(self) -> str:
-        return os.path.join(self.local, "vae-reals")
+        return os.path.join(self.local, "vae-dir")
 
     @property
     def shards(self) -> str:

@@ -83,9 +83,32 @@ def resolve_checkpoint(url: str) -> str:
     return found
 
 
+def checkpoint_to_resume(output: str, resume: bool) -> str | None:
+    """The checkpoint a run folder continues from (None when it holds none); refused unless ``resume``."""
+    latest = latest_checkpoint(output)
+    if latest is not None and not resume:
+        raise StageError(f"{output} already holds checkpoints (latest: {latest}); pass --resume to continue "
+                         "that run, or choose another --output")
+    return latest
+
+
+def check_resumable(output: str, saved: dict, config, keys) -> None:
+    """Refuse to resume ``output`` when one of the settings ``keys`` of ``config`` differs from the saved ones."""
+    for key in keys:
+        if saved.get(key) != getattr(config, key):
+            raise StageError(f"cannot resume {output}: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # RNG states
 # ---------------------------------------------------------------------------------------------------
+
+def seed_rngs(seed: int) -> None:
+    """Seed the torch, numpy and python generators that ``rng_state`` captures."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
 
 def rng_state() -> dict:
     """torch (CPU and CUDA), numpy and python RNG states, in a ``weights_only``-loadable form."""

@@ -25,18 +25,17 @@ import os
 import time
 import warnings
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import (LOG, RunLog, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                   set_rng_state)
+from pipelines.checkpoints import (LOG, RunLog, check_resumable, checkpoint_to_resume, load_checkpoint, rng_state,
+                                   save_checkpoint, seed_rngs, set_rng_state)
 from pipelines.config import StageConfig, config_from_args
+from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier, distributed, wrap_ddp
 from pipelines.parallel import progress_bar
 from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
 from reals import ReaLSError
@@ -52,6 +51,7 @@ from storage.shards import iter_shards, read_manifest, shard_urls
 GRID_SAMPLES = 8
 GRID_STEPS = 25
 GRID_CFG_SCALE = 4.0
+RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,52 +114,6 @@ class TrainSiTSummary(BaseModel):
 
 def shape_str(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Distributed context
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owned: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the process group a launcher made (Ray Train), or make one from torchrun's environment variables."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device cuda requested but CUDA is not available")
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    owned = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owned = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return Dist(rank, world, torch.device("cuda", local), owned)
-    return Dist(rank, world, torch.device("cpu"), owned)
-
-
-def all_true(flag: bool, d: Dist) -> bool:
-    """Whether ``flag`` holds on every rank."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,18 +269,12 @@ class Trainer:
         self.interval_start = time.perf_counter()
         self.final_loss: float | None = None
 
-        rank_seed = cfg.seed * 1_000_003 + d.rank + 1  # noise, times and label dropout differ across ranks
-        torch.manual_seed(rank_seed)
-        np.random.seed(rank_seed % 2**32)
+        seed_rngs(cfg.seed * 1_000_003 + d.rank + 1)  # noise, times and label dropout differ across ranks
         self._maybe_resume()
         self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
         self.grid_vae, self.grids = self._grid_vae() if d.main else (None, "")
 
-        self.train_model = self.model
-        if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.train_model = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.train_model = wrap_ddp(self.model, d)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         use_bf16 = d.device.type == "cuda" and cfg.mixed_precision
@@ -338,18 +286,12 @@ class Trainer:
     # -- resume -------------------------------------------------------------------------------------
 
     def _maybe_resume(self) -> None:
-        latest = latest_checkpoint(self.output)
+        latest = checkpoint_to_resume(self.output, self.cfg.resume)
         if latest is None:
             return
-        if not self.cfg.resume:
-            raise StageError(f"{self.output} already holds checkpoints (latest: {latest}); pass --resume to continue "
-                             "that run, or choose another --output")
         ckpt = load_checkpoint(latest)
         old = ckpt["args"]
-        for key in ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, "
-                                 f"now {getattr(self.cfg, key)!r}")
+        check_resumable(self.output, old, self.cfg, RESUME_KEYS)
         mc = ckpt["model_config"]
         trained = (mc["in_channels"], mc["input_size"], mc["input_size"])
         if trained != self.latent_shape:
@@ -377,11 +319,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """``{step:07d}.pt`` with model, ema, opt, args, step, every rank's RNG state and the data position."""
-        states = [rng_state()]
-        if self.d.enabled:
-            gathered: list = [None] * self.d.world
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
+        states = all_gather(rng_state(), self.d)
         url = join(self.output, f"{self.step:07d}.pt")
         if self.d.main:
             keep = ("vae_fingerprint", "vae_path", "mean", "std", "num_classes", "classes", "resolution",
@@ -393,8 +331,7 @@ class Trainer:
                 "latent_shape": list(self.latent_shape), "source": self.source.kind,
                 "store": {k: self.source.attrs[k] for k in keep if k in self.source.attrs},
             })
-        if self.d.enabled:
-            dist.barrier()
+        barrier(self.d)
         self.last_checkpoint = url
         return url
 
@@ -458,10 +395,7 @@ class Trainer:
     def flush_log(self) -> None:
         """Append the interval means (loss averaged over ranks) and the speed to log.jsonl."""
         t = torch.tensor([self.loss_sum, self.gnorm_sum], dtype=torch.float64, device=self.d.device)
-        if self.d.enabled:
-            dist.all_reduce(t)
-            t /= self.d.world
-        loss, gnorm = (t / self.interval_steps).tolist()
+        loss, gnorm = (all_mean(t, self.d) / self.interval_steps).tolist()
         seconds = time.perf_counter() - self.interval_start
         self.final_loss = loss
         if self.d.main:
@@ -529,12 +463,8 @@ def run(config: TrainSiTConfig) -> TrainSiTSummary:
     """Train SiT on a latent store (or shards encoded on the fly); returns rank 0's summary."""
     if config.max_steps is None and config.epochs is None:
         raise StageError("train-sit needs --epochs or --max-steps")
-    d = init_distributed(config.device)
-    try:
+    with distributed(config.device) as d:
         return Trainer(config, d).fit()
-    finally:
-        if d.owned:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,22 +19,22 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-import json
 import os
-import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
+from pipelines.checkpoints import (LOG, RunLog, check_resumable, checkpoint_to_resume, load_checkpoint, rng_state,
+                                   save_checkpoint, seed_rngs, set_rng_state)
+from pipelines.checkpoints import resolve_checkpoint  # noqa: F401 - re-exported: convert and flows import it here
 from pipelines.config import StageConfig, config_from_args
+from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier, distributed, wrap_ddp
 from pipelines.parallel import progress_bar
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
@@ -42,13 +42,13 @@ from reals.ema import requires_grad, update_ema
 from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
 from reals.teachers import build_teacher
 from reals.vae import ReaLSVAE, build_vae, downsample_factor
-from storage.fs import filesystem, join, read_bytes, to_url, write_bytes_atomic
-from storage.markers import read_json, write_json
+from storage.fs import join, to_url, write_bytes_atomic
+from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
 
-LATEST = "latest.json"
-LOG = "log.jsonl"
 SAMPLE_IMAGES = 8
+RESUME_KEYS = ("data_path", "split", "vae_config", "dino_model", "dino_input_size", "batch_size", "seed",
+               "align_hidden_dim", "align_layers", "disc_channels", "disc_layers", "shuffle_buffer")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,54 +127,6 @@ class TrainVAESummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Distributed context
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owned: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """Join a process group if a launcher made one (Ray Train) or set its env vars (torchrun)."""
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {device!r} requested but CUDA is not available")
-    owned = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owned = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    return Dist(rank, world, dev, owned)
-
-
-def all_true(flag: bool, d: Dist) -> bool:
-    """Whether ``flag`` holds on every rank."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-# ---------------------------------------------------------------------------------------------------
 # Data: the order is a pure function of (seed, epoch, rank)
 # ---------------------------------------------------------------------------------------------------
 
@@ -219,84 +171,6 @@ def to_model_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints, RNG states, log
-# ---------------------------------------------------------------------------------------------------
-
-def rng_state() -> dict:
-    """torch (CPU and CUDA), numpy and python RNG states, in a ``weights_only``-loadable form."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
-    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
-    np.random.set_state(np_state)
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(url: str) -> dict:
-    """A training checkpoint (``weights_only``) from a local or object-store URL."""
-    try:
-        return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"checkpoint not found: {url}") from None
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file is a user-facing problem
-        raise StageError(f"cannot read checkpoint {url}: {type(e).__name__}: {e}") from None
-
-
-def resolve_checkpoint(url: str) -> str:
-    """A checkpoint URL from itself or from a run folder holding ``latest.json``."""
-    if url.endswith(".pt"):
-        return url
-    latest = read_json(join(url, LATEST))
-    if latest is None:
-        raise StageError(f"{url} is neither a .pt checkpoint nor a run folder with {LATEST}")
-    return join(url, latest["checkpoint"])
-
-
-def load_discriminator_state(path: str) -> dict:
-    """Discriminator weights from a state_dict file or a train-vae checkpoint (its ``disc``)."""
-    if not os.path.isfile(path):
-        raise StageError(f"discriminator checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("disc", state)
-
-
-class RunLog:
-    """``log.jsonl``: appended locally, rewritten whole on object stores (which cannot append)."""
-
-    def __init__(self, url: str, keep_until: int | None):
-        self.url = url
-        fs, self.path = filesystem(url)
-        self.local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        self.lines: list[str] = []
-        if keep_until is not None and fs.exists(self.path):
-            text = read_bytes(url).decode()
-            self.lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        write_bytes_atomic(self.url, "".join(ln + "\n" for ln in self.lines).encode())
-
-    def append(self, entry: dict) -> None:
-        line = json.dumps(entry, sort_keys=True)
-        self.lines.append(line)
-        if self.local:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-        else:
-            self._rewrite()
-
-
-# ---------------------------------------------------------------------------------------------------
 # Sample grids
 # ---------------------------------------------------------------------------------------------------
 
@@ -327,6 +201,14 @@ def reconstruction_grid(model: ReaLSVAE, images: np.ndarray, device: torch.devic
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
+
+def load_discriminator_state(path: str) -> dict:
+    """Discriminator weights from a state_dict file or a train-vae checkpoint (its ``disc``)."""
+    if not os.path.isfile(path):
+        raise StageError(f"discriminator checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("disc", state)
+
 
 class Trainer:
     """One training run: models, optimisers, data position; ``fit`` runs until max steps/epochs."""
@@ -375,38 +257,22 @@ class Trainer:
         self.final: dict[str, float] = {}
         self.samples: np.ndarray | None = None
 
-        torch.manual_seed(cfg.seed * 1_000_003 + d.rank + 1)
-        np.random.seed((cfg.seed * 1_000_003 + d.rank + 1) % 2**32)
-        random.seed(cfg.seed * 1_000_003 + d.rank + 1)
+        seed_rngs(cfg.seed * 1_000_003 + d.rank + 1)
         self._maybe_resume()
         self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
 
-        self.train_model, self.train_disc = self.model, self.disc
-        if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [d.device.index] if d.device.type == "cuda" else None
-            self.train_model = DDP(self.model, device_ids=ids)
-            self.train_disc = DDP(self.disc, device_ids=ids)
+        self.train_model, self.train_disc = wrap_ddp(self.model, d), wrap_ddp(self.disc, d)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if d.device.type == "cuda" and cfg.mixed_precision else nullcontext())
 
     # -- resume -------------------------------------------------------------------------------------
 
     def _maybe_resume(self) -> None:
-        latest = read_json(join(self.output, LATEST))
+        latest = checkpoint_to_resume(self.output, self.cfg.resume)
         if latest is None:
             return
-        if not self.cfg.resume:
-            raise StageError(f"{self.output} already holds checkpoints (latest: {latest['checkpoint']}); "
-                             "pass --resume to continue that run, or choose another --output")
-        ckpt = load_checkpoint(join(self.output, latest["checkpoint"]))
-        old = ckpt["config"]
-        for key in ("data_path", "split", "vae_config", "dino_model", "dino_input_size", "batch_size", "seed",
-                    "align_hidden_dim", "align_layers", "disc_channels", "disc_layers", "shuffle_buffer"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise StageError(f"cannot resume {self.output}: {key} was {old.get(key)!r}, now "
-                                 f"{getattr(self.cfg, key)!r}")
+        ckpt = load_checkpoint(latest)
+        check_resumable(self.output, ckpt["config"], self.cfg, RESUME_KEYS)
         self.model.vae.load_state_dict(ckpt["vae"])
         self.model.align_net.load_state_dict(ckpt["align_net"])
         self.ema.vae.load_state_dict(ckpt["ema"]["vae"])
@@ -418,21 +284,16 @@ class Trainer:
         states = ckpt["rng"]
         set_rng_state(states[self.d.rank % len(states)])
         self.resumed_from = self.step
-        self.last_checkpoint = join(self.output, latest["checkpoint"])
+        self.last_checkpoint = latest
 
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> str:
         """Write ``{step:07d}.pt`` (rank 0; RNG states of every rank) and point ``latest.json`` at it."""
-        states = [rng_state()]
-        if self.d.enabled:
-            gathered: list = [None] * self.d.world
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        name = f"{self.step:07d}.pt"
-        url = join(self.output, name)
+        states = all_gather(rng_state(), self.d)
+        url = join(self.output, f"{self.step:07d}.pt")
         if self.d.main:
-            ckpt = {
+            save_checkpoint(self.output, self.step, {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "vae": self.model.vae.state_dict(), "align_net": self.model.align_net.state_dict(),
                 "ema": {"vae": self.ema.vae.state_dict(), "align_net": self.ema.align_net.state_dict()},
@@ -447,13 +308,8 @@ class Trainer:
                             "grid": list(self.teacher.grid)},
                 "perceptual": self.criterion.perceptual.describe(),
                 "data_fingerprint": read_manifest(self.cfg.data_path).get("fingerprint"),
-            }
-            buf = io.BytesIO()
-            torch.save(ckpt, buf)
-            write_bytes_atomic(url, buf.getvalue())
-            write_json(join(self.output, LATEST), {"checkpoint": name, "step": self.step})
-        if self.d.enabled:
-            dist.barrier()
+            })
+        barrier(self.d)
         self.last_checkpoint = url
         return url
 
@@ -505,9 +361,7 @@ class Trainer:
         """Append the interval means (averaged over ranks) to log.jsonl and start a new interval."""
         keys = sorted(self.sums)
         t = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=self.d.device)
-        if self.d.enabled:
-            dist.all_reduce(t)
-            t /= self.d.world
+        all_mean(t, self.d)
         self.final = dict(zip(keys, t.tolist()))
         if self.d.main:
             self.log.append({"step": self.step, "epoch": self.epoch, "time": time.time(), **self.final})
@@ -571,12 +425,8 @@ def run(config: TrainVAEConfig) -> TrainVAESummary:
     """Train the ReaLS VAE; returns the summary (rank 0's view under DDP)."""
     if config.max_steps is None and config.max_epoch is None:
         raise StageError("train-vae needs --max-steps or --max-epoch")
-    d = init_distributed(config.device)
-    try:
+    with distributed(config.device) as d:
         return Trainer(config, d).fit()
-    finally:
-        if d.owned:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""Session-wide fixtures: Ray once, one moto S3 server, the synthetic dataset and its shards."""
+"""Session-wide fixtures: Ray once, one moto S3 server, the synthetic dataset, its shards, a tiny VAE and its store."""
 from __future__ import annotations
 
 import os
 import socket
 import uuid
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
+
+from helpers import make_vae_dir
+
+if TYPE_CHECKING:
+    from pipelines.encode import EncodeSummary
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -103,3 +109,27 @@ def tiny_shards(synthetic_root, tmp_path_factory, ray_session):
         run(ShardConfig(data_path=str(synthetic_root), output=str(out), split=split, resolution=32,
                         shard_size=24, workers=2, show_progress=False))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A converted tiny ReaLS VAE dir (seed 0; 4x8x8 latents at 32 px; teacher tiny-dinov2 at 28 px)."""
+    return make_vae_dir(tmp_path_factory.mktemp("vae") / "tiny")
+
+
+class EncodedStore(NamedTuple):
+    """A latent store and the summary of the encode run that wrote it."""
+
+    url: str
+    summary: EncodeSummary
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_shards, tiny_vae_dir, tmp_path_factory):
+    """The tiny train shards encoded in-process with ``tiny_vae_dir`` into a local store of 16-row chunks."""
+    from pipelines.encode import EncodeConfig, run
+
+    url = str(tmp_path_factory.mktemp("latents") / "store")
+    summary = run(EncodeConfig(data_path=tiny_shards, vae_path=tiny_vae_dir, output=url, chunk_rows=16, workers=0,
+                               show_progress=False))
+    return EncodedStore(url, summary)

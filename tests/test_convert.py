@@ -12,7 +12,8 @@ import torch
 from pipelines import StageError
 from pipelines.cli import main
 from pipelines.convert import ConvertConfig, ExtractEMAConfig, model_from_checkpoint, run, run_extract_ema
-from pipelines.train_vae import TrainVAEConfig, load_checkpoint
+from pipelines.checkpoints import load_checkpoint
+from pipelines.train_vae import TrainVAEConfig
 from pipelines.train_vae import run as train
 from reals.vae import ReaLSVAE, build_vae
 from storage.shards import iter_shards, shard_urls
@@ -20,19 +21,9 @@ from storage.shards import iter_shards, shard_urls
 NUM = 20
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow steps down badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory):
     """A 4-step tiny train-vae run: (run folder, checkpoint URL)."""
-    torch.set_num_threads(1)
     out = str(tmp_path_factory.mktemp("vae-run"))
     s = train(TrainVAEConfig(data_path=tiny_shards, output=out, vae_config="tiny", dino_model="tiny-dinov2",
                              perceptual="none", align_hidden_dim=16, lr=2e-3, max_steps=4, ema_decay=0.5,

@@ -14,23 +14,11 @@ from PIL import Image
 from pipelines.cli import main
 from pipelines.downstream import DownstreamConfig, depth_from_order, run
 from reals import ReaLSError
-from reals.align import AlignNet
 from reals.downstream import (DepthHead, DepthMeter, HeadFitter, RidgeAccumulator, SegmentationHead,
                               SegmentationMeter, area_downsample, load_dinov2_head, predict_from_latents,
                               predict_from_teacher, ridge_fit)
 from reals.teachers import build_teacher
 from reals.vae import ReaLSVAE, build_vae
-
-TEACHER = {"name": "tiny-dinov2", "input_size": 56}
-
-
-def tiny_vae_dir(path, seed: int = 0) -> str:
-    """A converted ReaLS VAE dir (tiny AutoencoderKL, 32 px, heads onto tiny-dinov2's 32-d tokens)."""
-    torch.manual_seed(seed)
-    model = ReaLSVAE(build_vae("tiny"), AlignNet(4, 32, hidden_dim=16), [0.1, -0.1, 0.0, 0.2], [1.5, 0.8, 1.0, 1.2])
-    model.save_pretrained(path, {"teacher": TEACHER, "resolution": 32})
-    return str(path)
-
 
 def dinov2_seg_head_file(path, width: int, classes: int = 21, seed: int = 0) -> tuple[str, dict]:
     """An mmseg-style checkpoint laid out like DINOv2's *_voc2012_linear_head.pth (BN + conv_seg)."""
@@ -227,8 +215,8 @@ def test_published_depth_head_reads_patch_and_cls_tokens_into_bins(tmp_path):
 # Real and generated latents
 # ---------------------------------------------------------------------------------------------------
 
-def test_heads_apply_to_real_and_generated_latents(tmp_path):
-    vae = ReaLSVAE.from_pretrained(tiny_vae_dir(tmp_path / "vae"))
+def test_heads_apply_to_real_and_generated_latents(tiny_vae_dir):
+    vae = ReaLSVAE.from_pretrained(tiny_vae_dir)
     seg = SegmentationHead(32, 5, token_norm=1.0)
     depth = DepthHead(32, token_norm=1.0)
     images = torch.rand(2, 3, 32, 32)
@@ -252,11 +240,10 @@ def _png_size(path) -> tuple[int, int]:
         return im.size
 
 
-def test_stage_end_to_end_on_synthetic_folder(tmp_path, synthetic_root):
-    vae_dir = tiny_vae_dir(tmp_path / "vae")
+def test_stage_end_to_end_on_synthetic_folder(tmp_path, synthetic_root, tiny_vae_dir):
     np.savez(tmp_path / "samples.npz", latents=np.random.default_rng(0).normal(size=(5, 4, 8, 8)).astype(np.float32),
              arr_1=np.arange(5) % 4)
-    cfg = DownstreamConfig(tasks=["seg", "depth"], data_path=str(synthetic_root), vae_path=vae_dir,
+    cfg = DownstreamConfig(tasks=["seg", "depth"], data_path=str(synthetic_root), vae_path=tiny_vae_dir,
                            output=str(tmp_path / "out"), samples=str(tmp_path / "samples.npz"), num_fit=16,
                            num_eval=8, num_overlays=3, show_progress=False)
     s = run(cfg)
@@ -283,12 +270,11 @@ def test_stage_end_to_end_on_synthetic_folder(tmp_path, synthetic_root):
     assert not run(cfg.model_copy(update={"num_eval": 6})).reused
 
 
-def test_stage_on_shards_with_published_head_and_plain_baseline(tmp_path, tiny_shards, synthetic_root):
-    vae_dir = tiny_vae_dir(tmp_path / "vae")
+def test_stage_on_shards_with_published_head_and_plain_baseline(tmp_path, tiny_shards, synthetic_root, tiny_vae_dir):
     build_vae("tiny").save_pretrained(tmp_path / "plain")  # a plain diffusers AutoencoderKL dir
     head, _ = dinov2_seg_head_file(tmp_path / "dinov2_vits14_voc2012_linear_head.pth", width=32)
     s = run(DownstreamConfig(tasks=["seg"], data_path=tiny_shards, ground_truth=str(synthetic_root),
-                             vae_path=vae_dir, output=str(tmp_path / "out"), seg_head=head,
+                             vae_path=tiny_vae_dir, output=str(tmp_path / "out"), seg_head=head,
                              baseline_vae_path=str(tmp_path / "plain"), num_fit=12, num_eval=12, num_overlays=2,
                              show_progress=False))
     assert (s.fit_images, s.eval_images, s.skipped) == (12, 12, [])  # every shard sample found its mask
@@ -297,10 +283,9 @@ def test_stage_on_shards_with_published_head_and_plain_baseline(tmp_path, tiny_s
     assert "raw (un-normalised) posterior-mean latents" in s.baseline and "voc2012" in s.heads["seg"]
 
 
-def test_cli_reports_bad_inputs_in_one_line(tmp_path, synthetic_root, tiny_shards, capsys):
-    vae_dir = tiny_vae_dir(tmp_path / "vae")
+def test_cli_reports_bad_inputs_in_one_line(tmp_path, synthetic_root, tiny_shards, tiny_vae_dir, capsys):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
-    base = ["downstream", "seg", "--vae-path", vae_dir, "--output", str(tmp_path / "out")]
+    base = ["downstream", "seg", "--vae-path", tiny_vae_dir, "--output", str(tmp_path / "out")]
     cases = [
         (["--data-path", str(synthetic_root), "--samples", str(tmp_path / "bad.npy")],
          r"latents have shape \(2, 3, 8, 8\).*4 latent channels"),

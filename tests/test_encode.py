@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from pipelines import StageError
@@ -23,28 +22,17 @@ from storage.lease import Lease
 from storage.markers import read_json
 from storage.shards import iter_shard
 
-
-def make_vae_dir(path, seed: int) -> str:
-    """A converted tiny ReaLS VAE directory (AutoencoderKL + AlignNet + mean_std + provenance)."""
-    from reals.align import AlignNet
-    from reals.vae import ReaLSVAE, build_vae
-
-    torch.manual_seed(seed)
-    vae = ReaLSVAE(build_vae("tiny"), AlignNet(4, 32, hidden_dim=16, num_layers=1),
-                   torch.tensor([0.1, 0.0, -0.1, 0.2]), torch.tensor([1.0, 2.0, 0.5, 1.5]),
-                   {"teacher": {"name": "tiny-dinov2", "input_size": 28}, "run": f"test-{seed}"})
-    vae.save_pretrained(path)
-    return str(path)
+from helpers import make_vae_dir
 
 
 @pytest.fixture(scope="module")
-def vae_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vaes")
-    return make_vae_dir(root / "a", 0), make_vae_dir(root / "b", 1)
+def vae_dirs(tiny_vae_dir, tmp_path_factory):
+    """The VAE of ``tiny_store`` and another one (seed 1)."""
+    return tiny_vae_dir, make_vae_dir(tmp_path_factory.mktemp("vaes") / "b", seed=1)
 
 
 def encode(data_path, vae_path, output, **kw):
-    kw.setdefault("workers", 0)  # in-process; the `encoded` fixture runs 2 Ray workers
+    kw.setdefault("workers", 0)  # in-process; the S3 test runs 2 Ray workers
     return run(EncodeConfig(data_path=data_path, vae_path=vae_path, output=output, chunk_rows=16,
                             show_progress=False, **kw))
 
@@ -60,14 +48,6 @@ def assert_same_arrays(a, b):
         assert np.array_equal(a[name], b[name]), name
 
 
-@pytest.fixture(scope="module")
-def encoded(tiny_shards, vae_dirs, tmp_path_factory, ray_session):
-    """An uninterrupted 2-worker encode of the tiny train shards with VAE a (local)."""
-    out = str(tmp_path_factory.mktemp("latents") / "store")
-    summary = encode(tiny_shards, vae_dirs[0], out, workers=2)
-    return out, summary
-
-
 def copy_store(src, tmp_path):
     dst = str(tmp_path / "copy")
     shutil.copytree(src, dst)
@@ -78,8 +58,8 @@ def copy_store(src, tmp_path):
 # Encode
 # ---------------------------------------------------------------------------------------------------
 
-def test_encode_writes_a_complete_store(encoded, tiny_shards):
-    out, summary = encoded
+def test_encode_writes_a_complete_store(tiny_store, tiny_shards):
+    out, summary = tiny_store
     assert (summary.shards, summary.shards_encoded, summary.rows_encoded, summary.rows_done) == (2, 2, 48, 48)
     group = zarr.open_group(join(out, summary.version), mode="r")  # plain zarr, no project code
     attrs = dict(group.attrs)
@@ -102,22 +82,22 @@ def test_encode_writes_a_complete_store(encoded, tiny_shards):
     assert read_json(join(out, "versions.json"))["latest"] == summary.version
 
 
-def test_rerun_skips_done_shards(encoded, tiny_shards, vae_dirs, capsys):
-    out, summary = encoded
+def test_rerun_skips_done_shards(tiny_store, tiny_shards, vae_dirs, capsys):
+    out, summary = tiny_store
     again = encode(tiny_shards, vae_dirs[0], out)
     assert (again.shards_encoded, again.shards_skipped, again.rows_done) == (0, 2, 48)
     assert "skipping 2 of 2 shards" in capsys.readouterr().out
 
 
-def test_encode_on_s3(tiny_shards, vae_dirs, s3_bucket, encoded):
+def test_encode_on_s3_with_two_ray_workers(tiny_shards, vae_dirs, s3_bucket, tiny_store, ray_session):
     out = f"{s3_bucket}/latents"
-    summary = encode(tiny_shards, vae_dirs[0], out)
+    summary = encode(tiny_shards, vae_dirs[0], out, workers=2)
     assert summary.rows_done == 48
-    assert_same_arrays(arrays(join(out, summary.version)), arrays(join(encoded[0], encoded[1].version)))
+    assert_same_arrays(arrays(join(out, summary.version)), arrays(join(tiny_store.url, tiny_store.summary.version)))
 
 
-def test_interrupted_run_resumes_to_the_same_arrays(encoded, tiny_shards, vae_dirs, tmp_path):
-    out, summary = encoded
+def test_interrupted_run_resumes_to_the_same_arrays(tiny_store, tiny_shards, vae_dirs, tmp_path):
+    out, summary = tiny_store
     copy = copy_store(out, tmp_path)
     version = join(copy, summary.version)
     group = zarr.open_group(version, mode="r+")
@@ -132,7 +112,7 @@ def test_interrupted_run_resumes_to_the_same_arrays(encoded, tiny_shards, vae_di
     assert_same_arrays(arrays(version), arrays(join(out, summary.version)))
 
 
-def test_new_shards_extend_the_store(encoded, tiny_shards, vae_dirs, tmp_path):
+def test_new_shards_extend_the_store(tiny_store, tiny_shards, vae_dirs, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(tiny_shards, partial)
     manifest = json.loads((partial / "manifest.json").read_text())
@@ -147,11 +127,11 @@ def test_new_shards_extend_the_store(encoded, tiny_shards, vae_dirs, tmp_path):
     time.sleep(0.2)
     second = encode(str(partial), vae_dirs[0], out)
     assert (second.shards_encoded, second.shards_skipped, second.rows_done) == (1, 1, 48)
-    assert_same_arrays(arrays(join(out, second.version)), arrays(join(encoded[0], encoded[1].version)))
+    assert_same_arrays(arrays(join(out, second.version)), arrays(join(tiny_store.url, tiny_store.summary.version)))
 
 
-def test_another_vae_gets_its_own_version(encoded, tiny_shards, vae_dirs, tmp_path):
-    out, summary = encoded
+def test_another_vae_gets_its_own_version(tiny_store, tiny_shards, vae_dirs, tmp_path):
+    out, summary = tiny_store
     copy = copy_store(out, tmp_path)
     other = encode(tiny_shards, vae_dirs[1], copy)
     assert other.version != summary.version and other.shards_encoded == 2
@@ -166,8 +146,8 @@ def test_another_vae_gets_its_own_version(encoded, tiny_shards, vae_dirs, tmp_pa
         LatentStore.open_for_vae(old.url, other.version, (4, 8, 8))
 
 
-def test_live_lease_refuses_or_waits(encoded, tiny_shards, vae_dirs):
-    out, _ = encoded
+def test_live_lease_refuses_or_waits(tiny_store, tiny_shards, vae_dirs):
+    out, _ = tiny_store
     holder = Lease(join(out, "encode.lease.json"), owner="other-run", ttl=60).acquire()
     try:
         with pytest.raises(StorageError, match="leased by other-run until"):
@@ -179,8 +159,8 @@ def test_live_lease_refuses_or_waits(encoded, tiny_shards, vae_dirs):
         holder.release()
 
 
-def test_a_failing_unit_is_retried_before_its_marker(encoded, tiny_shards, vae_dirs, tmp_path, monkeypatch):
-    out, summary = encoded
+def test_a_failing_unit_is_retried_before_its_marker(tiny_store, tiny_shards, vae_dirs, tmp_path, monkeypatch):
+    out, summary = tiny_store
     copy = copy_store(out, tmp_path)
     store = LatentStore.open_for_vae(copy, summary.vae_fingerprint, (4, 8, 8))
     entry = store.shard_map[1]
@@ -216,11 +196,11 @@ def test_a_failing_unit_is_retried_before_its_marker(encoded, tiny_shards, vae_d
     assert read_json(marker_url) is None
 
 
-def test_bad_inputs_are_clear_errors(tiny_shards, vae_dirs, tmp_path, encoded):
+def test_bad_inputs_are_clear_errors(tiny_shards, vae_dirs, tmp_path, tiny_store):
     with pytest.raises(StageError, match="split 'test' not in"):
         encode(tiny_shards, vae_dirs[0], str(tmp_path / "s"), split="test")
     with pytest.raises(StageError, match="has flip=True, this run wants False"):
-        encode(tiny_shards, vae_dirs[0], encoded[0], flip=False)
+        encode(tiny_shards, vae_dirs[0], tiny_store.url, flip=False)
     assert cli_main(["encode", "--data-path", str(tmp_path / "none"), "--vae-path", vae_dirs[0],
                      "--output", str(tmp_path / "s")]) == 2
 
@@ -229,8 +209,8 @@ def test_bad_inputs_are_clear_errors(tiny_shards, vae_dirs, tmp_path, encoded):
 # verify-store
 # ---------------------------------------------------------------------------------------------------
 
-def test_verify_store_accepts_a_good_store(encoded, tiny_shards, vae_dirs):
-    out, _ = encoded
+def test_verify_store_accepts_a_good_store(tiny_store, tiny_shards, vae_dirs):
+    out, _ = tiny_store
     summary = verify(VerifyStoreConfig(store=out, data_path=tiny_shards, vae_path=vae_dirs[0], num_samples=8))
     assert summary.ok, summary.problems
     assert (summary.markers_checked, summary.rows_compared) == (2, 8)
@@ -238,8 +218,8 @@ def test_verify_store_accepts_a_good_store(encoded, tiny_shards, vae_dirs):
                      "--num-samples", "2"]) == 0
 
 
-def test_verify_store_rejects_tampering_and_another_vae(encoded, tiny_shards, vae_dirs, tmp_path):
-    out, summary = encoded
+def test_verify_store_rejects_tampering_and_another_vae(tiny_store, tiny_shards, vae_dirs, tmp_path):
+    out, summary = tiny_store
     copy = copy_store(out, tmp_path)
     group = zarr.open_group(join(copy, summary.version), mode="r+")
     group["teacher_global"][40] = group["teacher_global"][40] + np.float16(1)

@@ -14,38 +14,19 @@ from pipelines.sample import SampleConfig, SampleWorker, run, sample_labels, sam
 from pipelines.train_sit import TrainSiTConfig
 from pipelines.train_sit import run as train
 
+from helpers import make_vae_dir
+
 N = 20  # samples; units of 6 -> ranges 0-6, 6-12, 12-18, 18-20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_vae_dir(path, seed: int = 0, resolution: int = 32) -> str:
-    """A converted tiny ReaLS VAE (4 x resolution/4 x resolution/4 latents)."""
-    from reals.align import AlignNet
-    from reals.vae import ReaLSVAE, build_vae
-
-    torch.manual_seed(seed)
-    vae = ReaLSVAE(build_vae("tiny"), AlignNet(4, 8, hidden_dim=8, num_layers=1), torch.zeros(4), torch.ones(4),
-                   {"teacher": {"name": "tiny-dinov2", "input_size": 28}, "resolution": resolution})
-    vae.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_shards, tmp_path_factory):
-    """A 3-step SiT-T/4 run on the tiny shards (encoded on the fly by the tiny VAE it samples with)."""
+def trained(tiny_store, tiny_vae_dir, tmp_path_factory):
+    """A 3-step SiT-T/4 run on the tiny latent store (encoded by the tiny VAE it samples with)."""
     root = tmp_path_factory.mktemp("sample")
-    vae = make_vae_dir(root / "vae")
-    summary = train(TrainSiTConfig(data_path=tiny_shards, output=str(root / "run"), model="SiT-T/4", vae_path=vae,
+    summary = train(TrainSiTConfig(data_path=tiny_store.url, output=str(root / "run"), model="SiT-T/4",
                                    global_batch_size=8, max_steps=3, sample_every=0, ema_decay=0.5,
                                    show_progress=False))
-    return {"root": root, "vae": vae, "ckpt": summary.checkpoint, "run": str(root / "run")}
+    return {"root": root, "vae": tiny_vae_dir, "ckpt": summary.checkpoint, "run": str(root / "run")}
 
 
 def sample_config(trained, output, **kw) -> SampleConfig:

@@ -20,15 +20,6 @@ from storage.latent_store import LatentStore
 K = 4  # classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run faster (and steadier) on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_store(url, latents: np.ndarray, labels: np.ndarray, shard_size: int = 8, done=None, std: float = 0.1,
                vae_path: str | None = None, fingerprint: str = "tinyvae") -> str:
     """A latent store written through the LatentStore API: one source shard per ``shard_size`` rows, no flips.
@@ -67,18 +58,6 @@ def class_latents(n: int, shape=(4, 8, 8), seed: int = 0) -> tuple[np.ndarray, n
     labels = np.arange(n) % K
     patterns = rng.standard_normal((K, *shape))
     return (patterns[labels] + 0.1 * rng.standard_normal((n, *shape))).astype(np.float32), labels
-
-
-def make_vae_dir(path) -> str:
-    """A converted tiny ReaLS VAE (4x8x8 latents at 32 px)."""
-    from reals.align import AlignNet
-    from reals.vae import ReaLSVAE, build_vae
-
-    torch.manual_seed(0)
-    vae = ReaLSVAE(build_vae("tiny"), AlignNet(4, 8, hidden_dim=8, num_layers=1), torch.zeros(4), torch.ones(4),
-                   {"teacher": {"name": "tiny-dinov2", "input_size": 28}})
-    vae.save_pretrained(path)
-    return str(path)
 
 
 def config(data_path, output, **kw) -> TrainSiTConfig:
@@ -182,10 +161,8 @@ def test_nan_loss_checkpoints_and_stops_naming_the_step(tmp_path):
 # Sample grids and the on-the-fly baseline
 # ---------------------------------------------------------------------------------------------------
 
-def test_sample_grid_decoded_by_the_stores_vae(tmp_path):
-    vae_dir = make_vae_dir(tmp_path / "vae")
-    store = make_store(str(tmp_path / "store"), *class_latents(16), vae_path=vae_dir)
-    summary = run(config(store, tmp_path / "run", max_steps=2, sample_every=2))
+def test_sample_grid_decoded_by_the_stores_vae(tiny_store, tmp_path):
+    summary = run(config(tiny_store.url, tmp_path / "run", max_steps=2, sample_every=2))
     with Image.open(tmp_path / "run" / "samples" / "0000002.png") as im:
         assert im.size == (8 * 32, 32)
     assert summary.grids.endswith("samples")
@@ -193,15 +170,14 @@ def test_sample_grid_decoded_by_the_stores_vae(tmp_path):
     assert run(config(missing, tmp_path / "run2", max_steps=1, sample_every=1)).grids.startswith("off")
 
 
-def test_shards_encoded_on_the_fly(tiny_shards, tmp_path):
-    vae_dir = make_vae_dir(tmp_path / "vae")
+def test_shards_encoded_on_the_fly(tiny_shards, tiny_vae_dir, tmp_path):
     with pytest.raises(StageError, match="--vae-path"):
         run(config(tiny_shards, tmp_path / "a", max_steps=1))
-    summary = run(config(tiny_shards, tmp_path / "run", max_steps=3, vae_path=vae_dir, shuffle_buffer=8))
+    summary = run(config(tiny_shards, tmp_path / "run", max_steps=3, vae_path=tiny_vae_dir, shuffle_buffer=8))
     assert (summary.source, summary.latent_shape, summary.num_classes) == ("shards", [4, 8, 8], 4)
     assert summary.rows_total == 48
     assert summary.steps == 3 and np.isfinite(summary.final_loss)
-    assert load_checkpoint(summary.checkpoint)["store"]["vae_fingerprint"] == load_vae(vae_dir).fingerprint
+    assert load_checkpoint(summary.checkpoint)["store"]["vae_fingerprint"] == load_vae(tiny_vae_dir).fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.train_vae import TrainVAEConfig, load_checkpoint, run
+from pipelines.checkpoints import LOG, load_checkpoint, read_log
+from pipelines.train_vae import TrainVAEConfig, run
 from reals import ReaLSError
 from reals.losses import AutoencoderLoss
 from storage.fs import exists, join, read_bytes
@@ -17,27 +18,14 @@ TINY = dict(vae_config="tiny", dino_model="tiny-dinov2", perceptual="none", alig
             disc_channels=8, disc_layers=2, lr=2e-3, shuffle_buffer=16, ema_decay=0.9, show_progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow steps down badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(data_path: str, output: str, **kw) -> TrainVAEConfig:
     return TrainVAEConfig(data_path=data_path, output=output, **{**TINY, **kw})
-
-
-def read_log(output: str) -> list[dict]:
-    return [json.loads(line) for line in read_bytes(join(output, "log.jsonl")).decode().splitlines()]
 
 
 def test_reconstruction_and_alignment_losses_fall(tiny_shards, tmp_path):
     out = str(tmp_path / "run")
     s = run(tiny_config(tiny_shards, out, max_steps=36, log_every=6, sample_every=36, ckpt_every=100))
-    log = read_log(out)
+    log = read_log(join(out, LOG))
     assert [e["step"] for e in log] == [6, 12, 18, 24, 30, 36]
     first, last = log[0], log[-1]
     assert last["rec"] < 0.8 * first["rec"]
@@ -62,7 +50,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_shards, tmp_path):
     assert (first.steps, second.resumed_from, second.steps) == (4, 4, 9)
 
     def losses(out):
-        return [{k: v for k, v in e.items() if k != "time"} for e in read_log(out)]
+        return [{k: v for k, v in e.items() if k != "time"} for e in read_log(join(out, LOG))]
 
     assert losses(parts) == losses(whole)
     assert "d_loss" in losses(whole)[-1]
@@ -104,7 +92,7 @@ def test_checkpoints_and_resume_on_s3(tiny_shards, s3_bucket):
     run(tiny_config(tiny_shards, out, max_steps=2, log_every=1, ckpt_every=1))
     s = run(tiny_config(tiny_shards, out, max_steps=3, log_every=1, resume=True))
     assert s.resumed_from == 2 and s.checkpoint == f"{out}/0000003.pt"
-    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+    assert [e["step"] for e in read_log(join(out, LOG))] == [1, 2, 3]
     assert load_checkpoint(s.checkpoint)["step"] == 3
     assert json.loads(read_bytes(join(out, "latest.json")))["checkpoint"] == "0000003.pt"
 

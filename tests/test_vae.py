@@ -14,15 +14,6 @@ from reals.losses import (AutoencoderLoss, PerceptualLoss, adaptive_weight, hing
 from reals.vae import VAE_CONFIGS, ReaLSVAE, build_vae, downsample_factor
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow steps down badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_reals(seed: int = 0, mean=None, std=None) -> ReaLSVAE:
     torch.manual_seed(seed)
     return ReaLSVAE(build_vae("tiny"), AlignNet(4, 32, hidden_dim=16), mean, std).eval()
