@@ -265,6 +265,8 @@ def _training(c, epochs: int | None) -> str | None:
         if step is None:
             step = load_checkpoint(latest)["step"]
         return None if step >= c.max_steps else f"checkpoint at step {step} of {c.max_steps}"
+    if epochs is None:
+        return "neither max_steps nor epochs is set"
     done = load_checkpoint(latest)["epoch"]
     return None if done >= epochs else f"checkpoint after {done} of {epochs} epochs"
 
@@ -338,22 +340,23 @@ def _evaluate(c) -> str | None:
     return None if report.get("config") == c.model_dump(mode="json") else "metrics.json was computed with other settings"
 
 
+OUTPUT_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "synthetic": _synthetic,
+    "shard": _shard,
+    "train-vae": lambda c: _training(c, c.max_epoch),
+    "convert": _convert,
+    "encode": _encode,
+    "train-sit": lambda c: _training(c, c.epochs),
+    "sample": _sample,
+    "make-reference": _make_reference,
+    "evaluate": _evaluate,
+}
+
+
 def outputs_missing(step: Step) -> str | None:
     """What is missing from ``step``'s outputs, or None when they are complete."""
-    c = step.config
-    checks: dict[str, Callable[[], str | None]] = {
-        "synthetic": lambda: _synthetic(c),
-        "shard": lambda: _shard(c),
-        "train-vae": lambda: _training(c, c.max_epoch),
-        "convert": lambda: _convert(c),
-        "encode": lambda: _encode(c),
-        "train-sit": lambda: _training(c, c.epochs),
-        "sample": lambda: _sample(c),
-        "make-reference": lambda: _make_reference(c),
-        "evaluate": lambda: _evaluate(c),
-    }
     try:
-        return checks[step.stage]()
+        return OUTPUT_CHECKS[step.stage](step.config)
     except (StageError, OSError, KeyError, ValueError) as e:
         return f"outputs unreadable ({type(e).__name__}: {e})"
 

@@ -140,8 +140,8 @@ def local_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120
     env.pop("PREFECT_API_URL", None)
     log = Path(tempfile.gettempdir(), f"prefect-server-{port}.log")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:  # its own session: Ctrl-C stops `serve` first, which still needs the API
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(f"{api}/health"):

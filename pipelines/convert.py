@@ -27,7 +27,8 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
 from pipelines.parallel import progress_bar
-from pipelines.train_vae import load_checkpoint, resolve_checkpoint, to_model_images
+from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
+from pipelines.train_vae import to_model_images
 from reals.align import AlignNet
 from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor
 from storage.fs import to_url, write_bytes_atomic

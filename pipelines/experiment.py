@@ -6,11 +6,14 @@ alignment weight (checked in code from the recorded configs, and written to ``co
 as a probe on detached latents, so the teacher cost and the measured cosine alignment are the same), and
 ``reals`` (latents aligned to the teacher with ``align_weight``).
 
-Seeds: for every seed ``s`` each arm trains its own VAE (seed ``s``: initialisation and data order),
-converts it with its own latent mean/std, encodes its own latent store, trains the same SiT with seed ``s``
-and samples it with the same sampler, NFE, guidance, labels and noise (``global_seed s``). So a seed is one
-paired replicate of the whole chain, and the difference between arms is shown against the spread over
-seeds (mean +- std, and the per-seed paired differences).
+VAE initialisation: with a ``pretrain_vae`` section, one plain autoencoder is first trained without
+alignment (as the paper starts from SD-VAE) and both arms fine-tune from its EMA weights; without it each
+arm trains from scratch. Seeds: for every seed ``s`` each arm trains its own VAE (seed ``s``: data order,
+alignment-head init, posterior noise, and the VAE init when there is no pretraining), converts it with its
+own latent mean/std, encodes its own latent store, trains the same SiT with seed ``s`` and samples it with
+the same sampler, NFE, guidance, labels and noise (``global_seed s``). So a seed is one paired replicate of
+the chain, and the difference between arms is shown against the spread over seeds (mean +- std, and the
+per-seed paired differences).
 
 Every run is measured against the same held-out reference (the val split): in the domain evaluator's space
 (``FD_domain``, ``Precision_domain``/``Recall_domain`` with k=3, ``cond_accuracy``; `reals train-evaluator`,
@@ -45,6 +48,7 @@ from storage.markers import read_json, write_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
 ARMS = ("vae", "reals")
+ARM_COLOURS = {"vae": "tab:blue", "reals": "tab:red"}
 ALLOWED_DIFFERENCE = "train_vae.align_weight"
 METRIC_KEYS = ("FD_domain", "Precision_domain", "Recall_domain", "cond_accuracy", "FD_effnet", "Precision_effnet",
                "Recall_effnet", "PSNR", "rFD_domain")
@@ -59,6 +63,7 @@ STAGES = {
     "make-reference": ("pipelines.evaluate", "make_reference"),
     "train-evaluator": ("pipelines.train_evaluator", "run"),
     "train-vae": ("pipelines.train_vae", "run"),
+    "extract-ema": ("pipelines.convert", "run_extract_ema"),
     "convert": ("pipelines.convert", "run"),
     "encode": ("pipelines.encode", "run"),
     "train-sit": ("pipelines.train_sit", "run"),
@@ -91,6 +96,9 @@ class ExperimentConfig(StageConfig):
     reference: dict = Field(default_factory=dict, description="MakeReferenceConfig fields (val split)")
     evaluator: dict = Field(default_factory=dict, description="TrainEvaluatorConfig fields")
     train_vae: dict = Field(default_factory=dict, description="TrainVAEConfig fields, the same for both arms")
+    pretrain_vae: dict | None = Field(None, description="TrainVAEConfig fields overriding train_vae for one shared "
+                                                        "pretraining without alignment that both arms fine-tune "
+                                                        "from (None: each arm trains its VAE from scratch)")
     convert: dict = Field(default_factory=dict, description="ConvertConfig fields")
     encode: dict = Field(default_factory=dict, description="EncodeConfig fields")
     train_sit: dict = Field(default_factory=dict, description="TrainSiTConfig fields")
@@ -134,6 +142,7 @@ class AssessSummary(BaseModel):
     output: str
     metrics: dict[str, float]
     vae_parameters: int
+    noise_to_signal: list[float] = Field(description="per latent channel: E[posterior var] / Var(posterior mean)")
     notes: list[str]
 
 
@@ -178,7 +187,7 @@ def _section(cls: type[StageConfig], name: str, given: dict, fixed: dict, defaul
 
 def plan(config: ExperimentConfig) -> Plan:
     """Every unit of the experiment; paths follow the layout under ``config.output``."""
-    from pipelines.convert import ConvertConfig
+    from pipelines.convert import ConvertConfig, ExtractEMAConfig
     from pipelines.encode import EncodeConfig
     from pipelines.evaluate import EvaluateConfig, MakeReferenceConfig
     from pipelines.sample import SampleConfig
@@ -210,6 +219,17 @@ def plan(config: ExperimentConfig) -> Plan:
     shared["train-evaluator"] = Unit("train-evaluator", "train-evaluator", _section(
         TrainEvaluatorConfig, "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
 
+    teacher = {"dino_model": config.teacher, "dino_input_size": config.teacher_input_size,
+               "teacher_weights_dir": config.teacher_weights_dir}
+    init = {}
+    if config.pretrain_vae is not None:
+        pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
+        shared["pretrain-vae"] = Unit("pretrain-vae", "train-vae", _section(
+            TrainVAEConfig, "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
+            {"data_path": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
+        shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", ExtractEMAConfig(
+            ckpt=pre_run, output=init["vae_ckpt"]))
+
     runs: dict[tuple[str, int], dict[str, Unit]] = {}
     for seed in range(config.seeds):
         for arm in ARMS:
@@ -219,9 +239,7 @@ def plan(config: ExperimentConfig) -> Plan:
             stages = {
                 "train-vae": _section(TrainVAEConfig, "train_vae", config.train_vae, {
                     "data_path": shards, "output": vae_run, "seed": seed, "resume": True,
-                    "align_weight": 0.0 if arm == "vae" else config.align_weight, "dino_model": config.teacher,
-                    "dino_input_size": config.teacher_input_size, "teacher_weights_dir": config.teacher_weights_dir,
-                    **quiet}),
+                    "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
                 "convert": _section(ConvertConfig, "convert", config.convert, {
                     "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
                 "encode": _section(EncodeConfig, "encode", config.encode, {
@@ -369,15 +387,20 @@ def _load_npz(url: str) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def reconstruct(vae, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """uint8 NHWC images -> uint8 reconstructions from their posterior means."""
+def reconstruct(vae, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[float]]:
+    """uint8 reconstructions of uint8 NHWC images from their posterior means, and the posterior's
+    noise-to-signal ratio per latent channel, ``E[std^2] / Var(mean)`` (what a posterior sample adds)."""
     from pipelines.train_vae import to_model_images
 
-    out = []
+    out, means, variances = [], [], []
     for i in range(0, len(images), batch_size):
-        rec = vae.decode(vae.encode(to_model_images(images[i:i + batch_size], torch.device("cpu")))[0])
+        mean, std = vae.encode(to_model_images(images[i:i + batch_size], torch.device("cpu")))
+        rec = vae.decode(mean)
         out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
+        means.append(mean.double().transpose(0, 1).flatten(1))
+        variances.append(std.double().square().transpose(0, 1).flatten(1))
+    ratio = torch.cat(variances, 1).mean(1) / torch.cat(means, 1).var(1).clamp_min(1e-12)
+    return np.concatenate(out), ratio.tolist()
 
 
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
@@ -418,13 +441,13 @@ def assess(config: AssessConfig) -> AssessSummary:
     metrics = domain_metrics(features, ref["arr_0"], smp["arr_0"], smp["arr_1"], config.nearest_k, config.batch_size)
     vae = ReaLSVAE.from_pretrained(config.vae_path).eval()
     originals = ref["arr_0"][:config.reconstruction_images]
-    recon = reconstruct(vae, originals, config.batch_size)
+    recon, noise_to_signal = reconstruct(vae, originals, config.batch_size)
     metrics["PSNR"] = psnr(originals, recon)
     metrics["rFD_domain"] = domain_metrics(features, originals, recon, k=config.nearest_k)["FD_domain"]
     value, note = _lpips(originals, recon, config.batch_size)
     if value is not None:
         metrics["LPIPS"] = value
-    summary = AssessSummary(output=to_url(config.output), metrics=metrics,
+    summary = AssessSummary(output=to_url(config.output), metrics=metrics, noise_to_signal=noise_to_signal,
                             vae_parameters=sum(p.numel() for p in vae.vae.parameters()), notes=[note])
     write_json(config.output, {**summary.model_dump(mode="json"), "config": config.model_dump(mode="json"),
                                "domain_space": features.description, "reconstructed_images": len(originals)})
@@ -464,7 +487,8 @@ def collect(plan_: Plan, records: dict[str, dict], config: ExperimentConfig) -> 
             "sit_steps": rec["train-sit"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],
             "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["train-sit"]["final_loss"],
             "teacher": rec["train-vae"]["teacher"], "alignment": rec["train-vae"]["alignment"],
-            "latent_shape": rec["train-vae"]["latent_shape"], "notes": rec["assess"]["notes"] + rec["evaluate"]["notes"],
+            "latent_shape": rec["train-vae"]["latent_shape"], "noise_to_signal": rec["assess"]["noise_to_signal"],
+            "notes": rec["assess"]["notes"] + rec["evaluate"]["notes"],
         })
     keys = [k for k in METRIC_KEYS + OPTIONAL_KEYS if all(k in r["metrics"] for r in runs)]
     arms = {}
@@ -472,7 +496,8 @@ def collect(plan_: Plan, records: dict[str, dict], config: ExperimentConfig) -> 
         mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
         arms[arm] = {"metrics": {k: _stats([r["metrics"][k] for r in mine]) for k in keys},
                      "vae_final": {k: _stats([r["vae_final"][k] for r in mine]) for k in ("rec", "patch_cos", "global_cos")
-                                   if all(k in r["vae_final"] for r in mine)}}
+                                   if all(k in r["vae_final"] for r in mine)},
+                     "max_noise_to_signal": _stats([max(r["noise_to_signal"]) for r in mine])}
     by = {(r["arm"], r["seed"]): r["metrics"] for r in runs}
     paired = {}
     for k in keys:
@@ -482,8 +507,11 @@ def collect(plan_: Plan, records: dict[str, dict], config: ExperimentConfig) -> 
                      "reals_better_in": sum((d < 0) if lower else (d > 0) for d in diffs), "of": len(diffs)}
     evaluator = records["train-evaluator"]["summary"]
     notes = sorted({n for r in runs for n in r["notes"] if n})
+    pretrain = records["pretrain-vae"]["summary"] if "pretrain-vae" in records else None
     return {"runs": runs, "arms": arms, "paired_differences": paired, "metric_keys": keys, "seeds": config.seeds,
-            "evaluator": evaluator, "teacher": config.teacher, "align_weight": config.align_weight, "notes": notes}
+            "evaluator": evaluator, "teacher": config.teacher, "align_weight": config.align_weight,
+            "pretrain": pretrain and {"steps": pretrain["steps"], "final": pretrain["final"], "run": pretrain["output"]},
+            "notes": notes}
 
 
 def markdown(results: dict, check: dict) -> str:
@@ -493,13 +521,15 @@ def markdown(results: dict, check: dict) -> str:
     label = {"vae": "VAE (align_weight 0)",
              "reals": f"ReaLS ({results['teacher']}, align_weight {results['align_weight']:g})"}
     arrows = {k: "↓" if k in LOWER_IS_BETTER else "↑" for k in keys}
+    pre = results["pretrain"]
+    vae_steps = (lambda n: f"{pre['steps']}+{n}") if pre else str
     head = ["Model", "VAE", "Params (SiT / VAE)", "Steps (VAE / SiT)", "NFE"] + [k + arrows[k] for k in keys]
     lines = [f"## SiT on ReaLS latents vs on plain VAE latents ({results['seeds']} seeds, mean ± std)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in ARMS:
         r, m = first[arm], results["arms"][arm]["metrics"]
         cells = [r["model"], label[arm], f"{_params(r['sit_parameters'])} / {_params(r['vae_parameters'])}",
-                 f"{r['vae_steps']} / {r['sit_steps']}", str(r["nfe"])]
+                 f"{vae_steps(r['vae_steps'])} / {r['sit_steps']}", str(r["nfe"])]
         cells += [f"{_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = range(results["seeds"])
@@ -513,44 +543,59 @@ def markdown(results: dict, check: dict) -> str:
     ev, key = results["evaluator"], check["allowed"]
     per_seed = ", ".join(f"seed {s}: {d[key][0]:g} vs {d[key][1]:g}" for s, d in check["seeds"].items())
     lines += ["", "### VAE training (last logging interval, mean ± std over seeds)", "",
-              "| arm | rec (L1) | patch_cos | global_cos |", "|---|---|---|---|"]
+              "| arm | rec (L1) | patch_cos | global_cos | posterior noise/signal (worst channel) |", "|---|---|---|---|---|"]
     for arm in ARMS:
-        f = results["arms"][arm]["vae_final"]
+        f, n = results["arms"][arm]["vae_final"], results["arms"][arm]["max_noise_to_signal"]
         lines.append(f"| {arm} | " + " | ".join(f"{_fmt(f[k]['mean'])} ± {_fmt(f[k]['std'])}" if k in f else "n/a"
-                                               for k in ("rec", "patch_cos", "global_cos")) + " |")
+                                               for k in ("rec", "patch_cos", "global_cos"))
+                     + f" | {_fmt(n['mean'])} ± {_fmt(n['std'])} |")
+    init = (f"both arms fine-tune from one shared autoencoder pretrained {pre['steps']} steps without alignment"
+            if pre else "each arm trains its VAE from scratch (init seed = run seed)")
     lines += ["", "### Notes", "",
               f"- Domain evaluator: {ev['num_classes']}-class CNN trained on the training split ({ev['steps']} steps); "
               f"held-out val accuracy {ev['val_accuracy']:.3f} on {ev['val_images']} images (chance {ev['chance']:.3f}). "
               "FD_domain is a Frechet distance in its penultimate features; cond_accuracy is the share of samples it "
               "assigns to their conditioning class.",
               "- FD_* are Frechet distances in the named feature space, not FID, and not comparable with published FID.",
+              f"- VAE init: {init}; steps are shown as pretraining+fine-tuning.",
               "- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents).",
+              "- Posterior noise/signal = E[posterior var] / Var(posterior mean) of a latent channel on the reference "
+              "images: SiT trains on posterior samples, so a channel above 1 is mostly noise in its latents.",
               f"- Config check: the arms' recorded configs differ only in `{key}` ({per_seed})."]
     lines += [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def loss_curves_png(results: dict) -> bytes:
-    """VAE reconstruction loss, VAE cosine alignment (patch) and SiT loss per step; one line per run."""
+    """VAE reconstruction loss, VAE patch cosine to the teacher and SiT loss per step, one line per run
+    (the shared pretraining in grey, the arms' fine-tuning steps counted after it)."""
     import io
 
     from matplotlib.figure import Figure
 
     from pipelines.checkpoints import read_log
 
-    colours = {"vae": "tab:blue", "reals": "tab:red"}
-    panels = (("vae", "rec", "VAE reconstruction loss (L1)"), ("vae", "patch_cos", "VAE patch cosine to the teacher"),
-              ("sit", "loss", "SiT flow-matching loss"))
+    pre = results["pretrain"]
+    offset = pre["steps"] if pre else 0
+    curves = [("pretrain", "grey", pre["run"], 0)] if pre else []
+    curves += [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], join(r["root"], "vae"), offset)
+               for r in results["runs"]]
+    panels = (("rec", "VAE reconstruction loss (L1)"), ("patch_cos", "VAE patch cosine to the teacher"))
     fig = Figure(figsize=(16, 4))
-    axes = fig.subplots(1, len(panels))
-    for ax, (run, key, title) in zip(axes, panels):
-        for r in results["runs"]:
-            log = read_log(join(r["root"], run, "log.jsonl"))
-            pts = [(e["step"], e[key]) for e in log if key in e]
+    axes = fig.subplots(1, 3)
+    for ax, (key, title) in zip(axes, panels):
+        for label, colour, run, start in curves:
+            pts = [(start + e["step"], e[key]) for e in read_log(join(run, "log.jsonl")) if key in e]
             if pts:
-                ax.plot(*zip(*pts), color=colours[r["arm"]], alpha=0.8, linewidth=1.1,
-                        label=f"{r['arm']} seed {r['seed']}")
-        ax.set(xlabel="step", title=title)
+                ax.plot(*zip(*pts), color=colour, alpha=0.8, linewidth=1.1, label=label)
+        ax.set(xlabel="VAE step", title=title)
+    for r in results["runs"]:
+        pts = [(e["step"], e["loss"]) for e in read_log(join(r["root"], "sit", "log.jsonl")) if "loss" in e]
+        if pts:
+            axes[2].plot(*zip(*pts), color=ARM_COLOURS[r["arm"]], alpha=0.8, linewidth=1.1,
+                         label=f"{r['arm']} seed {r['seed']}")
+    axes[2].set(xlabel="SiT step", title="SiT flow-matching loss")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     buf = io.BytesIO()
@@ -561,6 +606,25 @@ def loss_curves_png(results: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 # Stage
 # ---------------------------------------------------------------------------------------------------
+
+def phases(p: Plan) -> list[tuple[str, list[Unit]]]:
+    """The units in dependency order, in phases whose units run in parallel."""
+    def per_run(stage: str) -> list[Unit]:
+        return [units[stage] for units in p.runs.values()]
+
+    def shared(*names: str) -> list[Unit]:
+        return [p.shared[n] for n in names if n in p.shared]
+
+    first = shared("make-reference", "train-evaluator", "pretrain-vae")
+    out = [("data", shared("synthetic")), ("shard train", shared("shard-train")), ("shard val", shared("shard-val"))]
+    if "pretrain-vae" in p.shared:
+        out += [("reference, evaluator, pretrain-vae", first), ("extract-ema", shared("pretrain-extract")),
+                ("train-vae", per_run("train-vae"))]
+    else:
+        out += [("reference, evaluator, train-vae", first + per_run("train-vae"))]
+    return out + [("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
+                  ("sample", per_run("sample")), ("evaluate", per_run("evaluate") + per_run("assess"))]
+
 
 def run(config: ExperimentConfig) -> ExperimentSummary:
     """Run (or resume) the whole experiment and write results.json, results.md, loss_curves.png."""
@@ -578,14 +642,7 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
 
     ensure_ray()
     counts, records, phase_seconds = {"run": 0, "reused": 0}, {}, {}
-    per_run = lambda stage: [units[stage] for units in p.runs.values()]  # noqa: E731
-    phases = [("data", [p.shared[n] for n in ("synthetic",) if n in p.shared]),
-              ("shard train", [p.shared["shard-train"]]), ("shard val", [p.shared["shard-val"]]),
-              ("reference, evaluator, train-vae",
-               [p.shared["make-reference"], p.shared["train-evaluator"]] + per_run("train-vae")),
-              ("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
-              ("sample", per_run("sample")), ("evaluate", per_run("evaluate") + per_run("assess"))]
-    for name, units in phases:
+    for name, units in phases(p):
         t = time.perf_counter()
         records.update(run_phase(units, p.root, name, config.show_progress, counts))
         phase_seconds[name] = round(time.perf_counter() - t, 2)

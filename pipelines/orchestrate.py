@@ -85,7 +85,10 @@ def add_cli(subparsers) -> None:
     p.set_defaults(handler=_pipeline)
 
     p = subparsers.add_parser("demo", help="the whole chain on the embedded CPU defaults, from nothing to metrics",
-                              description=__doc__.split("\n\n")[1].replace("\n", " "))
+                              description="Run the whole chain on the embedded defaults (configs/demo.yaml): a "
+                                          "synthetic dataset to metrics and a report, on local disk, local Ray "
+                                          "and a local Prefect API. Run it again and every complete stage is "
+                                          "skipped.")
     p.add_argument("--output", default="runs/demo", help="run root (default runs/demo)")
     p.set_defaults(handler=_demo)
 

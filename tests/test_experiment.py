@@ -18,6 +18,7 @@ MICRO = dict(
     evaluator={"steps": 40, "batch_size": 16, "width": 8},
     train_vae={"vae_config": "tiny", "perceptual": "none", "batch_size": 4, "max_steps": 3, "align_hidden_dim": 16,
                "log_every": 1, "ckpt_every": 3, "sample_every": 3},
+    pretrain_vae={"max_steps": 2, "ckpt_every": 2},
     convert={"num_samples": 16, "batch_size": 16},
     encode={"batch_size": 16},
     train_sit={"model": "SiT-T/2", "global_batch_size": 8, "max_steps": 3, "log_every": 1, "sample_every": 0},
@@ -61,7 +62,9 @@ def test_arms_differ_only_in_the_alignment_weight(micro):
         recorded = json.loads(Path(s.output, "records", f"reals-seed{seed}-train-vae.json").read_text())
         assert recorded["config"]["align_weight"] == 0.5 and recorded["config"]["seed"] == seed
         trained = json.loads(Path(s.output, "vae", f"seed{seed}", "vae", "config.json").read_text())
-        assert trained["align_weight"] == 0.0
+        assert trained["align_weight"] == 0.0 and trained["vae_ckpt"] == reals["stages"]["train_vae"]["vae_ckpt"]
+    pretrain = json.loads(Path(s.output, "pretrain", "vae", "config.json").read_text())
+    assert pretrain["align_weight"] == 0.0 and Path(trained["vae_ckpt"]).is_file()
     assert json.loads(Path(s.output, "config_check.json").read_text())["ok"] is True
 
 
