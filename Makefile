@@ -5,6 +5,8 @@ STAMP := .venv/.installed
 export RAY_AUTH_MODE ?= disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
+# Idle OpenMP threads sleep instead of spinning: torch on 2 shared cores (beside Ray workers) stays fast.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test bench server clean
 

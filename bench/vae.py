@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from pipelines.train_vae import Dist, Trainer, TrainVAEConfig, to_model_images
+from pipelines.distributed import Dist
+from pipelines.train_vae import Trainer, TrainVAEConfig, to_model_images
 from storage.markers import write_json
 from storage.shards import write_shard
 

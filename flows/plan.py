@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines import StageError
-from pipelines.checkpoints import latest_checkpoint, load_checkpoint, read_log
+from pipelines.checkpoints import latest_checkpoint, load_checkpoint, read_log, resolve_checkpoint
 from pipelines.config import StageConfig
 from storage.fs import filesystem, join, list_files, to_url
 from storage.markers import read_json, write_json
@@ -272,7 +272,6 @@ def _training(c, epochs: int | None) -> str | None:
 
 
 def _convert(c) -> str | None:
-    from pipelines.train_vae import resolve_checkpoint
     from storage.markers import sha256_url
 
     out = Path(c.output_dir.removeprefix("file://")).expanduser()

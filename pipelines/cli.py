@@ -49,6 +49,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: idle OpenMP threads sleep rather than spin (2 cores shared with Ray workers).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

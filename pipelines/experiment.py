@@ -549,15 +549,16 @@ def markdown(results: dict, check: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(f"{_fmt(f[k]['mean'])} ± {_fmt(f[k]['std'])}" if k in f else "n/a"
                                                for k in ("rec", "patch_cos", "global_cos"))
                      + f" | {_fmt(n['mean'])} ± {_fmt(n['std'])} |")
-    init = (f"both arms fine-tune from one shared autoencoder pretrained {pre['steps']} steps without alignment"
-            if pre else "each arm trains its VAE from scratch (init seed = run seed)")
+    init = (f"both arms fine-tune from one shared autoencoder pretrained {pre['steps']} steps without alignment "
+            "(VAE steps read pretraining+fine-tuning)" if pre else "each arm trains its VAE from scratch (init seed = "
+            "run seed)")
     lines += ["", "### Notes", "",
               f"- Domain evaluator: {ev['num_classes']}-class CNN trained on the training split ({ev['steps']} steps); "
               f"held-out val accuracy {ev['val_accuracy']:.3f} on {ev['val_images']} images (chance {ev['chance']:.3f}). "
               "FD_domain is a Frechet distance in its penultimate features; cond_accuracy is the share of samples it "
               "assigns to their conditioning class.",
               "- FD_* are Frechet distances in the named feature space, not FID, and not comparable with published FID.",
-              f"- VAE init: {init}; steps are shown as pretraining+fine-tuning.",
+              f"- VAE init: {init}.",
               "- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents).",
               "- Posterior noise/signal = E[posterior var] / Var(posterior mean) of a latent channel on the reference "
               "images: SiT trains on posterior samples, so a channel above 1 is mostly noise in its latents.",

@@ -51,7 +51,7 @@ from storage.shards import iter_shards, read_manifest, shard_urls
 GRID_SAMPLES = 8
 GRID_STEPS = 25
 GRID_CFG_SCALE = 4.0
-RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout")
+RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout", "sample_posterior")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +83,8 @@ class TrainSiTConfig(StageConfig):
     vae_path: str | None = Field(None, description="ReaLS VAE dir for sample grids (default: the store's "
                                                    "provenance); required with a shards --data-path")
     in_memory: bool | Literal["auto"] = Field("auto", description="hold the store in RAM: auto, true or false")
+    sample_posterior: bool = Field(True, description="train on z = mean + std * eps (LDM/ReaLS); false: on the "
+                                                     "posterior mean (for a VAE whose posterior is still wide)")
     split: str = Field("train", description="split of a shards --data-path")
     shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer of a shards --data-path")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
@@ -130,7 +132,7 @@ class StoreSource:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MissingRowsWarning)  # reported by the stage itself
             self.loader = LatentLoader(cfg.data_path, batch_size, rank=d.rank, world_size=d.world, seed=cfg.seed,
-                                       in_memory=cfg.in_memory)
+                                       in_memory=cfg.in_memory, sample_posterior=cfg.sample_posterior)
         self.attrs = self.loader.attrs
         self.latent_shape = tuple(int(s) for s in self.loader.latent_shape)
         self.num_classes = self.loader.num_classes
@@ -184,6 +186,8 @@ class ShardSource:
         x = torch.from_numpy(images).to(self.d.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         mean, std = self.vae.encode(x)
+        if not self.cfg.sample_posterior:
+            return self.vae.normalize(mean)
         return self.vae.normalize(mean + std * eps.to(x.device))
 
     def batches(self, epoch: int, skip: int = 0):
@@ -510,6 +514,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sample-every", type=int, help=_help("sample_every") + " (default 10000)")
     p.add_argument("--vae-path", help=_help("vae_path"))
     p.add_argument("--in-memory", type=_in_memory, metavar="{auto,true,false}", help=_help("in_memory"))
+    p.add_argument("--posterior-mean", dest="sample_posterior", action="store_false", default=None,
+                   help="train on the posterior mean instead of a posterior sample (a VAE whose posterior is wide)")
     p.add_argument("--split", help=_help("split") + " (default train)")
     p.add_argument("--shuffle-buffer", type=int, help=_help("shuffle_buffer") + " (default 1000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")

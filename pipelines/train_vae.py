@@ -32,7 +32,6 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.checkpoints import (LOG, RunLog, check_resumable, checkpoint_to_resume, load_checkpoint, rng_state,
                                    save_checkpoint, seed_rngs, set_rng_state)
-from pipelines.checkpoints import resolve_checkpoint  # noqa: F401 - re-exported: convert and flows import it here
 from pipelines.config import StageConfig, config_from_args
 from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier, distributed, wrap_ddp
 from pipelines.parallel import progress_bar
