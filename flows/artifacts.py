@@ -17,7 +17,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from storage.fs import exists, read_bytes, to_url
+from storage.fs import exists, join, read_bytes, to_url
 
 MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
 
@@ -135,3 +135,14 @@ def evaluate_artifacts(summary) -> None:
         lines = [f"- **{space} skipped**: {why}" for space, why in summary.skipped.items()]
         lines += [f"- {note}" for note in summary.notes]
         markdown("evaluate-notes", "\n".join(lines), "what was not computed and why")
+
+
+def downstream_artifacts(summary) -> None:
+    """The three-way segmentation/depth table and the overlays of real and generated images."""
+    report = join(summary.output, "report.md")
+    if exists(report):
+        markdown("downstream-report", read_bytes(report).decode(), "training-free segmentation and depth")
+    for name in ("overlays_real", "overlays_generated"):
+        url = join(summary.output, f"{name}.png")
+        if exists(url):
+            image(f"downstream-{name.replace('_', '-')}", url, name.replace("_", " "))

@@ -47,6 +47,8 @@ class PipelineConfig(BaseModel):
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig fields")
     make_reference: dict[str, Any] = Field(default_factory=dict, description="MakeReferenceConfig fields")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="EvaluateConfig fields")
+    downstream: dict[str, Any] | None = Field(None, description="DownstreamConfig fields: when set (and the data "
+                                                                "has masks/depth), segmentation and depth run last")
 
 
 def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> PipelineConfig:
@@ -116,6 +118,10 @@ class Layout:
     def report(self) -> str:
         return join(self.root, "report")
 
+    @property
+    def downstream(self) -> str:
+        return join(self.root, "downstream")
+
 
 @dataclass(frozen=True)
 class Step:
@@ -158,6 +164,7 @@ def layout(pc: PipelineConfig) -> Layout:
 def plan_steps(pc: PipelineConfig) -> list[Step]:
     """The stage runs of the chain, in order, with the layout filling every path a section leaves out."""
     from pipelines.convert import ConvertConfig
+    from pipelines.downstream import DownstreamConfig
     from pipelines.encode import EncodeConfig
     from pipelines.evaluate import EvaluateConfig, MakeReferenceConfig
     from pipelines.sample import SampleConfig
@@ -192,8 +199,8 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
     steps.append(Step("train-sit", "train-sit", _config(TrainSiTConfig, "train_sit", {
         "data_path": at.store, "output": at.sit_run, "resume": True}, pc.train_sit), ("encode",)))
     steps.append(Step("sample", "sample", _config(SampleConfig, "sample", {
-        "mode": "ODE", "ckpt": at.sit_run, "vae_path": at.vae_dir, "output": at.samples}, pc.sample),
-        ("train-sit",)))
+        "mode": "ODE", "ckpt": at.sit_run, "vae_path": at.vae_dir, "output": at.samples,
+        "save_latents": pc.downstream is not None}, pc.sample), ("train-sit",)))
     evaluate_after = ("sample",)
     if "ref_batch" not in pc.evaluate:
         if not val:
@@ -203,6 +210,10 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
         evaluate_after += ("make-reference",)
     steps.append(Step("evaluate", "evaluate", _config(EvaluateConfig, "evaluate", {
         "ref_batch": at.reference, "sample_batch": at.samples, "output": at.metrics}, pc.evaluate), evaluate_after))
+    if pc.downstream is not None:
+        steps.append(Step("downstream", "downstream", _config(DownstreamConfig, "downstream", {
+            "tasks": ["seg", "depth"], "data_path": data, "vae_path": at.vae_dir, "output": at.downstream,
+            "samples": at.samples}, pc.downstream), ("sample",) + (("shard-val",) if val else ())))
     return steps
 
 
@@ -339,6 +350,11 @@ def _evaluate(c) -> str | None:
     return None if report.get("config") == c.model_dump(mode="json") else "metrics.json was computed with other settings"
 
 
+def _downstream(c) -> str | None:
+    report = read_json(join(to_url(c.output), "metrics.json"))
+    return None if report else "no downstream metrics.json"
+
+
 OUTPUT_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "synthetic": _synthetic,
     "shard": _shard,
@@ -349,6 +365,7 @@ OUTPUT_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "sample": _sample,
     "make-reference": _make_reference,
     "evaluate": _evaluate,
+    "downstream": _downstream,
 }
 
 

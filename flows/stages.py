@@ -19,6 +19,7 @@ from flows.plan import progress_probe
 from flows.runtime import SharedRayTaskRunner, retry_on_transient, run_torchrun
 from pipelines.config import StageConfig
 from pipelines.convert import ConvertConfig, ConvertSummary
+from pipelines.downstream import DownstreamConfig, DownstreamSummary
 from pipelines.encode import EncodeConfig, EncodeSummary
 from pipelines.evaluate import EvaluateConfig, EvaluateSummary, MakeReferenceConfig, MakeReferenceSummary
 from pipelines.report import loss_curves_png
@@ -40,6 +41,7 @@ STAGE_FUNCTIONS = {
     "sample": ("pipelines.sample", "run"),
     "make-reference": ("pipelines.evaluate", "make_reference"),
     "evaluate": ("pipelines.evaluate", "run"),
+    "downstream": ("pipelines.downstream", "run"),
 }
 SUMMARIES = {"train-vae": TrainVAESummary, "train-sit": TrainSiTSummary}
 RETRY_DELAYS = [10, 30, 90]
@@ -179,9 +181,17 @@ def evaluate_flow(config: EvaluateConfig) -> EvaluateSummary:
     return summary
 
 
+@flow(name="downstream", log_prints=True)
+def downstream_flow(config: DownstreamConfig) -> DownstreamSummary:
+    """Training-free segmentation and depth from the alignment network's features, three sources side by side."""
+    summary = local_stage("downstream", config)
+    artifacts.downstream_artifacts(summary)
+    return summary
+
+
 STAGE_FLOWS = {
     "synthetic": synthetic_flow, "shard": shard_flow, "train-vae": train_vae_flow, "convert": convert_flow,
     "encode": encode_flow, "train-sit": train_sit_flow, "sample": sample_flow,
-    "make-reference": make_reference_flow, "evaluate": evaluate_flow,
+    "make-reference": make_reference_flow, "evaluate": evaluate_flow, "downstream": downstream_flow,
 }
 TRAINING = ("train-vae", "train-sit")

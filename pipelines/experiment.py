@@ -418,10 +418,12 @@ def _lpips(images: np.ndarray, reconstructions: np.ndarray, batch_size: int) -> 
     if not backbone.is_file():
         return None, (f"LPIPS not computed: its ImageNet AlexNet backbone is not at {backbone} (this machine cannot "
                       "download it); PSNR and rFD_domain measure reconstruction instead")
-    metric = PerceptualLoss("lpips", "alex")
-    to = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    from pipelines.train_vae import to_model_images
+
+    metric, cpu = PerceptualLoss("lpips", "alex"), torch.device("cpu")
     with torch.no_grad():
-        values = [metric(to(images[i:i + batch_size]), to(reconstructions[i:i + batch_size]))
+        values = [metric(to_model_images(images[i:i + batch_size], cpu),
+                         to_model_images(reconstructions[i:i + batch_size], cpu))
                   for i in range(0, len(images), batch_size)]
     return float(torch.cat(values).mean()), f"LPIPS v0.1 AlexNet backbone from {backbone}"
 
@@ -559,7 +561,8 @@ def markdown(results: dict, check: dict) -> str:
               "assigns to their conditioning class.",
               "- FD_* are Frechet distances in the named feature space, not FID, and not comparable with published FID.",
               f"- VAE init: {init}.",
-              "- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents).",
+              "- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents). SiT "
+              "losses (loss_curves.png) are in each arm's own normalised latent space: not comparable across arms.",
               "- Posterior noise/signal = E[posterior var] / Var(posterior mean) of a latent channel on the reference "
               "images: SiT trains on posterior samples, so a channel above 1 is mostly noise in its latents.",
               f"- Config check: the arms' recorded configs differ only in `{key}` ({per_seed})."]

@@ -39,6 +39,7 @@ class ReportConfig(StageConfig):
     sit_run: str | None = Field(None, description="train-sit run folder (log.jsonl)")
     samples: str | None = Field(None, description="samples .npz (ADM layout)")
     metrics: str | None = Field(None, description="metrics.json from `reals evaluate`")
+    downstream: str | None = Field(None, description="output folder of `reals downstream` (report.md, overlays)")
     stages: list[dict] = Field(default_factory=list, description="pipeline rows: stage, status, seconds")
 
 
@@ -240,6 +241,17 @@ def _metrics_section(metrics_url: str) -> tuple[list[str], dict[str, float]]:
 # The report
 # ---------------------------------------------------------------------------------------------------
 
+def _downstream_section(folder: str, save) -> list[str]:
+    """The downstream stage's own report, its headings demoted one level, with its overlays."""
+    body = read_bytes(join(folder, "report.md")).decode().splitlines()
+    lines = ["## Downstream (training-free segmentation and depth)", ""]
+    lines += ["#" + line if line.startswith("#") else line for line in body if not line.startswith("# ")]
+    for name in ("overlays_real", "overlays_generated"):
+        if exists(join(folder, f"{name}.png")):
+            lines += ["", f"![{name.replace('_', ' ')}]({save(f'downstream_{name}.png', read_bytes(join(folder, name + '.png')))})"]
+    return lines + [""]
+
+
 def write_report(config: ReportConfig) -> ReportSummary:
     """Write ``report.md`` and its PNGs under ``config.output``; parts whose inputs are absent are left out."""
     out = to_url(config.output)
@@ -289,6 +301,8 @@ def write_report(config: ReportConfig) -> ReportSummary:
     if config.metrics:
         section, values = _metrics_section(config.metrics)
         lines += section
+    if config.downstream and exists(join(to_url(config.downstream), "report.md")):
+        lines += _downstream_section(to_url(config.downstream), save)
     text = "\n".join(lines).rstrip() + "\n"
     report = join(out, "report.md")
     write_bytes_atomic(report, text.encode())

@@ -55,6 +55,7 @@ class DomainClassifier(nn.Module):
         self.config = {"num_classes": num_classes, "resolution": resolution, "width": width, "stages": stages,
                        "dropout": dropout}
         self.resolution = resolution
+        self.info: dict = {}  # what a saved evaluator's json records beside the config
         widths = [width * 2 ** i for i in range(stages)]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU())
         self.stages = nn.Sequential(*[ConvStage(c_in, c_out) for c_in, c_out in zip([width] + widths, widths)])
@@ -91,7 +92,7 @@ class DomainClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DomainClassifier:
-        """A saved evaluator, in eval mode; ``info`` holds what its json records beside the config."""
+        """A saved evaluator, in eval mode, with ``info`` read from its json."""
         from safetensors.torch import load_file
 
         path = Path(path)
