@@ -236,7 +236,8 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
 
 def test_shipped_configs_build_every_stage():
     demo = {s.name: s.config for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
-    assert list(demo) == STAGES
+    assert list(demo) == STAGES + ["downstream"]
+    assert demo["sample"].save_latents and demo["downstream"].samples == demo["sample"].output
     assert demo["train-vae"].dino_model == "efficientnet_lite0" and demo["train-vae"].perceptual == "none"
     paper = {s.name: s.config for s in plan_steps(load_pipeline_config(CONFIGS / "imagenet256-reals.yaml"))}
     assert "synthetic" not in paper and "make-reference" not in paper
