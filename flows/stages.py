@@ -21,6 +21,7 @@ from pipelines.config import StageConfig
 from pipelines.convert import ConvertConfig, ConvertSummary
 from pipelines.downstream import DownstreamConfig, DownstreamSummary
 from pipelines.encode import EncodeConfig, EncodeSummary
+from pipelines.experiment import ExperimentConfig, ExperimentSummary
 from pipelines.evaluate import EvaluateConfig, EvaluateSummary, MakeReferenceConfig, MakeReferenceSummary
 from pipelines.report import loss_curves_png
 from pipelines.sample import SampleConfig, SampleSummary
@@ -42,6 +43,7 @@ STAGE_FUNCTIONS = {
     "make-reference": ("pipelines.evaluate", "make_reference"),
     "evaluate": ("pipelines.evaluate", "run"),
     "downstream": ("pipelines.downstream", "run"),
+    "experiment": ("pipelines.experiment", "run"),
 }
 SUMMARIES = {"train-vae": TrainVAESummary, "train-sit": TrainSiTSummary}
 RETRY_DELAYS = [10, 30, 90]
@@ -186,6 +188,15 @@ def downstream_flow(config: DownstreamConfig) -> DownstreamSummary:
     """Training-free segmentation and depth from the alignment network's features, three sources side by side."""
     summary = local_stage("downstream", config)
     artifacts.downstream_artifacts(summary)
+    return summary
+
+
+@flow(name="experiment", log_prints=True)
+def experiment_flow(config: ExperimentConfig) -> ExperimentSummary:
+    """SiT on ReaLS latents vs on a plain VAE's latents over seeds (the driver here; its units on Ray)."""
+    summary = local_stage("experiment", config)
+    artifacts.markdown("experiment-results", summary.markdown, "ReaLS vs plain VAE: metrics over seeds")
+    artifacts.image("experiment-loss-curves", summary.loss_curves, "loss curves of both arms")
     return summary
 
 

@@ -223,7 +223,8 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
 
     config = load_pipeline_config()
     deployments = {d.name: d for d in build_deployments(config)}
-    assert set(deployments) == {"reals-pipeline", "reencode", *STAGE_FLOWS}
+    assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *STAGE_FLOWS}
+    assert deployments["experiment"].parameters["config"]["seeds"] >= 3
     assert [s.schedule.cron for s in deployments["reencode"].schedules] == ["0 3 * * *"]
     assert not deployments["reals-pipeline"].schedules
     assert deployments["reals-pipeline"].parameters["config"]["output"] == config.output
