@@ -84,9 +84,8 @@ def dockerfile_env() -> set[str]:
     return names
 
 
+@pytest.mark.skipif(not SCHEMA.is_file(), reason=f"compose specification schema not found at {SCHEMA}")
 def test_compose_file_matches_the_compose_specification():
-    if not SCHEMA.is_file():
-        pytest.skip(f"compose specification schema not found at {SCHEMA}")
     import jsonschema
 
     schema = json.loads(SCHEMA.read_text())
