@@ -15,6 +15,11 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    @classmethod
+    def field_help(cls, name: str) -> str:
+        """The description of field ``name``: the CLI's help text is the form's label in the Prefect UI."""
+        return cls.model_fields[name].description
+
 
 def load_yaml(path: str | None, section: str | None = None) -> dict:
     """The mapping in a YAML file (or one top-level section of it); ``{}`` when ``path`` is None."""

@@ -680,10 +680,6 @@ def load_experiment_config(path: str | None = None, quick: bool = False, **overr
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _help(name: str) -> str:
-    return ExperimentConfig.model_fields[name].description
-
-
 def _handle(args: argparse.Namespace) -> int:
     if args.config and args.quick:
         raise StageError("--quick picks configs/experiment-quick.yaml; give it or --config, not both")
@@ -695,6 +691,9 @@ def _handle(args: argparse.Namespace) -> int:
     print(f"experiment: {s.units_run} units run, {s.units_reused} reused, {s.wall_seconds:.0f} s -> {s.output}")
     print(f"  table: {s.table}\n  results: {s.results}\n  loss curves: {s.loss_curves}")
     return 0
+
+
+_help = ExperimentConfig.field_help
 
 
 def add_cli(subparsers) -> None:

@@ -468,8 +468,7 @@ def run(config: SampleConfig) -> SampleSummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _help(name: str) -> str:
-    return SampleConfig.model_fields[name].description
+_help = SampleConfig.field_help
 
 
 def add_cli(subparsers) -> None:

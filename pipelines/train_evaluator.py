@@ -206,10 +206,6 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _help(name: str) -> str:
-    return TrainEvaluatorConfig.model_fields[name].description
-
-
 def _handle(args: argparse.Namespace) -> int:
     s = run(config_from_args(TrainEvaluatorConfig, args))
     verb = "already trained" if s.skipped else f"trained {s.steps} steps in {s.seconds:.0f} s"
@@ -218,6 +214,9 @@ def _handle(args: argparse.Namespace) -> int:
     print(f"  accuracy: val {s.val_accuracy:.3f} on {s.val_images} held-out images (chance {s.chance:.3f}), "
           f"train {s.train_accuracy:.3f} on {s.train_images}")
     return 0
+
+
+_help = TrainEvaluatorConfig.field_help
 
 
 def add_cli(subparsers) -> None:

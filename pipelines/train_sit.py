@@ -475,15 +475,14 @@ def run(config: TrainSiTConfig) -> TrainSiTSummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _help(name: str) -> str:
-    return TrainSiTConfig.model_fields[name].description
-
-
 def _in_memory(value: str) -> bool | str:
     choices = {"auto": "auto", "true": True, "false": False}
     if value.lower() not in choices:
         raise ValueError(value)
     return choices[value.lower()]
+
+
+_help = TrainSiTConfig.field_help
 
 
 def add_cli(subparsers) -> None:

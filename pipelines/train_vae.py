@@ -432,8 +432,7 @@ def run(config: TrainVAEConfig) -> TrainVAESummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _help(name: str) -> str:
-    return TrainVAEConfig.model_fields[name].description
+_help = TrainVAEConfig.field_help
 
 
 def add_cli(subparsers) -> None:
