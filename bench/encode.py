@@ -101,12 +101,18 @@ def actor_start_s(vae_path: str, n: int, case: dict) -> float:
     return seconds
 
 
-def cpu_case(tmp: str) -> dict:
-    """Bare forward, in-process run and Ray runs (1 and 2 actors) of the demo-size case on CPU."""
-    case = CPU_CASE
-    data, vae_path, batch = f"{tmp}/shards", f"{tmp}/vae", case["batch"]
+def prepare(tmp: str, case: dict) -> tuple[str, str]:
+    """``(shards, VAE dir)`` of ``case`` under ``tmp``."""
+    data, vae_path = f"{tmp}/shards-{case['size']}", f"{tmp}/vae-{case['size']}"
     random_shards(data, case)
     random_vae(vae_path, case)
+    return data, vae_path
+
+
+def cpu_case(tmp: str) -> dict:
+    """Bare forward, in-process run and Ray runs (1 and 2 actors) of the demo-size case on CPU."""
+    case, batch = CPU_CASE, CPU_CASE["batch"]
+    data, vae_path = prepare(tmp, case)
     bare = bare_rate(data, vae_path, case, "cpu")
     n, t0 = store_run(data, vae_path, f"{tmp}/store-0", 0, batch)
     ensure_ray(num_cpus=2)
@@ -133,9 +139,7 @@ def cpu_case(tmp: str) -> dict:
 
 def gpu_case(tmp: str, case: dict, device: str) -> dict:
     """Bare forward and an in-process store run of ``case`` on ``device`` (the paper's shape on CUDA)."""
-    data, vae_path = f"{tmp}/shards-{case['size']}", f"{tmp}/vae-{case['size']}"
-    random_shards(data, case)
-    random_vae(vae_path, case)
+    data, vae_path = prepare(tmp, case)
     bare = bare_rate(data, vae_path, case, device)
     n, t = store_run(data, vae_path, f"{tmp}/store-{case['size']}", 0, case["batch"], device)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
