@@ -6,6 +6,7 @@ Label ``num_classes`` is the null class used by classifier-free guidance (see ``
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,10 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     """Class-conditional transformer predicting the transport's target (velocity by default) for latents."""
 
+    family = "SiT"
+    # SiT checkpoints trained with learn_sigma carry sigma channels that the transport does not use.
+    returns_sigma = False
+
     def __init__(
         self,
         input_size: int = 32,
@@ -171,9 +176,9 @@ class SiT(nn.Module):
     ):
         super().__init__()
         if input_size % patch_size:
-            raise ReaLSError(f"SiT: input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise ReaLSError(f"{self.family}: input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
-            raise ReaLSError(f"SiT: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise ReaLSError(f"{self.family}: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         # Constructor arguments, saved with checkpoints so that SiT(**config) rebuilds the model.
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
@@ -235,7 +240,8 @@ class SiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, h * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Prediction [B, C, H, W] for latents ``x`` [B, C, H, W], times ``t`` [B] in [0, 1], labels ``y`` [B]."""
+        """Prediction [B, C, H, W] for latents ``x`` [B, C, H, W], times ``t`` [B] in [0, 1], labels ``y`` [B]
+        ([B, 2C, H, W] for a family that ``returns_sigma``)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
@@ -243,9 +249,7 @@ class SiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         x = self.unpatchify(self.final_layer(x, c))
-        if self.learn_sigma:  # SiT checkpoints trained with learn_sigma carry unused sigma channels
-            x = x[:, : self.in_channels]
-        return x
+        return x[:, : self.in_channels] if self.learn_sigma and not self.returns_sigma else x
 
 
 #################################################################################
@@ -275,31 +279,30 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 #                                   SiT Configs                                 #
 #################################################################################
 
-def SiT_XL_2(**kwargs): return SiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def SiT_XL_4(**kwargs): return SiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def SiT_XL_8(**kwargs): return SiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def SiT_L_2(**kwargs): return SiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def SiT_L_4(**kwargs): return SiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def SiT_L_8(**kwargs): return SiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def SiT_B_2(**kwargs): return SiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def SiT_B_4(**kwargs): return SiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def SiT_B_8(**kwargs): return SiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def SiT_S_2(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def SiT_S_4(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def SiT_S_8(**kwargs): return SiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-# Tiny: tests and the CPU demo only.
-def SiT_T_1(**kwargs): return SiT(depth=4, hidden_size=128, patch_size=1, num_heads=4, **kwargs)
-def SiT_T_2(**kwargs): return SiT(depth=4, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
-def SiT_T_4(**kwargs): return SiT(depth=4, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
-
-
-SiT_models = {
-    "SiT-XL/2": SiT_XL_2, "SiT-XL/4": SiT_XL_4, "SiT-XL/8": SiT_XL_8,
-    "SiT-L/2": SiT_L_2, "SiT-L/4": SiT_L_4, "SiT-L/8": SiT_L_8,
-    "SiT-B/2": SiT_B_2, "SiT-B/4": SiT_B_4, "SiT-B/8": SiT_B_8,
-    "SiT-S/2": SiT_S_2, "SiT-S/4": SiT_S_4, "SiT-S/8": SiT_S_8,
-    "SiT-T/1": SiT_T_1, "SiT-T/2": SiT_T_2, "SiT-T/4": SiT_T_4,
+# Transformer sizes shared by the model families (SiT here, DiT in ``reals.dit``): "XL/2" is depth 28, width 1152,
+# 16 heads, 2x2 patches. The T sizes are tiny: tests and the CPU demo only.
+ARCHITECTURES = {
+    f"{size}/{p}": dict(depth=depth, hidden_size=width, patch_size=p, num_heads=heads)
+    for size, depth, width, heads, patches in [
+        ("XL", 28, 1152, 16, (2, 4, 8)), ("L", 24, 1024, 16, (2, 4, 8)), ("B", 12, 768, 12, (2, 4, 8)),
+        ("S", 12, 384, 6, (2, 4, 8)), ("T", 4, 128, 4, (1, 2, 4)),
+    ]
+    for p in patches
 }
+
+SiT_models = {f"SiT-{arch}": partial(SiT, **kw) for arch, kw in ARCHITECTURES.items()}
+
+
+def architecture_of(state: dict) -> str | None:
+    """The ``ARCHITECTURES`` name ("XL/2") whose depth, width and patch size a SiT/DiT-layout state dict has."""
+    if "x_embedder.proj.weight" not in state:
+        return None
+    width, _, p, _ = state["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for name, arch in ARCHITECTURES.items():
+        if (arch["depth"], arch["hidden_size"], arch["patch_size"]) == (depth, width, p):
+            return name
+    return None
 
 
 def create_sit(name: str, **kwargs) -> SiT:

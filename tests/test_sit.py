@@ -1,15 +1,17 @@
-"""SiT model family: published sizes, conditioning, adaLN-Zero start, and overfitting with the transport loss."""
+"""SiT model family (and DiT's sizes): published sizes, conditioning, adaLN-Zero start, and overfitting with the transport loss."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from reals import ReaLSError
+from reals.models import MODELS
 from reals.sit import SiT, SiT_models, create_sit, get_2d_sincos_pos_embed
 from reals.transport import create_transport
 
 # DiT/SiT papers' parameter counts (ImageNet 256: 32x32x4 latents, 1000 classes).
-PUBLISHED_PARAMS = {"SiT-B/2": 130e6, "SiT-L/2": 458e6, "SiT-XL/2": 675e6}
+PUBLISHED_PARAMS = {"SiT-B/2": 130e6, "SiT-L/2": 458e6, "SiT-XL/2": 675e6,
+                    "DiT-S/2": 33e6, "DiT-B/2": 130e6, "DiT-XL/2": 675e6}
 
 
 def tiny(**kw) -> SiT:
@@ -20,7 +22,7 @@ def tiny(**kw) -> SiT:
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_parameter_count_matches_published(name):
     with torch.device("meta"):
-        model = SiT_models[name](input_size=32, in_channels=4, num_classes=1000)
+        model = MODELS[name](input_size=32, in_channels=4, num_classes=1000)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - PUBLISHED_PARAMS[name]) / PUBLISHED_PARAMS[name] < 0.01
 

@@ -6,7 +6,8 @@ the null class. It is linear in the prediction, so guiding a velocity also guide
 Guidance interval convention (ReaLS "cfg=1.8, [0, 0.75]", written as in REPA whose sampler it follows): the
 interval ``(lo, hi)`` is on the noise-level axis ``tau = 1 - t`` (tau=1 pure noise, tau=0 data; ``t`` is SiT's
 time). Guidance applies where ``lo <= tau <= hi`` and is the identity (scale 1, the conditional prediction)
-elsewhere; so ``(0, 0.75)`` leaves the noisiest quarter of the trajectory (t < 0.25) unguided.
+elsewhere; so ``(0, 0.75)`` leaves the noisiest quarter of the trajectory (t < 0.25) unguided. Models with another
+time axis pass their own ``noise_level(t)`` (DiT: tau = t / T, see ``reals.diffusion``).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ class ClassifierFreeGuidance:
     """Wraps ``model(x, t, y)``: one batch-doubled call (labels, then the null class) where guidance applies."""
 
     def __init__(self, model: Callable, cfg_scale: float, null_class: int | None = None,
-                 cfg_channels: int | None = None, guidance_interval: tuple[float, float] | None = None):
+                 cfg_channels: int | None = None, guidance_interval: tuple[float, float] | None = None,
+                 noise_level: Callable[[torch.Tensor], torch.Tensor] = lambda t: 1 - t):
         """``null_class`` defaults to ``model.num_classes``; ``cfg_channels=k`` guides only the first k output
-        channels (3 reproduces DiT/SiT, the rest keep the conditional prediction); None guides all."""
+        channels (3 reproduces DiT/SiT, the rest keep the conditional prediction); None guides all.
+        ``noise_level`` maps the model's time to tau (default SiT's 1 - t)."""
         null_class = getattr(model, "num_classes", None) if null_class is None else null_class
         if null_class is None:
             raise ReaLSError("classifier-free guidance needs null_class (the model has no num_classes)")
@@ -34,14 +37,14 @@ class ClassifierFreeGuidance:
             if not 0 <= lo <= hi <= 1:
                 raise ReaLSError(f"guidance interval must satisfy 0 <= lo <= hi <= 1, got {guidance_interval}")
         self.model, self.cfg_scale, self.null_class = model, float(cfg_scale), int(null_class)
-        self.cfg_channels, self.guidance_interval = cfg_channels, guidance_interval
+        self.cfg_channels, self.guidance_interval, self.noise_level = cfg_channels, guidance_interval, noise_level
 
     def guided(self, t: torch.Tensor) -> torch.Tensor:
-        """Bool [B]: whether guidance applies at each sample's time ``t`` [B] (SiT time)."""
+        """Bool [B]: whether guidance applies at each sample's time ``t`` [B] (the model's time)."""
         if self.guidance_interval is None:
             return torch.ones_like(t, dtype=torch.bool)
         lo, hi = self.guidance_interval
-        tau = 1 - t
+        tau = self.noise_level(t)
         return (tau >= lo) & (tau <= hi)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
