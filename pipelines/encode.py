@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
-from storage.fs import join, to_url
+from storage.fs import child, join, to_url
 from storage.latent_store import LatentStore, rows_checksum, set_latest, utc_now
 from storage.lease import Lease
 from storage.markers import read_json
@@ -239,7 +239,7 @@ def source_shards(data_path: str, split: str) -> tuple[dict, list[dict]]:
         raise StageError(f"split {split!r} of {data_path} has no shards")
     shards = []
     for name in info["shards"]:
-        url = join(to_url(data_path), name)
+        url = child(to_url(data_path), name, "manifest.json shard name")
         marker = read_json(url.removesuffix(".tar") + ".json") or {}
         shards.append({"name": name, "url": url, "count": int(marker.get("count", info["shard_size"])),
                        "sha256": marker.get("sha256")})
@@ -343,6 +343,7 @@ def run(config: EncodeConfig) -> EncodeSummary:
     from reals.vae import ReaLSVAE
 
     output = to_url(config.output).rstrip("/")
+    LatentStore.check_root(output)
     manifest, shards = source_shards(config.data_path, config.split)
     vae = ReaLSVAE.from_pretrained(config.vae_path)
     fp, f = vae.fingerprint, vae.downsample_factor

@@ -41,6 +41,35 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url, *parts) if parts else url
 
 
+def check_name(name, what: str = "name") -> str:
+    """``name`` if it is one plain path component (no separator, not ``.``/``..``, not absolute), else refuse.
+
+    Names read from documents (manifest shard names, version names, markers) pass through here before
+    they are joined onto a root, so a crafted document cannot point a read or a write outside that root.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") or ":" in name:
+        raise StorageError(f"refusing {what} {name!r}: it must be a plain file name (no '/', '\\', ':' or '..')")
+    return name
+
+
+def child(url: str, name: str, what: str = "name") -> str:
+    """``url/name`` for one checked name: the result always lies directly under ``url``."""
+    return join(url, check_name(name, what))
+
+
+def within(root: str, url: str) -> str:
+    """``url`` if it lies under ``root`` once ``.`` and ``..`` are resolved (local paths and URLs alike)."""
+    def parts(u: str) -> tuple[str, str]:
+        u = to_url(u)
+        scheme, sep, rest = u.partition("://")
+        return (scheme, posixpath.normpath("/" + rest)) if sep else ("", os.path.normpath(u))
+
+    (rs, rp), (us, up) = parts(root), parts(url)
+    if rs != us or (up != rp and not up.startswith(rp.rstrip("/") + "/")):
+        raise StorageError(f"refusing to write {url}: it lies outside {root}")
+    return url
+
+
 def to_url(url: str) -> str:
     """Canonical URL string: plain paths become absolute local paths."""
     url = os.fspath(url)

@@ -27,7 +27,7 @@ import zarr
 import zarr.codecs as zc
 
 from storage import StorageError
-from storage.fs import filesystem, join, storage_options, to_url
+from storage.fs import check_name, child, filesystem, join, storage_options, to_url, within
 from storage.markers import read_json, write_json
 
 VERSIONS = "versions.json"
@@ -94,11 +94,28 @@ class LatentStore:
         index = read_json(join(url, VERSIONS))
         if index is None:
             raise StorageError(f"no latent store at {url}: run `reals encode` first")
-        name = version or index["latest"]
+        name = check_name(version or index["latest"], "version name")
         if name not in {v["name"] for v in index["versions"]}:
             names = ", ".join(v["name"] for v in index["versions"])
             raise StorageError(f"latent store {url} has no version {name!r} (has {names})")
         return url, join(url, name)
+
+    @staticmethod
+    def check_root(url: str) -> None:
+        """Refuse a store root that is a version group itself, or that lies inside another store."""
+        url = to_url(url).rstrip("/")
+        if read_json(join(url, "zarr.json")) is not None:
+            parent = posixpath.dirname(url)
+            raise StorageError(f"{url} is a Zarr group (a version of the latent store {parent}), not a store "
+                               f"root: pass --output {parent}")
+        scheme, sep, path = url.rpartition("://")
+        head = scheme + sep if sep else "/"
+        parts = path.strip("/").split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            ancestor = head + "/".join(parts[:n])
+            if read_json(join(ancestor, VERSIONS)) is not None or read_json(join(ancestor, "zarr.json")) is not None:
+                raise StorageError(f"{url} lies inside the latent store {ancestor}: pass --output {ancestor} "
+                                   "(each VAE gets its own version there) or a folder outside it")
 
     @classmethod
     def open(cls, url: str, version: str | None = None) -> "LatentStore":
@@ -119,7 +136,7 @@ class LatentStore:
     @staticmethod
     def has_version(url: str, fingerprint: str) -> bool:
         """Whether the store root ``url`` holds a version made by VAE ``fingerprint``."""
-        return read_json(join(to_url(url).rstrip("/"), fingerprint, "zarr.json")) is not None
+        return read_json(join(child(to_url(url).rstrip("/"), fingerprint, "version name"), "zarr.json")) is not None
 
     @classmethod
     def open_for_vae(cls, url: str, fingerprint: str, latent_shape) -> "LatentStore":
@@ -143,7 +160,7 @@ class LatentStore:
                provenance: dict, flip: bool = True, teacher_grid: tuple[int, int] | None = None) -> "LatentStore":
         """Create an empty version named by the VAE fingerprint under ``url`` and add it to versions.json."""
         root = to_url(url).rstrip("/")
-        group_url = join(root, fingerprint)
+        group_url = child(root, fingerprint, "version name")
         if read_json(join(group_url, "zarr.json")) is not None:
             raise StorageError(f"latent store version {group_url} already exists")
         c, h, w = (int(x) for x in latent_shape)
@@ -265,10 +282,11 @@ class LatentStore:
         return out
 
     def marker_url(self, shard_name: str) -> str:
-        return join(self.url, MARKERS, posixpath.splitext(shard_name)[0] + ".json")
+        name = check_name(shard_name, "shard name")
+        return join(self.url, MARKERS, posixpath.splitext(name)[0] + ".json")
 
     def write_marker(self, marker: dict) -> None:
-        write_json(self.marker_url(marker["shard"]), marker)
+        write_json(within(self.url, self.marker_url(marker["shard"])), marker)
 
     def markers(self) -> dict[str, dict]:
         """Every done-marker of this version, by source shard name (fetched concurrently)."""
