@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
@@ -29,6 +29,7 @@ from pipelines.config import StageConfig, config_from_args
 from reals import ReaLSError
 from reals.sit import create_sit
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
+from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
 from storage.fs import filesystem, join, read_bytes, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
@@ -44,7 +45,8 @@ LABEL_STREAM, NOISE_STREAM = 0, 1
 class SampleConfig(StageConfig):
     """Inputs of `reals sample`."""
 
-    mode: Literal["ODE", "SDE"] = Field(description="ODE: probability-flow ODE; SDE: Euler-Maruyama on the SDE")
+    mode: Literal["ODE", "SDE"] = Field(description="ODE: the probability-flow ODE; SDE: the reverse-time SDE "
+                                                    "(SiT's sample_ddp.py modes)")
     ckpt: str = Field(description="SiT checkpoint: a train-sit .pt (or its run folder) or a bare SiT state_dict")
     vae_path: str = Field(description="ReaLS VAE directory that decodes the latents (local)")
     output: str = Field(description="samples file (.npz, ADM layout), local or s3://")
@@ -56,13 +58,21 @@ class SampleConfig(StageConfig):
                           "default: guide everywhere")
     cfg_channels: str = Field("all", pattern=r"^(all|[1-9]\d*)$",
                               description="latent channels guided: all, or the first N (3 as in DiT/SiT)")
-    num_sampling_steps: int = Field(250, ge=1, description="integration steps (SDE: drift evaluations)")
-    sampling_method: Literal["euler", "heun", "dopri5"] = Field(
-        "heun", description="ODE integrator; dopri5 is adaptive and its steps depend on the whole batch")
+    num_sampling_steps: int = Field(
+        250, ge=2, description="time grid points linspace(t0, t1, N) as in SiT's sample_ddp.py: N - 1 steps (SDE: "
+                               "N - 1 noisy steps and the last step); REPA's --num-steps N is N + 1 here")
+    sampling_method: Literal["euler", "heun", "heun-repa", "dopri5"] | None = Field(
+        None, description="ODE: euler, heun (default), heun-repa (REPA's: no corrector on the last step, its "
+                          "guidance decided at the current time) or dopri5 (adaptive; its steps depend on the whole "
+                          "batch); SDE: euler (Euler-Maruyama, default) or heun (SiT's stochastic Heun)")
     atol: float = Field(1e-6, gt=0, description="dopri5 absolute tolerance")
     rtol: float = Field(1e-3, gt=0, description="dopri5 relative tolerance")
-    diffusion_norm: float = Field(1.0, ge=0, description="SDE diffusion w(t) = norm * sigma_t")
-    last_step_size: float = Field(0.04, gt=0, lt=1, description="SDE final deterministic step size")
+    diffusion_norm: float = Field(1.0, ge=0, description="SDE diffusion D(t) = norm * sigma_t (SiT's \"sigma\" form: "
+                                                          "drift v + D * score, noise sqrt(2 D dt))")
+    last_step: Literal["mean", "euler", "tweedie", "none"] = Field(
+        "mean", description="SDE last step (SiT's --last-step): mean (along the SDE drift), euler (along the "
+                            "velocity), tweedie (the denoised estimate) or none")
+    last_step_size: float = Field(0.04, gt=0, lt=1, description="SDE last step size (the grid ends at 1 - it)")
     path_type: Literal["Linear", "GVP"] | None = Field(None, description="transport path (default: the checkpoint's)")
     prediction: Literal["velocity", "score", "noise"] | None = Field(
         None, description="what the model predicts (default: the checkpoint's)")
@@ -92,6 +102,16 @@ class SampleConfig(StageConfig):
         if v is not None and not 0 <= v[0] <= v[1] <= 1:
             raise ValueError(f"needs 0 <= LO <= HI <= 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _method_of_mode(self):
+        """The integrator defaults per mode (ODE: heun, SDE: euler); an SDE takes euler or heun only."""
+        if self.sampling_method is None:
+            self.sampling_method = "heun" if self.mode == "ODE" else "euler"
+        elif self.mode == "SDE" and self.sampling_method not in SDE_METHODS:
+            raise ValueError(f"sampling_method {self.sampling_method} is an ODE method; SDE takes "
+                             f"{' or '.join(SDE_METHODS)}")
+        return self
 
 
 class SampleSummary(BaseModel):
@@ -270,7 +290,7 @@ class SampleWorker:
                                       spec["atol"], spec["rtol"])
         else:
             self.sampler = SDESampler(transport, spec["num_sampling_steps"], spec["diffusion_norm"],
-                                      spec["last_step_size"])
+                                      spec["last_step_size"], spec["sampling_method"], spec["last_step"])
         channels = None if spec["cfg_channels"] == "all" else int(spec["cfg_channels"])
         interval = tuple(spec["guidance_interval"]) if spec["guidance_interval"] else None
         self.fn = guided_model(self.model, spec["cfg_scale"], channels, interval)
@@ -331,7 +351,11 @@ def _check_vae(vae, name: str, kw: dict, ckpt: dict, vae_path: str) -> None:
 
 SAMPLE_KEYS = ("mode", "cfg_scale", "guidance_interval", "cfg_channels", "num_sampling_steps", "labels",
                "per_proc_batch_size", "global_seed", "use_ema", "save_latents")
-METHOD_KEYS = {"ODE": ("sampling_method", "atol", "rtol"), "SDE": ("diffusion_norm", "last_step_size")}
+METHOD_KEYS = {"ODE": ("sampling_method", "atol", "rtol"),
+               "SDE": ("sampling_method", "diffusion_norm", "last_step", "last_step_size")}
+# Bumped when the meaning of a setting changes, so parts drawn under the old meaning are not reused.
+# "sit": num_sampling_steps counts grid points and the SDE noise is SiT's sqrt(2 D dt).
+CONVENTIONS = "sit"
 
 
 def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: dict, vae_fp: str) -> dict:
@@ -342,10 +366,10 @@ def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: 
             "num_classes": kw["num_classes"], "vae_path": str(config.vae_path), "vae_fingerprint": vae_fp,
             "path_type": config.path_type or args.get("path_type", "Linear"),
             "prediction": config.prediction or args.get("prediction", "velocity"),
-            "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))],
+            "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))], "conventions": CONVENTIONS,
             "parts": to_url(config.output) + ".parts"}
     keys = SAMPLE_KEYS + METHOD_KEYS[config.mode] + ("model", "model_kwargs", "vae_fingerprint", "path_type",
-                                                     "prediction", "ckpt_identity")
+                                                     "prediction", "ckpt_identity", "conventions")
     spec["run"] = fingerprint({k: spec[k] for k in keys})
     return spec
 
@@ -488,11 +512,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=_help("guidance_interval"))
     p.add_argument("--cfg-channels", help=_help("cfg_channels") + " (default all)")
     p.add_argument("--num-sampling-steps", type=int, help=_help("num_sampling_steps") + " (default 250)")
-    p.add_argument("--sampling-method", choices=["euler", "heun", "dopri5"],
-                   help=_help("sampling_method") + " (ODE only; default heun)")
+    p.add_argument("--sampling-method", type=str.lower, choices=["euler", "heun", "heun-repa", "dopri5"],
+                   help=_help("sampling_method"))
     p.add_argument("--atol", type=float, help=_help("atol"))
     p.add_argument("--rtol", type=float, help=_help("rtol"))
-    p.add_argument("--diffusion-norm", type=float, help=_help("diffusion_norm") + " (default 1)")
+    p.add_argument("--diffusion-norm", type=float, help=_help("diffusion_norm") + " (default 1, as SiT)")
+    p.add_argument("--last-step", type=str.lower, choices=["mean", "euler", "tweedie", "none"],
+                   help=_help("last_step") + " (default mean)")
     p.add_argument("--last-step-size", type=float, help=_help("last_step_size") + " (default 0.04)")
     p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type"))
     p.add_argument("--prediction", choices=["velocity", "score", "noise"], help=_help("prediction"))

@@ -49,7 +49,7 @@ from storage.latent_store import MissingRowsWarning
 from storage.shards import iter_shards, read_manifest, shard_urls
 
 GRID_SAMPLES = 8
-GRID_STEPS = 25
+GRID_STEPS = 26  # grid points (SiT convention): 25 Heun steps
 GRID_CFG_SCALE = 4.0
 RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", "class_dropout", "sample_posterior")
 

@@ -75,9 +75,9 @@ def test_ode_solvers_against_the_exact_flow_map(path_type):
     def err(method, steps, **tolerances):
         return (ODESampler(transport, method, steps, **tolerances)(x0, flow) - exact).abs().max().item()
 
-    assert err("dopri5", 1, atol=1e-7, rtol=1e-7) < 1e-5
-    assert err("dopri5", 1) < 5e-2  # default tolerances (atol 1e-6, rtol 1e-3)
-    euler_10, euler_20, heun_10, heun_20 = err("euler", 10), err("euler", 20), err("heun", 10), err("heun", 20)
+    assert err("dopri5", 2, atol=1e-7, rtol=1e-7) < 1e-5
+    assert err("dopri5", 2) < 5e-2  # default tolerances (atol 1e-6, rtol 1e-3)
+    euler_10, euler_20, heun_10, heun_20 = err("euler", 11), err("euler", 21), err("heun", 11), err("heun", 21)  # 10 and 20 steps
     assert heun_10 < euler_10 / 3 and heun_20 < euler_20 / 3
     assert 1.6 < euler_10 / euler_20 < 2.5  # first order
     assert heun_10 / heun_20 > 3.0  # second order
@@ -88,10 +88,10 @@ def test_ode_on_a_mixture_matches_moments_and_heun_beats_euler(path_type):
     transport = create_transport(path_type)
     flow = mixture(transport)
     x0 = noise(2000)
-    reference = ODESampler(transport, "dopri5", 1, atol=1e-7, rtol=1e-7)(x0, flow)
+    reference = ODESampler(transport, "dopri5", 2, atol=1e-7, rtol=1e-7)(x0, flow)
     assert_moments(reference, flow)
-    euler = ODESampler(transport, "euler", 16)(x0, flow)
-    heun = ODESampler(transport, "heun", 16)(x0, flow)
+    euler = ODESampler(transport, "euler", 17)(x0, flow)
+    heun = ODESampler(transport, "heun", 17)(x0, flow)
     assert (heun - reference).pow(2).mean() < (euler - reference).pow(2).mean() / 4
 
 
@@ -99,7 +99,7 @@ def test_ode_on_a_mixture_matches_moments_and_heun_beats_euler(path_type):
 def test_ode_with_score_or_noise_prediction(prediction):
     transport = create_transport("Linear", prediction)
     flow, x0 = gaussian(transport), noise(256)
-    x = ODESampler(transport, "dopri5", 1, atol=1e-8, rtol=1e-8)(x0, flow)
+    x = ODESampler(transport, "dopri5", 2, atol=1e-8, rtol=1e-8)(x0, flow)
     # Integration runs over [sample_eps, 1 - sample_eps], so the map is exact up to O(sample_eps).
     assert torch.allclose(x, exact_map(x0), atol=2e-2)
     assert not torch.allclose(x, exact_map(x0), atol=1e-4)
@@ -123,7 +123,7 @@ def test_sde_without_diffusion_is_the_euler_ode():
     x0 = noise(64)
     sde = SDESampler(transport, num_steps=50, diffusion_norm=0.0, last_step_size=0.02)(x0, flow)
     # Same grid: 49 Euler steps on [0, 0.98] and one last step of 0.02 equals Euler on the uniform grid.
-    ode = ODESampler(transport, "euler", 50)(x0, flow)
+    ode = ODESampler(transport, "euler", 51)(x0, flow)
     assert torch.allclose(sde, ode, atol=1e-12)
 
 
@@ -144,10 +144,12 @@ def test_nfe_and_trajectory():
     transport = create_transport()
     x0 = noise(4)
     for sampler, expected_nfe, states in [
-        (ODESampler(transport, "euler", 7), 7, 8),
-        (ODESampler(transport, "heun", 7), 14, 8),
-        (ODESampler(transport, "dopri5", 7), None, 8),
-        (SDESampler(transport, num_steps=7), 7, 8),
+        (ODESampler(transport, "euler", 7), 6, 7),  # 7 grid points, 6 steps (SiT's convention)
+        (ODESampler(transport, "heun", 7), 12, 7),
+        (ODESampler(transport, "heun-repa", 7), 11, 7),  # no corrector on the last step
+        (ODESampler(transport, "dopri5", 7), None, 7),
+        (SDESampler(transport, num_steps=7), 7, 8),  # 6 Euler-Maruyama steps and the last step
+        (SDESampler(transport, num_steps=7, method="heun"), 13, 8),
     ]:
         model = CountingModel(mixture(transport))
         x, trajectory = sampler(x0, model, return_trajectory=True)
@@ -210,11 +212,11 @@ def test_guidance_interval_is_on_the_noise_level_axis():
 
     # End to end: constant velocity 1, or `scale` where guided. Euler steps at t = i/8 -> tau = 1 - i/8;
     # steps i = 0, 1 (tau = 1, 0.875) are outside [0, 0.75], the other 6 inside.
-    x1 = ODESampler(create_transport(), "euler", 8)(x, cfg, y=y)
+    x1 = ODESampler(create_transport(), "euler", 9)(x, cfg, y=y)
     assert torch.allclose(x1, torch.full_like(x1, 2 / 8 + 6 / 8 * scale))
     counting = CountingModel(model)
     cfg_counted = ClassifierFreeGuidance(counting, scale, null_class=10, guidance_interval=(0.0, 0.75))
-    ODESampler(create_transport(), "euler", 8)(x, cfg_counted, y=y)
+    ODESampler(create_transport(), "euler", 9)(x, cfg_counted, y=y)
     assert counting.calls == 8  # one (doubled or plain) model call per step
 
 

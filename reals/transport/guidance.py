@@ -47,9 +47,12 @@ class ClassifierFreeGuidance:
         tau = self.noise_level(t)
         return (tau >= lo) & (tau <= hi)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 guidance_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided prediction at ``t``; guidance is decided at ``guidance_t`` when given (REPA's Heun corrector
+        decides at the step's current time), else at ``t``."""
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        active = self.guided(t)
+        active = self.guided(t if guidance_t is None else guidance_t)
         if self.cfg_scale == 1.0 or not bool(active.any()):
             return self.model(x, t, y)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))

@@ -1,9 +1,15 @@
 """ODE and SDE samplers for a transport: noise at t0 (near 0) is carried to data at t=1 (SiT's convention).
 
-- ODE: the probability-flow ODE dx = v(x, t) dt, by Euler, Heun or adaptive dopri5.
-- SDE: dx = [v + w(t)/2 * s] dt + sqrt(w(t)) dW with w(t) = diffusion_norm * sigma_t (SiT's "sigma" form),
-  Euler-Maruyama up to t = 1 - last_step_size, then one last deterministic step along the drift (the mean).
-  Any w(t) >= 0 keeps the marginals of the path; w = 0 is the ODE.
+The flags mean what they mean in SiT's ``sample_ddp.py``:
+- ``num_steps`` N is the number of grid points ``linspace(t0, t1, N)``: N - 1 integration steps.
+- ODE: the probability-flow ODE dx = v(x, t) dt, by Euler, Heun (torchdiffeq's ``heun2``) or adaptive dopri5;
+  ``heun-repa`` is REPA's variant (no corrector on the last step; the corrector's guidance is decided at the
+  step's current time). REPA's ``--num-steps N`` is ``num_steps = N + 1`` here.
+- SDE: dx = [v + D(t) * score] dt + sqrt(2 D(t)) dW with SiT's "sigma" diffusion D(t) = diffusion_norm * sigma_t,
+  by Euler-Maruyama (or SiT's stochastic Heun) on ``linspace(t0, 1 - last_step_size, N)``, then SiT's last step
+  (``mean``: one deterministic step along the SDE drift, the default; ``euler``: along the velocity;
+  ``tweedie``: the denoised estimate; ``none``: no last step, integrating to t1). Any D >= 0 keeps the
+  marginals of the path; D = 0 is the ODE. REPA's SDE sampler equals the defaults.
 
 Each sampler is a callable ``sampler(x0, model, **model_kwargs)``, where ``model(x, t, **model_kwargs)`` returns
 the transport's prediction and ``t`` is a tensor [B]. Classifier-free guidance is a model wrapper
@@ -19,10 +25,13 @@ import torch
 
 from reals import ReaLSError
 from reals.transport import integrators
+from reals.transport.guidance import ClassifierFreeGuidance
 from reals.transport.path import expand_t_like_x
 from reals.transport.transport import Transport
 
-ODE_METHODS = ("euler", "heun", "dopri5")
+ODE_METHODS = ("euler", "heun", "heun-repa", "dopri5")
+SDE_METHODS = ("euler", "heun")
+LAST_STEPS = ("mean", "euler", "tweedie", "none")
 
 
 def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int],
@@ -36,68 +45,101 @@ def _finish(x: torch.Tensor, trajectory: list | None, return_trajectory: bool):
     return (x, torch.stack(trajectory)) if return_trajectory else x
 
 
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ReaLSError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
 class ODESampler:
-    """Deterministic sampler along the probability-flow ODE; ``num_steps`` grid steps (or output steps for dopri5)."""
+    """Deterministic sampler along the probability-flow ODE on ``num_steps`` grid points (dopri5: output times)."""
 
     def __init__(self, transport: Transport, method: str = "heun", num_steps: int = 50,
                  atol: float = 1e-6, rtol: float = 1e-3):
-        if method not in ODE_METHODS:
-            raise ReaLSError(f"unknown ODE method {method!r}; choose one of: {', '.join(ODE_METHODS)}")
-        if num_steps < 1:
-            raise ReaLSError(f"num_steps must be at least 1, got {num_steps}")
+        _check_choice(method, ODE_METHODS, "ODE method")
+        if num_steps < 2:
+            raise ReaLSError(f"num_steps (grid points) must be at least 2, got {num_steps}")
         self.transport, self.method, self.num_steps = transport, method, num_steps
         self.atol, self.rtol = atol, rtol
         self.nfe = 0
 
     def velocity_fn(self, model: Callable, model_kwargs: dict) -> integrators.Drift:
-        """The drift v(x, t) from the model's prediction, counting evaluations."""
-        def f(x, t):
+        """The drift v(x, t) from the model's prediction, counting evaluations; ``guidance_t`` (REPA's Heun
+        corrector) reaches a guided model only."""
+        guided = isinstance(model, ClassifierFreeGuidance)
+
+        def f(x, t, guidance_t=None):
             self.nfe += 1
-            return self.transport.velocity(model(x, t, **model_kwargs), x, t)
+            kwargs = dict(model_kwargs, guidance_t=guidance_t) if guided and guidance_t is not None else model_kwargs
+            return self.transport.velocity(model(x, t, **kwargs), x, t)
         return f
 
     @torch.no_grad()
     def __call__(self, x0: torch.Tensor, model: Callable, return_trajectory: bool = False, **model_kwargs):
-        """Samples at t=1 from noise ``x0``; with ``return_trajectory`` also the states [steps+1, B, ...]."""
+        """Samples at t1 from noise ``x0``; with ``return_trajectory`` also the states [num_steps, B, ...]."""
         self.nfe = 0
         t0, t1 = self.transport.sample_interval(sde=False)
-        ts = torch.linspace(t0, t1, self.num_steps + 1, dtype=torch.float64)
+        ts = torch.linspace(t0, t1, self.num_steps, dtype=torch.float64)
         f = self.velocity_fn(model, model_kwargs)
         trajectory = [x0] if return_trajectory else None
         if self.method == "dopri5":
             x = integrators.dopri5(f, x0, ts, self.atol, self.rtol, trajectory)
+        elif self.method == "euler":
+            x = integrators.euler(f, x0, ts, trajectory)
         else:
-            x = getattr(integrators, self.method)(f, x0, ts, trajectory)
+            x = integrators.heun(f, x0, ts, trajectory, repa=self.method == "heun-repa")
         return _finish(x, trajectory, return_trajectory)
 
 
 class SDESampler:
-    """Stochastic sampler: Euler-Maruyama then a final mean step; ``num_steps`` drift evaluations in all."""
+    """Stochastic sampler (SiT's ``sample_sde``): ``num_steps`` grid points up to 1 - last_step_size, then the
+    last step; Euler-Maruyama makes ``num_steps`` drift evaluations in all."""
 
     def __init__(self, transport: Transport, num_steps: int = 250, diffusion_norm: float = 1.0,
-                 last_step_size: float = 0.04):
+                 last_step_size: float = 0.04, method: str = "euler", last_step: str = "mean"):
+        _check_choice(method, SDE_METHODS, "SDE method")
+        _check_choice(last_step, LAST_STEPS, "SDE last step")
         if num_steps < 2:
             raise ReaLSError(f"SDE num_steps must be at least 2, got {num_steps}")
-        if not 0 < last_step_size < 1 - transport.sample_eps:
+        if last_step != "none" and not 0 < last_step_size < 1 - transport.sample_eps:
             raise ReaLSError(f"SDE last_step_size must lie in (0, {1 - transport.sample_eps}), got {last_step_size}")
         if diffusion_norm < 0:
             raise ReaLSError(f"SDE diffusion_norm must be non-negative, got {diffusion_norm}")
-        self.transport, self.num_steps = transport, num_steps
-        self.diffusion_norm, self.last_step_size = diffusion_norm, last_step_size
+        self.transport, self.num_steps, self.method, self.last_step = transport, num_steps, method, last_step
+        self.diffusion_norm = diffusion_norm
+        self.last_step_size = 0.0 if last_step == "none" else last_step_size
         self.nfe = 0
 
     def diffusion(self, t: float) -> float:
-        """w(t) = diffusion_norm * sigma_t."""
+        """SiT's "sigma" diffusion D(t) = diffusion_norm * sigma_t (the noise added is sqrt(2 D dt))."""
         return self.diffusion_norm * float(self.transport.path.sigma(torch.tensor(t, dtype=torch.float64))[0])
 
-    def drift_fn(self, model: Callable, model_kwargs: dict) -> integrators.Drift:
-        """The SDE drift v + w(t)/2 * score from one model evaluation, counting evaluations."""
-        def f(x, t):
+    def _prediction_fn(self, model: Callable, model_kwargs: dict) -> Callable:
+        def predict(x, t):
             self.nfe += 1
-            pred = model(x, t, **model_kwargs)
-            w = self.diffusion_norm * self.transport.path.sigma(expand_t_like_x(t, x))[0]
-            return self.transport.velocity(pred, x, t) + 0.5 * w * self.transport.score(pred, x, t)
+            return model(x, t, **model_kwargs)
+        return predict
+
+    def drift_fn(self, model: Callable, model_kwargs: dict) -> integrators.Drift:
+        """The SDE drift v + D(t) * score from one model evaluation, counting evaluations."""
+        predict = self._prediction_fn(model, model_kwargs)
+
+        def f(x, t):
+            pred = predict(x, t)
+            d = self.diffusion_norm * self.transport.path.sigma(expand_t_like_x(t, x))[0]
+            return self.transport.velocity(pred, x, t) + d * self.transport.score(pred, x, t)
         return f
+
+    def _last(self, x: torch.Tensor, t1: float, model: Callable, model_kwargs: dict) -> torch.Tensor:
+        """SiT's last step from ``t1`` to 1."""
+        t = integrators.batch_time(t1, x)
+        if self.last_step == "mean":
+            return x + self.last_step_size * self.drift_fn(model, model_kwargs)(x, t)
+        pred = self._prediction_fn(model, model_kwargs)(x, t)
+        if self.last_step == "euler":
+            return x + self.last_step_size * self.transport.velocity(pred, x, t)
+        te = expand_t_like_x(t, x)
+        alpha, sigma = self.transport.path.alpha(te)[0], self.transport.path.sigma(te)[0]
+        return x / alpha + sigma ** 2 / alpha * self.transport.score(pred, x, t)
 
     @torch.no_grad()
     def __call__(self, x0: torch.Tensor, model: Callable, generators: Sequence[torch.Generator] | None = None,
@@ -113,10 +155,11 @@ class SDESampler:
         self.nfe = 0
         t0, t1 = self.transport.sample_interval(sde=True, last_step_size=self.last_step_size)
         ts = torch.linspace(t0, t1, self.num_steps, dtype=torch.float64)
-        f = self.drift_fn(model, model_kwargs)
+        step = integrators.euler_maruyama if self.method == "euler" else integrators.stochastic_heun
         trajectory = [x0] if return_trajectory else None
-        x = integrators.euler_maruyama(f, self.diffusion, noise_fn, x0, ts, trajectory)
-        x = x + self.last_step_size * f(x, integrators.batch_time(t1, x))
-        if trajectory is not None:
-            trajectory.append(x)
+        x = step(self.drift_fn(model, model_kwargs), self.diffusion, noise_fn, x0, ts, trajectory)
+        if self.last_step != "none":
+            x = self._last(x, t1, model, model_kwargs)
+            if trajectory is not None:
+                trajectory.append(x)
         return _finish(x, trajectory, return_trajectory)

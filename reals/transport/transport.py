@@ -124,9 +124,10 @@ class Transport:
         return self.path.score_from_noise(pred, x, t)
 
     def sample_interval(self, sde: bool = False, last_step_size: float = 0.0) -> tuple[float, float]:
-        """(t0, t1) for integration: where the needed conversions are finite; SDEs stop ``last_step_size`` early."""
+        """(t0, t1) for integration: where the needed conversions are finite; SDEs stop ``last_step_size`` early
+        (SiT's ``check_interval``; a last step of size 0 integrates to ``1 - sample_eps``)."""
         t0 = self.sample_eps
-        t1 = 1 - last_step_size if sde else 1 - self.sample_eps
+        t1 = 1 - last_step_size if sde and last_step_size > 0 else 1 - self.sample_eps
         return t0, t1
 
 
