@@ -20,7 +20,6 @@ randomly flipped image), which is what the store saves.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -32,18 +31,17 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import (LOG, RunLog, check_resumable, checkpoint_to_resume, load_checkpoint, rng_state,
-                                   save_checkpoint, seed_rngs, set_rng_state)
+from pipelines.checkpoints import check_resumable
 from pipelines.config import StageConfig, config_from_args
-from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier, distributed, wrap_ddp
-from pipelines.parallel import progress_bar
+from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
+from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
-from reals.ema import requires_grad, update_ema
+from reals.ema import update_ema
 from reals.sit import SiT_models, create_sit
 from reals.transport import ODESampler, create_transport, randn_per_sample
 from reals.vae import ReaLSVAE
-from storage.fs import exists, join, to_url, write_bytes_atomic
+from storage.fs import exists, join, to_url
 from storage.latent_loader import LatentLoader
 from storage.latent_store import MissingRowsWarning
 from storage.shards import iter_shards, read_manifest, shard_urls
@@ -241,12 +239,11 @@ def build_model(name: str, latent_shape: tuple[int, int, int], num_classes: int,
         raise StageError(f"{name} cannot take the store's latents {shape_str(latent_shape)}: {e}") from None
 
 
-class Trainer:
-    """One training run: model, EMA, optimiser, data position; ``fit`` runs until max steps or epochs."""
+class Trainer(TrainingLoop):
+    """One training run of SiT: the model, its EMA and optimiser, and the step the shared loop drives."""
 
     def __init__(self, cfg: TrainSiTConfig, d: Dist):
-        self.cfg, self.d = cfg, d
-        self.output = to_url(cfg.output)
+        self.cfg = cfg
         if cfg.global_batch_size % d.world:
             raise StageError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {d.world} ranks")
         self.batch_size = cfg.global_batch_size // d.world
@@ -255,27 +252,22 @@ class Trainer:
         if self.source.steps_per_epoch == 0:
             raise StageError(f"{cfg.data_path} has {self.source.rows_done} usable rows, fewer than one global batch "
                              f"of {cfg.global_batch_size}: lower --global-batch-size")
+        super().__init__(cfg.output, d, Schedule(
+            max_steps=cfg.max_steps, max_epochs=cfg.epochs, steps_per_epoch=self.source.steps_per_epoch,
+            log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, sample_every=cfg.sample_every,
+            exact_epochs=self.source.exact_epochs, show_progress=cfg.show_progress))
 
         torch.manual_seed(cfg.seed)  # the same initial weights (and EMA) on every rank
         self.model = build_model(cfg.model, self.latent_shape, self.source.num_classes,
                                  cfg.class_dropout).to(d.device)
-        self.ema = copy.deepcopy(self.model).eval()
-        requires_grad(self.ema, False)
+        self.ema = ema_copy(self.model)
         try:
             self.transport = create_transport(cfg.path_type, cfg.prediction)
         except ReaLSError as e:
             raise StageError(str(e)) from None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.resumed_from: int | None = None
-        self.last_checkpoint: str | None = None
-        self.loss_sum, self.gnorm_sum, self.interval_steps = 0.0, 0.0, 0
-        self.interval_start = time.perf_counter()
-        self.final_loss: float | None = None
 
-        seed_rngs(cfg.seed * 1_000_003 + d.rank + 1)  # noise, times and label dropout differ across ranks
-        self._maybe_resume()
-        self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
+        self.begin(cfg.seed * 1_000_003 + d.rank + 1, cfg.resume)  # noise, times and dropout differ across ranks
         self.grid_vae, self.grids = self._grid_vae() if d.main else (None, "")
 
         self.train_model = wrap_ddp(self.model, d)
@@ -287,13 +279,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-    # -- resume -------------------------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------------
 
-    def _maybe_resume(self) -> None:
-        latest = checkpoint_to_resume(self.output, self.cfg.resume)
-        if latest is None:
-            return
-        ckpt = load_checkpoint(latest)
+    def restore(self, ckpt: dict) -> None:
         old = ckpt["args"]
         check_resumable(self.output, old, self.cfg, RESUME_KEYS)
         mc = ckpt["model_config"]
@@ -313,31 +301,17 @@ class Trainer:
         self.opt.load_state_dict(ckpt["opt"])
         for group in self.opt.param_groups:  # a resumed run may change these
             group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        states = ckpt["rng"]
-        set_rng_state(states[self.d.rank % len(states)])
-        self.resumed_from = self.step
-        self.last_checkpoint = latest
 
-    # -- checkpoints and grids -------------------------------------------------------------------------
-
-    def save_checkpoint(self) -> str:
-        """``{step:07d}.pt`` with model, ema, opt, args, step, every rank's RNG state and the data position."""
-        states = all_gather(rng_state(), self.d)
-        url = join(self.output, f"{self.step:07d}.pt")
-        if self.d.main:
-            keep = ("vae_fingerprint", "vae_path", "mean", "std", "num_classes", "classes", "resolution",
-                    "source_fingerprint", "teacher")
-            save_checkpoint(self.output, self.step, {
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "args": self.cfg.model_dump(), "model_config": dict(self.model.config), "step": self.step,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": states, "world_size": self.d.world,
+    def checkpoint_state(self) -> dict:
+        """model, ema, opt, args, the model's config and the store's provenance."""
+        keep = ("vae_fingerprint", "vae_path", "mean", "std", "num_classes", "classes", "resolution",
+                "source_fingerprint", "teacher")
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "args": self.cfg.model_dump(), "model_config": dict(self.model.config),
                 "latent_shape": list(self.latent_shape), "source": self.source.kind,
-                "store": {k: self.source.attrs[k] for k in keep if k in self.source.attrs},
-            })
-        barrier(self.d)
-        self.last_checkpoint = url
-        return url
+                "store": {k: self.source.attrs[k] for k in keep if k in self.source.attrs}}
+
+    # -- sample grids ---------------------------------------------------------------------------------
 
     def _grid_vae(self) -> tuple[ReaLSVAE | None, str]:
         """The VAE that decodes sample grids and where the grids go (or why there are none)."""
@@ -359,8 +333,10 @@ class Trainer:
         return vae.to(self.d.device), join(self.output, "samples")
 
     @torch.no_grad()
-    def sample_grid(self) -> bytes:
+    def sample_grid(self) -> bytes | None:
         """A fixed-seed row of EMA samples over a handful of classes, decoded by the ReaLS VAE."""
+        if self.grid_vae is None:
+            return None
         k = self.source.num_classes
         idx = np.arange(GRID_SAMPLES)
         y = torch.tensor([i * k // GRID_SAMPLES for i in idx], device=self.d.device)
@@ -370,7 +346,15 @@ class Trainer:
         z = ODESampler(self.transport, "heun", GRID_STEPS)(x0, fn, y=y)
         return image_grid(decode_latents(self.grid_vae, z), GRID_SAMPLES)
 
-    # -- one step -----------------------------------------------------------------------------------
+    # -- one step -------------------------------------------------------------------------------------
+
+    def batches(self, epoch: int, skip: int):
+        return self.source.batches(epoch, skip=skip)
+
+    def train_batch(self, batch) -> dict[str, float]:
+        x1, y = (t.to(self.d.device, non_blocking=True) for t in batch)
+        loss, grad_norm = self.train_step(x1, y)
+        return {"loss": loss, "grad_norm": grad_norm}
 
     def train_step(self, x1: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """One optimiser step and EMA update; (loss, gradient norm before clipping)."""
@@ -380,78 +364,26 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        if not all_true(bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)), self.d):
-            where = self.save_checkpoint()
-            raise StageError(f"non-finite loss at step {self.step + 1} (loss {loss.item():.4g}, gradient norm "
-                             f"{grad_norm.item():.4g}); saved the state before it to {where}; resume with a lower --lr "
-                             "or check the latents")
+        self.stop_unless_finite(bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)),
+                                lambda: f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}",
+                                "resume with a lower --lr or check the latents")
         self.opt.step()
         update_ema(self.ema, self.model, cfg.ema_decay)
         return loss.item(), grad_norm.item()
 
-    # -- the loop -----------------------------------------------------------------------------------
+    def log_extras(self, steps: int, seconds: float) -> dict:
+        return {"steps_per_sec": steps / seconds, "samples_per_sec": steps * self.cfg.global_batch_size / seconds,
+                "lr": self.opt.param_groups[0]["lr"]}
 
-    def done(self) -> bool:
-        cfg = self.cfg
-        return ((cfg.max_steps is not None and self.step >= cfg.max_steps)
-                or (cfg.epochs is not None and self.epoch >= cfg.epochs))
-
-    def flush_log(self) -> None:
-        """Append the interval means (loss averaged over ranks) and the speed to log.jsonl."""
-        t = torch.tensor([self.loss_sum, self.gnorm_sum], dtype=torch.float64, device=self.d.device)
-        loss, gnorm = (all_mean(t, self.d) / self.interval_steps).tolist()
-        seconds = time.perf_counter() - self.interval_start
-        self.final_loss = loss
-        if self.d.main:
-            self.log.append({"step": self.step, "epoch": self.epoch, "loss": loss, "grad_norm": gnorm,
-                             "steps_per_sec": self.interval_steps / seconds,
-                             "samples_per_sec": self.interval_steps * self.cfg.global_batch_size / seconds,
-                             "lr": self.opt.param_groups[0]["lr"], "time": time.time()})
-        self.loss_sum, self.gnorm_sum, self.interval_steps = 0.0, 0.0, 0
-        self.interval_start = time.perf_counter()
-
-    def run_epoch(self, on_step) -> None:
-        """Train from the current data position until the epoch's data ends (next epoch) or the run is done."""
-        cfg, d = self.cfg, self.d
-        with closing(self.source.batches(self.epoch, skip=self.batch_in_epoch)) as batches:
-            while not self.done():
-                batch = next(batches, None)
-                if not all_true(batch is not None, d):
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    return
-                x1, y = (t.to(d.device, non_blocking=True) for t in batch)
-                loss, gnorm = self.train_step(x1, y)
-                self.step += 1
-                self.batch_in_epoch += 1
-                if self.source.exact_epochs and self.batch_in_epoch == self.source.steps_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self.loss_sum, self.gnorm_sum, self.interval_steps = (self.loss_sum + loss, self.gnorm_sum + gnorm,
-                                                                      self.interval_steps + 1)
-                on_step()
-                if self.step % cfg.log_every == 0:
-                    self.flush_log()
-                if self.grid_vae is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
-                    write_bytes_atomic(join(self.output, "samples", f"{self.step:07d}.png"), self.sample_grid())
-                if self.step % cfg.ckpt_every == 0:
-                    self.save_checkpoint()
-                if self.batch_in_epoch == 0:
-                    return
+    # -- the run --------------------------------------------------------------------------------------
 
     def fit(self) -> TrainSiTSummary:
         cfg, d, s = self.cfg, self.d, self.source
         if d.main and s.rows_done < s.rows_total:
             print(f"train-sit: training on the {s.rows_done} done rows of {s.rows_total} "
                   f"({s.rows_total - s.rows_done} not encoded yet)")
-        totals = [t for t in (cfg.max_steps, cfg.epochs and cfg.epochs * s.steps_per_epoch) if t]
         start_step, t0 = self.step, time.perf_counter()
-        with progress_bar(disable=not (cfg.show_progress and d.main)) as bar:
-            task = bar.add_task(f"train-sit {cfg.model}", total=min(totals), completed=self.step)
-            while not self.done():
-                self.run_epoch(lambda: bar.advance(task))
-        if self.interval_steps:
-            self.flush_log()
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:07d}.pt"):
-            self.save_checkpoint()
+        self.train(f"train-sit {cfg.model}")
         seconds = time.perf_counter() - t0
         return TrainSiTSummary(
             output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
@@ -460,7 +392,7 @@ class Trainer:
             num_classes=s.num_classes, source=s.kind, rows_done=s.rows_done, rows_total=s.rows_total,
             world_size=d.world, global_batch_size=cfg.global_batch_size,
             steps_per_sec=round((self.step - start_step) / seconds, 4) if seconds > 0 else 0.0,
-            final_loss=self.final_loss, grids=self.grids)
+            final_loss=self.final.get("loss"), grids=self.grids)
 
 
 def run(config: TrainSiTConfig) -> TrainSiTSummary:

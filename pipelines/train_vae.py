@@ -16,11 +16,9 @@ environment variables): gloo on CPU, NCCL on CUDA; shards are split across ranks
 """
 from __future__ import annotations
 
-import copy
 import io
 import itertools
 import os
-import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Literal
@@ -30,18 +28,17 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import (LOG, RunLog, check_resumable, checkpoint_to_resume, load_checkpoint, rng_state,
-                                   save_checkpoint, seed_rngs, set_rng_state)
+from pipelines.checkpoints import check_resumable
 from pipelines.config import StageConfig, config_from_args
-from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier, distributed, wrap_ddp
-from pipelines.parallel import progress_bar
+from pipelines.distributed import Dist, distributed, wrap_ddp
+from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
-from reals.ema import requires_grad, update_ema
+from reals.ema import update_ema
 from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
 from reals.teachers import build_teacher
 from reals.vae import ReaLSVAE, build_vae, downsample_factor
-from storage.fs import join, to_url, write_bytes_atomic
+from storage.fs import join
 from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
 
@@ -209,12 +206,11 @@ def load_discriminator_state(path: str) -> dict:
     return state.get("disc", state)
 
 
-class Trainer:
-    """One training run: models, optimisers, data position; ``fit`` runs until max steps/epochs."""
+class Trainer(TrainingLoop):
+    """One training run of the ReaLS VAE: models, optimisers, and the step the shared loop drives."""
 
     def __init__(self, cfg: TrainVAEConfig, d: Dist):
-        self.cfg, self.d = cfg, d
-        self.output = to_url(cfg.output)
+        self.cfg = cfg
         self.urls = shard_urls(cfg.data_path, cfg.split)
         if not self.urls:
             raise StageError(f"no {cfg.split} shards under {cfg.data_path}")
@@ -224,6 +220,10 @@ class Trainer:
         manifest = read_manifest(cfg.data_path)
         self.resolution = int(manifest["resolution"])
         self.count = int(manifest["splits"][cfg.split]["count"])
+        super().__init__(cfg.output, d, Schedule(
+            max_steps=cfg.max_steps, max_epochs=cfg.max_epoch,
+            steps_per_epoch=max(1, self.count // (cfg.batch_size * d.world)), log_every=cfg.log_every,
+            ckpt_every=cfg.ckpt_every, sample_every=cfg.sample_every, show_progress=cfg.show_progress))
 
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg.vae_config, cfg.vae_ckpt)
@@ -236,8 +236,7 @@ class Trainer:
         check_compatible((side, side), self.teacher.grid)
         align = AlignNet(vae.config.latent_channels, self.teacher.width, cfg.align_hidden_dim, cfg.align_layers)
         self.model = ReaLSVAE(vae, align).to(d.device)
-        self.ema = copy.deepcopy(self.model).eval()
-        requires_grad(self.ema, False)
+        self.ema = ema_copy(self.model)
         self.disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(d.device)
         if cfg.disc_ckpt:
             self.disc.load_state_dict(load_discriminator_state(cfg.disc_ckpt))
@@ -247,30 +246,17 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
         self.probe = cfg.align_weight == 0
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.resumed_from: int | None = None
-        self.last_checkpoint: str | None = None
         self.skipped: list = []
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.final: dict[str, float] = {}
         self.samples: np.ndarray | None = None
 
-        seed_rngs(cfg.seed * 1_000_003 + d.rank + 1)
-        self._maybe_resume()
-        self.log = RunLog(join(self.output, LOG), self.step) if d.main else None
-
+        self.begin(cfg.seed * 1_000_003 + d.rank + 1, cfg.resume)
         self.train_model, self.train_disc = wrap_ddp(self.model, d), wrap_ddp(self.disc, d)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if d.device.type == "cuda" and cfg.mixed_precision else nullcontext())
 
-    # -- resume -------------------------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------------
 
-    def _maybe_resume(self) -> None:
-        latest = checkpoint_to_resume(self.output, self.cfg.resume)
-        if latest is None:
-            return
-        ckpt = load_checkpoint(latest)
+    def restore(self, ckpt: dict) -> None:
         check_resumable(self.output, ckpt["config"], self.cfg, RESUME_KEYS)
         self.model.vae.load_state_dict(ckpt["vae"])
         self.model.align_net.load_state_dict(ckpt["align_net"])
@@ -279,40 +265,32 @@ class Trainer:
         self.disc.load_state_dict(ckpt["disc"])
         self.opt.load_state_dict(ckpt["opt"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        states = ckpt["rng"]
-        set_rng_state(states[self.d.rank % len(states)])
-        self.resumed_from = self.step
-        self.last_checkpoint = latest
 
-    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """VAE, heads, their EMA and configs, discriminator, optimisers, config, teacher and data provenance."""
+        return {
+            "vae": self.model.vae.state_dict(), "align_net": self.model.align_net.state_dict(),
+            "ema": {"vae": self.ema.vae.state_dict(), "align_net": self.ema.align_net.state_dict()},
+            "vae_config": {k: v for k, v in dict(self.model.vae.config).items() if not k.startswith("_")},
+            "align_config": self.model.align_net.config,
+            "disc": self.disc.state_dict(), "disc_config": self.disc.config,
+            "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "config": self.cfg.model_dump(),
+            "resolution": self.resolution, "latent_shape": self.latent_shape,
+            "teacher": {"name": self.teacher.name, "description": self.teacher.description,
+                        "input_size": self.teacher.input_size, "width": self.teacher.width,
+                        "grid": list(self.teacher.grid)},
+            "perceptual": self.criterion.perceptual.describe(),
+            "data_fingerprint": read_manifest(self.cfg.data_path).get("fingerprint"),
+        }
 
-    def save_checkpoint(self) -> str:
-        """Write ``{step:07d}.pt`` (rank 0; RNG states of every rank) and point ``latest.json`` at it."""
-        states = all_gather(rng_state(), self.d)
-        url = join(self.output, f"{self.step:07d}.pt")
-        if self.d.main:
-            save_checkpoint(self.output, self.step, {
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "vae": self.model.vae.state_dict(), "align_net": self.model.align_net.state_dict(),
-                "ema": {"vae": self.ema.vae.state_dict(), "align_net": self.ema.align_net.state_dict()},
-                "vae_config": {k: v for k, v in dict(self.model.vae.config).items() if not k.startswith("_")},
-                "align_config": self.model.align_net.config,
-                "disc": self.disc.state_dict(), "disc_config": self.disc.config,
-                "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "config": self.cfg.model_dump(), "rng": states, "world_size": self.d.world,
-                "resolution": self.resolution, "latent_shape": self.latent_shape,
-                "teacher": {"name": self.teacher.name, "description": self.teacher.description,
-                            "input_size": self.teacher.input_size, "width": self.teacher.width,
-                            "grid": list(self.teacher.grid)},
-                "perceptual": self.criterion.perceptual.describe(),
-                "data_fingerprint": read_manifest(self.cfg.data_path).get("fingerprint"),
-            })
-        barrier(self.d)
-        self.last_checkpoint = url
-        return url
+    # -- one step -------------------------------------------------------------------------------------
 
-    # -- one step -----------------------------------------------------------------------------------
+    def batches(self, epoch: int, skip: int):
+        return itertools.islice(epoch_batches(self.urls, self.cfg, epoch, self.d, self.skipped), skip, None)
+
+    def train_batch(self, batch) -> dict[str, float]:
+        return self.train_step(to_model_images(batch[0], self.d.device))
 
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         """One generator (VAE + heads) step and, once the GAN is on, one discriminator step."""
@@ -327,11 +305,9 @@ class Trainer:
             align = alignment_loss(out["patch"], out["global"], t_patch, t_global, cfg.patch_weight,
                                    cfg.global_weight, cfg.margin, cfg.distmat_weight, cfg.distmat_margin)
         loss = terms["loss"] + (1.0 if self.probe else cfg.align_weight) * align["loss"]
-        if not all_true(bool(torch.isfinite(loss)), self.d):
-            where = self.save_checkpoint()
-            raise StageError(f"non-finite loss at step {self.step + 1} (rec={terms['rec'].item():.4g}, "
-                             f"align={align['loss'].item():.4g}); saved the state before it to {where}; "
-                             "resume with a lower --lr")
+        self.stop_unless_finite(bool(torch.isfinite(loss)),
+                                lambda: f"rec={terms['rec'].item():.4g}, align={align['loss'].item():.4g}",
+                                "resume with a lower --lr")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -349,66 +325,21 @@ class Trainer:
             stats["d_loss"] = float(d_loss.detach())
         return stats
 
-    # -- the loop -----------------------------------------------------------------------------------
+    def sample_grid(self) -> bytes:
+        return reconstruction_grid(self.model, self.samples, self.d.device)
 
-    def done(self) -> bool:
-        cfg = self.cfg
-        return ((cfg.max_steps is not None and self.step >= cfg.max_steps)
-                or (cfg.max_epoch is not None and self.epoch >= cfg.max_epoch))
+    def empty_epoch(self) -> str:
+        return (f"no full batch of {self.cfg.batch_size} images in {self.cfg.data_path} ({self.count} listed, "
+                f"{len(self.skipped)} undecodable): lower --batch-size")
 
-    def flush_log(self) -> None:
-        """Append the interval means (averaged over ranks) to log.jsonl and start a new interval."""
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=self.d.device)
-        all_mean(t, self.d)
-        self.final = dict(zip(keys, t.tolist()))
-        if self.d.main:
-            self.log.append({"step": self.step, "epoch": self.epoch, "time": time.time(), **self.final})
-        self.sums, self.counts = {}, {}
-
-    def run_epoch(self, on_step) -> None:
-        """Train on the current epoch from its data position until the data ends (next epoch) or done."""
-        cfg, d = self.cfg, self.d
-        batches = itertools.islice(epoch_batches(self.urls, cfg, self.epoch, d, self.skipped),
-                                   self.batch_in_epoch, None)
-        while not self.done():
-            batch = next(batches, None)
-            if not all_true(batch is not None, d):
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                return
-            stats = self.train_step(to_model_images(batch[0], d.device))
-            self.step += 1
-            self.batch_in_epoch += 1
-            on_step()
-            for k, v in stats.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v
-                self.counts[k] = self.counts.get(k, 0) + 1
-            if self.step % cfg.log_every == 0:
-                self.flush_log()
-            if d.main and self.step % cfg.sample_every == 0:
-                write_bytes_atomic(join(self.output, "samples", f"{self.step:07d}.png"),
-                                   reconstruction_grid(self.model, self.samples, d.device))
-            if self.step % cfg.ckpt_every == 0:
-                self.save_checkpoint()
+    # -- the run --------------------------------------------------------------------------------------
 
     def fit(self) -> TrainVAESummary:
         cfg, d = self.cfg, self.d
         if d.main:
             write_json(join(self.output, "config.json"), cfg.model_dump())
             self.samples = fixed_batch(self.urls, min(SAMPLE_IMAGES, cfg.batch_size))
-        per_epoch = max(1, self.count // (cfg.batch_size * d.world))
-        totals = [t for t in (cfg.max_steps, cfg.max_epoch and cfg.max_epoch * per_epoch) if t]
-        with progress_bar(disable=not (cfg.show_progress and d.main)) as bar:
-            task = bar.add_task("train-vae", total=min(totals), completed=self.step)
-            while not self.done():
-                self.run_epoch(lambda: bar.advance(task))
-                if self.step == 0:
-                    raise StageError(f"no full batch of {cfg.batch_size} images in {cfg.data_path} "
-                                     f"({self.count} listed, {len(self.skipped)} undecodable): lower --batch-size")
-        if self.sums:
-            self.flush_log()
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:07d}.pt"):
-            self.save_checkpoint()
+        self.train("train-vae")
         return TrainVAESummary(
             output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
             resumed_from=self.resumed_from, teacher=self.teacher.description,

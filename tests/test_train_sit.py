@@ -103,6 +103,23 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(store40, tmp_path):
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
 
 
+def test_resume_with_the_sample_grid_on_is_exact(tiny_vae_dir, tmp_path):
+    # The grid's VAE is loaded at start-up; loading must not move the RNG stream a resumed run continues.
+    store = make_store(str(tmp_path / "store"), *class_latents(24), vae_path=tiny_vae_dir)
+    kw = dict(max_steps=4, ema_decay=0.5, sample_every=2, ckpt_every=2)
+    whole = run(config(store, tmp_path / "whole", **kw))
+    run(config(store, tmp_path / "split", **{**kw, "max_steps": 2}))
+    second = run(config(store, tmp_path / "split", resume=True, **kw))
+    assert second.resumed_from == 2 and whole.grids.endswith("samples")
+    log_whole, log_split = (read_log(str(tmp_path / r / "log.jsonl")) for r in ("whole", "split"))
+    assert [e["loss"] for e in log_split] == [e["loss"] for e in log_whole]
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(second.checkpoint)
+    for name in ("model", "ema"):
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+    grids = [(tmp_path / r / "samples" / "0000004.png").read_bytes() for r in ("whole", "split")]
+    assert grids[0] == grids[1]
+
+
 def test_checkpoints_and_log_on_s3(store40, s3_bucket):
     out = f"{s3_bucket}/runs/sit"
     run(config(store40, out, max_steps=2))
