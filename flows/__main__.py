@@ -9,14 +9,10 @@ from pathlib import Path
 
 def run_stage(stage: str, config_file: str, summary_file: str) -> int:
     """Run one stage from a JSON config in this (torchrun) process; rank 0 writes the summary."""
-    from pipelines.train_sit import TrainSiTConfig
-    from pipelines.train_vae import TrainVAEConfig
+    from pipelines.registry import stage as record_of
 
-    from flows.stages import stage_function
-
-    configs = {"train-vae": TrainVAEConfig, "train-sit": TrainSiTConfig}
-    config = configs[stage].model_validate_json(Path(config_file).read_text())
-    summary = stage_function(stage)(config)
+    record = record_of(stage)
+    summary = record.run(record.config.model_validate_json(Path(config_file).read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(summary_file).write_text(summary.model_dump_json())
     return 0
@@ -32,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-server", action="store_true", help="first start a local Prefect server on 127.0.0.1:4200")
     p.add_argument("--reencode-cron", help="cron schedule of reencode, UTC (default nightly: 0 3 * * *)")
     p = sub.add_parser("run-stage", help="run a training stage from a JSON config (used by torchrun)")
-    p.add_argument("stage", choices=["train-vae", "train-sit"], help="training stage")
+    p.add_argument("stage", help="training stage (train-vae, train-sit)")
     p.add_argument("config_file", help="JSON file of the stage's config")
     p.add_argument("--summary", required=True, help="file rank 0 writes the summary JSON to")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from storage.fs import exists, join, read_bytes, to_url
+from storage.fs import exists, join, read_bytes, to_url, write_bytes_atomic
 
 MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
 
@@ -146,3 +146,42 @@ def downstream_artifacts(summary) -> None:
         url = join(summary.output, f"{name}.png")
         if exists(url):
             image(f"downstream-{name.replace('_', '-')}", url, name.replace("_", " "))
+
+
+def experiment_artifacts(summary) -> None:
+    markdown("experiment-results", summary.markdown, "ReaLS vs plain VAE: metrics over seeds")
+    image("experiment-loss-curves", summary.loss_curves, "loss curves of both arms")
+
+
+# Stages whose summary has its own artifacts; any other stage shows its summary as a table.
+STAGE_ARTIFACTS = {"shard": shard_artifacts, "encode": encode_artifacts, "sample": sample_artifacts,
+                   "evaluate": evaluate_artifacts, "downstream": downstream_artifacts,
+                   "experiment": experiment_artifacts}
+
+
+def summary_rows(summary) -> list[dict]:
+    """A summary as (field, value) rows, long lists left out."""
+    return [{"field": k, "value": v if isinstance(v, str | int | float | bool) or v is None else str(v)}
+            for k, v in summary.model_dump().items() if not (isinstance(v, list) and len(v) > 16)]
+
+
+def loss_curve(stage: str, run_url: str) -> str | None:
+    """Plot a training run's log.jsonl to ``loss_curves.png`` in the run folder; its URL, or None."""
+    from pipelines.checkpoints import read_log
+    from pipelines.report import loss_curves_png
+
+    png = loss_curves_png(read_log(join(to_url(run_url), "log.jsonl")), stage)
+    if png is None:
+        return None
+    url = join(to_url(run_url), "loss_curves.png")
+    write_bytes_atomic(url, png)
+    return url
+
+
+def publish(record, config, summary) -> None:
+    """The artifacts of a finished stage run: its own, or its summary as a table; a training run's loss curves."""
+    STAGE_ARTIFACTS.get(record.name, lambda s: table(record.name, summary_rows(s), record.help))(summary)
+    if record.runs_on == "train":
+        curve = loss_curve(record.name, config.output)
+        if curve:
+            image(f"{record.name}-loss-curves", curve, f"{record.name} loss curves")

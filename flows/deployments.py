@@ -10,9 +10,10 @@ from pydantic import ValidationError
 from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from flows.runtime import local_server
-from flows.stages import STAGE_FLOWS, TRAINING, experiment_flow
+from flows.stages import STAGE_FLOWS
 from pipelines import StageError
 from pipelines.experiment import load_experiment_config
+from pipelines.registry import stage
 from storage.fs import join
 
 DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
@@ -43,10 +44,10 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
             continue
         seen.add(step.stage)
         stage_params = {"config": step.config.model_dump(mode="json")}
-        if step.stage in TRAINING:
+        if stage(step.stage).runs_on == "train":
             stage_params["nproc_per_node"] = config.nproc_per_node
         deployments.append(STAGE_FLOWS[step.stage].to_deployment(step.stage, parameters=stage_params, tags=TAGS))
-    deployments.append(experiment_flow.to_deployment(
+    deployments.append(STAGE_FLOWS["experiment"].to_deployment(
         "experiment", parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
         tags=TAGS, description="ReaLS vs plain VAE over seeds (quick preset; edit the form for the default)"))
     return deployments

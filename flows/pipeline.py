@@ -11,8 +11,9 @@ from pydantic import BaseModel
 
 from flows import artifacts
 from flows.plan import PipelineConfig, Step, layout, missing, plan_steps, write_record
-from flows.stages import STAGE_FLOWS, TRAINING, encode_flow, shard_flow
+from flows.stages import STAGE_FLOWS
 from pipelines.encode import EncodeSummary
+from pipelines.registry import stage
 from pipelines.report import ReportConfig, ReportSummary, write_report
 from storage.fs import exists, join, to_url
 
@@ -43,7 +44,7 @@ def report_task(config: ReportConfig) -> ReportSummary:
 def run_step(step: Step, nproc_per_node: int):
     """Start the stage flow of ``step`` as a subflow named after the step."""
     stage_flow = STAGE_FLOWS[step.stage].with_options(flow_run_name=step.name)
-    if step.stage in TRAINING:
+    if stage(step.stage).runs_on == "train":
         return stage_flow(step.config, nproc_per_node=nproc_per_node)
     return stage_flow(step.config)
 
@@ -98,7 +99,7 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
     steps = {s.name: s for s in plan_steps(config)}
     shard = steps["shard-train"].config
     if exists(join(shard.data_path, "train")):
-        shard_flow.with_options(flow_run_name="shard-train")(shard)
+        STAGE_FLOWS["shard"].with_options(flow_run_name="shard-train")(shard)
     else:
         print(f"shard-train: no {join(shard.data_path, 'train')} folder; encoding the shards there are")
     base = steps["encode"].config
@@ -108,5 +109,5 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
             print(f"encode: {vae} is not a converted VAE directory yet; skipped")
             continue
         name = f"encode-{posixpath.basename(to_url(vae).rstrip('/'))}"
-        summaries.append(encode_flow.with_options(flow_run_name=name)(base.model_copy(update={"vae_path": vae})))
+        summaries.append(STAGE_FLOWS["encode"].with_options(flow_run_name=name)(base.model_copy(update={"vae_path": vae})))
     return summaries

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipelines import StageError
-from storage.fs import filesystem, join, list_files, read_bytes, write_bytes_atomic
+from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 LATEST = "latest.json"
@@ -170,3 +170,32 @@ def read_log(url: str) -> list[dict]:
     if not fs.exists(path):
         return []
     return [json.loads(ln) for ln in read_bytes(url).decode().splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Completeness and progress of a training run (for the stage registry)
+# ---------------------------------------------------------------------------------------------------
+
+def training_missing(output: str, max_steps: int | None, epochs: int | None) -> str | None:
+    """What a training run under ``output`` still lacks to reach ``max_steps`` (or ``epochs``), or None."""
+    output = to_url(output)
+    latest = latest_checkpoint(output)
+    if latest is None:
+        return "no checkpoint"
+    if max_steps is not None:
+        step = (read_json(join(output, LATEST)) or {}).get("step")
+        if step is None:
+            step = load_checkpoint(latest)["step"]
+        return None if step >= max_steps else f"checkpoint at step {step} of {max_steps}"
+    if epochs is None:
+        return "neither max_steps nor epochs is set"
+    done = load_checkpoint(latest)["epoch"]
+    return None if done >= epochs else f"checkpoint after {done} of {epochs} epochs"
+
+
+def training_progress(output: str, max_steps: int | None):
+    """A function giving the fraction of ``max_steps`` a running training run has logged (None without a cap)."""
+    if not max_steps:
+        return None
+    log = join(to_url(output), LOG)
+    return lambda: (read_log(log) or [{"step": 0}])[-1]["step"] / max_steps

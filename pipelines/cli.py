@@ -11,22 +11,6 @@ import importlib
 import os
 import sys
 
-# Stage modules in pipeline order; each registers its subcommands.
-STAGE_MODULES = [
-    "pipelines.synthetic",
-    "pipelines.shard",
-    "pipelines.train_vae",
-    "pipelines.convert",
-    "pipelines.encode",
-    "pipelines.verify_store",
-    "pipelines.train_sit",
-    "pipelines.sample",
-    "pipelines.evaluate",
-    "pipelines.train_evaluator",
-    "pipelines.experiment",
-    "pipelines.downstream",
-    "pipelines.orchestrate",
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in STAGE_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    from pipelines.registry import STAGE_MODULES
+
+    for name in [*STAGE_MODULES, "pipelines.orchestrate"]:
+        module = importlib.import_module(name)
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from pipelines.train_vae import to_model_images
@@ -194,6 +195,20 @@ def run(config: ConvertConfig) -> ConvertSummary:
                           skipped=False)
 
 
+def complete(config: ConvertConfig) -> str | None:
+    """What the VAE directory lacks to be this checkpoint's conversion with these settings, or None."""
+    out = Path(config.output_dir.removeprefix("file://")).expanduser()
+    if not (out / PROVENANCE_FILE).is_file() or not (out / MEAN_STD_FILE).is_file():
+        return "no converted VAE directory"
+    conversion = json.loads((out / PROVENANCE_FILE).read_text()).get("conversion", {})
+    if conversion.get("checkpoint_sha256") != sha256_url(resolve_checkpoint(to_url(config.ckpt))):
+        return "converted from another checkpoint"
+    if (conversion.get("num_samples"), conversion.get("weights")) != (config.num_samples,
+                                                                      "ema" if config.ema else "raw"):
+        return "converted with other settings"
+    return None
+
+
 def run_extract_ema(config: ExtractEMAConfig) -> ExtractEMASummary:
     """Write the EMA VAE weights of a checkpoint as a plain state_dict (usable as ``--vae-ckpt``)."""
     ckpt_url = resolve_checkpoint(to_url(config.ckpt))
@@ -260,3 +275,14 @@ def _main_extract(args) -> int:
     print(f"extract-ema: {s.tensors} EMA tensors of {s.checkpoint} (step {s.step}, vae config {s.vae_config}) "
           f"-> {s.output}")
     return 0
+
+
+STAGES = [
+    Stage("convert", ConvertConfig, ConvertSummary, run, complete=complete,
+          help="checkpoint -> ReaLS VAE dir (diffusers AutoencoderKL + align_net + mean_std.json)",
+          description=__doc__.split("\n\n")[0]),
+    Stage("extract-ema", ExtractEMAConfig, ExtractEMASummary, run_extract_ema,
+          help="write a checkpoint's EMA VAE weights as a state_dict",
+          description="Write the EMA VAE weights of a train-vae checkpoint as a state_dict (usable as train-vae "
+                      "--vae-ckpt with the same --vae-config)."),
+]

@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
@@ -719,6 +720,11 @@ def run(config: DownstreamConfig) -> DownstreamSummary:
     return summary
 
 
+def complete(config: DownstreamConfig) -> str | None:
+    """Whether the downstream metrics.json is written."""
+    return None if read_json(sfs.join(sfs.to_url(config.output), "metrics.json")) else "no downstream metrics.json"
+
+
 def print_summary(s: DownstreamSummary) -> None:
     """The metrics table on the console."""
     from rich.console import Console
@@ -782,3 +788,7 @@ def add_cli(subparsers) -> None:
                    help="teacher input size in pixels (default: from the VAE's provenance)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete,
+                help="training-free segmentation/depth from ReaLS latents", description=__doc__.splitlines()[0])]

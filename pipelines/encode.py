@@ -22,8 +22,9 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
-from storage.fs import child, join, to_url
-from storage.latent_store import LatentStore, rows_checksum, set_latest, utc_now
+from pipelines.registry import Stage
+from storage.fs import child, join, list_files, to_url
+from storage.latent_store import MARKERS, LatentStore, rows_checksum, set_latest, utc_now
 from storage.lease import Lease
 from storage.markers import read_json
 from storage.shards import iter_shard, read_manifest
@@ -409,6 +410,49 @@ def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent
     }
 
 
+def _vae_fingerprint(config: EncodeConfig) -> str | None:
+    return (read_json(join(to_url(config.vae_path), "provenance.json")) or {}).get("fingerprint")
+
+
+def _store_version(config: EncodeConfig):
+    """The store version of this config's VAE (None when the VAE or the version is not there yet)."""
+    import warnings
+
+    from storage.latent_store import MissingRowsWarning
+
+    fp = _vae_fingerprint(config)
+    if not fp or not LatentStore.has_version(config.output, fp):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingRowsWarning)
+        return LatentStore.open(config.output, version=fp)
+
+
+def complete(config: EncodeConfig) -> str | None:
+    """The first source shard without an agreeing marker in this VAE's store version, or None."""
+    store = _store_version(config)
+    if store is None:
+        return "no store version for this VAE"
+    _, shards = source_shards(config.data_path, config.split)
+    entries = {e["name"]: e for e in store.shard_map}
+    markers = store.markers()
+    for s in shards:
+        e = entries.get(s["name"])
+        if e is None or not store.marker_agrees(markers.get(s["name"]), e, s["sha256"]):
+            return f"shard {s['name']} not encoded"
+    return None
+
+
+def progress(config: EncodeConfig):
+    """A function giving the fraction of source shards marked done in this VAE's store version (None: no VAE yet)."""
+    fp = _vae_fingerprint(config)
+    if not fp:
+        return None
+    total = max(1, len(source_shards(config.data_path, config.split)[1]))
+    markers = join(to_url(config.output), fp, MARKERS)
+    return lambda: len(list_files(markers, ".json")) / total
+
+
 def print_summary(summary: EncodeSummary, shown: int = 10) -> None:
     """One table of the run, then the first skipped samples."""
     from rich.console import Console
@@ -460,3 +504,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lease-ttl", dest="lease_ttl", type=float,
                    help="lease lifetime in seconds, renewed while running (default 120)")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("encode", EncodeConfig, EncodeSummary, run, runs_on="ray", complete=complete, progress=progress,
+                help="encode shards into a Zarr latent store with a ReaLS VAE", description=__doc__.splitlines()[0])]

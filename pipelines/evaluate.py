@@ -21,6 +21,7 @@ from rich.table import Table
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from storage.fs import exists, filesystem, to_url
@@ -347,6 +348,23 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
+def complete(config: EvaluateConfig) -> str | None:
+    """Whether metrics.json exists and was computed with this config."""
+    from storage.markers import read_json
+
+    report = read_json(config.output) if config.output else None
+    if not report:
+        return "no metrics.json"
+    return None if report.get("config") == config.model_dump(mode="json") else "metrics.json was computed with other settings"
+
+
+def reference_complete(config: MakeReferenceConfig) -> str | None:
+    """Whether the reference file exists."""
+    from pipelines.report import npz_shape
+
+    return None if npz_shape(config.output) else "no reference file"
+
+
 def _evaluate_cli(args) -> int:
     summary = run(config_from_args(EvaluateConfig, args))
     print_report(summary)
@@ -407,3 +425,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--inception-weights", dest="inception_weights", help="FID-Inception weights file")
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
     p.set_defaults(handler=_make_reference_cli)
+
+
+STAGES = [
+    Stage("make-reference", MakeReferenceConfig, MakeReferenceSummary, make_reference, complete=reference_complete,
+          help="write an ADM-layout reference .npz from dataset shards",
+          description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
+                      "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist)."),
+    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete,
+          help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
+          description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature "
+                      "space: FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) "
+                      "and FD_dinov2 (DINOv2 weights) otherwise. Writes metrics.json and prints a table."),
+]

@@ -30,7 +30,6 @@ finished work.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import time
@@ -43,7 +42,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
-from storage.fs import exists, join, read_bytes, to_url, write_bytes_atomic
+from pipelines.registry import Stage, stage
+from storage.fs import exists, join, to_url, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,22 +56,6 @@ OPTIONAL_KEYS = ("FID", "sFID", "IS", "Precision", "Recall", "FD_dinov2", "Preci
                  "LPIPS")
 LOWER_IS_BETTER = {"FD_domain", "FD_effnet", "FD_dinov2", "rFD_domain", "FID", "sFID", "LPIPS"}
 
-# stage -> (module, function) a unit runs
-STAGES = {
-    "synthetic": ("pipelines.synthetic", "run"),
-    "shard": ("pipelines.shard", "run"),
-    "make-reference": ("pipelines.evaluate", "make_reference"),
-    "train-evaluator": ("pipelines.train_evaluator", "run"),
-    "train-vae": ("pipelines.train_vae", "run"),
-    "extract-ema": ("pipelines.convert", "run_extract_ema"),
-    "convert": ("pipelines.convert", "run"),
-    "encode": ("pipelines.encode", "run"),
-    "train-sit": ("pipelines.train_sit", "run"),
-    "sample": ("pipelines.sample", "run"),
-    "evaluate": ("pipelines.evaluate", "run"),
-    "assess": ("pipelines.experiment", "assess"),
-}
-DRIVER_STAGES = {"shard", "encode", "sample"}  # their work runs on Ray tasks or actors of their own
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,27 +109,6 @@ class ExperimentSummary(BaseModel):
     paired: dict[str, dict] = Field(description="metric -> paired differences (reals - vae) over seeds")
 
 
-class AssessConfig(StageConfig):
-    """Inputs of one run's own measurements: domain-space metrics of samples and VAE reconstruction quality."""
-
-    evaluator: str = Field(description="domain evaluator folder (`reals train-evaluator`)")
-    ref_batch: str = Field(description="reference .npz (held-out images, ADM layout)")
-    sample_batch: str = Field(description="samples .npz (arr_0 images, arr_1 conditioning labels)")
-    vae_path: str = Field(description="ReaLS VAE directory whose reconstructions are measured")
-    output: str = Field(description="assessment .json to write")
-    nearest_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall")
-    batch_size: int = Field(64, ge=1, description="images per batch")
-    reconstruction_images: int | None = Field(None, ge=1, description="reference images to reconstruct (default: all)")
-
-
-class AssessSummary(BaseModel):
-    output: str
-    metrics: dict[str, float]
-    vae_parameters: int
-    noise_to_signal: list[float] = Field(description="per latent channel: E[posterior var] / Var(posterior mean)")
-    notes: list[str]
-
-
 # ---------------------------------------------------------------------------------------------------
 # The plan: every unit of the experiment with its config
 # ---------------------------------------------------------------------------------------------------
@@ -160,7 +123,8 @@ class Unit:
 
     @property
     def cpus(self) -> int:
-        return 0 if self.stage in DRIVER_STAGES else 1
+        """Ray-driver stages reserve no CPU (their own tasks or actors take them); the others one."""
+        return 0 if stage(self.stage).runs_on == "ray" else 1
 
 
 @dataclass(frozen=True)
@@ -173,13 +137,14 @@ class Plan:
         return join(self.root, arm, f"seed{seed}")
 
 
-def _section(cls: type[StageConfig], name: str, given: dict, fixed: dict, defaults: dict | None = None):
-    """``cls`` from defaults, the experiment section ``given`` and the values the experiment fixes."""
+def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dict | None = None):
+    """The config of ``stage_name`` from defaults, the experiment section ``given`` and the values the experiment
+    fixes."""
     clash = sorted(set(given) & set(fixed))
     if clash:
         raise StageError(f"experiment section {name} may not set {', '.join(clash)}: the experiment sets them")
     try:
-        return cls(**{**(defaults or {}), **given, **fixed})
+        return stage(stage_name).config(**{**(defaults or {}), **given, **fixed})
     except ValidationError as e:
         first = e.errors()[0]
         raise StageError(f"invalid experiment section {name}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -187,16 +152,6 @@ def _section(cls: type[StageConfig], name: str, given: dict, fixed: dict, defaul
 
 def plan(config: ExperimentConfig) -> Plan:
     """Every unit of the experiment; paths follow the layout under ``config.output``."""
-    from pipelines.convert import ConvertConfig, ExtractEMAConfig
-    from pipelines.encode import EncodeConfig
-    from pipelines.evaluate import EvaluateConfig, MakeReferenceConfig
-    from pipelines.sample import SampleConfig
-    from pipelines.shard import ShardConfig
-    from pipelines.synthetic import SyntheticConfig
-    from pipelines.train_evaluator import TrainEvaluatorConfig
-    from pipelines.train_sit import TrainSiTConfig
-    from pipelines.train_vae import TrainVAEConfig
-
     if "://" in config.output and not config.output.startswith("file://"):
         raise StageError(f"--output must be a local folder (VAE dirs and the evaluator are local), got {config.output}")
     root = to_url(config.output.removeprefix("file://"))
@@ -207,17 +162,17 @@ def plan(config: ExperimentConfig) -> Plan:
     if data is None:
         data = join(root, "data")
         shared["synthetic"] = Unit("synthetic", "synthetic", _section(
-            SyntheticConfig, "synthetic", config.synthetic, {"output": data}, {"val_per_class": 50}))
+            "synthetic", "synthetic", config.synthetic, {"output": data}, {"val_per_class": 50}))
     elif not Path(data, "val").is_dir():
         raise StageError(f"{data} has no val/ folder: the experiment measures against held-out val images")
     for split in ("train", "val"):
         shared[f"shard-{split}"] = Unit(f"shard-{split}", "shard", _section(
-            ShardConfig, "shard", config.shard, {"data_path": data, "output": shards, "split": split, **quiet}))
+            "shard", "shard", config.shard, {"data_path": data, "output": shards, "split": split, **quiet}))
     shared["make-reference"] = Unit("make-reference", "make-reference", _section(
-        MakeReferenceConfig, "reference", config.reference,
+        "make-reference", "reference", config.reference,
         {"data_path": shards, "split": "val", "output": reference, **quiet}))
     shared["train-evaluator"] = Unit("train-evaluator", "train-evaluator", _section(
-        TrainEvaluatorConfig, "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
+        "train-evaluator", "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
 
     teacher = {"dino_model": config.teacher, "dino_input_size": config.teacher_input_size,
                "teacher_weights_dir": config.teacher_weights_dir}
@@ -225,9 +180,9 @@ def plan(config: ExperimentConfig) -> Plan:
     if config.pretrain_vae is not None:
         pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
         shared["pretrain-vae"] = Unit("pretrain-vae", "train-vae", _section(
-            TrainVAEConfig, "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
+            "train-vae", "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
             {"data_path": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
-        shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", ExtractEMAConfig(
+        shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", stage("extract-ema").config(
             ckpt=pre_run, output=init["vae_ckpt"]))
 
     runs: dict[tuple[str, int], dict[str, Unit]] = {}
@@ -236,26 +191,26 @@ def plan(config: ExperimentConfig) -> Plan:
             r = join(root, arm, f"seed{seed}")
             vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
             samples, name = join(r, "samples.npz"), f"{arm}-seed{seed}"
-            stages = {
-                "train-vae": _section(TrainVAEConfig, "train_vae", config.train_vae, {
+            configs = {
+                "train-vae": _section("train-vae", "train_vae", config.train_vae, {
                     "data_path": shards, "output": vae_run, "seed": seed, "resume": True,
                     "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
-                "convert": _section(ConvertConfig, "convert", config.convert, {
+                "convert": _section("convert", "convert", config.convert, {
                     "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
-                "encode": _section(EncodeConfig, "encode", config.encode, {
+                "encode": _section("encode", "encode", config.encode, {
                     "data_path": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
-                "train-sit": _section(TrainSiTConfig, "train_sit", config.train_sit, {
+                "train-sit": _section("train-sit", "train_sit", config.train_sit, {
                     "data_path": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
-                "sample": _section(SampleConfig, "sample", config.sample, {
+                "sample": _section("sample", "sample", config.sample, {
                     "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
                     {"mode": "ODE", "labels": "balanced", "workers": 1}),
-                "evaluate": _section(EvaluateConfig, "evaluate", config.evaluate, {
+                "evaluate": _section("evaluate", "evaluate", config.evaluate, {
                     "ref_batch": reference, "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
-                "assess": _section(AssessConfig, "assess", config.assess, {
+                "assess": _section("assess", "assess", config.assess, {
                     "evaluator": evaluator, "ref_batch": reference, "sample_batch": samples, "vae_path": vae_dir,
                     "output": join(r, "assessment.json")}),
             }
-            runs[(arm, seed)] = {stage: Unit(f"{name}-{stage}", stage, c) for stage, c in stages.items()}
+            runs[(arm, seed)] = {kind: Unit(f"{name}-{kind}", kind, c) for kind, c in configs.items()}
     return Plan(root, shared, runs)
 
 
@@ -322,10 +277,9 @@ def refuse_changed(units: list[Unit], root: str) -> None:
 def run_unit(unit: Unit, root: str) -> dict:
     """Run one unit in this process (one torch thread) and write its record last; errors come back as text."""
     torch.set_num_threads(1)
-    module, name = STAGES[unit.stage]
     t0 = time.perf_counter()
     try:
-        summary = getattr(importlib.import_module(module), name)(unit.config)
+        summary = stage(unit.stage).run(unit.config)
     except Exception as e:  # noqa: BLE001 - reported per unit by the driver, the other units go on
         return {"name": unit.name, "error": f"{type(e).__name__}: {e}"}
     record = {"name": unit.name, "stage": unit.stage, "config": unit.config.model_dump(mode="json"),
@@ -373,87 +327,6 @@ def run_phase(units: list[Unit], root: str, description: str, show_progress: boo
         records.update({r["name"]: r for r in results})
         counts["run"] += len(todo)
     return records
-
-
-# ---------------------------------------------------------------------------------------------------
-# One run's own measurements: domain space and reconstruction
-# ---------------------------------------------------------------------------------------------------
-
-def _load_npz(url: str) -> dict[str, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(read_bytes(url))) as f:
-        return {k: f[k] for k in f.files if k in ("arr_0", "arr_1")}
-
-
-@torch.no_grad()
-def reconstruct(vae, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[float]]:
-    """uint8 reconstructions of uint8 NHWC images from their posterior means, and the posterior's
-    noise-to-signal ratio per latent channel, ``E[std^2] / Var(mean)`` (what a posterior sample adds)."""
-    from pipelines.train_vae import to_model_images
-
-    out, means, variances = [], [], []
-    for i in range(0, len(images), batch_size):
-        mean, std = vae.encode(to_model_images(images[i:i + batch_size], torch.device("cpu")))
-        rec = vae.decode(mean)
-        out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-        means.append(mean.double().transpose(0, 1).flatten(1))
-        variances.append(std.double().square().transpose(0, 1).flatten(1))
-    ratio = torch.cat(variances, 1).mean(1) / torch.cat(means, 1).var(1).clamp_min(1e-12)
-    return np.concatenate(out), ratio.tolist()
-
-
-def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
-    """Mean over images of ``10 log10(255^2 / MSE)`` (uint8 pixels, MSE over each image)."""
-    err = (images.astype(np.float64) - reconstructions.astype(np.float64)) ** 2
-    mse = np.maximum(err.reshape(len(images), -1).mean(axis=1), 1e-10)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / mse)))
-
-
-def _lpips(images: np.ndarray, reconstructions: np.ndarray, batch_size: int) -> tuple[float | None, str]:
-    """Mean LPIPS (AlexNet) when its ImageNet backbone is on disk, else None and why not."""
-    from reals.losses import PerceptualLoss, lpips_backbone_file
-
-    backbone = lpips_backbone_file("alex")
-    if not backbone.is_file():
-        return None, (f"LPIPS not computed: its ImageNet AlexNet backbone is not at {backbone} (this machine cannot "
-                      "download it); PSNR and rFD_domain measure reconstruction instead")
-    from pipelines.train_vae import to_model_images
-
-    metric, cpu = PerceptualLoss("lpips", "alex"), torch.device("cpu")
-    with torch.no_grad():
-        values = [metric(to_model_images(images[i:i + batch_size], cpu),
-                         to_model_images(reconstructions[i:i + batch_size], cpu))
-                  for i in range(0, len(images), batch_size)]
-    return float(torch.cat(values).mean()), f"LPIPS v0.1 AlexNet backbone from {backbone}"
-
-
-def assess(config: AssessConfig) -> AssessSummary:
-    """Domain metrics of the samples vs the reference, and reconstruction quality of the VAE on the reference."""
-    from reals.evaluator import DomainFeatures, domain_metrics
-    from reals.vae import ReaLSVAE
-
-    done = read_json(config.output)
-    if done and done.get("config") == config.model_dump(mode="json"):
-        return AssessSummary(**{k: done[k] for k in AssessSummary.model_fields})
-    ref, smp = _load_npz(config.ref_batch), _load_npz(config.sample_batch)
-    if "arr_1" not in smp:
-        raise StageError(f"{config.sample_batch} has no arr_1 labels: conditional accuracy needs them")
-    features = DomainFeatures(config.evaluator)
-    metrics = domain_metrics(features, ref["arr_0"], smp["arr_0"], smp["arr_1"], config.nearest_k, config.batch_size)
-    vae = ReaLSVAE.from_pretrained(config.vae_path).eval()
-    originals = ref["arr_0"][:config.reconstruction_images]
-    recon, noise_to_signal = reconstruct(vae, originals, config.batch_size)
-    metrics["PSNR"] = psnr(originals, recon)
-    metrics["rFD_domain"] = domain_metrics(features, originals, recon, k=config.nearest_k)["FD_domain"]
-    value, note = _lpips(originals, recon, config.batch_size)
-    if value is not None:
-        metrics["LPIPS"] = value
-    summary = AssessSummary(output=to_url(config.output), metrics=metrics, noise_to_signal=noise_to_signal,
-                            vae_parameters=sum(p.numel() for p in vae.vae.parameters()), notes=[note])
-    write_json(config.output, {**summary.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-                               "domain_space": features.description, "reconstructed_images": len(originals)})
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,3 +588,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
                    help="hide the progress bars")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("experiment", ExperimentConfig, ExperimentSummary, run,
+                help="controlled experiment: SiT on ReaLS latents vs on a plain VAE's latents, over seeds",
+                description="Train a baseline VAE (align_weight 0) and a ReaLS VAE per seed on the same shards, "
+                            "encode, train the same SiT on each, sample alike, and measure both against held-out "
+                            "val images; writes results.md/.json, loss_curves.png and both arms' recorded configs. "
+                            "Re-runs resume.")]

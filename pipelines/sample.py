@@ -26,12 +26,13 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from reals import ReaLSError
 from reals.sit import create_sit
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
-from storage.fs import filesystem, join, read_bytes, to_url, write_bytes_atomic
+from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
 
 GRID_SAMPLES = 64
@@ -254,6 +255,11 @@ def guided_model(model, cfg_scale: float, cfg_channels: int | None, interval: tu
 # One unit of work: an index range (runs in a Ray actor)
 # ---------------------------------------------------------------------------------------------------
 
+def parts_url(output: str) -> str:
+    """The folder of a samples file's parts: ``<output>.parts``."""
+    return to_url(output) + ".parts"
+
+
 def part_url(parts: str, start: int, end: int, ext: str) -> str:
     return join(parts, f"{start:08d}-{end:08d}.{ext}")
 
@@ -367,7 +373,7 @@ def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: 
             "path_type": config.path_type or args.get("path_type", "Linear"),
             "prediction": config.prediction or args.get("prediction", "velocity"),
             "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))], "conventions": CONVENTIONS,
-            "parts": to_url(config.output) + ".parts"}
+            "parts": parts_url(config.output)}
     keys = SAMPLE_KEYS + METHOD_KEYS[config.mode] + ("model", "model_kwargs", "vae_fingerprint", "path_type",
                                                      "prediction", "ckpt_identity", "conventions")
     spec["run"] = fingerprint({k: spec[k] for k in keys})
@@ -495,6 +501,22 @@ def run(config: SampleConfig) -> SampleSummary:
 _help = SampleConfig.field_help
 
 
+def complete(config: SampleConfig) -> str | None:
+    """Whether the merged samples file holds ``num_fid_samples`` samples."""
+    from pipelines.report import npz_shape
+
+    shape = npz_shape(config.output)
+    if shape is None:
+        return "no samples file"
+    return None if shape[0] == config.num_fid_samples else f"{shape[0]} of {config.num_fid_samples} samples"
+
+
+def progress(config: SampleConfig):
+    """A function giving the fraction of parts whose marker is written."""
+    total = math.ceil(config.num_fid_samples / config.unit_size)
+    return lambda: len(list_files(parts_url(config.output), ".json")) / total
+
+
 def add_cli(subparsers) -> None:
     """Register ``reals sample``."""
     p = subparsers.add_parser(
@@ -550,3 +572,11 @@ def _main(args) -> int:
           f"samples in {s.seconds:.1f} s ({s.samples_per_sec:.2f} samples/s, {s.nfe} NFE per batch)")
     print(f"  grid: {s.grid}")
     return 0
+
+
+STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", complete=complete, progress=progress,
+                help="draw samples from a SiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
+                description=__doc__.split("\n\n")[0],
+                epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data); --guidance-interval LO HI is on "
+                       "the noise level tau = 1 - t, so `--guidance-interval 0 0.75` guides all but the noisiest "
+                       "quarter.")]

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
 from pipelines.imaging import prepare
+from pipelines.registry import Stage
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_url, write_json
 from storage.shards import write_shard
@@ -324,6 +325,33 @@ def run(config: ShardConfig) -> ShardSummary:
     )
 
 
+def complete(config: ShardConfig) -> str | None:
+    """What the split's shards lack (a manifest entry, current markers), or None when they match the input."""
+    manifest = read_json(sfs.join(sfs.to_url(config.output), "manifest.json"))
+    info = (manifest or {}).get("splits", {}).get(config.split)
+    if not info:
+        return f"no split {config.split!r} in manifest.json"
+    if (manifest["resolution"], manifest["image_format"], info["shard_size"]) != (
+            config.resolution, config.image_format, config.shard_size):
+        return "manifest.json was written with other settings"
+    _, units, _, split_fingerprint = plan(config)
+    if info.get("fingerprint") != split_fingerprint or len(units) != len(info["shards"]):
+        return f"the {config.split} folder changed since it was sharded"
+    for u in units:
+        marker = read_json(sfs.join(sfs.to_url(config.output), shard_name(config.split, u["index"]) + ".json"))
+        if not marker or marker.get("unit") != u["fingerprint"]:
+            return f"shard {shard_name(config.split, u['index'])} has no current marker"
+    return None
+
+
+def progress(config: ShardConfig):
+    """A function giving the fraction of the split's shards whose marker is written."""
+    total = max(1, len(plan(config)[1]))
+    marker = re.compile(rf"^{re.escape(config.split)}-\d{{6}}\.json$")
+    output = sfs.to_url(config.output)
+    return lambda: sum(1 for u in sfs.list_files(output, ".json") if marker.match(u.rsplit("/", 1)[-1])) / total
+
+
 def print_summary(summary: ShardSummary, shown: int = 10) -> None:
     """A short table of the run, then the first skipped files with their reasons."""
     from rich.console import Console
@@ -369,3 +397,10 @@ def add_cli(subparsers) -> None:
                    help="member encoding: png (lossless, default) or jpg (quality 95)")
     p.add_argument("--workers", type=int, help="most shards processed at once (default: all Ray CPUs)")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress,
+                help="pack an ImageNet-layout folder into WebDataset shards",
+                description="Pack <data-path>/<split>/<class-id>/<images> into WebDataset shards (ADM center "
+                            "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards and "
+                            "redo broken ones; unreadable or corrupt files are skipped and listed.")]

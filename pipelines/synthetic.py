@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, Field
 
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "noise")
@@ -234,6 +235,18 @@ def run(config: SyntheticConfig) -> SyntheticSummary:
                             seed=config.seed)
 
 
+def complete(config: SyntheticConfig) -> str | None:
+    """What the dataset folder still lacks, or None when every image of the settings is there."""
+    root = Path(config.output)
+    if not (root / "LOC_synset_mapping.txt").is_file():
+        return "no LOC_synset_mapping.txt"
+    for split, per_class in (("train", config.per_class), ("val", config.val_per_class)):
+        found = sum(1 for _ in (root / split).glob("*/*.JPEG")) if per_class else 0
+        if found != per_class * config.classes:
+            return f"{found} of {per_class * config.classes} {split} images"
+    return None
+
+
 def _handle(args: argparse.Namespace) -> int:
     summary = run(config_from_args(SyntheticConfig, args))
     counts = ", ".join(f"{n} {split}" for split, n in summary.images.items())
@@ -255,3 +268,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, help="random seed; same seed -> byte-identical files (default 0)")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("synthetic", SyntheticConfig, SyntheticSummary, run, complete=complete,
+                help="write a synthetic ImageNet-layout dataset with masks and depth",
+                description="Write a deterministic ImageNet-layout folder of K shape classes (train/, optional "
+                            "val/), with per-pixel masks/ (class index + 1) and depth/ (drawing order, larger = "
+                            "nearer).")]

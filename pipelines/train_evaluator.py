@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from reals.evaluator import CONFIG_FILE, WEIGHTS_FILE, DomainClassifier
@@ -238,3 +239,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
                    help="hide the progress bar")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run,
+                help="train the domain evaluator (CNN classifier) for FD_domain", description=__doc__.split("\n\n")[0])]

@@ -31,9 +31,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import check_resumable
+from pipelines.checkpoints import check_resumable, training_missing, training_progress
 from pipelines.config import StageConfig, config_from_args
 from pipelines.distributed import Dist, distributed, wrap_ddp
+from pipelines.registry import Stage
 from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
@@ -469,3 +470,9 @@ def _main(args) -> int:
           f"per step; {s.steps_per_sec:.2f} steps/s; final loss {loss}")
     print(f"  checkpoint: {s.checkpoint}\n  grids: {s.grids}")
     return 0
+
+
+STAGES = [Stage("train-sit", TrainSiTConfig, TrainSiTSummary, run, runs_on="train",
+                complete=lambda c: training_missing(c.output, c.max_steps, c.epochs),
+                progress=lambda c: training_progress(c.output, c.max_steps),
+                help="train SiT by flow matching on a latent store", description=__doc__.split("\n\n")[0])]

@@ -28,9 +28,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.checkpoints import check_resumable
+from pipelines.checkpoints import check_resumable, training_missing, training_progress
 from pipelines.config import StageConfig, config_from_args
 from pipelines.distributed import Dist, distributed, wrap_ddp
+from pipelines.registry import Stage
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
@@ -412,3 +413,10 @@ def _main(args) -> int:
     if s.skipped:
         print(f"  skipped {s.skipped} undecodable samples")
     return 0
+
+
+STAGES = [Stage("train-vae", TrainVAEConfig, TrainVAESummary, run, runs_on="train",
+                complete=lambda c: training_missing(c.output, c.max_steps, c.max_epoch),
+                progress=lambda c: training_progress(c.output, c.max_steps),
+                help="train the ReaLS VAE (AutoencoderKL + alignment heads) on shards",
+                description=__doc__.split("\n\n")[0])]

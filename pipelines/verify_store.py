@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig, config_from_args
+from pipelines.registry import Stage
 from pipelines.encode import batched, encode_images, load_models, source_shards, teacher_spec
 from storage.latent_store import LatentStore
 from storage.shards import iter_shard
@@ -170,3 +171,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--atol", type=float, help="absolute tolerance of the comparison (default 0.02)")
     p.add_argument("--rtol", type=float, help="relative tolerance of the comparison (default 0.01)")
     p.set_defaults(handler=_handle)
+
+
+STAGES = [Stage("verify-store", VerifyStoreConfig, VerifyStoreSummary, run,
+                help="check a latent store against its shards and VAE", description=__doc__.splitlines()[0])]

@@ -219,11 +219,10 @@ def test_training_flow_launches_torchrun_with_several_processes(prefect_api, tin
 
 def test_deployments_cover_every_flow_and_reencode_runs_nightly():
     from flows.deployments import build_deployments
-    from flows.stages import STAGE_FLOWS
 
     config = load_pipeline_config()
     deployments = {d.name: d for d in build_deployments(config)}
-    assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *STAGE_FLOWS}
+    assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *(s.stage for s in plan_steps(config))}
     assert deployments["experiment"].parameters["config"]["seeds"] >= 3
     assert [s.schedule.cron for s in deployments["reencode"].schedules] == ["0 3 * * *"]
     assert not deployments["reals-pipeline"].schedules
