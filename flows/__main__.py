@@ -1,4 +1,4 @@
-"""``python -m flows serve`` (the deployments) and ``python -m flows run-stage`` (a training stage under torchrun)."""
+"""``python -m flows run-stage`` (a training stage under torchrun); any other command is ``reals``'s (``python -m flows serve``)."""
 from __future__ import annotations
 
 import argparse
@@ -19,30 +19,16 @@ def run_stage(stage: str, config_file: str, summary_file: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve the pipeline, stage and reencode deployments")
-    p.add_argument("--config", help="pipeline YAML whose settings pre-fill the deployments (default configs/demo.yaml)")
-    p.add_argument("--output", help="run root of the deployments (default: $REALS_RUNS_URL/<name>, else the config's)")
-    p.add_argument("--local-dir", help="local folder shared by the Ray nodes (needed when the run root is on S3)")
-    p.add_argument("--with-server", action="store_true", help="first start a local Prefect server on 127.0.0.1:4200")
-    p.add_argument("--reencode-cron", help="cron schedule of reencode, UTC (default nightly: 0 3 * * *)")
-    p = sub.add_parser("run-stage", help="run a training stage from a JSON config (used by torchrun)")
-    p.add_argument("stage", help="training stage (train-vae, train-sit)")
-    p.add_argument("config_file", help="JSON file of the stage's config")
-    p.add_argument("--summary", required=True, help="file rank 0 writes the summary JSON to")
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        from flows.deployments import DEFAULT_REENCODE_CRON, serve_config, serve_deployments
-        from pipelines import StageError
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["run-stage"]:
+        from flows.cli import main as reals
 
-        try:
-            serve_deployments(serve_config(args.config, args.output, args.local_dir), args.with_server,
-                              args.reencode_cron or DEFAULT_REENCODE_CRON)
-        except StageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return reals(argv)
+    parser = argparse.ArgumentParser(prog="python -m flows run-stage", description=run_stage.__doc__)
+    parser.add_argument("stage", help="training stage (train-vae, train-sit)")
+    parser.add_argument("config_file", help="JSON file of the stage's config")
+    parser.add_argument("--summary", required=True, help="file rank 0 writes the summary JSON to")
+    args = parser.parse_args(argv[1:])
     return run_stage(args.stage, args.config_file, args.summary)
 
 

@@ -155,8 +155,7 @@ def experiment_artifacts(summary) -> None:
 
 # Stages whose summary has its own artifacts; any other stage shows its summary as a table.
 STAGE_ARTIFACTS = {"shard": shard_artifacts, "encode": encode_artifacts, "sample": sample_artifacts,
-                   "evaluate": evaluate_artifacts, "downstream": downstream_artifacts,
-                   "experiment": experiment_artifacts}
+                   "evaluate": evaluate_artifacts, "downstream": downstream_artifacts}
 
 
 def summary_rows(summary) -> list[dict]:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from flows.runtime import local_server
+from flows.experiment import experiment_flow
 from flows.stages import STAGE_FLOWS
 from pipelines import StageError
 from pipelines.experiment import load_experiment_config
@@ -47,7 +48,7 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
         if stage(step.stage).runs_on == "train":
             stage_params["nproc_per_node"] = config.nproc_per_node
         deployments.append(STAGE_FLOWS[step.stage].to_deployment(step.stage, parameters=stage_params, tags=TAGS))
-    deployments.append(STAGE_FLOWS["experiment"].to_deployment(
+    deployments.append(experiment_flow.to_deployment(
         "experiment", parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
         tags=TAGS, description="ReaLS vs plain VAE over seeds (quick preset; edit the form for the default)"))
     return deployments

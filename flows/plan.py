@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig
+from pipelines.config import StageConfig, build
 from pipelines.registry import outputs_missing, stage
 from storage.fs import filesystem, join, to_url
 from storage.markers import read_json, write_json
@@ -57,11 +57,7 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> 
         raise StageError(f"pipeline config not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return PipelineConfig(**data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise StageError(f"invalid pipeline config {path} {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return build(PipelineConfig, data, f"pipeline config {path} ")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,12 +127,7 @@ class Step:
 
 
 def _config(stage_name: str, section: str, layout_values: dict, given: dict, fixed: dict | None = None):
-    try:
-        return stage(stage_name).config(**{**layout_values, **given, **(fixed or {})})
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise StageError(f"invalid pipeline section {section}.{'.'.join(map(str, first['loc']))}: "
-                         f"{first['msg']}") from None
+    return build(stage(stage_name).config, {**layout_values, **given, **(fixed or {})}, f"pipeline section {section}.")
 
 
 def _has_val(pc: PipelineConfig, data_path: str) -> bool:

@@ -1,30 +1,147 @@
-"""The ``reals`` command: one subcommand per stage; each stage module registers its own parser.
+"""The stage commands of ``reals``, generated from the stage registry and the stages' pydantic configs.
 
-Every stage module exposes ``add_cli(subparsers)`` which adds its subcommand(s) and sets
-``handler=fn(args) -> int``. Errors a user can act on print as one line and exit non-zero;
-``REALS_DEBUG=1`` shows the traceback.
+One subcommand per registered stage and one flag per config field: ``--field-name``, or the ReaLS flag a field
+declares with ``Cli`` (``--data-path``, ``--dino-model``); help texts are the fields' descriptions; a boolean
+gets ``--x`` and ``--no-x``; a ``Literal`` lists its choices. ``--config FILE`` reads a YAML mapping of fields
+(or the stage's section of a pipeline YAML); flags override it. Errors a user can act on print as one line
+and exit 2; ``REALS_DEBUG=1`` shows the traceback. ``flows.cli`` adds the flow commands (``reals pipeline``...).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from pipelines.config import Cli, build, load_yaml
+
+DESCRIPTION = "ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID."
 
 
+# ---------------------------------------------------------------------------------------------------
+# Flags from config fields
+# ---------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="reals",
-        description="ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID.",
-    )
+def _cli(field: FieldInfo) -> Cli:
+    return next((m for m in field.metadata if isinstance(m, Cli)), Cli())
+
+
+def flag(name: str, field: FieldInfo) -> str:
+    """The (first) flag of a config field."""
+    return (_cli(field).flags or (f"--{name.replace('_', '-')}",))[0]
+
+
+def _value_spec(annotation) -> dict | None:
+    """argparse ``type``/``choices``/``nargs`` for a field type; None for a type the command line cannot give."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return _value_spec(kinds[0]) if len(kinds) == 1 else {"type": str}  # e.g. bool | "auto": validated later
+    if origin is typing.Literal:
+        return {"type": type(args[0]), "choices": list(args)}
+    if origin is tuple and args and Ellipsis not in args:
+        return {**_value_spec(args[0]), "nargs": len(args)}
+    if origin is list and args:
+        return {**_value_spec(args[0]), "nargs": "+"}
+    if annotation in (str, int, float):
+        return {"type": annotation}
+    return None
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    if field.is_required():
+        return f"{text} (required)"
+    shown = field.default not in (None, PydanticUndefined) and not isinstance(field.default, bool)
+    return f"{text} (default {field.default})" if shown and "default" not in text else text
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
+    """One argument per field of ``cls`` (fields of other types, such as sections, only through ``--config``)."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for name, field in cls.model_fields.items():
+        cli, first = _cli(field), flag(name, field)
+        where = parser
+        if cli.group:
+            if cli.group not in groups:
+                groups[cli.group] = parser.add_mutually_exclusive_group()
+            where = groups[cli.group]
+        if field.annotation is bool:
+            default = " (the default)"
+            where.add_argument(*cli.flags or (first,), dest=name, action="store_const", const=True,
+                               default=argparse.SUPPRESS, help=_help(field) + default * (field.default is True))
+            where.add_argument(cli.negative or "--no-" + first.removeprefix("--"), dest=name, action="store_const",
+                               const=False, default=argparse.SUPPRESS,
+                               help=f"not {first}" + default * (field.default is False))
+            continue
+        spec = _value_spec(field.annotation)
+        if spec is None:
+            continue
+        if cli.parse:
+            spec["type"] = cli.parse
+        if cli.positional:
+            where.add_argument(name, metavar=cli.metavar, help=_help(field), **spec)
+        else:
+            where.add_argument(*cli.flags or (first,), dest=name, metavar=cli.metavar, default=argparse.SUPPRESS,
+                               help=_help(field), **spec)
+
+
+def flag_values(cls: type[BaseModel], args: argparse.Namespace) -> dict:
+    """The fields of ``cls`` given as flags."""
+    return {k: v for k, v in vars(args).items() if k in cls.model_fields}
+
+
+def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: argparse.ArgumentParser,
+                     section: str | None = None):
+    """``cls`` from the YAML of ``--config`` (or its ``section``), overridden by the flags given."""
+    values = {**load_yaml(getattr(args, "config", None), section), **flag_values(cls, args)}
+    fields = cls.model_fields
+    missing = [flag(n, f) for n, f in fields.items() if f.is_required() and n not in values
+               and not (f.validation_alias and any(a in values for a in f.validation_alias.choices))]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return build(cls, values, "", lambda n: flag(n, fields[n]) if n in fields else n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------
+
+def add_stage_command(sub, record) -> None:
+    """``reals <stage>``: its config from flags and ``--config``, run, then its summary shown."""
+    p = sub.add_parser(record.name, help=record.help, description=record.description or record.help,
+                       epilog=record.epilog)
+    add_config_arguments(p, record.config)
+    section = record.name.replace("-", "_")
+    p.add_argument("--config", help=f"YAML file of {record.config.__name__} fields, or a pipeline YAML with a "
+                                    f"`{section}:` section (flags override it)")
+
+    def handle(args: argparse.Namespace) -> int:
+        summary = record.run(config_from_args(record.config, args, p, section))
+        if record.show is None:
+            print(f"{record.name}: {summary.model_dump_json(indent=2)}")
+            return 0
+        return int(record.show(summary) or 0)
+
+    p.set_defaults(handler=handle)
+
+
+def build_parser(commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
+    """The parser of every registered stage, plus the commands each of ``commands(subparsers)`` adds."""
+    from pipelines.registry import stages
+
+    parser = argparse.ArgumentParser(prog="reals", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from pipelines.registry import STAGE_MODULES
-
-    for name in [*STAGE_MODULES, "pipelines.orchestrate"]:
-        module = importlib.import_module(name)
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    for record in stages().values():
+        add_stage_command(sub, record)
+    for add in commands:
+        add(sub)
     return parser
 
 
@@ -36,10 +153,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (StageError, ReaLSError, StorageError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: Iterable[Callable] = ()) -> int:
+    """Run one ``reals`` command; the exit status (2: an error the user can act on, printed in one line)."""
     # Before torch loads: idle OpenMP threads sleep rather than spin (2 cores shared with Ray workers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    args = build_parser(commands).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
-"""Stage configs: pydantic models (Prefect renders them as forms; the CLI fills them from YAML and flags)."""
+"""Stage configs: pydantic models (Prefect renders them as forms; the CLI is generated from them)."""
 from __future__ import annotations
 
-import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -13,40 +14,54 @@ from pipelines import StageError
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
-    @classmethod
-    def field_help(cls, name: str) -> str:
-        """The description of field ``name``: the CLI's help text is the form's label in the Prefect UI."""
-        return cls.model_fields[name].description
+
+class Cli:
+    """How a config field appears on the ``reals`` command line, where the default (``--field-name``) is not it.
+
+    Put it in the field's annotation: ``images: Annotated[str, Cli("--data-path")] = Field(...)``.
+    ``flags``: the flag names (ReaLS's, e.g. ``--dino-model``); ``negative``: the flag of a boolean that sets
+    it False (default ``--no-<flag>``); ``positional``: an argument without a flag; ``parse``: converts the
+    text before validation; ``group``: fields of one group are mutually exclusive on the command line.
+    """
+
+    def __init__(self, *flags: str, negative: str | None = None, positional: bool = False,
+                 metavar: str | tuple[str, ...] | None = None, parse: Callable[[str], object] | None = None,
+                 group: str | None = None):
+        self.flags, self.negative, self.positional = flags, negative, positional
+        self.metavar, self.parse, self.group = metavar, parse, group
+
+
+# A stage's progress bar: ``--progress`` / ``--no-progress``.
+ShowProgress = Annotated[bool, Cli("--progress", negative="--no-progress")]
+
+
+def first_error(e: ValidationError, names: Callable[[str], str] = str) -> str:
+    """``where: what`` of a validation error's first problem (``names`` renders the top-level field)."""
+    first = e.errors()[0]
+    loc = [names(str(first["loc"][0])), *map(str, first["loc"][1:])] if first["loc"] else ["config"]
+    return f"{'.'.join(loc)}: {first['msg']}"
+
+
+def build(cls: type[BaseModel], values: dict, what: str, names: Callable[[str], str] = str):
+    """``cls(**values)``, a validation error raised as one line ``invalid <what><where>: <msg>``."""
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise StageError(f"invalid {what}{first_error(e, names)}") from None
 
 
 def load_yaml(path: str | None, section: str | None = None) -> dict:
-    """The mapping in a YAML file (or one top-level section of it); ``{}`` when ``path`` is None."""
+    """The mapping in a YAML file (or its ``section`` when it has one); ``{}`` when ``path`` is None."""
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise StageError(f"config file not found: {path}")
     data = yaml.safe_load(p.read_text()) or {}
-    if section is not None:
-        data = data.get(section) or {}
     if not isinstance(data, dict):
         raise StageError(f"config {path}: expected a mapping, got {type(data).__name__}")
+    if section is not None and isinstance(data.get(section), dict):
+        data = data[section]
     return data
-
-
-def config_from_args(cls: type[StageConfig], args: argparse.Namespace, yaml_section: str | None = None, **extra):
-    """Build ``cls`` from YAML (``args.config`` if present), overridden by flags that were given."""
-    values = load_yaml(getattr(args, "config", None), yaml_section)
-    for name in cls.model_fields:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    values.update({k: v for k, v in extra.items() if v is not None})
-    try:
-        return cls(**values)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise StageError(f"invalid {cls.__name__} {where}: {first['msg']}") from None

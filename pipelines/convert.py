@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import ShowProgress, StageConfig
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
@@ -54,7 +54,7 @@ class ConvertConfig(StageConfig):
     ema: bool = Field(True, description="convert the EMA weights (False: the raw training weights)")
     batch_size: int = Field(32, gt=0, description="images per encoding batch")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class ConvertSummary(BaseModel):
@@ -228,60 +228,29 @@ def run_extract_ema(config: ExtractEMAConfig) -> ExtractEMASummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Stage records
 # ---------------------------------------------------------------------------------------------------
-
-def add_cli(subparsers) -> None:
-    h = ConvertConfig.model_fields
-    p = subparsers.add_parser(
-        "convert", help="checkpoint -> ReaLS VAE dir (diffusers AutoencoderKL + align_net + mean_std.json)",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help=h["ckpt"].description)
-    p.add_argument("--output-dir", required=True, help=h["output_dir"].description)
-    p.add_argument("--data-path", required=True, help=h["data_path"].description)
-    p.add_argument("--split", help=h["split"].description)
-    p.add_argument("--num-samples", type=int, help=h["num_samples"].description + " (default 10000)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", default=None,
-                   help="convert the raw training weights instead of the EMA weights")
-    p.add_argument("--batch-size", type=int, help=h["batch_size"].description)
-    p.add_argument("--device", help=h["device"].description)
-    p.add_argument("--no-progress", dest="show_progress", action="store_false", default=None,
-                   help="hide the progress bar")
-    p.set_defaults(handler=_main_convert)
-
-    h = ExtractEMAConfig.model_fields
-    p = subparsers.add_parser("extract-ema", help="write a checkpoint's EMA VAE weights as a state_dict",
-                              description="Write the EMA VAE weights of a train-vae checkpoint as a state_dict "
-                                          "(usable as train-vae --vae-ckpt with the same --vae-config).")
-    p.add_argument("--ckpt", required=True, help=h["ckpt"].description)
-    p.add_argument("--output", required=True, help=h["output"].description)
-    p.set_defaults(handler=_main_extract)
-
 
 def _fmt(xs: list[float]) -> str:
     return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
 
 
-def _main_convert(args) -> int:
-    s = run(config_from_args(ConvertConfig, args))
+def show(s: ConvertSummary) -> None:
     verb = "already converted" if s.skipped else "converted"
     print(f"convert: {verb} {s.checkpoint} (step {s.step}, {s.weights} weights) -> {s.output_dir}")
     print(f"  fingerprint {s.fingerprint}; latent mean {_fmt(s.mean)}, std {_fmt(s.std)} over {s.num_images} images")
-    return 0
 
 
-def _main_extract(args) -> int:
-    s = run_extract_ema(config_from_args(ExtractEMAConfig, args))
+def show_extract_ema(s: ExtractEMASummary) -> None:
     print(f"extract-ema: {s.tensors} EMA tensors of {s.checkpoint} (step {s.step}, vae config {s.vae_config}) "
           f"-> {s.output}")
-    return 0
 
 
 STAGES = [
-    Stage("convert", ConvertConfig, ConvertSummary, run, complete=complete,
+    Stage("convert", ConvertConfig, ConvertSummary, run, complete=complete, show=show,
           help="checkpoint -> ReaLS VAE dir (diffusers AutoencoderKL + align_net + mean_std.json)",
           description=__doc__.split("\n\n")[0]),
-    Stage("extract-ema", ExtractEMAConfig, ExtractEMASummary, run_extract_ema,
+    Stage("extract-ema", ExtractEMAConfig, ExtractEMASummary, run_extract_ema, show=show_extract_ema,
           help="write a checkpoint's EMA VAE weights as a state_dict",
           description="Write the EMA VAE weights of a train-vae checkpoint as a state_dict (usable as train-vae "
                       "--vae-ckpt with the same --vae-config)."),

@@ -32,20 +32,19 @@ side by side) and ``metrics.json``, written last; a re-run with the same inputs 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import os
 import posixpath
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from storage import fs as sfs
@@ -62,7 +61,7 @@ SOURCE_TITLES = {"teacher": "teacher (upper bound)", "reals": "ReaLS latents (tr
 class DownstreamConfig(StageConfig):
     """Settings of ``reals downstream``."""
 
-    tasks: list[Literal["seg", "depth"]] = Field(min_length=1, description="tasks to evaluate: seg, depth or both")
+    tasks: Annotated[list[Literal["seg", "depth"]], Cli(positional=True, metavar="seg|depth")] = Field(min_length=1, description="tasks to evaluate: seg, depth or both")
     data_path: str = Field(description="synthetic folder (reals synthetic) or shards URL (reals shard)")
     vae_path: str = Field(description="converted ReaLS VAE directory (local)")
     output: str = Field(description="folder (URL) for report.md, metrics.json and the overlay PNGs")
@@ -87,7 +86,7 @@ class DownstreamConfig(StageConfig):
     dino_model: str | None = Field(None, description="teacher name (default: the VAE's provenance)")
     dino_input_size: int | None = Field(None, ge=1, description="teacher input size (default: the provenance)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class DownstreamSummary(BaseModel):
@@ -725,7 +724,7 @@ def complete(config: DownstreamConfig) -> str | None:
     return None if read_json(sfs.join(sfs.to_url(config.output), "metrics.json")) else "no downstream metrics.json"
 
 
-def print_summary(s: DownstreamSummary) -> None:
+def show(s: DownstreamSummary) -> None:
     """The metrics table on the console."""
     from rich.console import Console
     from rich.table import Table
@@ -748,47 +747,5 @@ def print_summary(s: DownstreamSummary) -> None:
     console.print(f"-> {s.output}/report.md", markup=False, highlight=False)
 
 
-def _handle(args: argparse.Namespace) -> int:
-    print_summary(run(config_from_args(DownstreamConfig, args, "downstream")))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals downstream``."""
-    p = subparsers.add_parser("downstream", help="training-free segmentation/depth from ReaLS latents",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("tasks", nargs="+", choices=TASKS, metavar="seg|depth",
-                   help="task(s) to evaluate: seg (semantic segmentation), depth, or both")
-    p.add_argument("--data-path", dest="data_path", required=True,
-                   help="synthetic folder (reals synthetic) or shards URL (reals shard) with fit and eval splits")
-    p.add_argument("--vae-path", dest="vae_path", required=True, help="converted ReaLS VAE directory (local)")
-    p.add_argument("--output", required=True, help="folder (URL) for report.md, metrics.json and overlay PNGs")
-    p.add_argument("--config", help="YAML file; its `downstream:` section sets defaults for these flags")
-    p.add_argument("--samples", help="generated latents: FILE.npz with `latents` (or FILE.latents.npy beside it, "
-                                     "from `reals sample --save-latents`), or a .npy")
-    p.add_argument("--num-fit", dest="num_fit", type=int, help="images to fit the heads on (default 256)")
-    p.add_argument("--num-eval", dest="num_eval", type=int,
-                   help="held-out images and generated latents to evaluate (default 64)")
-    p.add_argument("--baseline-vae-path", dest="baseline_vae_path",
-                   help="plain (unaligned) VAE dir for the baseline (default: the ReaLS VAE's raw latents)")
-    p.add_argument("--ground-truth", dest="ground_truth",
-                   help="folder with masks/ and depth/ (default: --data-path when it is a synthetic folder)")
-    p.add_argument("--seg-head", dest="seg_head",
-                   help="DINOv2 linear head, e.g. dinov2_vitb14_voc2012_linear_head.pth (teacher dinov2_vitb14)")
-    p.add_argument("--depth-head", dest="depth_head",
-                   help="DINOv2 linear head, e.g. dinov2_vitb14_nyu_linear_head.pth (teacher dinov2_vitb14)")
-    p.add_argument("--fit-split", dest="fit_split", help="split the heads are fitted on (default train)")
-    p.add_argument("--eval-split", dest="eval_split", help="held-out split to evaluate (default val)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the VAE's resolution)")
-    p.add_argument("--ridge", type=float, help="ridge penalty relative to the mean feature variance (default 1e-3)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per forward pass (default 16)")
-    p.add_argument("--num-overlays", dest="num_overlays", type=int, help="rows per overlay PNG (default 8)")
-    p.add_argument("--dino-model", dest="dino_model", help="teacher name (default: from the VAE's provenance)")
-    p.add_argument("--dino-input-size", dest="dino_input_size", type=int,
-                   help="teacher input size in pixels (default: from the VAE's provenance)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete,
+STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete, show=show,
                 help="training-free segmentation/depth from ReaLS latents", description=__doc__.splitlines()[0])]

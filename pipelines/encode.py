@@ -12,7 +12,6 @@ new version beside the old ones.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from importlib import metadata
 from typing import Literal
@@ -21,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import ShowProgress, StageConfig
 from pipelines.registry import Stage
 from storage.fs import child, join, list_files, to_url
 from storage.latent_store import MARKERS, LatentStore, rows_checksum, set_latest, utc_now
@@ -55,7 +54,7 @@ class EncodeConfig(StageConfig):
     retries: int = Field(3, ge=1, description="attempts per shard before it is reported as failed")
     lease_wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease on the store")
     lease_ttl: float = Field(120.0, gt=0, description="lease lifetime in seconds; renewed every third of it")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class EncodeSummary(BaseModel):
@@ -453,7 +452,7 @@ def progress(config: EncodeConfig):
     return lambda: len(list_files(markers, ".json")) / total
 
 
-def print_summary(summary: EncodeSummary, shown: int = 10) -> None:
+def show(summary: EncodeSummary, shown: int = 10) -> None:
     """One table of the run, then the first skipped samples."""
     from rich.console import Console
     from rich.table import Table
@@ -469,42 +468,5 @@ def print_summary(summary: EncodeSummary, shown: int = 10) -> None:
         console.print(f"skipped sample {s}", markup=False, highlight=False)
 
 
-def _handle(args: argparse.Namespace) -> int:
-    print_summary(run(config_from_args(EncodeConfig, args, yaml_section="encode")))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals encode``."""
-    p = subparsers.add_parser("encode", help="encode shards into a Zarr latent store with a ReaLS VAE",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--data-path", dest="data_path", required=True, help="dataset URL with shards + manifest.json")
-    p.add_argument("--vae-path", dest="vae_path", required=True, help="converted ReaLS VAE directory (local)")
-    p.add_argument("--output", required=True, help="latent store URL (path, s3://...); versions live inside it")
-    p.add_argument("--config", help="YAML file; its `encode:` section sets defaults for these flags")
-    p.add_argument("--split", help="dataset split to encode (default train)")
-    p.add_argument("--workers", type=int, help="Ray actors, each with its own VAE + teacher (default: one per CPU; "
-                   "0: encode in this process without Ray)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per VAE forward pass (default 32)")
-    p.add_argument("--no-flip", dest="flip", action="store_const", const=False,
-                   help="do not store the posterior of the horizontally flipped image")
-    p.add_argument("--teacher-patch", dest="teacher_patch", action="store_const", const=True,
-                   help="also store the teacher's patch tokens (large; off by default)")
-    p.add_argument("--dino-model", dest="dino_model", help="teacher name (default: from the VAE's provenance)")
-    p.add_argument("--dino-input-size", dest="dino_input_size", type=int,
-                   help="teacher input size in pixels (default: from the VAE's provenance)")
-    p.add_argument("--chunk-rows", dest="chunk_rows", type=int,
-                   help="rows per Zarr chunk of a new version (default: min(256, shard size))")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
-    p.add_argument("--verify", action="store_const", const=True,
-                   help="re-check checksums of shards already done; re-encode those that disagree")
-    p.add_argument("--retries", type=int, help="attempts per shard before it counts as failed (default 3)")
-    p.add_argument("--lease-wait", dest="lease_wait", type=float,
-                   help="seconds to wait while another run holds the store's lease (default 0: refuse)")
-    p.add_argument("--lease-ttl", dest="lease_ttl", type=float,
-                   help="lease lifetime in seconds, renewed while running (default 120)")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("encode", EncodeConfig, EncodeSummary, run, runs_on="ray", complete=complete, progress=progress,
+STAGES = [Stage("encode", EncodeConfig, EncodeSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="encode shards into a Zarr latent store with a ReaLS VAE", description=__doc__.splitlines()[0])]

@@ -12,7 +12,7 @@ import heapq
 import os
 import uuid
 from contextlib import contextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
@@ -38,8 +38,8 @@ DEFAULT_SPACES: tuple[str, ...] = ("inception", "effnet", "dinov2")
 class EvaluateConfig(StageConfig):
     """Inputs of `reals evaluate`."""
 
-    ref_batch: str = Field(description="reference .npz (ADM layout: arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
-    sample_batch: str = Field(description="samples .npz (ADM layout: arr_0 uint8 NHWC)")
+    ref_batch: Annotated[str, Cli(positional=True)] = Field(description="reference .npz (ADM layout: arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
+    sample_batch: Annotated[str, Cli(positional=True)] = Field(description="samples .npz (ADM layout: arr_0 uint8 NHWC)")
     features: list[FeatureSpace] | None = Field(
         None, description="feature spaces; default: inception and dinov2 when their weights exist, effnet always")
     output: str | None = Field(None, description="metrics.json URL (default: <samples>.metrics.json)")
@@ -51,7 +51,7 @@ class EvaluateConfig(StageConfig):
         None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub checkpoints)")
     dinov2_model: str = Field("dinov2_vitl14_reg", description="teacher name for the dinov2 feature space")
     dinov2_weights_dir: str | None = Field(None, description="folder holding DINOv2 weights (default: the HF cache)")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class EvaluateSummary(BaseModel):
@@ -75,7 +75,7 @@ class MakeReferenceConfig(StageConfig):
     device: str = Field("auto", description="torch device for the Inception statistics")
     inception_weights: str | None = Field(
         None, description="FID-Inception weights file (default: found as by evaluate; no statistics when absent)")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class MakeReferenceSummary(BaseModel):
@@ -225,7 +225,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     return EvaluateSummary(output=to_url(output), **counts, metrics=metrics, skipped=skipped, notes=notes)
 
 
-def print_report(summary: EvaluateSummary, console: Console | None = None) -> None:
+def show(summary: EvaluateSummary, console: Console | None = None) -> None:
     """One screen: a table of the numbers, then what was skipped and why."""
     console = console or Console()
     table = Table(title=f"{summary.num_samples} samples vs {summary.num_reference} reference images")
@@ -345,7 +345,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Stage records
 # ---------------------------------------------------------------------------------------------------
 
 def complete(config: EvaluateConfig) -> str | None:
@@ -365,14 +365,7 @@ def reference_complete(config: MakeReferenceConfig) -> str | None:
     return None if npz_shape(config.output) else "no reference file"
 
 
-def _evaluate_cli(args) -> int:
-    summary = run(config_from_args(EvaluateConfig, args))
-    print_report(summary)
-    return 0
-
-
-def _make_reference_cli(args) -> int:
-    s = make_reference(config_from_args(MakeReferenceConfig, args))
+def show_reference(s: MakeReferenceSummary) -> None:
     what = "reused" if s.reused else "wrote"
     print(f"{what} {s.output}: {s.count} images at {s.resolution[0]}x{s.resolution[1]}, {s.skipped} skipped, "
           f"Inception statistics: {'yes' if s.statistics else 'no'}")
@@ -380,59 +373,15 @@ def _make_reference_cli(args) -> int:
         print(f"  skipped {line}")
     if s.note:
         print(s.note)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
-        description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature space: "
-                    "FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) and FD_dinov2 "
-                    "(DINOv2 weights) otherwise. Writes metrics.json and prints a table.")
-    p.add_argument("ref_batch", help="reference batch .npz (ADM layout)")
-    p.add_argument("sample_batch", help="samples .npz (ADM layout: arr_0 uint8 NHWC)")
-    p.add_argument("--features", nargs="+", choices=DEFAULT_SPACES, default=None,
-                   help="feature spaces to use (default: inception when its weights exist, effnet, dinov2 when its "
-                        "weights exist); a space named here must be available")
-    p.add_argument("--output", help="metrics.json URL (default: <samples>.metrics.json)")
-    p.add_argument("--batch-size", dest="batch_size", type=int,
-                   help="images per feature-extraction batch (default 64)")
-    p.add_argument("--device", help="torch device (default auto: cuda when available)")
-    p.add_argument("--nearest-k", dest="nearest_k", type=int,
-                   help="k of the k-NN manifolds for precision/recall (default 3)")
-    p.add_argument("--split-size", dest="split_size", type=int, help="Inception Score split size (default 5000)")
-    p.add_argument("--inception-weights", dest="inception_weights",
-                   help="pt_inception-2015-12-05-*.pth file (default: $REALS_INCEPTION_WEIGHTS, then "
-                        "~/.cache/torch/hub/checkpoints/)")
-    p.add_argument("--dinov2-model", dest="dinov2_model",
-                   help="DINOv2 teacher for FD_dinov2 (default dinov2_vitl14_reg)")
-    p.add_argument("--dinov2-weights-dir", dest="dinov2_weights_dir",
-                   help="folder with DINOv2 weights (default: $REALS_DINOV2_DIR, then the HF cache)")
-    p.add_argument("--config", help="YAML file with these settings (flags override it)")
-    p.set_defaults(handler=_evaluate_cli)
-
-    p = subparsers.add_parser(
-        "make-reference", help="write an ADM-layout reference .npz from dataset shards",
-        description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
-                    "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist).")
-    p.add_argument("--data-path", dest="data_path", help="dataset URL holding manifest.json and the shards")
-    p.add_argument("--split", help="split to draw from (default val)")
-    p.add_argument("--output", help="reference .npz URL to write")
-    p.add_argument("--num-samples", dest="num_samples", type=int, help="number of images (default: the whole split)")
-    p.add_argument("--seed", type=int, help="seed of the subset draw (default 0)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per Inception batch (default 64)")
-    p.add_argument("--device", help="torch device for the statistics (default auto)")
-    p.add_argument("--inception-weights", dest="inception_weights", help="FID-Inception weights file")
-    p.add_argument("--config", help="YAML file with these settings (flags override it)")
-    p.set_defaults(handler=_make_reference_cli)
 
 
 STAGES = [
     Stage("make-reference", MakeReferenceConfig, MakeReferenceSummary, make_reference, complete=reference_complete,
+          show=show_reference,
           help="write an ADM-layout reference .npz from dataset shards",
           description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
                       "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist)."),
-    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete,
+    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete, show=show,
           help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
           description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature "
                       "space: FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) "

@@ -29,7 +29,6 @@ finished work.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -38,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
-from pipelines.registry import Stage, stage
-from storage.fs import exists, join, to_url, write_bytes_atomic
+from pipelines.config import ShowProgress, StageConfig, build, load_yaml
+from pipelines.registry import stage
+from storage.fs import join, to_url, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,7 +88,7 @@ class ExperimentConfig(StageConfig):
     sample: dict = Field(default_factory=dict, description="SampleConfig fields")
     evaluate: dict = Field(default_factory=dict, description="EvaluateConfig fields")
     assess: dict = Field(default_factory=dict, description="AssessConfig fields (domain space, reconstruction)")
-    show_progress: bool = Field(True, description="show a progress bar per phase")
+    show_progress: ShowProgress = Field(True, description="show a progress bar per phase")
 
 
 class ExperimentSummary(BaseModel):
@@ -143,11 +142,7 @@ def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dic
     clash = sorted(set(given) & set(fixed))
     if clash:
         raise StageError(f"experiment section {name} may not set {', '.join(clash)}: the experiment sets them")
-    try:
-        return stage(stage_name).config(**{**(defaults or {}), **given, **fixed})
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise StageError(f"invalid experiment section {name}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return build(stage(stage_name).config, {**(defaults or {}), **given, **fixed}, f"experiment section {name}.")
 
 
 def plan(config: ExperimentConfig) -> Plan:
@@ -545,54 +540,5 @@ def preset(quick: bool = False) -> str:
 
 def load_experiment_config(path: str | None = None, quick: bool = False, **overrides) -> ExperimentConfig:
     """An ExperimentConfig from YAML (default: the preset), with top-level overrides (None ones ignored)."""
-    args = argparse.Namespace(config=path or preset(quick), **overrides)
-    return config_from_args(ExperimentConfig, args)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-
-def _handle(args: argparse.Namespace) -> int:
-    if args.config and args.quick:
-        raise StageError("--quick picks configs/experiment-quick.yaml; give it or --config, not both")
-    if not args.config and not exists(preset(args.quick)):
-        raise StageError(f"preset {preset(args.quick)} not found: pass --config FILE")
-    args.config = args.config or preset(args.quick)
-    s = run(config_from_args(ExperimentConfig, args))
-    print(s.markdown)
-    print(f"experiment: {s.units_run} units run, {s.units_reused} reused, {s.wall_seconds:.0f} s -> {s.output}")
-    print(f"  table: {s.table}\n  results: {s.results}\n  loss curves: {s.loss_curves}")
-    return 0
-
-
-_help = ExperimentConfig.field_help
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals experiment``."""
-    p = subparsers.add_parser(
-        "experiment", help="controlled experiment: SiT on ReaLS latents vs on a plain VAE's latents, over seeds",
-        description="Train a baseline VAE (align_weight 0) and a ReaLS VAE per seed on the same shards, encode, train "
-                    "the same SiT on each, sample alike, and measure both against held-out val images; writes "
-                    "results.md/.json, loss_curves.png and both arms' recorded configs. Re-runs resume.")
-    p.add_argument("--quick", action="store_true", help="the ~10-minute preset (configs/experiment-quick.yaml)")
-    p.add_argument("--config", help="experiment YAML (default configs/experiment.yaml; flags override it)")
-    p.add_argument("--seeds", type=int, help=_help("seeds"))
-    p.add_argument("--output", help=_help("output") + " (default runs/experiment)")
-    p.add_argument("--teacher", help=_help("teacher"))
-    p.add_argument("--teacher-input-size", dest="teacher_input_size", type=int, help=_help("teacher_input_size"))
-    p.add_argument("--teacher-weights-dir", dest="teacher_weights_dir", help=_help("teacher_weights_dir"))
-    p.add_argument("--align-weight", dest="align_weight", type=float, help=_help("align_weight"))
-    p.add_argument("--data-path", dest="data_path", help=_help("data_path"))
-    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
-                   help="hide the progress bars")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("experiment", ExperimentConfig, ExperimentSummary, run,
-                help="controlled experiment: SiT on ReaLS latents vs on a plain VAE's latents, over seeds",
-                description="Train a baseline VAE (align_weight 0) and a ReaLS VAE per seed on the same shards, "
-                            "encode, train the same SiT on each, sample alike, and measure both against held-out "
-                            "val images; writes results.md/.json, loss_curves.png and both arms' recorded configs. "
-                            "Re-runs resume.")]
+    values = {**load_yaml(path or preset(quick)), **{k: v for k, v in overrides.items() if v is not None}}
+    return build(ExperimentConfig, values, "experiment config ")

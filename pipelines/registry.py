@@ -30,7 +30,6 @@ STAGE_MODULES = [
     "pipelines.train_evaluator",
     "pipelines.assess",
     "pipelines.downstream",
-    "pipelines.experiment",
 ]
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.registry import Stage
 from reals import ReaLSError
 from reals.sit import create_sit
@@ -46,14 +46,14 @@ LABEL_STREAM, NOISE_STREAM = 0, 1
 class SampleConfig(StageConfig):
     """Inputs of `reals sample`."""
 
-    mode: Literal["ODE", "SDE"] = Field(description="ODE: the probability-flow ODE; SDE: the reverse-time SDE "
+    mode: Annotated[Literal["ODE", "SDE"], Cli(positional=True, parse=str.upper)] = Field(description="ODE: the probability-flow ODE; SDE: the reverse-time SDE "
                                                     "(SiT's sample_ddp.py modes)")
     ckpt: str = Field(description="SiT checkpoint: a train-sit .pt (or its run folder) or a bare SiT state_dict")
     vae_path: str = Field(description="ReaLS VAE directory that decodes the latents (local)")
     output: str = Field(description="samples file (.npz, ADM layout), local or s3://")
     model: str | None = Field(None, description="SiT model name, e.g. SiT-XL/2 (default: the checkpoint's)")
     cfg_scale: float = Field(1.5, ge=0, description="classifier-free guidance scale (1: no guidance)")
-    guidance_interval: tuple[float, float] | None = Field(
+    guidance_interval: Annotated[tuple[float, float] | None, Cli(metavar=("LO", "HI"))] = Field(
         None, description="guide only where LO <= tau <= HI, tau = 1 - t the noise level (tau=1 pure noise, "
                           "tau=0 data; t is SiT's time); ReaLS uses 0 0.75 (the noisiest quarter unguided); "
                           "default: guide everywhere")
@@ -84,11 +84,11 @@ class SampleConfig(StageConfig):
     per_proc_batch_size: int = Field(32, ge=1, description="samples per batch in each worker")
     unit_size: int = Field(128, ge=1, description="samples per unit of work (one part file)")
     global_seed: int = Field(0, ge=0, description="seed; sample i uses the seeds (global_seed, i)")
-    use_ema: bool = Field(True, description="use the checkpoint's EMA weights")
+    use_ema: Annotated[bool, Cli(negative="--no-ema")] = Field(True, description="use the checkpoint's EMA weights")
     save_latents: bool = Field(False, description="also store the normalised latents as `latents` in the .npz")
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else one per CPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the workers run the models")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
     @field_validator("output")
     @classmethod
@@ -495,11 +495,8 @@ def run(config: SampleConfig) -> SampleSummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Stage record
 # ---------------------------------------------------------------------------------------------------
-
-_help = SampleConfig.field_help
-
 
 def complete(config: SampleConfig) -> str | None:
     """Whether the merged samples file holds ``num_fid_samples`` samples."""
@@ -517,64 +514,16 @@ def progress(config: SampleConfig):
     return lambda: len(list_files(parts_url(config.output), ".json")) / total
 
 
-def add_cli(subparsers) -> None:
-    """Register ``reals sample``."""
-    p = subparsers.add_parser(
-        "sample", help="draw samples from a SiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
-        description=__doc__.split("\n\n")[0],
-        epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data); --guidance-interval LO HI is on the "
-               "noise level tau = 1 - t, so `--guidance-interval 0 0.75` guides all but the noisiest quarter.")
-    p.add_argument("mode", type=str.upper, choices=["ODE", "SDE"], help=_help("mode"))
-    p.add_argument("--model", help=_help("model"))
-    p.add_argument("--ckpt", required=True, help=_help("ckpt"))
-    p.add_argument("--vae-path", required=True, help=_help("vae_path"))
-    p.add_argument("--output", required=True, help=_help("output"))
-    p.add_argument("--config", help="YAML file of SampleConfig fields (flags override it)")
-    p.add_argument("--cfg-scale", type=float, help=_help("cfg_scale") + " (default 1.5)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=_help("guidance_interval"))
-    p.add_argument("--cfg-channels", help=_help("cfg_channels") + " (default all)")
-    p.add_argument("--num-sampling-steps", type=int, help=_help("num_sampling_steps") + " (default 250)")
-    p.add_argument("--sampling-method", type=str.lower, choices=["euler", "heun", "heun-repa", "dopri5"],
-                   help=_help("sampling_method"))
-    p.add_argument("--atol", type=float, help=_help("atol"))
-    p.add_argument("--rtol", type=float, help=_help("rtol"))
-    p.add_argument("--diffusion-norm", type=float, help=_help("diffusion_norm") + " (default 1, as SiT)")
-    p.add_argument("--last-step", type=str.lower, choices=["mean", "euler", "tweedie", "none"],
-                   help=_help("last_step") + " (default mean)")
-    p.add_argument("--last-step-size", type=float, help=_help("last_step_size") + " (default 0.04)")
-    p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type"))
-    p.add_argument("--prediction", choices=["velocity", "score", "noise"], help=_help("prediction"))
-    p.add_argument("--num-fid-samples", type=int, help=_help("num_fid_samples") + " (default 50000)")
-    p.add_argument("--num-classes", type=int, help=_help("num_classes"))
-    p.add_argument("--labels", choices=["random", "balanced"], help=_help("labels") + " (default random)")
-    p.add_argument("--per-proc-batch-size", type=int, help=_help("per_proc_batch_size") + " (default 32)")
-    p.add_argument("--unit-size", type=int, help=_help("unit_size") + " (default 128)")
-    p.add_argument("--global-seed", type=int, help=_help("global_seed") + " (default 0)")
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--use-ema", dest="use_ema", action="store_const", const=True,
-                     help=_help("use_ema") + " (the default)")
-    ema.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
-                     help="use the raw (non-EMA) training weights")
-    p.add_argument("--save-latents", action="store_const", const=True, help=_help("save_latents"))
-    p.add_argument("--workers", type=int, help=_help("workers"))
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")
-    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
-                   help="hide the progress bar")
-    p.set_defaults(handler=_main)
-
-
-def _main(args) -> int:
-    s = run(config_from_args(SampleConfig, args))
+def show(s: SampleSummary) -> None:
     reused = f", {s.parts_reused} reused" if s.parts_reused else ""
     print(f"sample: {s.num_samples} samples of {'x'.join(map(str, s.image_shape))} from {s.model} ({s.weights} "
           f"weights) -> {s.output}")
     print(f"  {s.parts_sampled} of {s.parts} parts drawn by {s.workers} workers{reused}: {s.samples_sampled} "
           f"samples in {s.seconds:.1f} s ({s.samples_per_sec:.2f} samples/s, {s.nfe} NFE per batch)")
     print(f"  grid: {s.grid}")
-    return 0
 
 
-STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", complete=complete, progress=progress,
+STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="draw samples from a SiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
                 description=__doc__.split("\n\n")[0],
                 epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data); --guidance-interval LO HI is on "

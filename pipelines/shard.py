@@ -14,7 +14,6 @@ fatal. ``manifest.json`` is written after all shards and merges the splits alrea
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from PIL import UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import ShowProgress, StageConfig
 from pipelines.imaging import prepare
 from pipelines.registry import Stage
 from storage import fs as sfs
@@ -47,7 +46,7 @@ class ShardConfig(StageConfig):
     shard_size: int = Field(1000, ge=1, description="images per shard")
     image_format: Literal["png", "jpg"] = Field("png", description="member encoding: png (lossless) or jpg (q95)")
     workers: int | None = Field(None, ge=1, description="most shards processed at once (default: all CPUs)")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class SkippedFile(BaseModel):
@@ -352,7 +351,7 @@ def progress(config: ShardConfig):
     return lambda: sum(1 for u in sfs.list_files(output, ".json") if marker.match(u.rsplit("/", 1)[-1])) / total
 
 
-def print_summary(summary: ShardSummary, shown: int = 10) -> None:
+def show(summary: ShardSummary, shown: int = 10) -> None:
     """A short table of the run, then the first skipped files with their reasons."""
     from rich.console import Console
     from rich.table import Table
@@ -374,32 +373,7 @@ def print_summary(summary: ShardSummary, shown: int = 10) -> None:
         console.print(f"empty class folders: {', '.join(summary.empty_classes)}", markup=False)
 
 
-def _handle(args: argparse.Namespace) -> int:
-    print_summary(run(config_from_args(ShardConfig, args)))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals shard``."""
-    p = subparsers.add_parser(
-        "shard", help="pack an ImageNet-layout folder into WebDataset shards",
-        description="Pack <data-path>/<split>/<class-id>/<images> into WebDataset shards (ADM center crop) and "
-                    "manifest.json, one Ray task per shard. Re-runs skip finished shards and redo broken ones; "
-                    "unreadable or corrupt files are skipped and listed.")
-    p.add_argument("--data-path", dest="data_path", required=True,
-                   help="dataset root holding <split>/<class-id>/<images> (a local folder)")
-    p.add_argument("--output", required=True, help="dataset URL for the shards and manifest.json (path, s3://...)")
-    p.add_argument("--split", help="split folder to shard (default train)")
-    p.add_argument("--resolution", type=int,
-                   help="ADM center-crop side in pixels; 0 keeps original bytes (default 256)")
-    p.add_argument("--shard-size", dest="shard_size", type=int, help="images per shard (default 1000)")
-    p.add_argument("--image-format", dest="image_format", choices=["png", "jpg"],
-                   help="member encoding: png (lossless, default) or jpg (quality 95)")
-    p.add_argument("--workers", type=int, help="most shards processed at once (default: all Ray CPUs)")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress,
+STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="pack an ImageNet-layout folder into WebDataset shards",
                 description="Pack <data-path>/<split>/<class-id>/<images> into WebDataset shards (ADM center "
                             "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards and "

@@ -17,7 +17,6 @@ Ground truth (8-bit greyscale PNG, same size as the image, sampled at pixel cent
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, Field
 
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import StageConfig
 from pipelines.registry import Stage
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
@@ -247,30 +246,12 @@ def complete(config: SyntheticConfig) -> str | None:
     return None
 
 
-def _handle(args: argparse.Namespace) -> int:
-    summary = run(config_from_args(SyntheticConfig, args))
+def show(summary: SyntheticSummary) -> None:
     counts = ", ".join(f"{n} {split}" for split, n in summary.images.items())
     print(f"synthetic: {summary.classes} classes, {counts} images at {summary.size}px -> {summary.output}")
-    return 0
 
 
-def add_cli(subparsers) -> None:
-    """Register ``reals synthetic``."""
-    p = subparsers.add_parser(
-        "synthetic", help="write a synthetic ImageNet-layout dataset with masks and depth",
-        description="Write a deterministic ImageNet-layout folder of K shape classes (train/, optional val/), "
-                    "with per-pixel masks/ (class index + 1) and depth/ (drawing order, larger = nearer).")
-    p.add_argument("--output", required=True, help="folder to write train/, val/, masks/, depth/ into")
-    p.add_argument("--classes", type=int, help="number of classes (default 10)")
-    p.add_argument("--per-class", dest="per_class", type=int, help="training images per class (default 64)")
-    p.add_argument("--val-per-class", dest="val_per_class", type=int,
-                   help="validation images per class (default 0: no val split)")
-    p.add_argument("--size", type=int, help="image side in pixels (default 64)")
-    p.add_argument("--seed", type=int, help="random seed; same seed -> byte-identical files (default 0)")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("synthetic", SyntheticConfig, SyntheticSummary, run, complete=complete,
+STAGES = [Stage("synthetic", SyntheticConfig, SyntheticSummary, run, complete=complete, show=show,
                 help="write a synthetic ImageNet-layout dataset with masks and depth",
                 description="Write a deterministic ImageNet-layout folder of K shape classes (train/, optional "
                             "val/), with per-pixel masks/ (class index + 1) and depth/ (drawing order, larger = "

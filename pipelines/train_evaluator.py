@@ -11,7 +11,6 @@ data fingerprint, val accuracy), the json last. A re-run with the same settings 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import ShowProgress, StageConfig
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
@@ -51,7 +50,7 @@ class TrainEvaluatorConfig(StageConfig):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classification head")
     seed: int = Field(0, ge=0, description="seed of the weights, batches and augmentation")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class TrainEvaluatorSummary(BaseModel):
@@ -207,39 +206,13 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _handle(args: argparse.Namespace) -> int:
-    s = run(config_from_args(TrainEvaluatorConfig, args))
+def show(s: TrainEvaluatorSummary) -> None:
     verb = "already trained" if s.skipped else f"trained {s.steps} steps in {s.seconds:.0f} s"
     print(f"train-evaluator: {verb}: {s.num_classes} classes at {s.resolution}px, {s.parameters} parameters, "
           f"{s.feature_dim}-d features -> {s.output}")
     print(f"  accuracy: val {s.val_accuracy:.3f} on {s.val_images} held-out images (chance {s.chance:.3f}), "
           f"train {s.train_accuracy:.3f} on {s.train_images}")
-    return 0
 
 
-_help = TrainEvaluatorConfig.field_help
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals train-evaluator``."""
-    p = subparsers.add_parser("train-evaluator", help="train the domain evaluator (CNN classifier) for FD_domain",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", dest="data_path", required=True, help=_help("data_path"))
-    p.add_argument("--output", required=True, help=_help("output"))
-    p.add_argument("--config", help="YAML file of TrainEvaluatorConfig fields (flags override it)")
-    p.add_argument("--split", help=_help("split") + " (default train)")
-    p.add_argument("--val-split", dest="val_split", help=_help("val_split") + " (default val)")
-    p.add_argument("--steps", type=int, help=_help("steps") + " (default 1000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=_help("batch_size") + " (default 128)")
-    p.add_argument("--lr", type=float, help=_help("lr") + " (default 2e-3)")
-    p.add_argument("--width", type=int, help=_help("width") + " (default 32)")
-    p.add_argument("--stages", type=int, help=_help("stages") + " (default 3)")
-    p.add_argument("--seed", type=int, help=_help("seed") + " (default 0)")
-    p.add_argument("--device", help=_help("device") + " (default auto)")
-    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
-                   help="hide the progress bar")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run,
+STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run, show=show,
                 help="train the domain evaluator (CNN classifier) for FD_domain", description=__doc__.split("\n\n")[0])]

@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from contextlib import closing, nullcontext
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
 from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
@@ -64,8 +64,8 @@ class TrainSiTConfig(StageConfig):
     output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
     model: str = Field("SiT-XL/2", description="SiT model: " + ", ".join(SiT_models))
     global_batch_size: int = Field(256, ge=1, description="samples per optimiser step over all ranks")
-    epochs: int | None = Field(None, ge=1, description="stop after this many passes over the data")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    epochs: Annotated[int | None, Cli(group="length")] = Field(None, ge=1, description="stop after this many passes over the data")
+    max_steps: Annotated[int | None, Cli(group="length")] = Field(None, ge=1, description="stop after this many optimiser steps")
     resume: bool = Field(False, description="continue from the latest checkpoint under --output")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -81,14 +81,14 @@ class TrainSiTConfig(StageConfig):
     sample_every: int = Field(10_000, ge=0, description="write a sample grid every N steps (0: never)")
     vae_path: str | None = Field(None, description="ReaLS VAE dir for sample grids (default: the store's "
                                                    "provenance); required with a shards --data-path")
-    in_memory: bool | Literal["auto"] = Field("auto", description="hold the store in RAM: auto, true or false")
-    sample_posterior: bool = Field(True, description="train on z = mean + std * eps (LDM/ReaLS); false: on the "
+    in_memory: Annotated[bool | Literal["auto"], Cli(metavar="{auto,true,false}")] = Field("auto", description="hold the store in RAM: auto, true or false")
+    sample_posterior: Annotated[bool, Cli(negative="--posterior-mean")] = Field(True, description="train on z = mean + std * eps (LDM/ReaLS); false: on the "
                                                      "posterior mean (for a VAE whose posterior is still wide)")
     split: str = Field("train", description="split of a shards --data-path")
     shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer of a shards --data-path")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class TrainSiTSummary(BaseModel):
@@ -405,63 +405,12 @@ def run(config: TrainSiTConfig) -> TrainSiTSummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Stage record
 # ---------------------------------------------------------------------------------------------------
 
-def _in_memory(value: str) -> bool | str:
-    choices = {"auto": "auto", "true": True, "false": False}
-    if value.lower() not in choices:
-        raise ValueError(value)
-    return choices[value.lower()]
-
-
-_help = TrainSiTConfig.field_help
-
-
-def add_cli(subparsers) -> None:
-    """Register ``reals train-sit``."""
-    p = subparsers.add_parser("train-sit", help="train SiT by flow matching on a latent store",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", required=True, help=_help("data_path"))
-    p.add_argument("--output", required=True, help=_help("output"))
-    p.add_argument("--config", help="YAML file of TrainSiTConfig fields (flags override it)")
-    p.add_argument("--model", help=_help("model") + " (default SiT-XL/2)")
-    p.add_argument("--global-batch-size", type=int, help=_help("global_batch_size") + " (default 256)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--epochs", type=int, help=_help("epochs"))
-    steps.add_argument("--max-steps", type=int, help=_help("max_steps"))
-    p.add_argument("--resume", action="store_const", const=True, help=_help("resume"))
-    p.add_argument("--lr", type=float, help=_help("lr") + " (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, help=_help("weight_decay") + " (default 0)")
-    p.add_argument("--ema-decay", type=float, help=_help("ema_decay") + " (default 0.9999)")
-    p.add_argument("--class-dropout", type=float, help=_help("class_dropout") + " (default 0.1)")
-    p.add_argument("--grad-clip", type=float, help=_help("grad_clip") + " (default 1.0)")
-    p.add_argument("--path-type", choices=["Linear", "GVP"], help=_help("path_type") + " (default Linear)")
-    p.add_argument("--prediction", choices=["velocity", "score", "noise"],
-                   help=_help("prediction") + " (default velocity)")
-    p.add_argument("--compile", action="store_const", const=True, help=_help("compile"))
-    p.add_argument("--seed", type=int, help=_help("seed") + " (default 0)")
-    p.add_argument("--log-every", type=int, help=_help("log_every") + " (default 100)")
-    p.add_argument("--ckpt-every", type=int, help=_help("ckpt_every") + " (default 50000)")
-    p.add_argument("--sample-every", type=int, help=_help("sample_every") + " (default 10000)")
-    p.add_argument("--vae-path", help=_help("vae_path"))
-    p.add_argument("--in-memory", type=_in_memory, metavar="{auto,true,false}", help=_help("in_memory"))
-    p.add_argument("--posterior-mean", dest="sample_posterior", action="store_false", default=None,
-                   help="train on the posterior mean instead of a posterior sample (a VAE whose posterior is wide)")
-    p.add_argument("--split", help=_help("split") + " (default train)")
-    p.add_argument("--shuffle-buffer", type=int, help=_help("shuffle_buffer") + " (default 1000)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=_help("device") + " (default auto)")
-    p.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_const", const=False,
-                   help="train in float32 on CUDA too")
-    p.add_argument("--no-progress", dest="show_progress", action="store_const", const=False,
-                   help="hide the progress bar")
-    p.set_defaults(handler=_main)
-
-
-def _main(args) -> int:
-    s = run(config_from_args(TrainSiTConfig, args))
+def show(s: TrainSiTSummary) -> None:
     if s.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return
     resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
     loss = "n/a" if s.final_loss is None else f"{s.final_loss:.4f}"
     print(f"train-sit: {s.model} ({s.parameters / 1e6:.1f}M parameters) on {s.source} latents "
@@ -469,10 +418,9 @@ def _main(args) -> int:
     print(f"  rows: {s.rows_done} of {s.rows_total}; {s.world_size} rank(s) x {s.global_batch_size // s.world_size} "
           f"per step; {s.steps_per_sec:.2f} steps/s; final loss {loss}")
     print(f"  checkpoint: {s.checkpoint}\n  grids: {s.grids}")
-    return 0
 
 
 STAGES = [Stage("train-sit", TrainSiTConfig, TrainSiTSummary, run, runs_on="train",
                 complete=lambda c: training_missing(c.output, c.max_steps, c.epochs),
-                progress=lambda c: training_progress(c.output, c.max_steps),
+                progress=lambda c: training_progress(c.output, c.max_steps), show=show,
                 help="train SiT by flow matching on a latent store", description=__doc__.split("\n\n")[0])]

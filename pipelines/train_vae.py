@@ -21,7 +21,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
 from pipelines.training import Schedule, TrainingLoop, ema_copy
@@ -92,8 +92,8 @@ class TrainVAEConfig(StageConfig):
     disc_lr: float | None = Field(None, gt=0, description="discriminator learning rate (default: --lr)")
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas (LDM's)")
     batch_size: int = Field(8, gt=0, description="images per step per process")
-    max_epoch: int | None = Field(None, gt=0, description="stop after this many epochs")
-    max_steps: int | None = Field(None, gt=0,
+    max_epoch: Annotated[int | None, Cli(group="length")] = Field(None, gt=0, description="stop after this many epochs")
+    max_steps: Annotated[int | None, Cli(group="length")] = Field(None, gt=0,
         description="stop after this many steps (with --max-epoch too: whichever comes first)")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="EMA decay of the VAE and heads")
     shuffle_buffer: int = Field(1000, ge=1, description="sample shuffle buffer size (1 = shard order)")
@@ -104,7 +104,7 @@ class TrainVAEConfig(StageConfig):
     resume: bool = Field(False, description="continue from the latest checkpoint under --output")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    show_progress: bool = Field(True, description="show a progress bar")
+    show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
 class TrainVAESummary(BaseModel):
@@ -361,50 +361,15 @@ def run(config: TrainVAEConfig) -> TrainVAESummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Stage record
 # ---------------------------------------------------------------------------------------------------
-
-_help = TrainVAEConfig.field_help
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train-vae", help="train the ReaLS VAE (AutoencoderKL + alignment heads) on shards",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", required=True, help=_help("data_path"))
-    p.add_argument("--output", required=True, help=_help("output"))
-    p.add_argument("--config", help="YAML file of TrainVAEConfig fields (flags override it)")
-    p.add_argument("--vae-config", help=_help("vae_config"))
-    p.add_argument("--vae-ckpt", help=_help("vae_ckpt"))
-    p.add_argument("--disc-ckpt", help=_help("disc_ckpt"))
-    p.add_argument("--dino-model", help=_help("dino_model"))
-    p.add_argument("--dino-input-size", type=int, help=_help("dino_input_size"))
-    p.add_argument("--teacher-weights-dir", help=_help("teacher_weights_dir"))
-    p.add_argument("--align-weight", type=float, help=_help("align_weight"))
-    p.add_argument("--perceptual", choices=["lpips", "random", "none"], help=_help("perceptual"))
-    p.add_argument("--lr", type=float, help=_help("lr") + " (default 5e-5)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--max-epoch", type=int, help=_help("max_epoch"))
-    steps.add_argument("--max-steps", type=int, help=_help("max_steps"))
-    p.add_argument("--batch-size", type=int, help=_help("batch_size") + " (default 8)")
-    p.add_argument("--seed", type=int, help=_help("seed"))
-    p.add_argument("--log-every", type=int, help=_help("log_every"))
-    p.add_argument("--sample-every", type=int, help=_help("sample_every"))
-    p.add_argument("--ckpt-every", type=int, help=_help("ckpt_every"))
-    p.add_argument("--device", help=_help("device"))
-    p.add_argument("--resume", action="store_true", default=None, help=_help("resume"))
-    p.add_argument("--no-progress", dest="show_progress", action="store_false", default=None,
-                   help="hide the progress bar")
-    p.set_defaults(handler=_main)
-
 
 SUMMARY_TERMS = ("rec", "perceptual", "kl", "align", "patch_cos", "global_cos", "g", "d_loss")
 
 
-def _main(args) -> int:
-    s = run(config_from_args(TrainVAEConfig, args))
+def show(s: TrainVAESummary) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return
     final = ", ".join(f"{k} {v:.4g}" for k, v in s.final.items() if k in SUMMARY_TERMS)
     resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
     print(f"train-vae: {s.steps} steps ({s.epoch} epochs done{resumed}); latents {'x'.join(map(str, s.latent_shape))}")
@@ -412,11 +377,10 @@ def _main(args) -> int:
     print(f"  final: {final}\n  checkpoint: {s.checkpoint}")
     if s.skipped:
         print(f"  skipped {s.skipped} undecodable samples")
-    return 0
 
 
 STAGES = [Stage("train-vae", TrainVAEConfig, TrainVAESummary, run, runs_on="train",
                 complete=lambda c: training_missing(c.output, c.max_steps, c.max_epoch),
-                progress=lambda c: training_progress(c.output, c.max_steps),
+                progress=lambda c: training_progress(c.output, c.max_steps), show=show,
                 help="train the ReaLS VAE (AutoencoderKL + alignment heads) on shards",
                 description=__doc__.split("\n\n")[0])]

@@ -7,12 +7,13 @@ tolerance (labels and keys exactly). Prints a verdict; the exit code is 1 when a
 """
 from __future__ import annotations
 
-import argparse
 import numpy as np
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, config_from_args
+from pipelines.config import Cli, StageConfig
 from pipelines.registry import Stage
 from pipelines.encode import batched, encode_images, load_models, source_shards, teacher_spec
 from storage.latent_store import LatentStore
@@ -22,7 +23,7 @@ from storage.shards import iter_shard
 class VerifyStoreConfig(StageConfig):
     """Settings of ``reals verify-store``."""
 
-    store: str = Field(description="latent store URL (its newest version, or a version's own URL)")
+    store: Annotated[str, Cli(positional=True)] = Field(description="latent store URL (its newest version, or a version's own URL)")
     data_path: str = Field(description="dataset URL of the shards the store was encoded from")
     vae_path: str = Field(description="ReaLS VAE directory the store should have been encoded with")
     num_samples: int = Field(16, ge=0, description="random done rows to re-encode and compare")
@@ -141,8 +142,8 @@ def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
                               markers_checked=markers_checked, rows_compared=compared, problems=problems)
 
 
-def print_summary(summary: VerifyStoreSummary, shown: int = 20) -> None:
-    """The verdict line, then the first problems."""
+def show(summary: VerifyStoreSummary, shown: int = 20) -> int:
+    """The verdict line, then the first problems; exit status 1 when the store disagrees."""
     verdict = "OK" if summary.ok else f"FAILED ({len(summary.problems)} problems)"
     print(f"verify-store {summary.store}: {verdict}; {summary.markers_checked} markers checked, "
           f"{summary.rows_compared} rows re-encoded and compared")
@@ -150,28 +151,8 @@ def print_summary(summary: VerifyStoreSummary, shown: int = 20) -> None:
         print(f"  - {p}")
     if len(summary.problems) > shown:
         print(f"  ... and {len(summary.problems) - shown} more")
-
-
-def _handle(args: argparse.Namespace) -> int:
-    summary = run(config_from_args(VerifyStoreConfig, args))
-    print_summary(summary)
     return 0 if summary.ok else 1
 
 
-def add_cli(subparsers) -> None:
-    """Register ``reals verify-store``."""
-    p = subparsers.add_parser("verify-store", help="check a latent store against its shards and VAE",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("store", help="latent store URL (newest version) or a version's URL")
-    p.add_argument("--data-path", dest="data_path", required=True, help="dataset URL the store was encoded from")
-    p.add_argument("--vae-path", dest="vae_path", required=True, help="ReaLS VAE directory used to encode it")
-    p.add_argument("--num-samples", dest="num_samples", type=int, help="random rows to re-encode (default 16)")
-    p.add_argument("--seed", type=int, help="seed of the row sample (default 0)")
-    p.add_argument("--version", help="version (VAE fingerprint) to check (default: the newest)")
-    p.add_argument("--atol", type=float, help="absolute tolerance of the comparison (default 0.02)")
-    p.add_argument("--rtol", type=float, help="relative tolerance of the comparison (default 0.01)")
-    p.set_defaults(handler=_handle)
-
-
-STAGES = [Stage("verify-store", VerifyStoreConfig, VerifyStoreSummary, run,
+STAGES = [Stage("verify-store", VerifyStoreConfig, VerifyStoreSummary, run, show=show,
                 help="check a latent store against its shards and VAE", description=__doc__.splitlines()[0])]

@@ -24,7 +24,6 @@ def offline_weights(tmp_path, monkeypatch):
     monkeypatch.delenv("REALS_DINOV2_DIR", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(cli, "STAGE_MODULES", ["pipelines.evaluate"])
 
 
 @pytest.fixture(scope="module")

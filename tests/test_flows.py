@@ -249,7 +249,7 @@ def test_shipped_configs_build_every_stage():
 
 
 def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
-    from pipelines.cli import main
+    from flows.cli import main
 
     assert main(["pipeline", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "pipeline config not found" in capsys.readouterr().err
@@ -265,7 +265,7 @@ def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
 def test_serve_needs_a_prefect_api(capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipelines.cli import main
+    from flows.cli import main
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["serve"]) == 2

@@ -1,0 +1,185 @@
+"""The ``reals`` command: every stage command (generated in ``pipelines.cli``) plus the flow commands here.
+
+``reals pipeline`` runs the chain as one Prefect flow run, ``reals demo`` the embedded defaults
+(configs/demo.yaml) from nothing to metrics under ./runs/demo (run it again and every complete stage is
+skipped), ``reals serve`` the deployments, ``reals experiment`` the controlled comparison. Without
+``PREFECT_API_URL`` the flows report to a local API started for the run (SQLite in ~/.prefect);
+``reals serve --with-server`` keeps one up with its UI. Prefect and Ray load only for these commands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from pydantic import BaseModel, Field
+
+from pipelines import StageError
+from pipelines.cli import add_config_arguments, config_from_args, flag_values
+from pipelines.cli import main as stage_main
+from pipelines.config import build
+
+
+class PipelineCommand(BaseModel):
+    """``reals pipeline``."""
+
+    config: str | None = Field(None, description="pipeline YAML: output, data_path and one section per stage "
+                                                 "(default configs/demo.yaml)")
+    output: str | None = Field(None, description="run root, overriding the config's output (local path or s3://)")
+    local_dir: str | None = Field(None, description="local folder shared by the Ray nodes for the synthetic data "
+                                                    "and the converted VAE (needed when the run root is on S3; "
+                                                    "default: the run root)")
+
+
+class DemoCommand(BaseModel):
+    """``reals demo``."""
+
+    output: str = Field("runs/demo", description="run root")
+
+
+class ServeCommand(PipelineCommand):
+    """``reals serve``."""
+
+    config: str | None = Field(None, description="pipeline YAML whose settings pre-fill the deployments "
+                                                 "(default configs/demo.yaml)")
+    output: str | None = Field(None, description="run root of the deployments (default: $REALS_RUNS_URL/<config "
+                                                 "output name> when set, else the config's output)")
+    with_server: bool = Field(False, description="first start a local Prefect server (SQLite) on 127.0.0.1:4200 "
+                                                 "and use it")
+    reencode_cron: str | None = Field(None, description="cron schedule (UTC) of the incremental reencode deployment "
+                                                        "(default nightly: 0 3 * * *)")
+
+
+class ExperimentCommand(BaseModel):
+    """``reals experiment`` (the other flags are ExperimentConfig's)."""
+
+    quick: bool = Field(False, description="the ~10-minute preset (configs/experiment-quick.yaml)")
+    config: str | None = Field(None, description="experiment YAML (default configs/experiment.yaml; flags override it)")
+
+
+def _quiet_defaults() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------------------------------
+
+def _run_pipeline(config) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.pipeline import reals_pipeline
+    from flows.plan import plan_steps
+    from flows.runtime import prefect_api
+
+    t0 = time.perf_counter()
+    plan_steps(config)  # a bad config fails here, before any server starts
+    with prefect_api() as api:
+        summary = reals_pipeline(config)
+    console = Console()
+    table = Table(title=f"reals pipeline: {summary.output}")
+    for col in ("stage", "status", "seconds"):
+        table.add_column(col)
+    for row in summary.stages:
+        table.add_row(row["stage"], row["status"], f"{row['seconds']:.1f}")
+    console.print(table)
+    for name, value in summary.metrics.items():
+        console.print(f"{name}: {value:.4f}", highlight=False)
+    console.print(f"report: {summary.report}", highlight=False)
+    if api:
+        where = f"at {api.removesuffix('/api')}"
+    else:
+        from prefect.settings import PREFECT_HOME
+
+        where = f"kept in {PREFECT_HOME.value()}: browse them with `make server` at http://127.0.0.1:4200"
+    console.print(f"flow runs and artifacts {where}", highlight=False)
+    console.print(f"{time.perf_counter() - t0:.0f} s in all", highlight=False)
+    return 0
+
+
+def pipeline(cmd: PipelineCommand) -> int:
+    from flows.plan import load_pipeline_config
+
+    return _run_pipeline(load_pipeline_config(cmd.config, output=cmd.output, local_dir=cmd.local_dir))
+
+
+def demo(cmd: DemoCommand) -> int:
+    from flows.plan import load_pipeline_config
+
+    return _run_pipeline(load_pipeline_config(None, output=cmd.output))
+
+
+def serve(cmd: ServeCommand) -> int:
+    from flows.deployments import DEFAULT_REENCODE_CRON, serve_config, serve_deployments
+
+    serve_deployments(serve_config(cmd.config, cmd.output, cmd.local_dir), cmd.with_server,
+                      cmd.reencode_cron or DEFAULT_REENCODE_CRON)
+    return 0
+
+
+def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pipelines.experiment import ExperimentConfig, preset, run
+
+    if args.config and args.quick:
+        raise StageError("--quick picks configs/experiment-quick.yaml; give it or --config, not both")
+    if not args.config and not os.path.isfile(preset(args.quick)):
+        raise StageError(f"preset {preset(args.quick)} not found: pass --config FILE")
+    args.config = args.config or preset(args.quick)
+    s = run(config_from_args(ExperimentConfig, args, parser))
+    print(s.markdown)
+    print(f"experiment: {s.units_run} units run, {s.units_reused} reused, {s.wall_seconds:.0f} s -> {s.output}")
+    print(f"  table: {s.table}\n  results: {s.results}\n  loss curves: {s.loss_curves}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------
+
+def add_flow_commands(sub) -> None:
+    """Register ``reals pipeline``, ``demo``, ``serve`` and ``experiment``."""
+    commands = [
+        ("pipeline", PipelineCommand, pipeline, "run the whole chain as one Prefect flow run (complete stages skipped)",
+         "Run every stage in order as one Prefect flow run; stages whose outputs are complete are skipped."),
+        ("demo", DemoCommand, demo, "the whole chain on the embedded CPU defaults, from nothing to metrics",
+         "Run the whole chain on the embedded defaults (configs/demo.yaml): a synthetic dataset to metrics and a "
+         "report, on local disk, local Ray and a local Prefect API. Run it again and every complete stage is "
+         "skipped."),
+        ("serve", ServeCommand, serve, "serve the Prefect deployments: pipeline, stages, nightly reencode",
+         "Serve the deployments (reals-pipeline, one per stage, reencode on a cron schedule) until interrupted."),
+    ]
+    for name, model, handler, short, description in commands:
+        p = sub.add_parser(name, help=short, description=description)
+        add_config_arguments(p, model)
+        p.set_defaults(handler=lambda args, model=model, handler=handler: _flow(
+            handler, build(model, flag_values(model, args), "")))
+
+    from pipelines.experiment import ExperimentConfig
+
+    p = sub.add_parser("experiment", help="controlled experiment: SiT on ReaLS latents vs on a plain VAE's latents, "
+                                          "over seeds",
+                       description="Train a baseline VAE (align_weight 0) and a ReaLS VAE per seed on the same shards, "
+                                   "encode, train the same SiT on each, sample alike, and measure both against "
+                                   "held-out val images; writes results.md/.json, loss_curves.png and both arms' "
+                                   "recorded configs. Re-runs resume.")
+    add_config_arguments(p, ExperimentCommand)
+    add_config_arguments(p, ExperimentConfig)
+    p.set_defaults(handler=lambda args: _flow(lambda a: experiment(a, p), args))
+
+
+def _flow(handler, arg) -> int:
+    _quiet_defaults()
+    return handler(arg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``reals`` entry point."""
+    return stage_main(argv, commands=[add_flow_commands])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
