@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # Idle OpenMP threads sleep instead of spinning: torch on 2 shared cores (beside Ray workers) stays fast.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench server clean
+.PHONY: venv demo test test-integration bench server cluster cluster-down clean
 
 venv: $(STAMP)
 
@@ -24,11 +24,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The production topology on localhost (PostgreSQL or SQLite, Prefect server, 2 Ray nodes, moto S3), end to end.
+test-integration: $(STAMP)
+	REALS_INTEGRATION=1 $(PY) -m pytest -q tests/integration
+
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 server: $(STAMP)
 	.venv/bin/reals serve --with-server
+
+cluster: $(STAMP)
+	.venv/bin/reals cluster up
+
+cluster-down: $(STAMP)
+	.venv/bin/reals cluster down
 
 clean:
 	rm -rf runs

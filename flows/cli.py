@@ -171,6 +171,33 @@ def add_flow_commands(sub) -> None:
     p.set_defaults(handler=lambda args: _flow(lambda a: experiment(a, p), args))
 
 
+def cluster(args: argparse.Namespace) -> int:
+    """``reals cluster up|down``."""
+    from flows.cluster import Cluster
+
+    c = Cluster(args.dir)
+    if args.action == "down":
+        c.down()
+        print(f"stopped the cluster of {c.root}")
+        return 0
+    env = c.up(serve=not args.no_serve, config=args.config)
+    print(f"UI: {env['PREFECT_API_URL'].removesuffix('/api')}; stop it with `reals cluster down --dir {args.dir}`")
+    return 0
+
+
+def add_cluster_command(sub) -> None:
+    """Register ``reals cluster up|down``."""
+    p = sub.add_parser("cluster", help="start or stop the production topology on this machine (no Docker)",
+                       description="up: PostgreSQL (or SQLite), a Prefect server on it, a Ray head and one worker "
+                                   "node, an S3 endpoint (MinIO or moto) and the served deployments, on free ports; "
+                                   "down: stop exactly what up started.")
+    p.add_argument("action", choices=["up", "down"], help="start or stop")
+    p.add_argument("--dir", default="runs/cluster", help="the cluster's folder: state, logs, data (default runs/cluster)")
+    p.add_argument("--config", help="pipeline YAML that pre-fills the deployments (default configs/demo.yaml)")
+    p.add_argument("--no-serve", action="store_true", help="start the services but not `reals serve`")
+    p.set_defaults(handler=lambda args: _flow(cluster, args))
+
+
 def _flow(handler, arg) -> int:
     _quiet_defaults()
     return handler(arg)
@@ -178,7 +205,7 @@ def _flow(handler, arg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``reals`` entry point."""
-    return stage_main(argv, commands=[add_flow_commands])
+    return stage_main(argv, commands=[add_flow_commands, add_cluster_command])
 
 
 if __name__ == "__main__":

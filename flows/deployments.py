@@ -5,11 +5,12 @@ import os
 from pathlib import PurePosixPath
 
 from prefect import serve
+from prefect.deployments.runner import EntrypointType
 from pydantic import ValidationError
 
 from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
-from flows.runtime import local_server
+from flows.runtime import local_server, wait_for_api
 from flows.experiment import experiment_flow
 from flows.stages import STAGE_FLOWS
 from pipelines import StageError
@@ -19,6 +20,13 @@ from storage.fs import join
 
 DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
 TAGS = ["reals"]
+
+
+def deployment(flow_, name: str, **kwargs):
+    """``flow_`` as a deployment whose entrypoint is its module path (``flows.stages.shard_flow``): a worker
+    imports it as part of the package, so Ray workers can unpickle its tasks (a file path would load it as
+    a top-level module they cannot import)."""
+    return flow_.to_deployment(name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
 
 
 def check_cron(cron: str) -> None:
@@ -35,10 +43,10 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
     """The deployments ``serve`` runs; stage forms are pre-filled with the pipeline config's stage settings."""
     check_cron(reencode_cron)
     params = {"config": config.model_dump(mode="json")}
-    deployments = [reals_pipeline.to_deployment("reals-pipeline", parameters=params, tags=TAGS,
-                                                description="the whole chain; complete stages are skipped"),
-                   reencode.to_deployment("reencode", cron=reencode_cron, parameters=params, tags=TAGS,
-                                          description="incremental encode: new shards and new VAE versions")]
+    deployments = [deployment(reals_pipeline, "reals-pipeline", parameters=params,
+                              description="the whole chain; complete stages are skipped"),
+                   deployment(reencode, "reencode", cron=reencode_cron, parameters=params,
+                              description="incremental encode: new shards and new VAE versions")]
     seen = set()
     for step in plan_steps(config):
         if step.stage in seen:
@@ -47,10 +55,11 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
         stage_params = {"config": step.config.model_dump(mode="json")}
         if stage(step.stage).runs_on == "train":
             stage_params["nproc_per_node"] = config.nproc_per_node
-        deployments.append(STAGE_FLOWS[step.stage].to_deployment(step.stage, parameters=stage_params, tags=TAGS))
-    deployments.append(experiment_flow.to_deployment(
-        "experiment", parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
-        tags=TAGS, description="ReaLS vs plain VAE over seeds (quick preset; edit the form for the default)"))
+        deployments.append(deployment(STAGE_FLOWS[step.stage], step.stage, parameters=stage_params))
+    deployments.append(deployment(
+        experiment_flow, "experiment",
+        parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
+        description="ReaLS vs plain VAE over seeds (quick preset; edit the form for the default)"))
     return deployments
 
 
@@ -76,6 +85,8 @@ def serve_deployments(config: PipelineConfig, with_server: bool = False,
         with local_server():
             serve(*build_deployments(config, reencode_cron))
         return
-    if not PREFECT_API_URL.value():
+    api = PREFECT_API_URL.value()
+    if not api:
         raise StageError("reals serve needs a Prefect server: set PREFECT_API_URL or pass --with-server")
+    wait_for_api(api.rstrip("/"))
     serve(*build_deployments(config, reencode_cron))

@@ -19,6 +19,12 @@ from pipelines.parallel import ensure_ray
 # OSErrors that name a missing or forbidden path: the user must act, a retry cannot help.
 PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 # S3 error codes that clear up by themselves.
+# The local Prefect API's start-up budget (Prefect's own setting; our default when unset).
+EPHEMERAL_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_TIMEOUT = 180.0
+# How long ``reals serve`` waits for the Prefect API at PREFECT_API_URL to answer.
+API_WAIT_VAR = "REALS_API_WAIT_SECONDS"
+API_WAIT = 120.0
 TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                       "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 
@@ -110,10 +116,25 @@ def prefect_api() -> Iterator[str | None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    timeout = ephemeral_startup_timeout()
     server = SubprocessASGIServer()
-    server.start()
+    try:
+        server.start(timeout=timeout)
+    except RuntimeError as e:
+        if "Timed out" not in str(e) and "exited" not in str(e):
+            raise
+        server.stop()
+        raise StageError(f"the local Prefect API did not start within {timeout:.0f} s (busy machine?): raise "
+                         f"{EPHEMERAL_TIMEOUT_VAR}, or point PREFECT_API_URL at a running server "
+                         "(`make server`)") from None
     with use_api(server.api_url):
         yield None
+
+
+def ephemeral_startup_timeout() -> float:
+    """Seconds the local API may take to start: ``$PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, else
+    180 (Prefect's own default, 20 s, is too short on a busy 2-core machine)."""
+    return float(os.environ.get(EPHEMERAL_TIMEOUT_VAR) or EPHEMERAL_STARTUP_TIMEOUT)
 
 
 def _healthy(url: str) -> bool:
@@ -123,6 +144,22 @@ def _healthy(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def wait_for_api(api: str, timeout: float | None = None, proc: subprocess.Popen | None = None,
+                 log: Path | None = None) -> None:
+    """Poll ``{api}/health`` until it answers, for at most ``timeout`` s (default ``$REALS_API_WAIT_SECONDS``
+    or 120); a server that does not come up (or whose process ``proc`` exits) is one ``StageError`` line."""
+    timeout = float(os.environ.get(API_WAIT_VAR) or API_WAIT) if timeout is None else timeout
+    see = f"; see {log}" if log else ""
+    deadline = time.monotonic() + timeout
+    while not _healthy(f"{api}/health"):
+        if proc is not None and proc.poll() is not None:
+            raise StageError(f"prefect server exited with {proc.returncode}{see}")
+        if time.monotonic() > deadline:
+            raise StageError(f"the Prefect API at {api} did not answer within {timeout:.0f} s{see}: start the "
+                             f"server (or check PREFECT_API_URL), or wait longer with {API_WAIT_VAR}")
+        time.sleep(1.0)
 
 
 @contextmanager
@@ -143,13 +180,7 @@ def local_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120
     with open(log, "wb") as out:  # its own session: Ctrl-C stops `serve` first, which still needs the API
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not _healthy(f"{api}/health"):
-            if proc.poll() is not None:
-                raise StageError(f"prefect server exited with {proc.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                raise StageError(f"prefect server did not answer {api}/health within {timeout:.0f} s; see {log}")
-            time.sleep(0.5)
+        wait_for_api(api, timeout, proc, log)
         with use_api(api):
             yield api
     finally:

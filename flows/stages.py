@@ -59,8 +59,13 @@ def local_stage(stage: str, config: StageConfig, nproc_per_node: int = 1):
 
 
 def on_ray(stage: str, config: StageConfig):
-    """Run a batch stage's driver as a Ray task that reserves no CPU (its units take them)."""
-    with remote_options(num_cpus=0):
+    """Run a batch stage's driver as a Ray task that reserves no CPU (its units take them), on this
+    process's node: the driver outlives the loss of any other node, and sees this host's files."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    with remote_options(num_cpus=0, scheduling_strategy=here):
         return batch_stage.submit(stage, config).result()
 
 

@@ -32,7 +32,7 @@ from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from pipelines.train_vae import to_model_images
 from reals.align import AlignNet
 from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor
-from storage.fs import to_url, write_bytes_atomic
+from storage.fs import apply_umask, to_url, write_bytes_atomic
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
 
@@ -190,6 +190,7 @@ def run(config: ConvertConfig) -> ConvertSummary:
         "code_version": code_version(),
     }
     model.save_pretrained(out, provenance)
+    apply_umask(out)  # safetensors writes 0600
     return ConvertSummary(output_dir=str(out), fingerprint=model.fingerprint, checkpoint=ckpt_url,
                           step=ckpt["step"], weights=source["weights"], mean=mean, std=std, num_images=n,
                           skipped=False)

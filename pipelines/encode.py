@@ -303,11 +303,12 @@ class _Pool:
         n = min(config.workers or max(1, int(resources.get("CPU", 1))), n_units)
         gpus = resources.get("GPU", 0)
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and gpus) else "cpu"
+        # A lost actor is replaced by map_actors (its unit re-submitted), not restarted by Ray.
         options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
-                   "max_restarts": 1, "max_task_retries": 1}
+                   "max_restarts": 0, "max_task_retries": 0}
         cls = ray.remote(EncodeWorker).options(**options)
-        self.actors = [cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
-                       for _ in range(n)]
+        self.spawn = lambda: cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+        self.actors = [self.spawn() for _ in range(n)]
 
     def describe(self) -> dict:
         import ray
@@ -321,7 +322,7 @@ class _Pool:
         description = f"encode {self.config.split}"
         if self.actors:
             return map_actors(self.actors, "encode_shard", units, description,
-                              show_progress=self.config.show_progress)
+                              show_progress=self.config.show_progress, spawn=self.spawn)
         results = []
         with progress_bar(disable=not self.config.show_progress) as bar:
             task = bar.add_task(description, total=len(units))

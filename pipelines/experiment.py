@@ -290,7 +290,7 @@ class _Submitter:
     def __init__(self, root: str):
         import ray
 
-        self.root, self.fn = root, ray.remote(run_unit)
+        self.root, self.fn = root, ray.remote(max_retries=0)(run_unit)  # map_units re-submits lost units
 
     def remote(self, unit: Unit):
         return self.fn.options(num_cpus=unit.cpus).remote(unit, self.root)

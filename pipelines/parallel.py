@@ -1,4 +1,4 @@
-"""Ray plumbing shared by the batch stages: start or join Ray, run units with a progress bar."""
+"""Ray plumbing shared by the batch stages: start or join Ray, run units with a progress bar, survive lost nodes."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,29 @@ from collections.abc import Callable, Iterable, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipelines import StageError
+
+# Variables the driver passes to every Ray task and actor (a cluster's raylets have their own environment).
+FORWARDED_PREFIXES = ("AWS_", "REALS_")
+FORWARDED_NAMES = ("HF_HUB_OFFLINE", "OMP_WAIT_POLICY", "PREFECT_API_URL")
+# How often one unit may be lost with its worker or node before the stage gives up.
+UNIT_ATTEMPTS = 2
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's storage and project settings (``AWS_*``, ``REALS_*``, a few others) for ``runtime_env``.
+
+    The values travel only inside Ray's job config; they are never printed.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at ``RAY_ADDRESS`` or start a local Ray once; reuse one that is running."""
+    """Join the cluster at ``RAY_ADDRESS`` or start a local Ray once; reuse one that is running.
+
+    Tasks and actors get the driver's storage settings through ``runtime_env``. A Ray that fails to
+    start or to answer is one line (a ``StageError``) with a hint.
+    """
     import ray
 
     if ray.is_initialized():
@@ -16,10 +36,38 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    runtime_env = {"env_vars": forwarded_env()}
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env=runtime_env)
+    except Exception as e:  # noqa: BLE001 - Ray raises plain Exceptions, ConnectionError, TimeoutError...
+        where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+        hint = ("check that the head node is up and reachable from this host (and that this host runs "
+                "`ray start --address` first)" if address else
+                "the machine may be too busy or short of memory or /tmp space: retry when it is quieter, or "
+                "set RAY_ADDRESS to a running cluster")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        ray.shutdown()
+        raise StageError(f"could not start {where}: {reason}; {hint}") from None
+    if not address:
+        from pipelines.ray_reaper import watch_driver
+
+        watch_driver()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` nobody answers (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
 
 
 def progress_bar(disable: bool = False) -> Progress:
@@ -30,14 +78,51 @@ def progress_bar(disable: bool = False) -> Progress:
     )
 
 
+def unit_name(unit) -> str:
+    """How a unit is named in messages: its ``name``, its ``start``-``end`` range, or its text."""
+    if isinstance(unit, dict):
+        if "name" in unit:
+            return str(unit["name"])
+        if "start" in unit and "end" in unit:
+            return f"{unit['start']}-{unit['end']}"
+    return str(getattr(unit, "name", unit))
+
+
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean a unit's worker, actor or node went away (the unit itself did not fail)."""
+    from ray import exceptions as rx
+
+    return (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
+            rx.LocalRayletDiedError)
+
+
+class _Attempts:
+    """Counts the losses of each unit; the second loss of one unit ends the stage in one line."""
+
+    def __init__(self, description: str):
+        self.description, self.lost = description, {}
+
+    def lost_again(self, i: int, unit, error: BaseException) -> None:
+        self.lost[i] = self.lost.get(i, 0) + 1
+        if self.lost[i] >= UNIT_ATTEMPTS:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise StageError(f"{self.description}: unit {unit_name(unit)} was lost {self.lost[i]} times with its "
+                             f"worker or node ({type(error).__name__}: {reason}); re-run to resume")
+        print(f"{self.description}: unit {unit_name(unit)} lost with its worker or node "
+              f"({type(error).__name__}); re-submitting it")
+
+
 def map_units(remote_fn, units: Sequence, description: str, on_result: Callable | None = None,
               max_in_flight: int | None = None, show_progress: bool = True) -> list:
     """Run ``remote_fn.remote(unit)`` for every unit on Ray; results come back in unit order.
 
-    ``max_in_flight`` bounds the queue so the driver never floods the cluster's object store.
+    ``max_in_flight`` bounds the queue so the driver never floods the cluster's object store. A unit
+    lost with its worker or node is submitted again (Ray places it on a live node).
     """
     import ray
 
+    lost = lost_worker_errors()
+    attempts = _Attempts(description)
     results: list = [None] * len(units)
     pending: dict = {}
     todo = list(enumerate(units))
@@ -51,7 +136,12 @@ def map_units(remote_fn, units: Sequence, description: str, on_result: Callable 
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 i = pending.pop(ref)
-                results[i] = ray.get(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except lost as e:
+                    attempts.lost_again(i, units[i], e)
+                    todo.insert(0, (i, units[i]))
+                    continue
                 if on_result:
                     on_result(results[i])
                 bar.advance(task)
@@ -59,16 +149,44 @@ def map_units(remote_fn, units: Sequence, description: str, on_result: Callable 
 
 
 def map_actors(actors: Sequence, method: str, units: Iterable, description: str,
-               show_progress: bool = True) -> list:
-    """Feed units to a pool of Ray actors (each loads its model once); results in unit order."""
-    from ray.util import ActorPool
+               show_progress: bool = True, spawn: Callable | None = None) -> list:
+    """Feed units to a pool of Ray actors (each loads its model once); results in unit order.
 
+    An actor lost with its node leaves the pool and its unit goes to a live actor; when none is left,
+    ``spawn()`` starts a replacement (Ray places it where resources are free). ``actors`` is updated in
+    place, so the caller can kill what is left.
+    """
+    import ray
+
+    lost = lost_worker_errors()
+    attempts = _Attempts(description)
     units = list(units)
-    pool = ActorPool(list(actors))
-    results = []
+    results: list = [None] * len(units)
+    todo = list(range(len(units)))
+    idle = list(actors)
+    pending: dict = {}  # ref -> (unit index, actor)
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task(description, total=len(units))
-        for r in pool.map(lambda a, u: getattr(a, method).remote(u), units):
-            results.append(r)
-            bar.advance(task)
+        while todo or pending:
+            if todo and not idle and not pending:
+                if spawn is None:
+                    raise StageError(f"{description}: every worker was lost; re-run to resume")
+                actors.append(spawn())
+                idle.append(actors[-1])
+            while todo and idle:
+                i, actor = todo.pop(0), idle.pop(0)
+                pending[getattr(actor, method).remote(units[i])] = (i, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i, actor = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except lost as e:
+                    attempts.lost_again(i, units[i], e)
+                    actors.remove(actor)
+                    ray.kill(actor, no_restart=True)
+                    todo.insert(0, i)
+                    continue
+                idle.append(actor)
+                bar.advance(task)
     return results

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ from reals.sit import create_sit
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
-from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
+from storage.fs import apply_umask, filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
 
 GRID_SAMPLES = 64
@@ -380,7 +381,7 @@ def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: 
     return spec
 
 
-def _start_workers(spec: dict, n: int, device: str) -> list:
+def _start_workers(spec: dict, n: int, device: str) -> tuple[list, Callable]:
     import ray
 
     from pipelines.parallel import ensure_ray
@@ -390,10 +391,12 @@ def _start_workers(spec: dict, n: int, device: str) -> list:
     if device == "cuda" and not gpus:
         raise StageError("--device cuda: the Ray cluster has no GPU")
     use_gpu = device == "cuda" or (device == "auto" and gpus)
-    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if use_gpu else 0), "max_restarts": 1,
-               "max_task_retries": 1}
+    # A lost actor is replaced by map_actors (its unit re-submitted), not restarted by Ray.
+    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if use_gpu else 0), "max_restarts": 0,
+               "max_task_retries": 0}
     spec = dict(spec, device="cuda" if use_gpu else "cpu")
-    return [ray.remote(SampleWorker).options(**options).remote(spec) for _ in range(n)]
+    cls = ray.remote(SampleWorker).options(**options)
+    return [cls.remote(spec) for _ in range(n)], lambda: cls.remote(spec)
 
 
 def _default_workers() -> int:
@@ -419,6 +422,7 @@ def _write_npz(url: str, arrays: dict) -> None:
         np.savez(tmp, **arrays)
         if local:
             os.replace(tmp, path)
+            apply_umask(path)
         else:
             fs.put_file(tmp, path)
     finally:
@@ -472,9 +476,9 @@ def run(config: SampleConfig) -> SampleSummary:
     if todo:
         count = min(config.workers or _default_workers(), len(todo))
         try:
-            workers = _start_workers(spec, count, config.device)
+            workers, spawn = _start_workers(spec, count, config.device)
             results = map_actors(workers, "sample_range", todo, f"sample {config.mode}",
-                                 show_progress=config.show_progress)
+                                 show_progress=config.show_progress, spawn=spawn)
         finally:
             for w in workers:
                 ray.kill(w)

@@ -305,7 +305,7 @@ def run(config: ShardConfig) -> ShardSummary:
     results = []
     if units:
         ensure_ray()
-        task = ray.remote(num_cpus=1)(process_unit)
+        task = ray.remote(num_cpus=1, max_retries=0)(process_unit)  # map_units re-submits lost units
         results = map_units(task, units, f"shard {config.split}", max_in_flight=config.workers,
                             show_progress=config.show_progress)
     failed = [r for r in results if r["status"] == "failed"]

@@ -26,6 +26,7 @@ from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from reals.evaluator import CONFIG_FILE, WEIGHTS_FILE, DomainClassifier
+from storage.fs import apply_umask
 from storage.markers import fingerprint, read_json
 from storage.shards import iter_shards, read_manifest, shard_urls
 
@@ -199,6 +200,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     model.cpu().save_pretrained(out, info)
+    apply_umask(out)  # safetensors writes 0600
     return _summary(out, info, skipped=False)
 
 

@@ -107,6 +107,30 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             f.write(data)
 
 
+def current_umask() -> int:
+    """This process's umask (read from ``/proc`` where it can be, without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(*paths) -> None:
+    """Give local files the mode a plain ``open()`` would (0644 under umask 022): files written through a
+    temporary file (``mkstemp``, safetensors) come out 0600, which other users of a shared folder cannot read."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        for file in ([os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+                     if os.path.isdir(path) else [path]):
+            os.chmod(file, mode)
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

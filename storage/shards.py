@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from storage import StorageError
-from storage.fs import filesystem, join
+from storage.fs import apply_umask, filesystem, join
 from storage.markers import read_json
 
 FSSPEC_SCHEMES = ("s3", "s3a", "memory", "gs", "gcs", "az", "abfs", "file")
@@ -57,6 +57,7 @@ def write_shard(url: str, samples: Iterable[dict]) -> dict:
         if "file" in _protocols(fs):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.move(tmp_path, path)
+            apply_umask(path)
         else:
             fs.put_file(tmp_path, path)
     finally:

@@ -13,6 +13,9 @@ from helpers import make_vae_dir
 if TYPE_CHECKING:
     from pipelines.encode import EncodeSummary
 
+# The integration suite (tests/integration: a real cluster, minutes) runs as its own step: `make test-integration`.
+collect_ignore = [] if os.environ.get("REALS_INTEGRATION") == "1" else ["integration"]
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

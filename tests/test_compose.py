@@ -21,6 +21,8 @@ OPTIONAL = {
     "AWS_ENDPOINT_URL_S3": "override of AWS_ENDPOINT_URL for S3 alone",
     "REALS_DINOV2_DIR": "override of where DINOv2 weights are looked up (default: the HF cache)",
     "REALS_INCEPTION_WEIGHTS": "override of where the FID-Inception weights are looked up (default: torch hub's)",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "start-up budget of the local Prefect API (default 180 s)",
+    "REALS_API_WAIT_SECONDS": "how long `reals serve` waits for the Prefect API (default 120 s)",
     "RANK": "set per process by torchrun / Ray Train",
     "LOCAL_RANK": "set per process by torchrun / Ray Train",
     "WORLD_SIZE": "set per process by torchrun / Ray Train",
@@ -121,3 +123,20 @@ def test_secrets_come_from_an_uncommitted_env_file():
     example = {line.split("=", 1)[0].strip() for line in (ROOT / ".env.example").read_text().splitlines()
                if "=" in line and not line.lstrip().startswith("#")}
     assert used and used <= example, f"missing from .env.example: {sorted(used - example)}"
+
+
+def test_services_wait_for_what_they_need_and_restart():
+    services = compose()["services"]
+    worker = services["pipeline-worker"]
+    assert worker["depends_on"] == {"prefect-server": {"condition": "service_healthy"},
+                                    "ray-head": {"condition": "service_healthy"},
+                                    "minio-init": {"condition": "service_completed_successfully"}}
+    # the driver joins the cluster as a CPU-less node before serving (a driver needs a local raylet)
+    command = " ".join(worker["command"]) if isinstance(worker["command"], list) else worker["command"]
+    assert command.index("ray start --address=ray-head:6379 --num-cpus=0") < command.index("reals serve")
+    assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    for name in ("postgres", "prefect-server", "minio", "ray-head"):
+        assert services[name]["healthcheck"]["test"], name
+    long_running = [n for n in services if n != "minio-init"]
+    assert {services[n].get("restart") for n in long_running} == {"unless-stopped"}
+    assert services["minio-init"]["restart"] == "no"

@@ -234,6 +234,18 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
         build_deployments(config, reencode_cron="every night")
 
 
+def test_deployment_entrypoints_are_module_paths_a_worker_imports():
+    """A file-path entrypoint loads as a top-level module (``stages``) that Ray workers cannot unpickle from."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.deployments import build_deployments
+
+    for d in build_deployments(load_pipeline_config()):
+        assert d.entrypoint.startswith("flows.") and ".py" not in d.entrypoint, d.entrypoint
+        loaded = load_flow_from_entrypoint(d.entrypoint)
+        assert loaded.fn.__module__.startswith("flows.") and loaded.name == d.flow_name
+
+
 def test_shipped_configs_build_every_stage():
     demo = {s.name: s.config for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
     assert list(demo) == STAGES + ["downstream"]
@@ -270,3 +282,46 @@ def test_serve_needs_a_prefect_api(capsys):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["serve"]) == 2
     assert "set PREFECT_API_URL or pass --with-server" in capsys.readouterr().err
+
+
+def test_serve_waits_a_bounded_time_for_the_api_then_says_so_in_one_line(capsys, monkeypatch):
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api = f"http://127.0.0.1:{s.getsockname()[1]}/api"  # nothing listens there
+    monkeypatch.setenv("REALS_API_WAIT_SECONDS", "2")
+    with temporary_settings({PREFECT_API_URL: api}):
+        assert main(["serve"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"error: the Prefect API at {api} did not answer within 2 s: start the server (or check "
+                   "PREFECT_API_URL), or wait longer with REALS_API_WAIT_SECONDS"]
+
+
+def test_a_local_api_that_does_not_start_in_time_is_one_line(monkeypatch):
+    """Prefect's ephemeral API gets 180 s by default (its own 20 s fails on a busy machine); a timeout is one line."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runtime import ephemeral_startup_timeout, prefect_api
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert ephemeral_startup_timeout() == 180
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "7")
+    seen = []
+
+    def start(self, timeout=None):
+        seen.append(timeout)
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(StageError, match=r"did not start within 7 s .*raise PREFECT_SERVER_EPHEMERAL_STARTUP"):
+            with prefect_api():
+                pass
+    assert seen == [7.0]

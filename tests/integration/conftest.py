@@ -1,0 +1,28 @@
+"""The production topology on localhost, started once per run with the code of `reals cluster up`:
+PostgreSQL (SQLite when absent), a Prefect server on it, a Ray head and one worker node, a moto S3 server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from topology import MICRO
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """``reals cluster up --no-serve`` in a temp folder; ``down`` at the end stops exactly its processes."""
+    from flows.cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c.up(serve=False)
+    yield c
+    c.down()
+
+
+@pytest.fixture(scope="session")
+def micro_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "micro.yaml"
+    path.write_text(yaml.safe_dump({"output": "runs/micro", **MICRO}))
+    return path

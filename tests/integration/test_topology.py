@@ -1,0 +1,220 @@
+"""The production topology, end to end: stages as drivers on a two-node Ray cluster with S3 credentials only
+in the driver, served deployments run through the Prefect API, an S3 outage and the loss of a node mid-encode,
+and the demo entry with a slow Prefect API start-up. Tests run in file order; the node loss comes last."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from topology import ROOT, driver_env, reals
+from tcp_proxy import TCPProxy
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthetic folder of 2 classes and its shards on local disk (8 shards of 4)."""
+    from pipelines.shard import ShardConfig, run as shard
+    from pipelines.synthetic import SyntheticConfig, run as synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    synthetic(SyntheticConfig(output=str(root / "images"), classes=2, per_class=16, size=32, seed=0))
+    shard(ShardConfig(data_path=str(root / "images"), output=str(root / "shards"), resolution=32, shard_size=4,
+                      workers=2, show_progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from helpers import make_vae_dir
+
+    return make_vae_dir(tmp_path_factory.mktemp("vae") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference_store(data, vae_dir, tmp_path_factory):
+    """The undisturbed encode (in this process, no Ray) every disturbed run must equal value for value."""
+    from pipelines.encode import EncodeConfig, run
+
+    out = tmp_path_factory.mktemp("ref") / "store"
+    run(EncodeConfig(data_path=str(data / "shards"), vae_path=vae_dir, output=str(out), workers=0,
+                     show_progress=False))
+    return str(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+PROBE = """
+import json, ray
+from pipelines.parallel import ensure_ray, map_units
+from storage.fs import read_bytes, write_bytes_atomic
+
+ensure_ray()
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def probe(unit):
+    import os, time
+    url = f"s3://reals/probe/{unit}.txt"
+    write_bytes_atomic(url, b"ok")
+    time.sleep(2)
+    return ray.get_runtime_context().get_node_id(), read_bytes(url).decode(), "AWS_SECRET_ACCESS_KEY" in os.environ
+print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False)))
+"""
+
+
+def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentials(cluster, data):
+    import subprocess
+    import sys
+
+    env = driver_env(cluster)
+    r = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len({node for node, _, _ in results}) == 2  # both nodes ran units
+    assert all(text == "ok" and has_key for _, text, has_key in results)
+    # the nodes themselves were started without any credentials
+    for name in ("ray-head", "ray-worker"):
+        pid = cluster.state["processes"][name]["pid"]
+        assert b"AWS_SECRET_ACCESS_KEY" not in Path(f"/proc/{pid}/environ").read_bytes()
+    # a real stage: shards straight to S3 from a driver on the cluster
+    r = reals(["shard", "--data-path", str(data / "images"), "--output", "s3://reals/it/shards", "--resolution",
+               "32", "--shard-size", "4"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "AWS_SECRET_ACCESS_KEY" not in r.stdout + r.stderr and cluster.env["AWS_SECRET_ACCESS_KEY"] not in \
+        r.stdout + r.stderr
+
+
+def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_config):
+    """What the UI's Run button does: create a flow run of each deployment; a `reals serve` process runs it."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runtime import wait_for_api
+
+    serve = cluster.serve(str(micro_config))
+    try:
+        with temporary_settings({PREFECT_API_URL: cluster.env["PREFECT_API_URL"]}):
+            wait_for_api(cluster.env["PREFECT_API_URL"], 60)
+            names = ["reals-pipeline", "synthetic", "shard", "train-vae", "convert", "encode", "train-sit", "sample",
+                     "make-reference", "evaluate", "reencode"]
+            states = {}
+            for name in names:
+                run = _run_when_served(run_deployment, f"{name}/{name}", serve)
+                states[name] = run.state.type.value
+            assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
+    finally:
+        serve.terminate()
+        serve.wait(60)
+
+
+def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800):
+    """``run_deployment`` once ``serve`` has registered the deployment."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            return run_deployment(name, timeout=timeout)
+        except ObjectNotFound:
+            assert serve.poll() is None, "reals serve exited"
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def _wait_for_markers(store: str, n: int, proc, timeout: float = 900) -> None:
+    """Until at least ``n`` shard markers exist in the store (the encode is under way)."""
+    from storage.fs import filesystem
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        fs, path = filesystem(store)
+        fs.invalidate_cache()
+        if len([p for p in fs.find(path) if "/markers/" in p and not p.endswith("zarr.json")]) >= n:
+            return
+        time.sleep(0.2)
+
+
+def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, reference_store):
+    import subprocess
+    import sys
+
+    moto = cluster.env["AWS_ENDPOINT_URL"]
+    proxy = TCPProxy(("127.0.0.1", int(moto.rsplit(":", 1)[1])))
+    proxy.start()
+    store = "s3://reals/it/outage-store"
+    env = driver_env(cluster, AWS_ENDPOINT_URL=proxy.url)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", str(data / "shards"),
+                             "--vae-path", vae_dir, "--output", store, "--workers", "2"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_markers(store, 1, proc)
+        proxy.stop()
+        time.sleep(10)
+        proxy.start()
+        out, err = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+        proxy.stop()
+    assert proc.returncode == 0, err[-3000:]
+    _assert_same_store(store, reference_store)
+
+
+def _assert_same_store(store: str, reference: str) -> None:
+    from storage.latent_store import LatentStore
+
+    got, want = LatentStore.open(store), LatentStore.open(reference)
+    markers = got.markers()  # every marker agrees with its rows, and every row is done
+    assert all(got.marker_agrees(markers.get(e["name"]), e) for e in got.shard_map)
+    assert bool(got.done_rows().all()) and got.num_samples == want.num_samples
+    for name in ("mean", "std", "labels"):
+        np.testing.assert_array_equal(got.group[name][:], want.group[name][:], err_msg=name)
+
+
+def test_losing_the_worker_node_mid_encode_still_completes_the_store(cluster, data, vae_dir, reference_store,
+                                                                     tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.ray_reaper import descendants
+
+    node = cluster.state["processes"]["ray-worker"]
+    raylets = [pid for pid in descendants({node["pid"]: node["start"]})
+               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet")]
+    assert len(raylets) == 1
+    store = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", str(data / "shards"),
+                             "--vae-path", vae_dir, "--output", store, "--workers", "2"], env=driver_env(cluster),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_markers(store, 1, proc)
+        assert proc.poll() is None, "the encode finished before the node could be lost"
+        os.kill(raylets[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "re-submitting it" in out + err
+    _assert_same_store(store, reference_store)
+
+
+def test_the_demo_entry_survives_a_30s_api_start_up_delay(micro_config, tmp_path):
+    """The local API's start is delayed 30 s (a sitecustomize that sleeps in its uvicorn process only)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "RAY_ADDRESS"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(HERE / "slow_api"), str(ROOT)]), REALS_TEST_API_DELAY="30",
+               PREFECT_HOME=str(tmp_path / "prefect-home"))
+    t0 = time.monotonic()
+    r = reals(["pipeline", "--config", str(micro_config), "--output", str(tmp_path / "run")], env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "report" / "report.md").is_file()
+    assert time.monotonic() - t0 > 30  # the delay was there

@@ -1,0 +1,129 @@
+"""Ray plumbing: settings forwarded to tasks, units lost with their worker re-submitted once, one-line failures."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import StageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_forwarded_env_carries_storage_and_project_settings_only(monkeypatch):
+    from pipelines.parallel import forwarded_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("REALS_RUNS_URL", "s3://b/runs")
+    monkeypatch.setenv("UNRELATED_TOKEN", "x")
+    env = forwarded_env()
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret" and env["REALS_RUNS_URL"] == "s3://b/runs"
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert "UNRELATED_TOKEN" not in env and "PATH" not in env
+
+
+def _crash_once(marker_dir: str):
+    """A task that kills its own worker process the first time it sees a unit (as a lost node would)."""
+    def run(unit):
+        marker = Path(marker_dir, f"{unit['name']}.seen")
+        if unit.get("always") or not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return unit["name"]
+    return run
+
+
+def test_map_units_resubmits_a_unit_lost_with_its_worker(ray_session, tmp_path):
+    from pipelines.parallel import map_units
+
+    task = ray_session.remote(num_cpus=1, max_retries=0)(_crash_once(str(tmp_path)))
+    units = [{"name": f"u{i}"} for i in range(3)]
+    assert map_units(task, units, "test", show_progress=False) == ["u0", "u1", "u2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u0.seen", "u1.seen", "u2.seen"]
+
+
+def test_map_units_gives_up_in_one_line_naming_a_unit_lost_twice(ray_session, tmp_path):
+    from pipelines.parallel import map_units
+
+    task = ray_session.remote(num_cpus=1, max_retries=0)(_crash_once(str(tmp_path)))
+    with pytest.raises(StageError, match=r"^test: unit doomed was lost 2 times") as e:
+        map_units(task, [{"name": "ok"}, {"name": "doomed", "always": True}], "test", show_progress=False)
+    assert "\n" not in str(e.value)
+
+
+def _worker_class():
+    """An actor class defined here, so Ray pickles it by value (workers cannot import this test module)."""
+    class Worker:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def work(self, unit):
+            return self.fn(unit), os.getpid()
+    return Worker
+
+
+def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path):
+    from pipelines.parallel import map_actors
+
+    cls = ray_session.remote(_worker_class()).options(num_cpus=1, max_restarts=0, max_task_retries=0)
+    actors = [cls.remote(_crash_once(str(tmp_path))) for _ in range(2)]
+    spawned = []
+
+    def spawn():
+        spawned.append(cls.remote(_crash_once(str(tmp_path))))
+        return spawned[-1]
+
+    units = [{"name": f"u{i}"} for i in range(4)]
+    results = map_actors(actors, "work", units, "test", show_progress=False, spawn=spawn)
+    assert [name for name, _ in results] == ["u0", "u1", "u2", "u3"]  # every unit, in unit order
+    assert len(list(tmp_path.glob("*.seen"))) == 4  # every unit was first lost once
+    assert spawned and actors == spawned[-1:]  # both first actors died; the pool ends on a replacement
+    for a in actors:
+        ray_session.kill(a)
+
+
+def test_ray_that_cannot_start_is_one_line_with_a_hint(synthetic_root, tmp_path):
+    """A cluster address nobody answers: one line with a hint, exit 2, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--data-path", str(synthetic_root),
+                        "--output", str(tmp_path / "shards"), "--resolution", "32"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0].startswith(f"error: could not start the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}: ")
+    assert "check that the head node is up" in lines[0]
+
+
+def test_a_killed_drivers_ray_helpers_stop_with_it(tmp_path):
+    """kill -9 of a driver that started a local Ray: its raylet's agents and workers go too (they linger otherwise)."""
+    import signal
+    import time
+
+    from pipelines.ray_reaper import _alive, _stat, descendants
+
+    code = ("import ray, time; from pipelines.parallel import ensure_ray; ensure_ray(num_cpus=1); "
+            "ray.get(ray.remote(lambda: 1).remote()); print('ready', flush=True); time.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""})
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        procs = descendants({driver.pid: _stat(driver.pid)[1]})
+        names = {open(f"/proc/{p}/cmdline").read().split("\0")[0] for p in procs if _stat(p)}
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while _alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive(procs)
+    finally:
+        driver.kill()
