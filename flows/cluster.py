@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,23 +100,28 @@ class Cluster:
         if pg is None:
             print("PostgreSQL not found (/usr/lib/postgresql/*/bin): the Prefect server uses SQLite")
             return f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
-        data, sock, port = self.root / "pg", self.root / "pg-socket", free_port()
-        sock.mkdir(exist_ok=True)
+        # Its own folder under the system temp dir: as root, PostgreSQL runs as the package's postgres user
+        # (initdb refuses root), who must reach it (a pytest or home folder is often 0700).
+        pg_root = Path(tempfile.mkdtemp(prefix="reals-pg-"))
+        data, sock, log, port = pg_root / "data", pg_root / "sock", pg_root / "postgres.log", free_port()
+        sock.mkdir()
         as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses root: run PostgreSQL as the package's postgres user
-            data.mkdir(exist_ok=True)
-            shutil.chown(data, "postgres", "postgres")
+        if os.geteuid() == 0:
+            shutil.chown(pg_root, "postgres", "postgres")
             shutil.chown(sock, "postgres", "postgres")
-            shutil.chown(self.root / "logs", "postgres", "postgres")
             as_user = ["runuser", "-u", "postgres", "--"]
-        log = self.log("postgres")
-        subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120", "-o",
-                        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
-                       check=True, stdout=subprocess.DEVNULL)
-        self.state["postgres"] = {"bin": str(pg), "data": str(data), "as_user": as_user, "port": port}
+        self.state["postgres"] = {"bin": str(pg), "root": str(pg_root), "data": str(data), "as_user": as_user,
+                                  "port": port, "log": str(log)}
         self._save()
+        try:
+            subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust",
+                            "-E", "UTF8"], check=True, capture_output=True)
+            subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120", "-o",
+                            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
+                           check=True, capture_output=True)
+        except subprocess.CalledProcessError as e:
+            reason = (e.stderr or e.stdout or b"").decode(errors="replace").strip().splitlines()
+            raise StageError(f"PostgreSQL did not start: {reason[-1] if reason else e}; see {log}") from None
         print(f"PostgreSQL {pg.parts[-2]} on 127.0.0.1:{port}")
         return f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
 
@@ -221,10 +227,8 @@ class Cluster:
         cmd = [sys.executable, "-m", "flows.cli", "serve", "--local-dir", str(self.root / "local")]
         if config:
             cmd += ["--config", config]
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
-                                                                                      os.environ.get("PYTHONPATH")]))}
-        proc = self._spawn("serve", cmd, env, cwd=root)
+        root = Path(__file__).resolve().parents[1]  # `-m` imports this checkout from the cwd
+        proc = self._spawn("serve", cmd, {**os.environ, **self.env}, cwd=root)
         print(f"serving the deployments (log {self.log('serve')}); `source {self.root / 'cluster.env'}` to use them")
         return proc
 
@@ -250,6 +254,8 @@ class Cluster:
         if pg and Path(pg["data"], "postmaster.pid").exists():
             subprocess.run([*pg["as_user"], str(Path(pg["bin"], "pg_ctl")), "-D", pg["data"], "-m", "fast", "-w",
                             "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if pg:
+            shutil.rmtree(pg["root"], ignore_errors=True)
         self.state["processes"] = {}
         if self.root.is_dir():
             self._save()

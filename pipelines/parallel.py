@@ -11,6 +11,8 @@ from pipelines import StageError
 # Variables the driver passes to every Ray task and actor (a cluster's raylets have their own environment).
 FORWARDED_PREFIXES = ("AWS_", "REALS_")
 FORWARDED_NAMES = ("HF_HUB_OFFLINE", "OMP_WAIT_POLICY", "PREFECT_API_URL")
+# Starts of a local Ray before giving up (a busy machine can miss Ray's fixed 30 s registration window).
+LOCAL_START_ATTEMPTS = 3
 # How often one unit may be lost with its worker or node before the stage gives up.
 UNIT_ATTEMPTS = 2
 
@@ -42,8 +44,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             _check_reachable(address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     runtime_env=runtime_env)
+            for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+                try:
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                             configure_logging=False, runtime_env=runtime_env)
+                    break
+                except Exception as e:  # noqa: BLE001 - Ray gives its node a fixed 30 s to register
+                    if attempt == LOCAL_START_ATTEMPTS or "timed out during startup" not in str(e):
+                        raise
+                    ray.shutdown()
     except Exception as e:  # noqa: BLE001 - Ray raises plain Exceptions, ConnectionError, TimeoutError...
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
         hint = ("check that the head node is up and reachable from this host (and that this host runs "

@@ -14,6 +14,7 @@ import sys
 import time
 
 POLL_S = 0.5
+SCAN_EVERY = 10  # polls between scans for new helpers and workers
 GRACE_S = 3.0
 
 
@@ -58,12 +59,13 @@ def _signal(procs: dict[int, str], sig: int) -> None:
 
 def watch(driver: int, driver_start: str, roots: dict[int, str]) -> None:
     """Follow ``roots``' descendants while ``driver`` lives; then stop them (TERM, then KILL)."""
-    procs = dict(roots)
+    procs, polls = dict(roots), 0
     while (st := _stat(driver)) and st[1] == driver_start:
-        procs.update(descendants(procs))
-        procs = _alive(procs)
-        if not procs:
-            return
+        if polls % SCAN_EVERY == 0:  # a /proc scan costs more than a look at the driver
+            procs = _alive({**procs, **descendants(procs)})
+            if not procs:
+                return
+        polls += 1
         time.sleep(POLL_S)
     _signal(procs, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
