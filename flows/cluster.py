@@ -130,8 +130,8 @@ class Cluster:
 
         port = free_port()
         api = f"http://127.0.0.1:{port}/api"
-        server_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": database,
-                      "PREFECT_HOME": str(self.root / "prefect-home")}
+        server_env = {**env, "PREFECT_API_DATABASE_CONNECTION_URL": database, "PREFECT_UI_API_URL": api,
+                      "PREFECT_HOME": str(self.root / "prefect-home")}  # the UI's default API is :4200
         server_env.pop("PREFECT_API_URL", None)
         proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                               "127.0.0.1", "--port", str(port)], server_env)
