@@ -66,11 +66,11 @@ def demo_setup(demo: str) -> dict | None:
 def make_worker(setup: dict, output: str, **settings):
     """An in-process SampleWorker for ``settings`` (SampleConfig fields)."""
     from pipelines.checkpoints import load_checkpoint
-    from pipelines.sample import SampleConfig, SampleWorker, sample_spec, sit_spec
+    from pipelines.sample import SampleConfig, SampleWorker, sample_spec, model_spec
 
     config = SampleConfig(ckpt=setup["ckpt"], vae_path=setup["vae"], output=output, model=setup["model"], **settings)
     ckpt = load_checkpoint(setup["ckpt"])
-    name, kw = sit_spec(ckpt, setup["model"])
+    name, kw = model_spec(ckpt, setup["model"])
     return SampleWorker({**sample_spec(config, setup["ckpt"], ckpt, name, kw, "bench"), "device": "auto"}), kw
 
 

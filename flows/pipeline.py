@@ -83,7 +83,8 @@ def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
     report = report_task(ReportConfig(
         output=at.report, title=f"ReaLS run report: {at.root}", data_path=at.shards,
         vae_run=configs["train-vae"].output, vae_dir=configs["convert"].output_dir, store=configs["encode"].output,
-        sit_run=configs["train-sit"].output, samples=configs["sample"].output, metrics=configs["evaluate"].output,
+        sit_run=configs["train-sit"].output, model=configs["train-sit"].model, samples=configs["sample"].output,
+        metrics=configs["evaluate"].output,
         downstream=configs["downstream"].output if "downstream" in configs else None, stages=rows))
     publish_report(report)
     return PipelineSummary(output=at.root, stages=rows, report=report.report, metrics=report.metrics)

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,8 +40,15 @@ class PipelineConfig(BaseModel):
     train_vae: dict[str, Any] = Field(default_factory=dict, description="TrainVAEConfig fields")
     convert: dict[str, Any] = Field(default_factory=dict, description="ConvertConfig fields")
     encode: dict[str, Any] = Field(default_factory=dict, description="EncodeConfig fields")
+    family: Literal["SiT", "DiT"] | None = Field(
+        None, description="generator family: SiT (flow matching; ODE/SDE sampling) or DiT (DDPM with learned "
+                          "variance; trained by train-dit on the train_sit settings at the same size, sampled with "
+                          "sample_dit); default: the family of train_sit.model")
     train_sit: dict[str, Any] = Field(default_factory=dict, description="TrainSiTConfig fields")
     sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig fields")
+    sample_dit: dict[str, Any] = Field(default_factory=lambda: {"mode": "DDPM"},
+                                       description="SampleConfig fields replacing the sample section's SiT sampler "
+                                                   "settings for a DiT (default: DDPM, 250 respaced steps)")
     make_reference: dict[str, Any] = Field(default_factory=dict, description="MakeReferenceConfig fields")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="EvaluateConfig fields")
     downstream: dict[str, Any] | None = Field(None, description="DownstreamConfig fields: when set (and the data "
@@ -175,11 +182,14 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
         "ckpt": at.vae_run, "output_dir": at.vae_dir, "data_path": at.shards}, pc.convert), ("train-vae",)))
     steps.append(Step("encode", "encode", _config("encode", "encode", {
         "data_path": at.shards, "vae_path": at.vae_dir, "output": at.store}, pc.encode), ("convert",)))
-    steps.append(Step("train-sit", "train-sit", _config("train-sit", "train_sit", {
-        "data_path": at.store, "output": at.sit_run, "resume": True}, pc.train_sit), ("encode",)))
+    from pipelines.train_sit import generator_sections
+
+    train_stage, train_sit, sample = generator_sections(pc.train_sit, pc.sample, pc.sample_dit, family=pc.family)
+    steps.append(Step("train-sit", train_stage, _config(train_stage, "train_sit", {
+        "data_path": at.store, "output": at.sit_run, "resume": True}, train_sit), ("encode",)))
     steps.append(Step("sample", "sample", _config("sample", "sample", {
         "mode": "ODE", "ckpt": at.sit_run, "vae_path": at.vae_dir, "output": at.samples,
-        "save_latents": pc.downstream is not None}, pc.sample), ("train-sit",)))
+        "save_latents": pc.downstream is not None}, sample), ("train-sit",)))
     evaluate_after = ("sample",)
     if "ref_batch" not in pc.evaluate:
         if not val:

@@ -1,4 +1,7 @@
-"""Stage `experiment`: SiT on ReaLS latents vs on a plain VAE's latents, as a controlled experiment (issue 9).
+"""Stage `experiment`: SiT (or DiT) on ReaLS latents vs on a plain VAE's latents, a controlled experiment (issue 9).
+
+``--model`` picks the generator: a SiT (train-sit, sampled by the ``sample`` section) or a DiT (train-dit on the
+``train_sit`` section's settings, sampled by DDPM with the ``sample_dit`` settings in place of the SiT sampler's).
 
 Two arms on the same shards, VAE architecture, VAE steps and seeds, whose configs differ ONLY in the
 alignment weight (checked in code from the recorded configs, and written to ``config_check.json``):
@@ -84,8 +87,13 @@ class ExperimentConfig(StageConfig):
                                                         "from (None: each arm trains its VAE from scratch)")
     convert: dict = Field(default_factory=dict, description="ConvertConfig fields")
     encode: dict = Field(default_factory=dict, description="EncodeConfig fields")
-    train_sit: dict = Field(default_factory=dict, description="TrainSiTConfig fields")
+    model: str | None = Field(None, description="generator, overriding train_sit.model: SiT-* (flow matching) or "
+                                                "DiT-* (DDPM, learned variance), e.g. DiT-T/2")
+    train_sit: dict = Field(default_factory=dict, description="TrainSiTConfig fields (a DiT: TrainDiTConfig's)")
     sample: dict = Field(default_factory=dict, description="SampleConfig fields")
+    sample_dit: dict = Field(default_factory=lambda: {"mode": "DDPM", "num_sampling_steps": 50},
+                             description="SampleConfig fields that replace the sample section's sampler settings "
+                                         "when the generator is a DiT")
     evaluate: dict = Field(default_factory=dict, description="EvaluateConfig fields")
     assess: dict = Field(default_factory=dict, description="AssessConfig fields (domain space, reconstruction)")
     show_progress: ShowProgress = Field(True, description="show a progress bar per phase")
@@ -145,6 +153,11 @@ def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dic
     return build(stage(stage_name).config, {**(defaults or {}), **given, **fixed}, f"experiment section {name}.")
 
 
+def unit_stage(kind: str, train_stage: str) -> str:
+    """The registry stage of a run's unit ``kind``: the generator's training stage for ``train-sit``."""
+    return train_stage if kind == "train-sit" else kind
+
+
 def plan(config: ExperimentConfig) -> Plan:
     """Every unit of the experiment; paths follow the layout under ``config.output``."""
     if "://" in config.output and not config.output.startswith("file://"):
@@ -180,6 +193,10 @@ def plan(config: ExperimentConfig) -> Plan:
         shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", stage("extract-ema").config(
             ckpt=pre_run, output=init["vae_ckpt"]))
 
+    from pipelines.train_sit import generator_sections
+
+    train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
+                                                        model=config.model)
     runs: dict[tuple[str, int], dict[str, Unit]] = {}
     for seed in range(config.seeds):
         for arm in ARMS:
@@ -194,18 +211,19 @@ def plan(config: ExperimentConfig) -> Plan:
                     "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
                 "encode": _section("encode", "encode", config.encode, {
                     "data_path": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
-                "train-sit": _section("train-sit", "train_sit", config.train_sit, {
+                "train-sit": _section(train_stage, "train_sit", train_sit, {
                     "data_path": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
-                "sample": _section("sample", "sample", config.sample, {
+                "sample": _section("sample", "sample", sample, {
                     "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
-                    {"mode": "ODE", "labels": "balanced", "workers": 1}),
+                    {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),
                 "evaluate": _section("evaluate", "evaluate", config.evaluate, {
                     "ref_batch": reference, "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
                 "assess": _section("assess", "assess", config.assess, {
                     "evaluator": evaluator, "ref_batch": reference, "sample_batch": samples, "vae_path": vae_dir,
                     "output": join(r, "assessment.json")}),
             }
-            runs[(arm, seed)] = {kind: Unit(f"{name}-{kind}", kind, c) for kind, c in configs.items()}
+            runs[(arm, seed)] = {kind: Unit(f"{name}-{kind}", unit_stage(kind, train_stage), c)
+                                 for kind, c in configs.items()}
     return Plan(root, shared, runs)
 
 
@@ -352,7 +370,7 @@ def collect(plan_: Plan, records: dict[str, dict], config: ExperimentConfig) -> 
         metrics.update(rec["assess"]["metrics"])
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
-            "model": rec["train-sit"]["model"], "sit_parameters": rec["train-sit"]["parameters"],
+            "model": rec["train-sit"]["model"], "family": rec["train-sit"]["family"], "sit_parameters": rec["train-sit"]["parameters"],
             "vae_parameters": rec["assess"]["vae_parameters"], "vae_steps": rec["train-vae"]["steps"],
             "sit_steps": rec["train-sit"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],
             "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["train-sit"]["final_loss"],
@@ -393,8 +411,9 @@ def markdown(results: dict, check: dict) -> str:
     arrows = {k: "↓" if k in LOWER_IS_BETTER else "↑" for k in keys}
     pre = results["pretrain"]
     vae_steps = (lambda n: f"{pre['steps']}+{n}") if pre else str
-    head = ["Model", "VAE", "Params (SiT / VAE)", "Steps (VAE / SiT)", "NFE"] + [k + arrows[k] for k in keys]
-    lines = [f"## SiT on ReaLS latents vs on plain VAE latents ({results['seeds']} seeds, mean ± std)", "",
+    family = first["vae"]["family"]
+    head = ["Model", "VAE", f"Params ({family} / VAE)", f"Steps (VAE / {family})", "NFE"] + [k + arrows[k] for k in keys]
+    lines = [f"## {family} on ReaLS latents vs on plain VAE latents ({results['seeds']} seeds, mean ± std)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in ARMS:
         r, m = first[arm], results["arms"][arm]["metrics"]
@@ -403,7 +422,8 @@ def markdown(results: dict, check: dict) -> str:
         cells += [f"{_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = range(results["seeds"])
-    lines += ["", "### Paired differences, ReaLS − VAE (same seed: same data order, init seed, SiT seed, noise)", "",
+    lines += ["", f"### Paired differences, ReaLS − VAE (same seed: same data order, init seed, {family} seed, "
+              "noise)", "",
               "| metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " | ReaLS better in |",
               "|" + "---|" * (results["seeds"] + 3)]
     for k in keys:
@@ -429,10 +449,10 @@ def markdown(results: dict, check: dict) -> str:
               "assigns to their conditioning class.",
               "- FD_* are Frechet distances in the named feature space, not FID, and not comparable with published FID.",
               f"- VAE init: {init}.",
-              "- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents). SiT "
+              f"- patch_cos/global_cos of the VAE arm come from its probe heads (trained on detached latents). {family} "
               "losses (loss_curves.png) are in each arm's own normalised latent space: not comparable across arms.",
               "- Posterior noise/signal = E[posterior var] / Var(posterior mean) of a latent channel on the reference "
-              "images: SiT trains on posterior samples, so a channel above 1 is mostly noise in its latents.",
+              f"images: {family} trains on posterior samples, so a channel above 1 is mostly noise in its latents.",
               f"- Config check: the arms' recorded configs differ only in `{key}` ({per_seed})."]
     lines += [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
@@ -466,7 +486,8 @@ def loss_curves_png(results: dict) -> bytes:
         if pts:
             axes[2].plot(*zip(*pts), color=ARM_COLOURS[r["arm"]], alpha=0.8, linewidth=1.1,
                          label=f"{r['arm']} seed {r['seed']}")
-    axes[2].set(xlabel="SiT step", title="SiT flow-matching loss")
+    family = results["runs"][0].get("family", "SiT")
+    axes[2].set(xlabel=f"{family} step", title="DiT loss (MSE + VLB)" if family == "DiT" else "SiT flow-matching loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

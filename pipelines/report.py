@@ -36,7 +36,8 @@ class ReportConfig(StageConfig):
     vae_run: str | None = Field(None, description="train-vae run folder (log.jsonl, samples/)")
     vae_dir: str | None = Field(None, description="converted ReaLS VAE directory (provenance.json)")
     store: str | None = Field(None, description="latent store URL")
-    sit_run: str | None = Field(None, description="train-sit run folder (log.jsonl)")
+    sit_run: str | None = Field(None, description="train-sit or train-dit run folder (log.jsonl)")
+    model: str | None = Field(None, description="the generator trained in sit_run, e.g. SiT-XL/2 or DiT-XL/2")
     samples: str | None = Field(None, description="samples .npz (ADM layout)")
     metrics: str | None = Field(None, description="metrics.json from `reals evaluate`")
     downstream: str | None = Field(None, description="output folder of `reals downstream` (report.md, overlays)")
@@ -286,9 +287,11 @@ def write_report(config: ReportConfig) -> ReportSummary:
     if config.store:
         lines += _store_section(config.store)
     if config.sit_run:
+        family = (config.model or "SiT").split("-", 1)[0]
         curve = save("loss_curves_sit.png", loss_curves_png(read_log(join(to_url(config.sit_run), "log.jsonl")),
-                                                            "train-sit"))
-        lines += _training_section("SiT training", config.sit_run, curve)
+                                                            f"train-{family.lower()}"))
+        lines += _training_section(f"{family} training" + (f" ({config.model})" if config.model else ""),
+                                   config.sit_run, curve)
     if config.samples and npz_shape(config.samples):
         shape = npz_shape(config.samples)
         pool = npz_head(config.samples, "arr_0", GRID_POOL)

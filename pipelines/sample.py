@@ -1,9 +1,13 @@
-"""Stage `sample`: draw images from a SiT checkpoint through the ReaLS VAE, in parallel on Ray actors.
+"""Stage `sample`: draw images from a SiT or DiT checkpoint through the ReaLS VAE, in parallel on Ray actors.
+
+SiT (flow matching) samples by ``ODE`` or ``SDE``; DiT (DDPM with learned variance) by ``DDPM`` (ancestral, the
+learned variance; 250 respaced steps as DiT's ``sample_ddp.py``) or ``DDIM`` (``--eta``, 0 deterministic). A
+checkpoint of one family given to the other's sampler is refused by name.
 
 Every sample ``i`` is a pure function of ``(global_seed, i)`` and the settings: its label, its initial noise
-and its SDE noise come from its own generators, and index ranges are cut into batches the same way whatever
+and its SDE/DDPM noise come from its own generators, and index ranges are cut into batches the same way whatever
 the number of workers, so the result does not depend on how many workers drew it. The work is split into
-units of ``--unit-size`` indices; each Ray actor loads the SiT and the VAE once and writes a unit as
+units of ``--unit-size`` indices; each Ray actor loads the model and the VAE once and writes a unit as
 ``<output>.parts/{start:08d}-{end:08d}.npz`` (``arr_0`` uint8 NHWC images, ``arr_1`` labels, optionally
 ``latents``) followed by its done-marker ``.json``. A re-run skips units whose marker agrees with the
 settings and the part's bytes. The driver then merges the parts into ``<output>`` in the ADM layout that the
@@ -15,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +34,8 @@ from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.registry import Stage
 from reals import ReaLSError
-from reals.sit import create_sit
+from reals.diffusion import DDIMSampler, DDPMSampler, GaussianDiffusion
+from reals.models import create_model, model_family
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
@@ -38,6 +44,7 @@ from storage.markers import fingerprint, read_json, sha256_bytes, write_json
 
 GRID_SAMPLES = 64
 LABEL_STREAM, NOISE_STREAM = 0, 1
+FAMILY_MODES = {"SiT": ("ODE", "SDE"), "DiT": ("DDPM", "DDIM")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,22 +54,25 @@ LABEL_STREAM, NOISE_STREAM = 0, 1
 class SampleConfig(StageConfig):
     """Inputs of `reals sample`."""
 
-    mode: Annotated[Literal["ODE", "SDE"], Cli(positional=True, parse=str.upper)] = Field(description="ODE: the probability-flow ODE; SDE: the reverse-time SDE "
-                                                    "(SiT's sample_ddp.py modes)")
-    ckpt: str = Field(description="SiT checkpoint: a train-sit .pt (or its run folder) or a bare SiT state_dict")
+    mode: Annotated[Literal["ODE", "SDE", "DDPM", "DDIM"], Cli(positional=True, parse=str.upper)] = Field(
+        description="SiT: ODE (the probability-flow ODE) or SDE (the reverse-time SDE), SiT's sample_ddp.py modes; "
+                    "DiT: DDPM (ancestral, the learned variance) or DDIM")
+    ckpt: str = Field(description="model checkpoint: a train-sit/train-dit .pt (or its run folder) or a bare "
+                                  "SiT/DiT state_dict")
     vae_path: str = Field(description="ReaLS VAE directory that decodes the latents (local)")
     output: str = Field(description="samples file (.npz, ADM layout), local or s3://")
-    model: str | None = Field(None, description="SiT model name, e.g. SiT-XL/2 (default: the checkpoint's)")
+    model: str | None = Field(None, description="model name, e.g. SiT-XL/2 or DiT-XL/2 (default: the checkpoint's)")
     cfg_scale: float = Field(1.5, ge=0, description="classifier-free guidance scale (1: no guidance)")
     guidance_interval: Annotated[tuple[float, float] | None, Cli(metavar=("LO", "HI"))] = Field(
-        None, description="guide only where LO <= tau <= HI, tau = 1 - t the noise level (tau=1 pure noise, "
-                          "tau=0 data; t is SiT's time); ReaLS uses 0 0.75 (the noisiest quarter unguided); "
-                          "default: guide everywhere")
+        None, description="guide only where LO <= tau <= HI, tau the noise level (tau=1 pure noise, tau=0 data): "
+                          "1 - t for SiT's time t, t / 1000 for DiT's timestep t; ReaLS uses 0 0.75 (the noisiest "
+                          "quarter unguided); default: guide everywhere")
     cfg_channels: str = Field("all", pattern=r"^(all|[1-9]\d*)$",
                               description="latent channels guided: all, or the first N (3 as in DiT/SiT)")
     num_sampling_steps: int = Field(
         250, ge=2, description="time grid points linspace(t0, t1, N) as in SiT's sample_ddp.py: N - 1 steps (SDE: "
-                               "N - 1 noisy steps and the last step); REPA's --num-steps N is N + 1 here")
+                               "N - 1 noisy steps and the last step); REPA's --num-steps N is N + 1 here. DDPM/DDIM: "
+                               "N respaced timesteps of the 1000 (N model evaluations), as in DiT's sample_ddp.py")
     sampling_method: Literal["euler", "heun", "heun-repa", "dopri5"] | None = Field(
         None, description="ODE: euler, heun (default), heun-repa (REPA's: no corrector on the last step, its "
                           "guidance decided at the current time) or dopri5 (adaptive; its steps depend on the whole "
@@ -75,6 +85,7 @@ class SampleConfig(StageConfig):
         "mean", description="SDE last step (SiT's --last-step): mean (along the SDE drift), euler (along the "
                             "velocity), tweedie (the denoised estimate) or none")
     last_step_size: float = Field(0.04, gt=0, lt=1, description="SDE last step size (the grid ends at 1 - it)")
+    eta: float = Field(0.0, ge=0, description="DDIM noise scale (0: deterministic)")
     path_type: Literal["Linear", "GVP"] | None = Field(None, description="transport path (default: the checkpoint's)")
     prediction: Literal["velocity", "score", "noise"] | None = Field(
         None, description="what the model predicts (default: the checkpoint's)")
@@ -107,8 +118,12 @@ class SampleConfig(StageConfig):
 
     @model_validator(mode="after")
     def _method_of_mode(self):
-        """The integrator defaults per mode (ODE: heun, SDE: euler); an SDE takes euler or heun only."""
-        if self.sampling_method is None:
+        """The integrator defaults per mode (ODE: heun, SDE: euler); an SDE takes euler or heun only; DDPM and
+        DDIM take none."""
+        if self.mode in ("DDPM", "DDIM"):
+            if self.sampling_method is not None:
+                raise ValueError(f"sampling_method does not apply to {self.mode}")
+        elif self.sampling_method is None:
             self.sampling_method = "heun" if self.mode == "ODE" else "euler"
         elif self.mode == "SDE" and self.sampling_method not in SDE_METHODS:
             raise ValueError(f"sampling_method {self.sampling_method} is an ODE method; SDE takes "
@@ -186,25 +201,35 @@ def image_grid(images: np.ndarray, cols: int) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 
 def checkpoint_weights(ckpt: dict, use_ema: bool) -> tuple[dict, str]:
-    """``(state_dict, which)`` from a train-sit checkpoint (``ema`` or ``model``) or a bare SiT state_dict."""
+    """``(state_dict, which)`` from a training checkpoint (``ema`` or ``model``) or a bare SiT/DiT state_dict."""
     if isinstance(ckpt.get("model"), dict):
         if use_ema and isinstance(ckpt.get("ema"), dict):
             return ckpt["ema"], "ema"
         return ckpt["model"], "model"
     if "x_embedder.proj.weight" not in ckpt:
-        raise StageError("the checkpoint holds neither a train-sit state nor a SiT state_dict")
+        raise StageError("the checkpoint holds neither a training state nor a SiT/DiT state_dict")
     return ckpt, "state_dict"
 
 
-def sit_spec(ckpt: dict, model: str | None = None, num_classes: int | None = None) -> tuple[str, dict]:
-    """``(model name, SiT keyword arguments)`` of a checkpoint: its recorded config, else inferred from shapes."""
+def model_spec(ckpt: dict, model: str | None = None, num_classes: int | None = None,
+               ckpt_url: str | None = None) -> tuple[str, dict]:
+    """``(model name, constructor keyword arguments)`` of a checkpoint: its recorded config, else inferred from
+    shapes. A bare state dict whose file is named after one family ("DiT-XL-2-256x256.pt") is refused as the other."""
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     recorded = args.get("model")
     if model and recorded and model != recorded:
         raise StageError(f"--model {model} disagrees with the checkpoint, which holds a {recorded}")
     name = model or recorded
     if not name:
-        raise StageError("the checkpoint does not name its model: pass --model (e.g. SiT-XL/2)")
+        raise StageError("the checkpoint does not name its model: pass --model (e.g. SiT-XL/2 or DiT-XL/2)")
+    try:
+        family = model_family(name)
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    named = posixpath.basename(ckpt_url or "").split("-", 1)[0]
+    if not recorded and named in FAMILY_MODES and named != family:
+        raise StageError(f"--model {name} is a {family}, but {posixpath.basename(ckpt_url)} is named as a {named} "
+                         "checkpoint")
     if isinstance(ckpt.get("model_config"), dict):
         kw = {k: ckpt["model_config"][k] for k in ("input_size", "in_channels", "num_classes",
                                                     "class_dropout_prob", "learn_sigma")}
@@ -222,11 +247,20 @@ def sit_spec(ckpt: dict, model: str | None = None, num_classes: int | None = Non
     return name, kw
 
 
+def check_mode(mode: str, name: str) -> None:
+    """Refuse a sampler of the other family: SiT samples by ODE/SDE, DiT by DDPM/DDIM."""
+    family = model_family(name)
+    if mode not in FAMILY_MODES[family]:
+        other = next(f for f, modes in FAMILY_MODES.items() if mode in modes)
+        raise StageError(f"{mode} samples a {other}, but the checkpoint holds {name}, a {family}: sample it with "
+                         f"{' or '.join(FAMILY_MODES[family])}")
+
+
 def check_weights_fit(name: str, kw: dict, state: dict) -> None:
     """Refuse a state_dict whose tensors do not fit model ``name`` (checked on the meta device, no memory)."""
     try:
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in create_sit(name, **kw).state_dict().items()}
+            shapes = {k: tuple(v.shape) for k, v in create_model(name, **kw).state_dict().items()}
     except ReaLSError as e:
         raise StageError(str(e)) from None
     missing = sorted(set(shapes) - set(state))
@@ -238,18 +272,40 @@ def check_weights_fit(name: str, kw: dict, state: dict) -> None:
                          f"{len(wrong)} mis-shaped tensors (e.g. {first}); is --model right?")
 
 
-def load_sit(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> torch.nn.Module:
-    """The SiT of a checkpoint (EMA weights when asked and present) in eval mode on ``device``."""
-    model = create_sit(name, **kw)
+def load_model(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> torch.nn.Module:
+    """The SiT or DiT of a checkpoint (EMA weights when asked and present) in eval mode on ``device``."""
+    model = create_model(name, **kw)
     model.load_state_dict(checkpoint_weights(ckpt, use_ema)[0])
     return model.to(device).eval()
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int | None, interval: tuple[float, float] | None):
-    """The model wrapped in classifier-free guidance (the bare model when ``cfg_scale`` is 1)."""
+    """The model wrapped in classifier-free guidance (the bare model when ``cfg_scale`` is 1). For DiT the guided
+    channels are ε's ("all" = the latent channels; the variance values keep the conditional prediction) and the
+    interval is on tau = t / T."""
     if cfg_scale == 1.0:
         return model
+    if model.family == "DiT":
+        return ClassifierFreeGuidance(model, cfg_scale, cfg_channels=cfg_channels or model.in_channels,
+                                      guidance_interval=interval, noise_level=GaussianDiffusion().noise_level)
     return ClassifierFreeGuidance(model, cfg_scale, cfg_channels=cfg_channels, guidance_interval=interval)
+
+
+def make_sampler(spec: dict):
+    """The sampler of ``spec["mode"]`` with the spec's settings."""
+    mode, steps = spec["mode"], spec["num_sampling_steps"]
+    try:
+        if mode == "ODE":
+            return ODESampler(create_transport(spec["path_type"], spec["prediction"]), spec["sampling_method"], steps,
+                              spec["atol"], spec["rtol"])
+        if mode == "SDE":
+            return SDESampler(create_transport(spec["path_type"], spec["prediction"]), steps, spec["diffusion_norm"],
+                              spec["last_step_size"], spec["sampling_method"], spec["last_step"])
+        if mode == "DDPM":
+            return DDPMSampler(GaussianDiffusion(), steps)
+        return DDIMSampler(GaussianDiffusion(), steps, spec["eta"])
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +333,7 @@ def part_is_done(parts: str, start: int, end: int, run_fp: str) -> bool:
 
 
 class SampleWorker:
-    """Holds a SiT, its sampler and the ReaLS VAE; draws whole index ranges into part files."""
+    """Holds a SiT or DiT, its sampler and the ReaLS VAE; draws whole index ranges into part files."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -288,16 +344,10 @@ class SampleWorker:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         ckpt = load_checkpoint(spec["ckpt"])
-        self.model = load_sit(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
+        self.model = load_model(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
         del ckpt
         self.vae = ReaLSVAE.from_pretrained(spec["vae_path"]).to(self.device).eval()
-        transport = create_transport(spec["path_type"], spec["prediction"])
-        if spec["mode"] == "ODE":
-            self.sampler = ODESampler(transport, spec["sampling_method"], spec["num_sampling_steps"],
-                                      spec["atol"], spec["rtol"])
-        else:
-            self.sampler = SDESampler(transport, spec["num_sampling_steps"], spec["diffusion_norm"],
-                                      spec["last_step_size"], spec["sampling_method"], spec["last_step"])
+        self.sampler = make_sampler(spec)
         channels = None if spec["cfg_channels"] == "all" else int(spec["cfg_channels"])
         interval = tuple(spec["guidance_interval"]) if spec["guidance_interval"] else None
         self.fn = guided_model(self.model, spec["cfg_scale"], channels, interval)
@@ -312,7 +362,7 @@ class SampleWorker:
         gens = sample_generators(s["global_seed"], indices, NOISE_STREAM)
         x0 = randn_per_sample(gens, self.latent_shape, device=self.device)
         y = y.to(self.device)
-        if s["mode"] == "SDE":
+        if s["mode"] in ("SDE", "DDPM", "DDIM"):
             z = self.sampler(x0, self.fn, generators=gens, y=y)
         else:
             z = self.sampler(x0, self.fn, y=y)
@@ -359,7 +409,7 @@ def _check_vae(vae, name: str, kw: dict, ckpt: dict, vae_path: str) -> None:
 SAMPLE_KEYS = ("mode", "cfg_scale", "guidance_interval", "cfg_channels", "num_sampling_steps", "labels",
                "per_proc_batch_size", "global_seed", "use_ema", "save_latents")
 METHOD_KEYS = {"ODE": ("sampling_method", "atol", "rtol"),
-               "SDE": ("sampling_method", "diffusion_norm", "last_step", "last_step_size")}
+               "SDE": ("sampling_method", "diffusion_norm", "last_step", "last_step_size"), "DDPM": (), "DDIM": ("eta",)}
 # Bumped when the meaning of a setting changes, so parts drawn under the old meaning are not reused.
 # "sit": num_sampling_steps counts grid points and the SDE noise is SiT's sqrt(2 D dt).
 CONVENTIONS = "sit"
@@ -453,7 +503,8 @@ def run(config: SampleConfig) -> SampleSummary:
     output = to_url(config.output)
     ckpt_url = resolve_checkpoint(config.ckpt)
     ckpt = load_checkpoint(ckpt_url)
-    name, kw = sit_spec(ckpt, config.model, config.num_classes)
+    name, kw = model_spec(ckpt, config.model, config.num_classes, ckpt_url)
+    check_mode(config.mode, name)
     state, which = checkpoint_weights(ckpt, config.use_ema)
     check_weights_fit(name, kw, state)
     try:
@@ -464,6 +515,7 @@ def run(config: SampleConfig) -> SampleSummary:
     if config.cfg_scale != 1.0 and not kw["class_dropout_prob"]:
         raise StageError("the model was trained without class dropout (no null class): use --cfg-scale 1")
     spec = sample_spec(config, ckpt_url, ckpt, name, kw, vae.fingerprint)
+    make_sampler(spec)  # settings the sampler refuses fail here, before any worker starts
     parts = spec["parts"]
     del ckpt, state, vae
 
@@ -528,8 +580,8 @@ def show(s: SampleSummary) -> None:
 
 
 STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
-                help="draw samples from a SiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
+                help="draw samples from a SiT or DiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
                 description=__doc__.split("\n\n")[0],
-                epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data); --guidance-interval LO HI is on "
-                       "the noise level tau = 1 - t, so `--guidance-interval 0 0.75` guides all but the noisiest "
-                       "quarter.")]
+                epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data), DiT's timestep from 999 (noise) to "
+                       "0; --guidance-interval LO HI is on the noise level tau = 1 - t (SiT) or t / 1000 (DiT), so "
+                       "`--guidance-interval 0 0.75` guides all but the noisiest quarter.")]

@@ -1,4 +1,7 @@
-"""Stage `train-sit`: train a class-conditional SiT by flow matching on the normalised latents of a latent store.
+"""Stages `train-sit` and `train-dit`: train a class-conditional SiT (flow matching) or DiT (DDPM with learned
+variance: ε-prediction, linear betas 1e-4..0.02 over 1000 steps, MSE + VLB on a stop-gradient mean) on the
+normalised latents of a latent store. One trainer serves both; the model name says the family (``SiT-B/2``,
+``DiT-B/2``) and each stage takes its own family's models.
 
 The model's ``in_channels`` and ``input_size`` come from the store's ``latent_shape`` and its classes from the
 store's ``num_classes`` (label ``num_classes`` is the null class of classifier-free guidance, used for class
@@ -24,11 +27,11 @@ import os
 import time
 import warnings
 from contextlib import closing, nullcontext
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
@@ -39,7 +42,8 @@ from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_g
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
 from reals.ema import update_ema
-from reals.sit import SiT_models, create_sit
+from reals.diffusion import DDIMSampler, GaussianDiffusion
+from reals.models import MODELS, create_model, model_family
 from reals.transport import ODESampler, create_transport, randn_per_sample
 from reals.vae import ReaLSVAE
 from storage.fs import exists, join, to_url
@@ -60,9 +64,11 @@ RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", 
 class TrainSiTConfig(StageConfig):
     """Inputs of `reals train-sit`."""
 
+    family: ClassVar[str] = "SiT"
+
     data_path: str = Field(description="latent store URL (or, for comparison, a shards folder with --vae-path)")
     output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
-    model: str = Field("SiT-XL/2", description="SiT model: " + ", ".join(SiT_models))
+    model: str = Field("SiT-XL/2", description="SiT model: " + ", ".join(n for n in MODELS if n.startswith("SiT")))
     global_batch_size: int = Field(256, ge=1, description="samples per optimiser step over all ranks")
     epochs: Annotated[int | None, Cli(group="length")] = Field(None, ge=1, description="stop after this many passes over the data")
     max_steps: Annotated[int | None, Cli(group="length")] = Field(None, ge=1, description="stop after this many optimiser steps")
@@ -72,8 +78,8 @@ class TrainSiTConfig(StageConfig):
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay per step")
     class_dropout: float = Field(0.1, ge=0, lt=1, description="probability of replacing a label by the null class")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
-    path_type: Literal["Linear", "GVP"] = Field("Linear", description="transport path between noise and data")
-    prediction: Literal["velocity", "score", "noise"] = Field("velocity", description="what the model predicts")
+    path_type: Literal["Linear", "GVP"] = Field("Linear", description="SiT: transport path between noise and data")
+    prediction: Literal["velocity", "score", "noise"] = Field("velocity", description="SiT: what the model predicts")
     compile: bool = Field(False, description="torch.compile the model")
     seed: int = Field(0, ge=0, description="seed of the weights, the data order and the noise")
     log_every: int = Field(100, ge=1, description="append interval means to log.jsonl every N steps")
@@ -90,6 +96,24 @@ class TrainSiTConfig(StageConfig):
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
+    @field_validator("model")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(MODELS)}")
+        if model_family(v) != cls.family:
+            other = "train-dit" if cls.family == "SiT" else "train-sit"
+            raise ValueError(f"{v} is a {model_family(v)}: train it with reals {other}")
+        return v
+
+
+class TrainDiTConfig(TrainSiTConfig):
+    """Inputs of `reals train-dit`: those of train-sit, for DiT models (path_type and prediction do not apply)."""
+
+    family: ClassVar[str] = "DiT"
+
+    model: str = Field("DiT-XL/2", description="DiT model: " + ", ".join(n for n in MODELS if n.startswith("DiT")))
+
 
 class TrainSiTSummary(BaseModel):
     """What `reals train-sit` did (rank 0's view)."""
@@ -100,6 +124,7 @@ class TrainSiTSummary(BaseModel):
     epoch: int = Field(description="epochs completed")
     resumed_from: int | None
     model: str
+    family: str = Field(description="SiT (flow matching) or DiT (DDPM, learned variance)")
     parameters: int
     latent_shape: list[int]
     num_classes: int
@@ -227,24 +252,24 @@ def load_vae(path: str) -> ReaLSVAE:
 # ---------------------------------------------------------------------------------------------------
 
 def build_model(name: str, latent_shape: tuple[int, int, int], num_classes: int, class_dropout: float):
-    """The SiT ``name`` for latents ``latent_shape``; a StageError naming both shapes when it cannot fit."""
+    """The SiT or DiT ``name`` for latents ``latent_shape``; a StageError naming both shapes when it cannot fit."""
     c, h, w = latent_shape
-    if name not in SiT_models:
-        raise StageError(f"unknown SiT model {name!r}; choose one of: {', '.join(SiT_models)}")
+    if name not in MODELS:
+        raise StageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if h != w:
-        raise StageError(f"SiT takes square latents; the store holds {shape_str(latent_shape)}")
+        raise StageError(f"{model_family(name)} takes square latents; the store holds {shape_str(latent_shape)}")
     try:
-        return create_sit(name, input_size=h, in_channels=c, num_classes=num_classes,
-                          class_dropout_prob=class_dropout)
+        return create_model(name, input_size=h, in_channels=c, num_classes=num_classes,
+                            class_dropout_prob=class_dropout)
     except ReaLSError as e:
         raise StageError(f"{name} cannot take the store's latents {shape_str(latent_shape)}: {e}") from None
 
 
 class Trainer(TrainingLoop):
-    """One training run of SiT: the model, its EMA and optimiser, and the step the shared loop drives."""
+    """One training run of SiT or DiT: the model, its EMA and optimiser, and the step the shared loop drives."""
 
     def __init__(self, cfg: TrainSiTConfig, d: Dist):
-        self.cfg = cfg
+        self.cfg, self.stage = cfg, f"train-{cfg.family.lower()}"
         if cfg.global_batch_size % d.world:
             raise StageError(f"--global-batch-size {cfg.global_batch_size} is not divisible by {d.world} ranks")
         self.batch_size = cfg.global_batch_size // d.world
@@ -262,8 +287,9 @@ class Trainer(TrainingLoop):
         self.model = build_model(cfg.model, self.latent_shape, self.source.num_classes,
                                  cfg.class_dropout).to(d.device)
         self.ema = ema_copy(self.model)
-        try:
-            self.transport = create_transport(cfg.path_type, cfg.prediction)
+        try:  # the training objective: DiT's diffusion or SiT's transport, both with training_losses
+            self.objective = (GaussianDiffusion() if self.model.family == "DiT"
+                              else create_transport(cfg.path_type, cfg.prediction))
         except ReaLSError as e:
             raise StageError(str(e)) from None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -344,7 +370,10 @@ class Trainer(TrainingLoop):
         x0 = randn_per_sample(sample_generators(self.cfg.seed, idx, NOISE_STREAM), self.latent_shape,
                               device=self.d.device)
         fn = guided_model(self.ema, GRID_CFG_SCALE if self.cfg.class_dropout else 1.0, None, None)
-        z = ODESampler(self.transport, "heun", GRID_STEPS)(x0, fn, y=y)
+        if isinstance(self.objective, GaussianDiffusion):
+            z = DDIMSampler(self.objective, GRID_STEPS - 1)(x0, fn, y=y)
+        else:
+            z = ODESampler(self.objective, "heun", GRID_STEPS)(x0, fn, y=y)
         return image_grid(decode_latents(self.grid_vae, z), GRID_SAMPLES)
 
     # -- one step -------------------------------------------------------------------------------------
@@ -361,7 +390,7 @@ class Trainer(TrainingLoop):
         """One optimiser step and EMA update; (loss, gradient norm before clipping)."""
         cfg = self.cfg
         with self.autocast:
-            loss = self.transport.training_losses(self.train_model, x1, {"y": y})["loss"].mean()
+            loss = self.objective.training_losses(self.train_model, x1, {"y": y})["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
@@ -381,14 +410,14 @@ class Trainer(TrainingLoop):
     def fit(self) -> TrainSiTSummary:
         cfg, d, s = self.cfg, self.d, self.source
         if d.main and s.rows_done < s.rows_total:
-            print(f"train-sit: training on the {s.rows_done} done rows of {s.rows_total} "
+            print(f"{self.stage}: training on the {s.rows_done} done rows of {s.rows_total} "
                   f"({s.rows_total - s.rows_done} not encoded yet)")
         start_step, t0 = self.step, time.perf_counter()
-        self.train(f"train-sit {cfg.model}")
+        self.train(f"{self.stage} {cfg.model}")
         seconds = time.perf_counter() - t0
         return TrainSiTSummary(
             output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
-            resumed_from=self.resumed_from, model=cfg.model,
+            resumed_from=self.resumed_from, model=cfg.model, family=self.model.family,
             parameters=sum(p.numel() for p in self.model.parameters()), latent_shape=list(self.latent_shape),
             num_classes=s.num_classes, source=s.kind, rows_done=s.rows_done, rows_total=s.rows_total,
             world_size=d.world, global_batch_size=cfg.global_batch_size,
@@ -397,30 +426,64 @@ class Trainer(TrainingLoop):
 
 
 def run(config: TrainSiTConfig) -> TrainSiTSummary:
-    """Train SiT on a latent store (or shards encoded on the fly); returns rank 0's summary."""
+    """Train SiT or DiT on a latent store (or shards encoded on the fly); returns rank 0's summary."""
     if config.max_steps is None and config.epochs is None:
-        raise StageError("train-sit needs --epochs or --max-steps")
+        raise StageError(f"train-{config.family.lower()} needs --epochs or --max-steps")
     with distributed(config.device) as d:
         return Trainer(config, d).fit()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stage record
+# The generator of a chain (pipeline, experiment): SiT or DiT
 # ---------------------------------------------------------------------------------------------------
+
+SIT_SAMPLER_KEYS = ("mode", "num_sampling_steps", "sampling_method", "atol", "rtol", "diffusion_norm", "last_step",
+                    "last_step_size", "path_type", "prediction")
+
+
+def generator_sections(train_sit: dict, sample: dict, sample_dit: dict, model: str | None = None,
+                       family: str | None = None) -> tuple[str, dict, dict]:
+    """``(training stage, train section, sample section)`` of a chain's generator.
+
+    ``model`` replaces the section's model; ``family`` keeps its size in the other family (SiT-T/2 -> DiT-T/2).
+    A DiT trains with train-dit on the train_sit settings and samples with ``sample_dit`` in place of the sample
+    section's SiT sampler settings (``SIT_SAMPLER_KEYS``)."""
+    name = model or train_sit.get("model") or f"{family or 'SiT'}-XL/2"
+    try:
+        if family and model_family(name) != family:
+            name = f"{family}-{name.split('-', 1)[1]}"
+        family = model_family(name)
+    except ReaLSError as e:
+        raise StageError(str(e)) from None
+    train_sit = {**train_sit, "model": name}
+    if family == "SiT":
+        return "train-sit", train_sit, sample
+    kept = {k: v for k, v in sample.items() if k not in SIT_SAMPLER_KEYS}
+    return "train-dit", train_sit, {**kept, **sample_dit}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage records
+# ---------------------------------------------------------------------------------------------------
+
+HELP = {"train-sit": "train SiT by flow matching on a latent store",
+        "train-dit": "train DiT (DDPM: ε-prediction, learned variance, MSE + VLB) on a latent store"}
+
 
 def show(s: TrainSiTSummary) -> None:
     if s.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
     loss = "n/a" if s.final_loss is None else f"{s.final_loss:.4f}"
-    print(f"train-sit: {s.model} ({s.parameters / 1e6:.1f}M parameters) on {s.source} latents "
+    print(f"train-{s.family.lower()}: {s.model} ({s.parameters / 1e6:.1f}M parameters) on {s.source} latents "
           f"{shape_str(s.latent_shape)}, {s.num_classes} classes: {s.steps} steps ({s.epoch} epochs done){resumed}")
     print(f"  rows: {s.rows_done} of {s.rows_total}; {s.world_size} rank(s) x {s.global_batch_size // s.world_size} "
           f"per step; {s.steps_per_sec:.2f} steps/s; final loss {loss}")
     print(f"  checkpoint: {s.checkpoint}\n  grids: {s.grids}")
 
 
-STAGES = [Stage("train-sit", TrainSiTConfig, TrainSiTSummary, run, runs_on="train",
+STAGES = [Stage(name, cls, TrainSiTSummary, run, runs_on="train",
                 complete=lambda c: training_missing(c.output, c.max_steps, c.epochs),
                 progress=lambda c: training_progress(c.output, c.max_steps), show=show,
-                help="train SiT by flow matching on a latent store", description=__doc__.split("\n\n")[0])]
+                help=HELP[name], description=__doc__.split("\n\n")[0])
+          for name, cls in (("train-sit", TrainSiTConfig), ("train-dit", TrainDiTConfig))]

@@ -100,3 +100,18 @@ def test_presets_load_and_plan_both_arms_alike():
         assert units["train-vae"].config.align_weight == 0 and p.runs[("reals", 0)]["train-vae"].config.align_weight > 0
     with pytest.raises(StageError, match="may not set seed"):
         plan(ExperimentConfig(output="/tmp/unused-experiment", train_vae={"seed": 3}))
+
+
+def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
+    config = load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-T/2")
+    p = plan(config)
+    for arm in ARMS:
+        train, sample = p.runs[(arm, 0)]["train-sit"], p.runs[(arm, 0)]["sample"]
+        assert (train.stage, train.config.model, type(train.config).__name__) == ("train-dit", "DiT-T/2",
+                                                                                 "TrainDiTConfig")
+        assert (sample.config.mode, sample.config.num_sampling_steps, sample.config.sampling_method) == ("DDPM", 50, None)
+        assert sample.config.cfg_scale == config.sample["cfg_scale"]  # the rest of the sample section is shared
+    assert plan(load_experiment_config(quick=True, output="/tmp/unused-experiment")).runs[("vae", 0)][
+        "train-sit"].stage == "train-sit"
+    with pytest.raises(StageError, match="unknown model"):
+        plan(load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-Q/2"))

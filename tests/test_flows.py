@@ -325,3 +325,15 @@ def test_a_local_api_that_does_not_start_in_time_is_one_line(monkeypatch):
             with prefect_api():
                 pass
     assert seen == [7.0]
+
+
+def test_the_generator_family_is_a_form_choice():
+    schema = PipelineConfig.model_json_schema()["properties"]["family"]
+    assert {"SiT", "DiT"} <= {v for option in schema["anyOf"] for v in option.get("enum", [])}
+    dit = {s.name: s for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo", family="DiT"))}
+    train, sample = dit["train-sit"], dit["sample"].config
+    assert (train.stage, train.config.model) == ("train-dit", "DiT-T/2")  # the demo's size in the other family
+    assert (sample.mode, sample.num_sampling_steps, sample.sampling_method) == ("DDPM", 250, None)
+    assert (sample.cfg_scale, sample.guidance_interval) == (1.8, (0.0, 0.75))  # shared with the SiT run
+    sit = {s.name: s for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
+    assert (sit["train-sit"].stage, sit["sample"].config.mode) == ("train-sit", "ODE")

@@ -1,4 +1,5 @@
-"""reals sample: per-sample seeds, ADM-layout output, worker-count independence, resume by range, refusals."""
+"""reals sample: per-sample seeds, ADM-layout output, worker-count independence, resume by range, refusals;
+DiT checkpoints by DDPM and DDIM, and each family refused by the other's samplers."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ import torch
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint
 from pipelines.cli import main
-from pipelines.sample import SampleConfig, SampleWorker, run, sample_labels, sample_spec, sit_spec
-from pipelines.train_sit import TrainSiTConfig
+from pipelines.sample import SampleConfig, SampleWorker, model_spec, run, sample_labels, sample_spec
+from pipelines.train_sit import TrainDiTConfig, TrainSiTConfig
 from pipelines.train_sit import run as train
 
 from helpers import make_vae_dir
@@ -19,14 +20,16 @@ from helpers import make_vae_dir
 N = 20  # samples; units of 6 -> ranges 0-6, 6-12, 12-18, 18-20
 
 
+def train_tiny(config_class, model: str, store, vae_dir, root) -> dict:
+    """A 3-step run of ``model`` on the tiny latent store (encoded by the tiny VAE it samples with)."""
+    summary = train(config_class(data_path=store.url, output=str(root / "run"), model=model, global_batch_size=8,
+                                 max_steps=3, sample_every=0, ema_decay=0.5, show_progress=False))
+    return {"root": root, "vae": vae_dir, "ckpt": summary.checkpoint, "run": str(root / "run")}
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_store, tiny_vae_dir, tmp_path_factory):
-    """A 3-step SiT-T/4 run on the tiny latent store (encoded by the tiny VAE it samples with)."""
-    root = tmp_path_factory.mktemp("sample")
-    summary = train(TrainSiTConfig(data_path=tiny_store.url, output=str(root / "run"), model="SiT-T/4",
-                                   global_batch_size=8, max_steps=3, sample_every=0, ema_decay=0.5,
-                                   show_progress=False))
-    return {"root": root, "vae": tiny_vae_dir, "ckpt": summary.checkpoint, "run": str(root / "run")}
+    return train_tiny(TrainSiTConfig, "SiT-T/4", tiny_store, tiny_vae_dir, tmp_path_factory.mktemp("sample"))
 
 
 def sample_config(trained, output, **kw) -> SampleConfig:
@@ -77,13 +80,16 @@ def test_rerun_redoes_only_the_deleted_and_the_damaged_part(trained, two_workers
         assert all(np.array_equal(f[k], before[k]) for k in before)
 
 
-def test_each_sample_depends_only_on_its_own_seeds(trained):
+@pytest.mark.parametrize("run_fixture, settings", [("trained", {"mode": "ODE", "sampling_method": "euler"}),
+                                                   ("trained_dit", {"mode": "DDIM", "num_sampling_steps": 10})])
+def test_each_sample_depends_only_on_its_own_seeds(run_fixture, settings, request):
+    trained = request.getfixturevalue(run_fixture)
     labels = sample_labels("random", 7, 3, range(12)).tolist()
     assert sample_labels("random", 7, 3, [5, 9]).tolist() == [labels[5], labels[9]]
     assert labels != sample_labels("random", 7, 4, range(12)).tolist()
-    config = sample_config(trained, trained["root"] / "x.npz", mode="ODE", sampling_method="euler", labels="random")
+    config = sample_config(trained, trained["root"] / "x.npz", labels="random", **settings)
     ckpt = load_checkpoint(trained["ckpt"])
-    name, kw = sit_spec(ckpt)
+    name, kw = model_spec(ckpt)
     worker = SampleWorker({**sample_spec(config, trained["ckpt"], ckpt, name, kw, "fp"), "device": "cpu"})
     images, y, z = worker.sample(np.arange(6))
     images2, y2, z2 = worker.sample(np.array([4, 1]))
@@ -95,9 +101,9 @@ def test_bare_state_dict_checkpoints_are_understood(trained, tmp_path):
     ckpt = load_checkpoint(trained["ckpt"])
     torch.save(dict(ckpt["ema"]), tmp_path / "SiT-T-4.pt")
     bare = load_checkpoint(str(tmp_path / "SiT-T-4.pt"))
-    assert sit_spec(bare, "SiT-T/4") == sit_spec(ckpt)
+    assert model_spec(bare, "SiT-T/4") == model_spec(ckpt)
     with pytest.raises(StageError, match="pass --model"):
-        sit_spec(bare)
+        model_spec(bare)
 
 
 def test_refusals_name_what_disagrees(trained, tmp_path, capsys):
@@ -110,3 +116,39 @@ def test_refusals_name_what_disagrees(trained, tmp_path, capsys):
     code = main(["sample", "ode", "--ckpt", trained["run"], "--vae-path", trained["vae"], "--output",
                  str(tmp_path / "d.png")])
     assert code == 2 and "must end with .npz" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: DDPM and DDIM
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_dit(tiny_store, tiny_vae_dir, tmp_path_factory):
+    return train_tiny(TrainDiTConfig, "DiT-T/4", tiny_store, tiny_vae_dir, tmp_path_factory.mktemp("sample-dit"))
+
+
+def test_ddpm_two_workers_draw_exactly_what_one_draws(trained_dit, ray_session):
+    out = trained_dit["root"]
+    two = run(sample_config(trained_dit, out / "two.npz", mode="DDPM", num_sampling_steps=10, workers=2))
+    one = run(sample_config(trained_dit, out / "one.npz", mode="DDPM", num_sampling_steps=10, workers=1))
+    assert (two.workers, one.workers, two.model, two.nfe) == (2, 1, "DiT-T/4", 10)
+    with np.load(out / "two.npz") as a, np.load(out / "one.npz") as b:
+        assert a["arr_0"].shape == (N, 32, 32, 3) and np.isfinite(a["latents"]).all()
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_each_family_is_refused_by_the_others_samplers(trained, trained_dit, tmp_path):
+    with pytest.raises(StageError, match="DDPM samples a DiT, but the checkpoint holds SiT-T/4, a SiT: sample it "
+                                         "with ODE or SDE"):
+        run(sample_config(trained, tmp_path / "a.npz", mode="DDPM"))
+    with pytest.raises(StageError, match="ODE samples a SiT, but the checkpoint holds DiT-T/4, a DiT"):
+        run(sample_config(trained_dit, tmp_path / "b.npz", mode="ODE"))
+    with pytest.raises(StageError, match="--model SiT-T/4 disagrees with the checkpoint, which holds a DiT-T/4"):
+        run(sample_config(trained_dit, tmp_path / "c.npz", mode="ODE", model="SiT-T/4"))
+    torch.save(dict(load_checkpoint(trained_dit["ckpt"])["ema"]), tmp_path / "DiT-T-4.pt")
+    bare = load_checkpoint(str(tmp_path / "DiT-T-4.pt"))
+    with pytest.raises(StageError, match="--model SiT-T/4 is a SiT, but DiT-T-4.pt is named as a DiT checkpoint"):
+        model_spec(bare, "SiT-T/4", ckpt_url=str(tmp_path / "DiT-T-4.pt"))
+    name, kw = model_spec(bare, "DiT-T/4", ckpt_url=str(tmp_path / "DiT-T-4.pt"))
+    assert (name, kw["learn_sigma"]) == ("DiT-T/4", True)

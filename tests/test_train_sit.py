@@ -84,13 +84,14 @@ def test_tiny_sit_overfits_a_few_dozen_latents(tmp_path):
     assert summary.latent_shape == [4, 8, 8] and summary.num_classes == K and summary.source == "store"
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(store40, tmp_path):
+@pytest.mark.parametrize("model", ["SiT-T/4", "DiT-T/4"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(store40, tmp_path, model):
     # 40 rows / 8 per step = 5 steps per epoch: the break falls mid-epoch and the run crosses an epoch.
-    whole = run(config(store40, tmp_path / "whole", max_steps=8, ema_decay=0.5))
-    first = run(config(store40, tmp_path / "split", max_steps=3, ema_decay=0.5))
+    whole = run(config(store40, tmp_path / "whole", max_steps=8, ema_decay=0.5, model=model))
+    first = run(config(store40, tmp_path / "split", max_steps=3, ema_decay=0.5, model=model))
     with pytest.raises(StageError, match="--resume"):
-        run(config(store40, tmp_path / "split", max_steps=8, ema_decay=0.5))
-    second = run(config(store40, tmp_path / "split", max_steps=8, ema_decay=0.5, resume=True))
+        run(config(store40, tmp_path / "split", max_steps=8, ema_decay=0.5, model=model))
+    second = run(config(store40, tmp_path / "split", max_steps=8, ema_decay=0.5, resume=True, model=model))
     assert (first.steps, second.resumed_from, second.steps, second.epoch) == (3, 3, 8, 1)
     log_whole = read_log(str(tmp_path / "whole" / "log.jsonl"))
     log_split = read_log(str(tmp_path / "split" / "log.jsonl"))
