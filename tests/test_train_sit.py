@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, read_log
 from pipelines.cli import main
-from pipelines.train_sit import TrainSiTConfig, load_vae, run
+from pipelines.train_sit import TrainDiTConfig, TrainSiTConfig, load_vae, run
 from storage.latent_store import LatentStore
 
 K = 4  # classes
@@ -63,7 +63,8 @@ def class_latents(n: int, shape=(4, 8, 8), seed: int = 0) -> tuple[np.ndarray, n
 def config(data_path, output, **kw) -> TrainSiTConfig:
     base = dict(model="SiT-T/4", global_batch_size=8, log_every=1, ckpt_every=1000, sample_every=0,
                 show_progress=False)
-    return TrainSiTConfig(data_path=str(data_path), output=str(output), **{**base, **kw})
+    cls = TrainDiTConfig if kw.get("model", "").startswith("DiT") else TrainSiTConfig
+    return cls(data_path=str(data_path), output=str(output), **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
