@@ -182,7 +182,7 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
         "ckpt": at.vae_run, "output_dir": at.vae_dir, "data_path": at.shards}, pc.convert), ("train-vae",)))
     steps.append(Step("encode", "encode", _config("encode", "encode", {
         "data_path": at.shards, "vae_path": at.vae_dir, "output": at.store}, pc.encode), ("convert",)))
-    from pipelines.train_sit import generator_sections
+    from pipelines.generator import generator_sections
 
     train_stage, train_sit, sample = generator_sections(pc.train_sit, pc.sample, pc.sample_dit, family=pc.family)
     steps.append(Step("train-sit", train_stage, _config(train_stage, "train_sit", {

@@ -193,7 +193,7 @@ def plan(config: ExperimentConfig) -> Plan:
         shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", stage("extract-ema").config(
             ckpt=pre_run, output=init["vae_ckpt"]))
 
-    from pipelines.train_sit import generator_sections
+    from pipelines.generator import generator_sections
 
     train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
                                                         model=config.model)
