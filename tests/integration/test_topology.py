@@ -4,7 +4,8 @@ and the demo entry with a slow Prefect API start-up. Tests run in file order; th
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,9 +70,6 @@ print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False))
 
 
 def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentials(cluster, data):
-    import subprocess
-    import sys
-
     env = driver_env(cluster)
     r = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -90,6 +88,7 @@ def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentia
         r.stdout + r.stderr
 
 
+@pytest.mark.timeout(5400)  # the whole micro chain, then every stage again (skipping done units), on 2 cores
 def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_config):
     """What the UI's Run button does: create a flow run of each deployment; a `reals serve` process runs it."""
     from prefect.deployments import run_deployment
@@ -110,7 +109,10 @@ def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_
             assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
     finally:
         serve.terminate()
-        serve.wait(60)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
 
 
 def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800):
@@ -141,9 +143,12 @@ def _wait_for_markers(store: str, n: int, proc, timeout: float = 900) -> None:
         time.sleep(0.2)
 
 
-def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, reference_store):
-    import subprocess
-    import sys
+def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, reference_store, monkeypatch):
+    import s3fs
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # for this test's own reads
+        monkeypatch.setenv(name, cluster.env[name])
+    s3fs.S3FileSystem.clear_instance_cache()
 
     moto = cluster.env["AWS_ENDPOINT_URL"]
     proxy = TCPProxy(("127.0.0.1", int(moto.rsplit(":", 1)[1])))
@@ -181,8 +186,6 @@ def test_losing_the_worker_node_mid_encode_still_completes_the_store(cluster, da
                                                                      tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
 
     from pipelines.ray_reaper import descendants
 
