@@ -124,11 +124,12 @@ def serve(cmd: ServeCommand) -> int:
 def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pipelines.experiment import ExperimentConfig, preset, run
 
-    if args.config and args.quick:
+    cmd = build(ExperimentCommand, flag_values(ExperimentCommand, args), "")
+    if cmd.config and cmd.quick:
         raise StageError("--quick picks configs/experiment-quick.yaml; give it or --config, not both")
-    if not args.config and not os.path.isfile(preset(args.quick)):
-        raise StageError(f"preset {preset(args.quick)} not found: pass --config FILE")
-    args.config = args.config or preset(args.quick)
+    if not cmd.config and not os.path.isfile(preset(cmd.quick)):
+        raise StageError(f"preset {preset(cmd.quick)} not found: pass --config FILE")
+    args.config = cmd.config or preset(cmd.quick)
     s = run(config_from_args(ExperimentConfig, args, parser))
     print(s.markdown)
     print(f"experiment: {s.units_run} units run, {s.units_reused} reused, {s.wall_seconds:.0f} s -> {s.output}")
