@@ -92,7 +92,8 @@ class Timed(torch.nn.Module):
 
 def timings(setup: dict, root: str, batches: int, stage_samples: int, workers: int) -> dict:
     """Samples/s: forward-only limit, in-process worker, and the stage on Ray."""
-    from pipelines.sample import SampleConfig, guided_model
+    from pipelines.sample import SampleConfig
+    from pipelines.sampling import guided_model
     from pipelines.sample import run as sample
 
     worker, _ = make_worker(setup, f"{root}/t.npz", **TIMING)

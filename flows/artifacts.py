@@ -167,9 +167,9 @@ def summary_rows(summary) -> list[dict]:
 def loss_curve(stage: str, run_url: str) -> str | None:
     """Plot a training run's log.jsonl to ``loss_curves.png`` in the run folder; its URL, or None."""
     from pipelines.checkpoints import read_log
-    from pipelines.report import loss_curves_png
+    from pipelines.render import loss_curves
 
-    png = loss_curves_png(read_log(join(to_url(run_url), "log.jsonl")), stage)
+    png = loss_curves(read_log(join(to_url(run_url), "log.jsonl")), stage)
     if png is None:
         return None
     url = join(to_url(run_url), "loss_curves.png")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines import StageError
 from pipelines.config import StageConfig, build
 from pipelines.registry import outputs_missing, stage
-from storage.fs import filesystem, join, to_url
+from storage.fs import join, local_path, to_url
 from storage.markers import read_json, write_json
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -146,13 +146,10 @@ def _has_val(pc: PipelineConfig, data_path: str) -> bool:
 def layout(pc: PipelineConfig) -> Layout:
     """The run's layout; ``local_dir`` defaults to the run root when that is local."""
     root = to_url(pc.output)
-    local = pc.local_dir
+    local = pc.local_dir or local_path(root)
     if local is None:
-        fs, path = filesystem(root)
-        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise StageError(f"output {pc.output} is not local: give local_dir, a local folder shared by the Ray "
-                             "nodes, for the synthetic data and the converted VAE")
-        local = path
+        raise StageError(f"output {pc.output} is not local: give local_dir, a local folder shared by the Ray "
+                         "nodes, for the synthetic data and the converted VAE")
     return Layout(root, os.path.abspath(os.path.expanduser(local.removeprefix("file://"))))
 
 
@@ -163,7 +160,7 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
     data = pc.data_path or at.data
     steps: list[Step] = []
     if pc.synthetic is not None:
-        if "://" in data and not data.startswith("file://"):
+        if local_path(data) is None:
             raise StageError(f"data_path {data} is not local: the synthetic dataset is written to a local folder")
         steps.append(Step("synthetic", "synthetic", _config("synthetic", "synthetic", {"output": data},
                                                             pc.synthetic), ()))

@@ -48,13 +48,13 @@ def _load_npz(url: str) -> dict[str, np.ndarray]:
 def reconstruct(vae, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[float]]:
     """uint8 reconstructions of uint8 NHWC images from their posterior means, and the posterior's
     noise-to-signal ratio per latent channel, ``E[std^2] / Var(mean)`` (what a posterior sample adds)."""
-    from pipelines.train_vae import to_model_images
+    from reals.images import to_model_images, to_uint8
 
     out, means, variances = [], [], []
     for i in range(0, len(images), batch_size):
         mean, std = vae.encode(to_model_images(images[i:i + batch_size], torch.device("cpu")))
         rec = vae.decode(mean)
-        out.append(((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        out.append(to_uint8(rec))
         means.append(mean.double().transpose(0, 1).flatten(1))
         variances.append(std.double().square().transpose(0, 1).flatten(1))
     ratio = torch.cat(variances, 1).mean(1) / torch.cat(means, 1).var(1).clamp_min(1e-12)
@@ -76,7 +76,7 @@ def _lpips(images: np.ndarray, reconstructions: np.ndarray, batch_size: int) -> 
     if not backbone.is_file():
         return None, (f"LPIPS not computed: its ImageNet AlexNet backbone is not at {backbone} (this machine cannot "
                       "download it); PSNR and rFD_domain measure reconstruction instead")
-    from pipelines.train_vae import to_model_images
+    from reals.images import to_model_images
 
     metric, cpu = PerceptualLoss("lpips", "alex"), torch.device("cpu")
     with torch.no_grad():

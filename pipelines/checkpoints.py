@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipelines import StageError
-from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
+from storage.fs import filesystem, is_local, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 LATEST = "latest.json"
@@ -27,11 +27,6 @@ CHECKPOINT_RE = re.compile(r"^\d{7}\.pt$")
 def checkpoint_name(step: int) -> str:
     """The file name of the checkpoint after ``step`` optimiser steps."""
     return f"{step:07d}.pt"
-
-
-def is_local(url: str) -> bool:
-    fs, _ = filesystem(url)
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def save_checkpoint(output: str, step: int, state: dict) -> str:

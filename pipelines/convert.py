@@ -26,13 +26,14 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import ShowProgress, StageConfig
+from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
-from pipelines.train_vae import to_model_images
 from reals.align import AlignNet
+from reals.images import to_model_images
 from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor
-from storage.fs import apply_umask, to_url, write_bytes_atomic
+from storage.fs import apply_umask, local_path, to_url, write_bytes_atomic
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
 
@@ -107,14 +108,6 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True) -> ReaLSVAE:
     return ReaLSVAE(vae, align).eval()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def latent_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_size: int,
                       device: torch.device, show_progress: bool = False) -> tuple[list[float], list[float], int]:
@@ -141,10 +134,10 @@ def latent_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_
 
 def run(config: ConvertConfig) -> ConvertSummary:
     """Write the ReaLS VAE directory for a checkpoint (skipped when it exists from the same inputs)."""
-    out = config.output_dir
-    if "://" in out and not out.startswith("file://"):
-        raise StageError(f"--output-dir must be a local directory (diffusers loads local dirs), got {out}")
-    out = Path(out.removeprefix("file://")).expanduser().resolve()
+    out = local_path(config.output_dir)
+    if out is None:
+        raise StageError(f"--output-dir must be a local directory (diffusers loads local dirs), got {config.output_dir}")
+    out = Path(out).resolve()
     ckpt_url = resolve_checkpoint(to_url(config.ckpt))
     ckpt_sha = sha256_url(ckpt_url)
     manifest = read_manifest(config.data_path)
@@ -163,7 +156,7 @@ def run(config: ConvertConfig) -> ConvertSummary:
         done.unlink()
 
     ckpt = load_checkpoint(ckpt_url)
-    device = _device(config.device)
+    device = torch_device(config.device)
     model = model_from_checkpoint(ckpt, config.ema).to(device)
     urls = shard_urls(config.data_path, config.split)
     mean, std, n = latent_statistics(model, urls, config.num_samples, config.batch_size, device,

@@ -45,8 +45,10 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
+from reals.images import to_uint8, to_unit_images
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
 
@@ -303,19 +305,6 @@ class LatentFeatures:
         return self.vae.encode(images).latent_dist.mean
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
-
-
 def _truth_tensor(task: str, maps: list[np.ndarray]) -> torch.Tensor:
     stack = np.stack(maps)
     return torch.from_numpy(depth_from_order(stack) if task == "depth" else stack.astype(np.int64))
@@ -460,12 +449,12 @@ class Evaluation:
     """Holds the models and heads of one run; fits, evaluates and renders."""
 
     def __init__(self, cfg: DownstreamConfig):
-        from pipelines.encode import teacher_spec
+        from pipelines.encoding import teacher_spec
         from reals.teachers import build_teacher
         from reals.vae import ReaLSVAE
 
         self.cfg = cfg
-        self.device = _device(cfg.device)
+        self.device = torch_device(cfg.device)
         self.data = Dataset(cfg.data_path, cfg.ground_truth)
         self.vae = ReaLSVAE.from_pretrained(cfg.vae_path).to(self.device).eval()
         name, input_size = teacher_spec(self.vae.provenance, cfg.dino_model, cfg.dino_input_size)
@@ -535,7 +524,7 @@ class Evaluation:
         with progress_bar(disable=not self.cfg.show_progress) as bar:
             job = bar.add_task("fit heads", total=len(examples))
             for batch in _batches(examples, self.cfg.batch_size):
-                x = _to_tensor(np.stack([e["image"] for e in batch]), self.device)
+                x = to_unit_images(np.stack([e["image"] for e in batch]), self.device)
                 patch, global_token = self.teacher(x)
                 norms += torch.stack([patch.norm(dim=1).mean() * len(batch), global_token.norm(dim=1).sum()]).cpu()
                 latents = self.baseline(x * 2 - 1) if fitters else None
@@ -573,7 +562,7 @@ class Evaluation:
         with progress_bar(disable=not self.cfg.show_progress) as bar:
             job = bar.add_task("evaluate", total=len(examples))
             for batch in _batches(examples, self.cfg.batch_size):
-                x = _to_tensor(np.stack([e["image"] for e in batch]), self.device)
+                x = to_unit_images(np.stack([e["image"] for e in batch]), self.device)
                 preds = self._predict_real(x)
                 for task in self.cfg.tasks:
                     truth = _truth_tensor(task, [e["truth"][task] for e in batch]) if self.has_truth else None
@@ -667,8 +656,7 @@ class Evaluation:
             return np.stack([np.asarray(Image.fromarray(im).resize(size[::-1], Image.Resampling.BICUBIC))
                              for im in images[:len(latents)]])
         z = torch.from_numpy(latents).to(self.device)
-        decoded = self.vae.decode(self.vae.denormalize(z)).clamp(-1, 1)
-        return ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(self.vae.decode(self.vae.denormalize(z)))
 
 
 def _describe_heads(ev: Evaluation) -> dict[str, str]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
-import uuid
-from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import numpy as np
@@ -21,10 +19,12 @@ from rich.table import Table
 
 from pipelines import StageError
 from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.devices import torch_device
+from pipelines.npz import open_npz, write_npz
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
-from storage.fs import exists, filesystem, to_url
+from storage.fs import exists, to_url
 from storage.markers import fingerprint, write_json
 
 FeatureSpace = Literal["inception", "effnet", "dinov2"]
@@ -93,43 +93,6 @@ class MakeReferenceSummary(BaseModel):
 # npz files by URL
 # ---------------------------------------------------------------------------------------------------
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-@contextmanager
-def _open_npz(url: str, what: str):
-    """A local path, or an open seekable file for object-store URLs."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise StageError(f"{what} not found: {url}")
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        yield path
-    else:
-        with fs.open(path, "rb") as f:
-            yield f
-
-
-def _write_npz(url: str, write) -> None:
-    """Call ``write(file)`` so the npz at ``url`` appears whole or not at all."""
-    fs, path = filesystem(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}.npz"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        with fs.open(path, "wb") as f:
-            write(f)
-
-
 # ---------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------
@@ -179,9 +142,9 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     from reals.metrics.reference import image_shape, read_stats
     from reals.metrics.suite import space_metrics
 
-    device = _device(config.device)
+    device = torch_device(config.device)
     output = config.output or _default_output(config.sample_batch)
-    with _open_npz(config.ref_batch, "reference batch") as ref, _open_npz(config.sample_batch, "sample batch") as smp:
+    with open_npz(config.ref_batch, "reference batch") as ref, open_npz(config.sample_batch, "sample batch") as smp:
         ref_shape, smp_shape = image_shape(ref), image_shape(smp)
         for name, shape in (("reference batch", ref_shape), ("sample batch", smp_shape)):
             if shape[0] <= config.nearest_k:
@@ -281,7 +244,7 @@ def _inception_statistics(images: np.ndarray, config: MakeReferenceConfig) -> tu
     from reals.metrics.frechet import activation_statistics
 
     try:
-        extractor = InceptionFeatures(_device(config.device), weights=config.inception_weights)
+        extractor = InceptionFeatures(torch_device(config.device), weights=config.inception_weights)
     except ReaLSError as e:
         return {}, "", f"no Inception statistics written: {e}"
     pool, spatial = [], []
@@ -319,7 +282,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     meta = {"source": to_url(config.data_path), "split": config.split, "num_samples": config.num_samples,
             "seed": config.seed, "source_fingerprint": manifest.get("fingerprint")}
     if exists(config.output):
-        with _open_npz(config.output, "reference") as f:
+        with open_npz(config.output, "reference") as f:
             old, has_stats = read_meta(f), bool(read_stats(f))
             if {k: old.get(k) for k in meta} == meta and (has_stats or not _inception_weights_exist(config)):
                 shape = image_shape(f)
@@ -338,7 +301,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     stats, weights, note = _inception_statistics(images, config)
     meta.update(skipped=len(bad), count=len(images), inception_weights=weights,
                 keys_fingerprint=fingerprint([s["__key__"] for s in samples]))
-    _write_npz(config.output, lambda f: write_reference(f, images, labels, stats, meta))
+    write_npz(config.output, lambda f: write_reference(f, images, labels, stats, meta))
     return MakeReferenceSummary(output=to_url(config.output), count=len(images), resolution=list(images.shape[1:3]),
                                 skipped=len(bad), skipped_samples=[f"{k}: {why}" for k, why in bad],
                                 statistics=bool(stats), note=note)
@@ -360,7 +323,7 @@ def complete(config: EvaluateConfig) -> str | None:
 
 def reference_complete(config: MakeReferenceConfig) -> str | None:
     """Whether the reference file exists."""
-    from pipelines.report import npz_shape
+    from pipelines.npz import npz_shape
 
     return None if npz_shape(config.output) else "no reference file"
 

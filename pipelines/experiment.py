@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import ShowProgress, StageConfig, build, load_yaml
 from pipelines.registry import stage
-from storage.fs import join, to_url, write_bytes_atomic
+from storage.fs import join, local_path, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
@@ -160,9 +160,9 @@ def unit_stage(kind: str, train_stage: str) -> str:
 
 def plan(config: ExperimentConfig) -> Plan:
     """Every unit of the experiment; paths follow the layout under ``config.output``."""
-    if "://" in config.output and not config.output.startswith("file://"):
+    root = local_path(config.output)
+    if root is None:
         raise StageError(f"--output must be a local folder (VAE dirs and the evaluator are local), got {config.output}")
-    root = to_url(config.output.removeprefix("file://"))
     quiet = {"show_progress": False}
     shards, reference, evaluator = join(root, "shards"), join(root, "reference", "val.npz"), join(root, "evaluator")
     shared: dict[str, Unit] = {}

@@ -9,22 +9,20 @@ EfficientNet-Lite0 features, never FID.
 """
 from __future__ import annotations
 
-import io
 import posixpath
 import time
-import zipfile
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines.checkpoints import read_log
 from pipelines.config import StageConfig
-from storage.fs import exists, filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
+from pipelines.npz import npz_head, npz_shape
+from pipelines.render import NON_CURVES, class_grid, loss_curves
+from storage.fs import exists, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import read_json
 
-NON_CURVES = {"step", "epoch", "time", "lr", "seconds", "steps_per_sec", "samples_per_sec", "images_per_sec"}
 GRID_CLASSES, GRID_PER_CLASS, GRID_POOL = 10, 8, 2048
-PANELS = ("losses", "cosine alignment with the teacher", "gradient norm")
 
 
 class ReportConfig(StageConfig):
@@ -49,102 +47,6 @@ class ReportSummary(BaseModel):
     images: dict[str, str] = Field(description="image name -> URL")
     metrics: dict[str, float]
     markdown: str
-
-
-# ---------------------------------------------------------------------------------------------------
-# npz access without loading whole arrays
-# ---------------------------------------------------------------------------------------------------
-
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
-    major, _ = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    if fortran:
-        raise ValueError("Fortran-ordered arrays are not supported")
-    return shape, dtype
-
-
-def npz_shape(url: str, name: str = "arr_0") -> tuple[int, ...] | None:
-    """The shape of one array of an ``.npz`` (its header only), or None when the file or array is absent."""
-    if not exists(url):
-        return None
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as z:
-        if f"{name}.npy" not in z.namelist():
-            return None
-        with z.open(f"{name}.npy") as f:
-            return _npy_header(f)[0]
-
-
-def npz_head(url: str, name: str, n: int) -> np.ndarray:
-    """The first ``n`` rows of one array of an ``.npz``, read without loading the rest."""
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as z, z.open(f"{name}.npy") as f:
-        shape, dtype = _npy_header(f)
-        n = min(n, shape[0])
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        return np.frombuffer(f.read(n * row), dtype=dtype).reshape((n, *shape[1:]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------------
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def loss_curves_png(entries: list[dict], title: str) -> bytes | None:
-    """Curves of a ``log.jsonl``: losses, cosine alignment and gradient norms in separate panels; None if empty."""
-    from matplotlib.figure import Figure
-
-    series: dict[str, list[tuple[float, float]]] = {}
-    for e in entries:
-        for k, v in e.items():
-            if isinstance(v, int | float) and k not in NON_CURVES:
-                series.setdefault(k, []).append((e["step"], float(v)))
-    series = {k: pts for k, pts in sorted(series.items()) if any(v != 0 for _, v in pts)}
-    if not series:
-        return None
-    panels: dict[str, list[str]] = {name: [] for name in PANELS}
-    for k in series:
-        panels[PANELS[1] if k.endswith("_cos") else PANELS[2] if k.endswith("_norm") else PANELS[0]].append(k)
-    panels = {name: keys for name, keys in panels.items() if keys}
-    fig = Figure(figsize=(5.5 * len(panels), 3.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, keys) in zip(axes, panels.items()):
-        for k in keys:
-            ax.plot([p[0] for p in series[k]], [p[1] for p in series[k]], label=k, linewidth=1.2)
-        values = [v for k in keys for _, v in series[k]]
-        if name != PANELS[1] and min(values) > 0 and max(values) > 10 * min(values):
-            ax.set_yscale("log")
-        ax.set(xlabel="step", title=name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    return _png(fig)
-
-
-def class_grid_png(images: np.ndarray, labels: np.ndarray, classes: int = GRID_CLASSES,
-                   per_class: int = GRID_PER_CLASS) -> bytes:
-    """One row per class (the lowest class ids present), up to ``per_class`` samples each."""
-    from PIL import Image
-
-    h, w, c = images.shape[1:]
-    scale = max(1, 64 // h)  # small images are shown enlarged (nearest neighbour)
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = h * scale, w * scale
-    rows = []
-    for k in sorted(set(labels.tolist()))[:classes]:
-        picked = images[labels == k][:per_class]
-        row = np.zeros((per_class, h, w, c), np.uint8)
-        row[:len(picked)] = picked
-        rows.append(np.concatenate(list(row), axis=1))
-    buf = io.BytesIO()
-    Image.fromarray(np.concatenate(rows, axis=0)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +177,7 @@ def write_report(config: ReportConfig) -> ReportSummary:
     if config.vae_dir:
         lines += _vae_section(config.vae_dir)
     if config.vae_run:
-        curve = save("loss_curves_vae.png", loss_curves_png(read_log(join(to_url(config.vae_run), "log.jsonl")),
+        curve = save("loss_curves_vae.png", loss_curves(read_log(join(to_url(config.vae_run), "log.jsonl")),
                                                             "train-vae"))
         lines += _training_section("VAE training", config.vae_run, curve)
         grids = list_files(join(to_url(config.vae_run), "samples"), ".png")
@@ -288,8 +190,8 @@ def write_report(config: ReportConfig) -> ReportSummary:
         lines += _store_section(config.store)
     if config.sit_run:
         family = (config.model or "SiT").split("-", 1)[0]
-        curve = save("loss_curves_sit.png", loss_curves_png(read_log(join(to_url(config.sit_run), "log.jsonl")),
-                                                            f"train-{family.lower()}"))
+        curve = save("loss_curves_sit.png", loss_curves(read_log(join(to_url(config.sit_run), "log.jsonl")),
+                                                        f"train-{family.lower()}"))
         lines += _training_section(f"{family} training" + (f" ({config.model})" if config.model else ""),
                                    config.sit_run, curve)
     if config.samples and npz_shape(config.samples):
@@ -297,7 +199,7 @@ def write_report(config: ReportConfig) -> ReportSummary:
         pool = npz_head(config.samples, "arr_0", GRID_POOL)
         labels = npz_head(config.samples, "arr_1", len(pool)) if npz_shape(config.samples, "arr_1") else \
             np.zeros(len(pool), np.int64)
-        name = save("samples_grid.png", class_grid_png(pool, labels))
+        name = save("samples_grid.png", class_grid(pool, labels, GRID_CLASSES, GRID_PER_CLASS))
         lines += ["## Samples", "", f"{shape[0]} samples of {'x'.join(map(str, shape[1:]))} in "
                   f"`{to_url(config.samples)}`; one row per class:", "", f"![samples]({name})", ""]
     values: dict[str, float] = {}

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import posixpath
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -32,18 +30,20 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.npz import write_npz
 from pipelines.registry import Stage
+from pipelines.render import image_grid
+from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators, sample_labels
 from reals import ReaLSError
 from reals.diffusion import DDIMSampler, DDPMSampler, GaussianDiffusion
 from reals.models import create_model, model_family
-from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
+from reals.transport import ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
-from storage.fs import apply_umask, filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
+from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
 
 GRID_SAMPLES = 64
-LABEL_STREAM, NOISE_STREAM = 0, 1
 FAMILY_MODES = {"SiT": ("ODE", "SDE"), "DiT": ("DDPM", "DDIM")}
 
 
@@ -153,50 +153,6 @@ class SampleSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Seeds, labels, images
-# ---------------------------------------------------------------------------------------------------
-
-def sample_seed(global_seed: int, index: int, stream: int) -> int:
-    """The 64-bit seed of one random stream (label or noise) of sample ``index``."""
-    return int(np.random.SeedSequence([global_seed, index, stream]).generate_state(1, np.uint64)[0])
-
-
-def sample_generators(global_seed: int, indices, stream: int) -> list[torch.Generator]:
-    """One CPU generator per sample index for ``stream``."""
-    return [torch.Generator().manual_seed(sample_seed(global_seed, int(i), stream)) for i in indices]
-
-
-def sample_labels(mode: str, num_classes: int, global_seed: int, indices) -> torch.Tensor:
-    """Labels [B] of the samples ``indices``: from each sample's own seed, or ``i mod num_classes``."""
-    if mode == "balanced":
-        return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
-    gens = sample_generators(global_seed, indices, LABEL_STREAM)
-    return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens])
-
-
-@torch.no_grad()
-def decode_latents(vae, z_norm: torch.Tensor) -> np.ndarray:
-    """Normalised latents -> uint8 NHWC images through the ReaLS VAE (``z = z_norm * std + mean``)."""
-    z = vae.denormalize(z_norm.to(device=vae.mean.device, dtype=torch.float32))
-    x = vae.decode(z).float().clamp(-1, 1)
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, cols: int) -> bytes:
-    """uint8 [N, H, W, 3] -> a PNG of ``cols`` images per row (the last row padded with black)."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * cols, h, w, c), np.uint8)
-    canvas[:n] = images
-    grid = canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------
 # Models from checkpoints
 # ---------------------------------------------------------------------------------------------------
 
@@ -277,18 +233,6 @@ def load_model(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> torch.
     model = create_model(name, **kw)
     model.load_state_dict(checkpoint_weights(ckpt, use_ema)[0])
     return model.to(device).eval()
-
-
-def guided_model(model, cfg_scale: float, cfg_channels: int | None, interval: tuple[float, float] | None):
-    """The model wrapped in classifier-free guidance (the bare model when ``cfg_scale`` is 1). For DiT the guided
-    channels are ε's ("all" = the latent channels; the variance values keep the conditional prediction) and the
-    interval is on tau = t / T."""
-    if cfg_scale == 1.0:
-        return model
-    if model.family == "DiT":
-        return ClassifierFreeGuidance(model, cfg_scale, cfg_channels=cfg_channels or model.in_channels,
-                                      guidance_interval=interval, noise_level=GaussianDiffusion().noise_level)
-    return ClassifierFreeGuidance(model, cfg_scale, cfg_channels=cfg_channels, guidance_interval=interval)
 
 
 def make_sampler(spec: dict):
@@ -459,27 +403,6 @@ def _default_workers() -> int:
     return int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
 
 
-def _write_npz(url: str, arrays: dict) -> None:
-    """``np.savez`` to a local temporary file beside (or for) ``url``, then an atomic move or upload."""
-    fs, path = filesystem(url)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    folder = os.path.dirname(path) if local else None
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        if local:
-            os.replace(tmp, path)
-            apply_umask(path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def merge_parts(parts: str, units: list[dict], save_latents: bool) -> dict[str, np.ndarray]:
     """The full arrays from every unit's part file, in index order."""
     arrays: dict[str, np.ndarray] = {}
@@ -536,7 +459,7 @@ def run(config: SampleConfig) -> SampleSummary:
                 ray.kill(w)
     seconds = time.perf_counter() - t0
     arrays = merge_parts(parts, units, config.save_latents)
-    _write_npz(output, arrays)
+    write_npz(output, lambda f: np.savez(f, **arrays))
     grid = output[: -len(".npz")] + ".png"
     shown = arrays["arr_0"][:GRID_SAMPLES]
     write_bytes_atomic(grid, image_grid(shown, math.ceil(math.sqrt(len(shown)))))
@@ -556,7 +479,7 @@ def run(config: SampleConfig) -> SampleSummary:
 
 def complete(config: SampleConfig) -> str | None:
     """Whether the merged samples file holds ``num_fid_samples`` samples."""
-    from pipelines.report import npz_shape
+    from pipelines.npz import npz_shape
 
     shape = npz_shape(config.output)
     if shape is None:

@@ -89,7 +89,7 @@ def printable(rel: str) -> str:
 
 
 def _split_dir(data_path: str, split: str) -> str:
-    if "://" in data_path and not data_path.startswith("file://"):
+    if sfs.local_path(data_path) is None:
         raise StageError(f"--data-path must be a local folder, got {data_path}")
     root = data_path.removeprefix("file://")
     if not os.path.isdir(root):

@@ -22,11 +22,13 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import ShowProgress, StageConfig
+from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from reals.evaluator import CONFIG_FILE, WEIGHTS_FILE, DomainClassifier
-from storage.fs import apply_umask
+from reals.images import to_unit_images
+from storage.fs import apply_umask, local_path
 from storage.markers import fingerprint, read_json
 from storage.shards import iter_shards, read_manifest, shard_urls
 
@@ -104,11 +106,6 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
-def to_unit(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
-
-
 @torch.no_grad()
 def accuracy(model: DomainClassifier, images: np.ndarray, labels: np.ndarray, device: torch.device,
              batch_size: int = 512) -> float:
@@ -116,7 +113,7 @@ def accuracy(model: DomainClassifier, images: np.ndarray, labels: np.ndarray, de
     model.eval()
     hits = 0
     for i in range(0, len(images), batch_size):
-        _, logits = model(to_unit(images[i:i + batch_size], device))
+        _, logits = model(to_unit_images(images[i:i + batch_size], device))
         hits += int((logits.argmax(1).cpu().numpy() == labels[i:i + batch_size]).sum())
     return hits / len(images)
 
@@ -125,18 +122,11 @@ def accuracy(model: DomainClassifier, images: np.ndarray, labels: np.ndarray, de
 # Stage
 # ---------------------------------------------------------------------------------------------------
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def _local_dir(url: str) -> Path:
-    if "://" in url and not url.startswith("file://"):
+    path = local_path(url)
+    if path is None:
         raise StageError(f"--output must be a local folder, got {url}")
-    return Path(url.removeprefix("file://")).expanduser().resolve()
+    return Path(path).resolve()
 
 
 def _summary(out: Path, info: dict, skipped: bool) -> TrainEvaluatorSummary:
@@ -155,7 +145,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
         return _summary(out, old, skipped=True)
 
     t0 = time.perf_counter()
-    device = _device(config.device)
+    device = torch_device(config.device)
     images, labels = load_split(config.data_path, config.split)
     val_images, val_labels = load_split(config.data_path, config.val_split)
     num_classes = len(manifest["classes"])
@@ -180,7 +170,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
             idx = np.sort(order[pos:pos + batch])
             pos += batch
             model.train()
-            x = augment(to_unit(images[idx], torch.device("cpu")), gen).to(device)
+            x = augment(to_unit_images(images[idx], torch.device("cpu")), gen).to(device)
             _, logits = model(x)
             loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]).to(device))
             opt.zero_grad(set_to_none=True)

@@ -38,11 +38,13 @@ from pipelines.checkpoints import check_resumable, training_missing, training_pr
 from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
-from pipelines.sample import NOISE_STREAM, decode_latents, guided_model, image_grid, sample_generators
+from pipelines.render import image_grid
+from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
 from reals.ema import update_ema
 from reals.diffusion import DDIMSampler, GaussianDiffusion
+from reals.images import to_model_images
 from reals.models import MODELS, create_model, model_family
 from reals.transport import ODESampler, create_transport, randn_per_sample
 from reals.vae import ReaLSVAE
@@ -207,7 +209,7 @@ class ShardSource:
         eps = torch.randn((len(images), *self.latent_shape), generator=rng)
         if skip:
             return None
-        x = torch.from_numpy(images).to(self.d.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = to_model_images(images, self.d.device)
         x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         mean, std = self.vae.encode(x)
         if not self.cfg.sample_posterior:

@@ -16,7 +16,6 @@ environment variables): gloo on CPU, NCCL on CUDA; shards are split across ranks
 """
 from __future__ import annotations
 
-import io
 import itertools
 import os
 from collections.abc import Iterator
@@ -32,10 +31,12 @@ from pipelines.checkpoints import check_resumable, training_missing, training_pr
 from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
+from pipelines.render import image_grid
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
 from reals.ema import update_ema
+from reals.images import to_model_images, to_uint8
 from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
 from reals.teachers import build_teacher
 from reals.vae import ReaLSVAE, build_vae, downsample_factor
@@ -161,12 +162,6 @@ def epoch_batches(urls: list[str], cfg: TrainVAEConfig, epoch: int, d: Dist,
             batch = []
 
 
-def to_model_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sample grids
 # ---------------------------------------------------------------------------------------------------
@@ -176,23 +171,11 @@ def fixed_batch(urls: list[str], n: int) -> np.ndarray:
     return np.stack([s["image"] for s in itertools.islice(iter_shard(urls[0]), n)])
 
 
-def grid_png(rows: list[np.ndarray]) -> bytes:
-    """Rows of uint8 [N, H, W, 3] images -> one PNG grid."""
-    from PIL import Image
-
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @torch.no_grad()
 def reconstruction_grid(model: ReaLSVAE, images: np.ndarray, device: torch.device) -> bytes:
     """Originals above the reconstructions of their posterior means."""
     x = to_model_images(images, device)
-    rec = model.decode(model.encode(x)[0]).float().clamp(-1, 1)
-    rec = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return grid_png([images, rec])
+    return image_grid(np.concatenate([images, to_uint8(model.decode(model.encode(x)[0]))]), len(images))
 
 
 # ---------------------------------------------------------------------------------------------------

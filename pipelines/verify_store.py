@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import Cli, StageConfig
+from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
-from pipelines.encode import batched, encode_images, load_models, source_shards, teacher_spec
 from storage.latent_store import LatentStore
 from storage.shards import iter_shard
 

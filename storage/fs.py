@@ -35,6 +35,29 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise StorageError(f"cannot open storage URL {url!r}: {e}") from e
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names of a filesystem (fsspec gives a string or a tuple)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk."""
+    return bool({"file", "local"} & set(protocols(fs)))
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` (a plain path, ``file://``, ``s3://``, ...) names the local disk."""
+    return is_local_fs(filesystem(url)[0])
+
+
+def local_path(url: str) -> str | None:
+    """The absolute local path of a plain path or ``file://`` URL; None for an object-store URL."""
+    url = os.fspath(url)
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL (``/`` separated on every backend)."""
     url = os.fspath(url).rstrip("/")
@@ -93,7 +116,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     Local files go through a temporary sibling and ``os.replace``; an object-store PUT is atomic.
     """
     fs, path = filesystem(url)
-    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+    if is_local_fs(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:

@@ -27,7 +27,7 @@ import zarr
 import zarr.codecs as zc
 
 from storage import StorageError
-from storage.fs import check_name, child, filesystem, join, storage_options, to_url, within
+from storage.fs import check_name, child, filesystem, is_local_fs, join, storage_options, to_url, within
 from storage.markers import read_json, write_json
 
 VERSIONS = "versions.json"
@@ -47,7 +47,7 @@ def utc_now() -> str:
 def zarr_store(url: str, read_only: bool = False):
     """A zarr store for a URL: LocalStore for local paths, FsspecStore for s3:// and memory://."""
     fs, path = filesystem(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local_fs(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(to_url(url), storage_options=storage_options(url) or None,
                                              read_only=read_only)

@@ -19,15 +19,11 @@ import time
 import uuid
 
 from storage import StorageError
-from storage.fs import filesystem
+from storage.fs import filesystem, is_local_fs, protocols
 
 
 def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _protocols(fs) -> tuple:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,10 +152,9 @@ def _precondition_failed(e: BaseException) -> bool:
 
 def _backend(url: str):
     fs, path = filesystem(url)
-    protocols = _protocols(fs)
-    if "file" in protocols or "local" in protocols:
+    if is_local_fs(fs):
         return _LocalBackend(path)
-    if "s3" in protocols:
+    if "s3" in protocols(fs):
         return _S3Backend(fs, path)
     return _GenericBackend(fs, path)
 

@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from storage import StorageError
-from storage.fs import apply_umask, filesystem, join
+from storage.fs import apply_umask, filesystem, is_local_fs, join
 from storage.markers import read_json
 
 FSSPEC_SCHEMES = ("s3", "s3a", "memory", "gs", "gcs", "az", "abfs", "file")
@@ -54,7 +54,7 @@ def write_shard(url: str, samples: Iterable[dict]) -> dict:
     try:
         digest = _sha256_file(tmp_path)
         fs, path = filesystem(url)
-        if "file" in _protocols(fs):
+        if is_local_fs(fs):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.move(tmp_path, path)
             apply_umask(path)
@@ -80,10 +80,6 @@ def _encode(sample: dict) -> dict:
     if "." in out["__key__"]:
         raise StorageError(f"shard keys must not contain dots: {out['__key__']!r}")
     return out
-
-
-def _protocols(fs) -> tuple:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def _sha256_file(path: str) -> str:

@@ -65,6 +65,29 @@ def npz_keys(file) -> list[str]:
         return list(data.files)
 
 
+def has_array(file, key: str) -> bool:
+    """Whether the npz holds an array ``key``."""
+    with zipfile.ZipFile(file) as zf:
+        return f"{key}.npy" in zf.namelist()
+
+
+def array_shape(file, key: str) -> tuple[int, ...]:
+    """Shape of the array ``key``, read from its header only."""
+    with _member(file, key) as (_, header):
+        return tuple(_load(file)[key].shape) if header is None else tuple(header[0])
+
+
+def array_head(file, key: str, n: int) -> np.ndarray:
+    """The first ``n`` rows of the array ``key``, read without loading the rest."""
+    with _member(file, key) as (f, header):
+        if header is None or header[1] or header[2].hasobject:
+            return _load(file)[key][:n]
+        shape, _, dtype = header
+        n = min(n, shape[0])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        return np.frombuffer(f.read(n * row), dtype=dtype).reshape((n, *shape[1:]))
+
+
 def image_shape(file) -> tuple[int, ...]:
     """Shape of ``arr_0`` (N, H, W, 3), read from its header only."""
     with _member(file, IMAGES_KEY) as (_, header):

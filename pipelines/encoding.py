@@ -1,0 +1,89 @@
+"""What `encode` writes and `verify-store` re-checks: the source shards of a split, the models, and the
+rows one batch of images becomes (normalised posterior mean/std, their flips, teacher features)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines import StageError
+from storage.fs import child, to_url
+from storage.markers import read_json
+from storage.shards import read_manifest
+
+
+def source_shards(data_path: str, split: str) -> tuple[dict, list[dict]]:
+    """``(manifest, shards)``; a shard is ``{"name", "url", "count", "sha256"}`` from its shard marker."""
+    manifest = read_manifest(data_path)
+    if split not in manifest.get("splits", {}):
+        raise StageError(f"split {split!r} not in {data_path} (has {sorted(manifest.get('splits', {}))})")
+    if not manifest.get("resolution"):
+        raise StageError(f"{data_path} was sharded with --resolution 0 (original sizes); encode needs "
+                         "fixed-size images: re-shard with --resolution N")
+    info = manifest["splits"][split]
+    if not info.get("shards"):
+        raise StageError(f"split {split!r} of {data_path} has no shards")
+    shards = []
+    for name in info["shards"]:
+        url = child(to_url(data_path), name, "manifest.json shard name")
+        marker = read_json(url.removesuffix(".tar") + ".json") or {}
+        shards.append({"name": name, "url": url, "count": int(marker.get("count", info["shard_size"])),
+                       "sha256": marker.get("sha256")})
+    return manifest, shards
+
+
+def teacher_spec(provenance: dict, name: str | None = None, input_size: int | None = None) -> tuple[str, int | None]:
+    """``(teacher name, input size)``: flags first, then the VAE provenance (``teacher`` str or dict)."""
+    teacher = provenance.get("teacher")
+    if isinstance(teacher, dict):
+        name = name or teacher.get("name")
+        input_size = input_size or teacher.get("input_size")
+    elif isinstance(teacher, str):
+        name = name or teacher
+    name = name or provenance.get("dino_model")
+    input_size = input_size or provenance.get("dino_input_size") or provenance.get("teacher_input_size")
+    if not name:
+        raise StageError("the VAE dir's provenance.json names no teacher; pass --dino-model NAME")
+    return name, (int(input_size) if input_size else None)
+
+
+def load_models(vae_path: str, teacher_name: str, teacher_input_size: int | None, device: str):
+    """The ReaLS VAE and its frozen teacher, in eval mode on ``device``."""
+    from reals.teachers import build_teacher
+    from reals.vae import ReaLSVAE
+
+    vae = ReaLSVAE.from_pretrained(vae_path).to(device).eval()
+    teacher = build_teacher(teacher_name, input_size=teacher_input_size).to(device)
+    return vae, teacher
+
+
+def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: bool) -> dict[str, np.ndarray]:
+    """uint8 ``[B, H, W, 3]`` -> float16 rows: normalised posterior mean/std (+ flip), teacher features."""
+    import torch
+
+    from reals.images import to_unit_images
+
+    device = vae.mean.device
+    with torch.no_grad():
+        x = to_unit_images(np.asarray(images), device)
+        pixels = torch.cat([x, x.flip(-1)]) if flip else x
+        mean, std = vae.encode(pixels * 2 - 1)
+        mean, std = vae.normalize(mean), std / vae.std.to(std).view(1, -1, 1, 1)
+        patch, global_token = teacher(x)
+    b = len(x)
+    rows = {"mean": mean[:b], "std": std[:b], "teacher_global": global_token}
+    if flip:
+        rows.update(mean_flip=mean[b:], std_flip=std[b:])
+    if teacher_patch:
+        rows["teacher_patch"] = patch
+    return {k: v.float().cpu().numpy().astype(np.float16) for k, v in rows.items()}
+
+
+def batched(samples, size: int):
+    """Lists of up to ``size`` consecutive items."""
+    batch = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

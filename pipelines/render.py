@@ -1,0 +1,83 @@
+"""Pictures the stages write: image grids, per-class grids and loss curves, each as PNG bytes.
+
+Images are uint8 ``[N, H, W, 3]`` arrays; curves come from ``log.jsonl`` entries. Nothing here reads or writes
+storage: callers put the bytes where they belong.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+NON_CURVES = {"step", "epoch", "time", "lr", "seconds", "steps_per_sec", "samples_per_sec", "images_per_sec"}
+PANELS = ("losses", "cosine alignment with the teacher", "gradient norm")
+
+
+def png(image: np.ndarray) -> bytes:
+    """uint8 ``[H, W, 3]`` -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure -> PNG bytes (110 dpi, tight)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def image_grid(images: np.ndarray, cols: int) -> bytes:
+    """uint8 [N, H, W, 3] -> a PNG of ``cols`` images per row (the last row padded with black)."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * cols, h, w, c), np.uint8)
+    canvas[:n] = images
+    return png(canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c))
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, classes: int, per_class: int) -> bytes:
+    """One row per class (the lowest class ids present), up to ``per_class`` images each, small ones enlarged."""
+    scale = max(1, 64 // images.shape[1])  # nearest neighbour
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    rows = []
+    for k in sorted(set(labels.tolist()))[:classes]:
+        picked = images[labels == k][:per_class]
+        row = np.zeros((per_class, *images.shape[1:]), np.uint8)
+        row[:len(picked)] = picked
+        rows.append(row)
+    return image_grid(np.concatenate(rows), per_class)
+
+
+def loss_curves(entries: list[dict], title: str) -> bytes | None:
+    """Curves of a ``log.jsonl``: losses, cosine alignment and gradient norms in separate panels; None if empty."""
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        for k, v in e.items():
+            if isinstance(v, int | float) and k not in NON_CURVES:
+                series.setdefault(k, []).append((e["step"], float(v)))
+    series = {k: pts for k, pts in sorted(series.items()) if any(v != 0 for _, v in pts)}
+    if not series:
+        return None
+    panels: dict[str, list[str]] = {name: [] for name in PANELS}
+    for k in series:
+        panels[PANELS[1] if k.endswith("_cos") else PANELS[2] if k.endswith("_norm") else PANELS[0]].append(k)
+    panels = {name: keys for name, keys in panels.items() if keys}
+    fig = Figure(figsize=(5.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, keys) in zip(axes, panels.items()):
+        for k in keys:
+            ax.plot([p[0] for p in series[k]], [p[1] for p in series[k]], label=k, linewidth=1.2)
+        values = [v for k in keys for _, v in series[k]]
+        if name != PANELS[1] and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+        ax.set(xlabel="step", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return figure_png(fig)
