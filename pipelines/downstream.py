@@ -32,11 +32,9 @@ side by side) and ``metrics.json``, written last; a re-run with the same inputs 
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import posixpath
 from typing import Annotated, Literal
 
 import numpy as np
@@ -46,16 +44,15 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.devices import torch_device
-from pipelines.registry import Stage
+from pipelines.downstream_data import DEPTH_RATIO, Dataset, depth_from_order, load_generated, truth_tensor
 from pipelines.parallel import progress_bar
+from pipelines.registry import Stage
+from pipelines.render import compose, overlay_rows
 from reals.images import to_uint8, to_unit_images
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
 
 TASKS = ("seg", "depth")
-TRUTH_DIRS = {"seg": "masks", "depth": "depth"}
-IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".webp")
-DEPTH_RATIO = 1.5  # synthetic depth of drawing order j: DEPTH_RATIO ** -j
 SOURCES = ("teacher", "reals", "baseline")
 SOURCE_TITLES = {"teacher": "teacher (upper bound)", "reals": "ReaLS latents (training-free)", "baseline": "baseline"}
 
@@ -112,288 +109,6 @@ class DownstreamSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ground truth and images
-# ---------------------------------------------------------------------------------------------------
-
-def depth_from_order(order: np.ndarray) -> np.ndarray:
-    """Synthetic drawing order (0 background, j: the j-th shape, nearer) -> positive depth ``1.5 ** -order``."""
-    return (DEPTH_RATIO ** -order.astype(np.float64)).astype(np.float32)
-
-
-def crop_truth(truth: np.ndarray, size: int) -> np.ndarray:
-    """The ADM center-crop geometry applied to a label map, with nearest resampling."""
-    from PIL import Image
-
-    h, w = truth.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(truth[top:top + side, left:left + side])
-    return np.asarray(square.resize((size, size), Image.Resampling.NEAREST))
-
-
-def crop_image(image, size: int) -> np.ndarray:
-    """Encoded bytes or an RGB array -> uint8 ``[size, size, 3]`` (ADM center crop)."""
-    from PIL import Image
-
-    from pipelines.imaging import center_crop, open_image, to_rgb
-
-    im = to_rgb(open_image(image)) if isinstance(image, bytes) else Image.fromarray(image)
-    if im.size != (size, size):
-        im = center_crop(im, size)
-    return np.asarray(im)
-
-
-def _read_png(url: str) -> np.ndarray | None:
-    from PIL import Image
-
-    if not sfs.exists(url):
-        return None
-    with Image.open(io.BytesIO(sfs.read_bytes(url))) as im:
-        return np.asarray(im.convert("L"))
-
-
-def _evenly_spaced(total: int, n: int) -> list[int]:
-    """``min(n, total)`` indices spread evenly over ``range(total)`` (every class of a sorted list)."""
-    if total <= n:
-        return list(range(total))
-    return sorted({int(round(i)) for i in np.linspace(0, total - 1, n)})
-
-
-class Dataset:
-    """Labelled images from a synthetic folder or shards, with their ground truth when there is any."""
-
-    def __init__(self, data_path: str, ground_truth: str | None):
-        self.url = sfs.to_url(data_path)
-        self.manifest = read_json(sfs.join(self.url, "manifest.json"))
-        if self.manifest is None:
-            root = self.url.removeprefix("file://")
-            if "://" in root or not os.path.isdir(root):
-                raise StageError(f"--data-path {data_path}: neither shards (no manifest.json) nor a local folder")
-            self.classes = sorted({c for split in os.listdir(root) if split not in TRUTH_DIRS.values()
-                                   and os.path.isdir(os.path.join(root, split))
-                                   for c in os.listdir(os.path.join(root, split))
-                                   if os.path.isdir(os.path.join(root, split, c))})
-            ground_truth = ground_truth or (root if any(os.path.isdir(os.path.join(root, d))
-                                                        for d in TRUTH_DIRS.values()) else None)
-        else:
-            self.classes = list(self.manifest["classes"])
-        self.truth_root = sfs.to_url(ground_truth) if ground_truth else None
-
-    @property
-    def num_seg_classes(self) -> int:
-        return len(self.classes) + 1
-
-    def fingerprint(self, splits: list[str], tasks: list[str]) -> str:
-        """Digest of the inputs: the manifest's fingerprint (or the split folders) and the truth folders."""
-        folders = [] if self.manifest is not None else [sfs.join(self.url, s) for s in splits]
-        if self.truth_root:
-            folders += [sfs.join(self.truth_root, TRUTH_DIRS[t], s) for t in tasks for s in splits]
-        rows: list = [self.manifest.get("fingerprint") if self.manifest else None, self.truth_root]
-        for folder in folders:
-            for top, dirs, files in os.walk(folder.removeprefix("file://")):
-                dirs.sort()
-                for f in sorted(files):
-                    st = os.stat(os.path.join(top, f))
-                    rows.append([os.path.join(top, f), st.st_size, st.st_mtime_ns])
-        return fingerprint(rows)
-
-    def _entries(self, split: str) -> list[tuple[str, int]]:
-        """``(relative source path, class index)`` of a folder split, sorted."""
-        root = self.url.removeprefix("file://")
-        split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            raise StageError(f"no {split!r} split in {root}: expected {split}/<class-id>/<images> "
-                             "(e.g. `reals synthetic --val-per-class N` writes val/)")
-        index = {c: i for i, c in enumerate(self.classes)}
-        return [(f"{split}/{c}/{f}", index[c]) for c in sorted(os.listdir(split_dir))
-                if os.path.isdir(os.path.join(split_dir, c))
-                for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.lower().endswith(IMAGE_EXTS)]
-
-    def _raw(self, split: str, n: int, skipped: list[str]):
-        """``(image bytes or array, class, source path)`` of ``n`` images spread over the split."""
-        if self.manifest is None:
-            entries = self._entries(split)
-            root = self.url.removeprefix("file://")
-            for i in _evenly_spaced(len(entries), n):
-                rel, cls = entries[i]
-                try:
-                    with open(os.path.join(root, rel), "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    skipped.append(f"{rel}: unreadable ({e.strerror or type(e).__name__})")
-                    continue
-                yield data, cls, rel
-            return
-        from storage.shards import iter_shards, shard_urls
-
-        count = int(self.manifest["splits"].get(split, {}).get("count", 0))
-        keep = set(_evenly_spaced(count, n))
-        bad: list = []
-        for i, sample in enumerate(iter_shards(shard_urls(self.url, split), split_by_worker=False, skipped=bad)):
-            if i in keep:
-                yield sample["image"], sample["cls"], sample["json"].get("source", sample["__key__"])
-        skipped.extend(f"{key}: {reason}" for key, reason in bad)
-
-    def truth_url(self, task: str, source: str) -> str:
-        """Where the ground truth of ``task`` for the image at ``source`` (relative path) lies."""
-        return sfs.join(self.truth_root, TRUTH_DIRS[task], posixpath.splitext(source)[0] + ".png")
-
-    def examples(self, split: str, n: int, size: int, tasks: list[str], skipped: list[str]) -> list[dict]:
-        """Up to ``n`` images ``{image, cls, source, truth: {task: map}}`` cropped to ``size``."""
-        out = []
-        for raw, cls, source in self._raw(split, n, skipped):
-            truth, missing = {}, None
-            for task in tasks if self.truth_root else ():
-                found = _read_png(self.truth_url(task, source))
-                if found is None:
-                    missing = self.truth_url(task, source)
-                    break
-                truth[task] = crop_truth(found, size)
-            if missing:
-                skipped.append(f"{source}: no ground truth at {missing}")
-                continue
-            try:
-                image = crop_image(raw, size)
-            except Exception as e:  # noqa: BLE001 - a bad image is skipped and reported, never fatal
-                skipped.append(f"{source}: unreadable image ({type(e).__name__})")
-                continue
-            out.append({"image": image, "cls": int(cls), "source": source, "truth": truth})
-        return out
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------
-
-class LatentFeatures:
-    """A VAE's latents as plain features: a ReaLS dir gives normalised posterior means, a plain one raw means."""
-
-    def __init__(self, path: str, device: torch.device, reals_vae=None):
-        from reals.vae import ReaLSVAE, build_vae
-
-        self.path = path
-        if reals_vae is not None:
-            self.vae, self.kind = reals_vae, "reals"
-        elif os.path.isfile(os.path.join(path, "align_net.json")):
-            self.vae, self.kind = ReaLSVAE.from_pretrained(path).to(device).eval(), "reals"
-        else:
-            self.vae, self.kind = build_vae(ckpt=path).to(device).eval(), "plain"
-
-    @property
-    def channels(self) -> int:
-        return self.vae.latent_channels if self.kind == "reals" else self.vae.config.latent_channels
-
-    @property
-    def fingerprint(self) -> str:
-        if self.kind == "reals":
-            return self.vae.fingerprint
-        from reals.vae import weights_fingerprint
-
-        c = self.channels
-        return weights_fingerprint({"vae": self.vae}, torch.zeros(c), torch.ones(c))
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> latents ``[B, C, h, w]``."""
-        if self.kind == "reals":
-            return self.vae.normalize(self.vae.encode(images)[0])
-        return self.vae.encode(images).latent_dist.mean
-
-
-def _truth_tensor(task: str, maps: list[np.ndarray]) -> torch.Tensor:
-    stack = np.stack(maps)
-    return torch.from_numpy(depth_from_order(stack) if task == "depth" else stack.astype(np.int64))
-
-
-def load_generated(path: str, limit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``(latents [N, C, h, w] float32, labels or None, images uint8 NHWC or None)`` from a samples file."""
-    url = sfs.to_url(path)
-    if not sfs.exists(url):
-        raise StageError(f"--samples {path} not found")
-    data = np.load(io.BytesIO(sfs.read_bytes(url)), allow_pickle=False)
-    if isinstance(data, np.ndarray):
-        return data[:limit].astype(np.float32), None, None
-    labels = data["arr_1"][:limit] if "arr_1" in data.files else None
-    images = data["arr_0"][:limit] if "arr_0" in data.files else None
-    if "latents" in data.files:
-        latents = data["latents"]
-    else:
-        beside = [url + ".latents.npy", url.removesuffix(".npz") + ".latents.npy"]
-        found = next((u for u in beside if sfs.exists(u)), None)
-        if found is None:
-            raise StageError(f"--samples {path} holds no latents (no `latents` array, no {beside[-1]}); "
-                             "sample with --save-latents")
-        latents = np.load(io.BytesIO(sfs.read_bytes(found)), allow_pickle=False)
-    return latents[:limit].astype(np.float32), labels, images
-
-
-# ---------------------------------------------------------------------------------------------------
-# Overlays
-# ---------------------------------------------------------------------------------------------------
-
-def _palette(n: int = 256) -> np.ndarray:
-    import colorsys
-
-    colours = [(0.0, 0.0, 0.0)] + [colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0) for k in range(n - 1)]
-    return (np.array(colours) * 255).astype(np.float32)
-
-
-PALETTE = _palette()
-
-
-def seg_panel(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Class colours blended over the dimmed image (background stays dim)."""
-    labels = np.asarray(labels).astype(np.int64)
-    colour = PALETTE[labels % len(PALETTE)]
-    fg = (labels > 0)[..., None]
-    return np.clip(0.4 * image + 0.6 * colour * fg, 0, 255).astype(np.uint8)
-
-
-def depth_panel(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Nearness as a dark-blue -> yellow ramp over the range ``[lo, hi]``."""
-    near = np.clip((hi - depth) / max(hi - lo, 1e-6), 0, 1)[..., None]
-    far_c, near_c = np.array([20, 24, 80], np.float32), np.array([250, 220, 40], np.float32)
-    return (far_c * (1 - near) + near_c * near).astype(np.uint8)
-
-
-def compose(rows: list[list[np.ndarray]], labels: list[str], panel: int) -> bytes:
-    """PNG of rows of equal-size panels under a header of labels."""
-    from PIL import Image, ImageDraw
-
-    header = 14
-    canvas = Image.new("RGB", (panel * len(labels), header + panel * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, text in enumerate(labels):
-        draw.text((j * panel + 3, 2), text, fill=(0, 0, 0))
-    for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
-            tile = Image.fromarray(cell).resize((panel, panel), Image.Resampling.NEAREST)
-            canvas.paste(tile, (j * panel, header + i * panel))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def overlay_rows(images: np.ndarray, columns: list[tuple[str, str, np.ndarray]]) -> list[list[np.ndarray]]:
-    """Rows ``[image, task panels...]``; depth panels of a row share one range."""
-    rows = []
-    for i, image in enumerate(images):
-        depths = [c[2][i] for c in columns if c[0] == "depth"]
-        lo = min((float(d.min()) for d in depths), default=0.0)
-        hi = max((float(d.max()) for d in depths), default=1.0)
-        row = [image]
-        for task, _, maps in columns:
-            row.append(seg_panel(image, maps[i]) if task == "seg" else depth_panel(maps[i], lo, hi))
-        rows.append(row)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
 
@@ -441,6 +156,11 @@ def report_markdown(s: DownstreamSummary, source_notes: dict[str, str]) -> str:
 # Stage
 # ---------------------------------------------------------------------------------------------------
 
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
 def _file_digest(path: str | None) -> str | None:
     return sha256_url(sfs.to_url(path)) if path and sfs.exists(sfs.to_url(path)) else None
 
@@ -450,6 +170,7 @@ class Evaluation:
 
     def __init__(self, cfg: DownstreamConfig):
         from pipelines.encoding import teacher_spec
+        from reals.downstream import LatentFeatures
         from reals.teachers import build_teacher
         from reals.vae import ReaLSVAE
 
@@ -529,7 +250,7 @@ class Evaluation:
                 norms += torch.stack([patch.norm(dim=1).mean() * len(batch), global_token.norm(dim=1).sum()]).cpu()
                 latents = self.baseline(x * 2 - 1) if fitters else None
                 for (task, source), fitter in fitters.items():
-                    truth = _truth_tensor(task, [e["truth"][task] for e in batch]).to(self.device)
+                    truth = truth_tensor(task, [e["truth"][task] for e in batch]).to(self.device)
                     fitter.update(patch if source == "teacher" else latents, truth)
                 bar.advance(job, len(batch))
         for (task, source), fitter in fitters.items():
@@ -565,7 +286,7 @@ class Evaluation:
                 x = to_unit_images(np.stack([e["image"] for e in batch]), self.device)
                 preds = self._predict_real(x)
                 for task in self.cfg.tasks:
-                    truth = _truth_tensor(task, [e["truth"][task] for e in batch]) if self.has_truth else None
+                    truth = truth_tensor(task, [e["truth"][task] for e in batch]) if self.has_truth else None
                     for source, m in meters[task].items():
                         m.update(preds[task][source].cpu(), truth)
                     agree[task].update(preds[task]["reals"].cpu(), preds[task]["teacher"].cpu())

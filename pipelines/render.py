@@ -81,3 +81,64 @@ def loss_curves(entries: list[dict], title: str) -> bytes | None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return figure_png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overlays of dense predictions
+# ---------------------------------------------------------------------------------------------------
+
+def _palette(n: int = 256) -> np.ndarray:
+    import colorsys
+
+    colours = [(0.0, 0.0, 0.0)] + [colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0) for k in range(n - 1)]
+    return (np.array(colours) * 255).astype(np.float32)
+
+
+PALETTE = _palette()
+
+
+def seg_panel(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Class colours blended over the dimmed image (background stays dim)."""
+    labels = np.asarray(labels).astype(np.int64)
+    colour = PALETTE[labels % len(PALETTE)]
+    fg = (labels > 0)[..., None]
+    return np.clip(0.4 * image + 0.6 * colour * fg, 0, 255).astype(np.uint8)
+
+
+def depth_panel(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Nearness as a dark-blue -> yellow ramp over the range ``[lo, hi]``."""
+    near = np.clip((hi - depth) / max(hi - lo, 1e-6), 0, 1)[..., None]
+    far_c, near_c = np.array([20, 24, 80], np.float32), np.array([250, 220, 40], np.float32)
+    return (far_c * (1 - near) + near_c * near).astype(np.uint8)
+
+
+def compose(rows: list[list[np.ndarray]], labels: list[str], panel: int) -> bytes:
+    """PNG of rows of equal-size panels under a header of labels."""
+    from PIL import Image, ImageDraw
+
+    header = 14
+    canvas = Image.new("RGB", (panel * len(labels), header + panel * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(labels):
+        draw.text((j * panel + 3, 2), text, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            tile = Image.fromarray(cell).resize((panel, panel), Image.Resampling.NEAREST)
+            canvas.paste(tile, (j * panel, header + i * panel))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_rows(images: np.ndarray, columns: list[tuple[str, str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Rows ``[image, task panels...]``; depth panels of a row share one range."""
+    rows = []
+    for i, image in enumerate(images):
+        depths = [c[2][i] for c in columns if c[0] == "depth"]
+        lo = min((float(d.min()) for d in depths), default=0.0)
+        hi = max((float(d.max()) for d in depths), default=1.0)
+        row = [image]
+        for task, _, maps in columns:
+            row.append(seg_panel(image, maps[i]) if task == "seg" else depth_panel(maps[i], lo, hi))
+        rows.append(row)
+    return rows

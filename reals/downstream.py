@@ -429,3 +429,38 @@ class DepthMeter:
 
 
 METERS = {"seg": SegmentationMeter, "depth": DepthMeter}
+
+
+class LatentFeatures:
+    """A VAE's latents as plain features: a ReaLS dir gives normalised posterior means, a plain one raw means."""
+
+    def __init__(self, path: str, device: torch.device, reals_vae=None):
+        from reals.vae import ReaLSVAE, build_vae
+
+        self.path = path
+        if reals_vae is not None:
+            self.vae, self.kind = reals_vae, "reals"
+        elif os.path.isfile(os.path.join(path, "align_net.json")):
+            self.vae, self.kind = ReaLSVAE.from_pretrained(path).to(device).eval(), "reals"
+        else:
+            self.vae, self.kind = build_vae(ckpt=path).to(device).eval(), "plain"
+
+    @property
+    def channels(self) -> int:
+        return self.vae.latent_channels if self.kind == "reals" else self.vae.config.latent_channels
+
+    @property
+    def fingerprint(self) -> str:
+        if self.kind == "reals":
+            return self.vae.fingerprint
+        from reals.vae import weights_fingerprint
+
+        c = self.channels
+        return weights_fingerprint({"vae": self.vae}, torch.zeros(c), torch.ones(c))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents ``[B, C, h, w]``."""
+        if self.kind == "reals":
+            return self.vae.normalize(self.vae.encode(images)[0])
+        return self.vae.encode(images).latent_dist.mean

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.downstream import DownstreamConfig, depth_from_order, run
+from pipelines.downstream import DownstreamConfig, run
+from pipelines.downstream_data import depth_from_order
 from reals import ReaLSError
 from reals.downstream import (DepthHead, DepthMeter, HeadFitter, RidgeAccumulator, SegmentationHead,
                               SegmentationMeter, area_downsample, load_dinov2_head, predict_from_latents,
@@ -300,7 +301,7 @@ def test_cli_reports_bad_inputs_in_one_line(tmp_path, synthetic_root, tiny_shard
 
 
 def test_overlay_png_is_readable_by_plain_pillow(tmp_path):
-    from pipelines.downstream import compose, overlay_rows
+    from pipelines.render import compose, overlay_rows
 
     images = np.zeros((2, 16, 16, 3), np.uint8)
     seg = np.ones((2, 16, 16), np.int64)
