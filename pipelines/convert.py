@@ -32,7 +32,7 @@ from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from reals.align import AlignNet
 from reals.images import to_model_images
-from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor
+from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor, stored_statistics
 from storage.fs import apply_umask, local_path, to_url, write_bytes_atomic
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
@@ -64,8 +64,8 @@ class ConvertSummary(BaseModel):
     checkpoint: str
     step: int
     weights: str = Field(description="ema or raw")
-    mean: list[float]
-    std: list[float]
+    latents_mean: list[float]
+    latents_std: list[float]
     num_images: int
     skipped: bool = Field(description="the directory was already converted from the same inputs")
 
@@ -149,10 +149,10 @@ def run(config: ConvertConfig) -> ConvertSummary:
     if done.is_file() and (out / MEAN_STD_FILE).is_file():
         prov = json.loads(done.read_text())
         if all(prov.get("conversion", {}).get(k) == v for k, v in source.items()):
-            stats = json.loads((out / MEAN_STD_FILE).read_text())
+            mean, std = stored_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
             return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=ckpt_url,
-                                  step=prov["training"]["step"], weights=source["weights"], mean=stats["mean"],
-                                  std=stats["std"], num_images=prov["latent_statistics"]["num_images"], skipped=True)
+                                  step=prov["training"]["step"], weights=source["weights"], latents_mean=mean,
+                                  latents_std=std, num_images=prov["latent_statistics"]["num_images"], skipped=True)
         done.unlink()
 
     ckpt = load_checkpoint(ckpt_url)
@@ -178,20 +178,20 @@ def run(config: ConvertConfig) -> ConvertSummary:
                      "data_path": train_cfg.get("data_path"), "data_fingerprint": ckpt.get("data_fingerprint"),
                      "config": train_cfg},
         "latent_statistics": {"num_images": n, "data_path": to_url(config.data_path), "formula": STATS_FORMULA,
-                              "normalisation": "z_norm = (z - mean) / std, channel-wise"},
+                              "normalisation": "z_norm = (z - latents_mean) / latents_std, channel-wise"},
         "conversion": source,
         "code_version": code_version(),
     }
     model.save_pretrained(out, provenance)
     apply_umask(out)  # safetensors writes 0600
     return ConvertSummary(output_dir=str(out), fingerprint=model.fingerprint, checkpoint=ckpt_url,
-                          step=ckpt["step"], weights=source["weights"], mean=mean, std=std, num_images=n,
+                          step=ckpt["step"], weights=source["weights"], latents_mean=mean, latents_std=std, num_images=n,
                           skipped=False)
 
 
 def complete(config: ConvertConfig) -> str | None:
     """What the VAE directory lacks to be this checkpoint's conversion with these settings, or None."""
-    out = Path(config.output_dir.removeprefix("file://")).expanduser()
+    out = Path(local_path(config.output_dir) or config.output_dir)
     if not (out / PROVENANCE_FILE).is_file() or not (out / MEAN_STD_FILE).is_file():
         return "no converted VAE directory"
     conversion = json.loads((out / PROVENANCE_FILE).read_text()).get("conversion", {})
@@ -232,7 +232,8 @@ def _fmt(xs: list[float]) -> str:
 def show(s: ConvertSummary) -> None:
     verb = "already converted" if s.skipped else "converted"
     print(f"convert: {verb} {s.checkpoint} (step {s.step}, {s.weights} weights) -> {s.output_dir}")
-    print(f"  fingerprint {s.fingerprint}; latent mean {_fmt(s.mean)}, std {_fmt(s.std)} over {s.num_images} images")
+    print(f"  fingerprint {s.fingerprint}; latents_mean {_fmt(s.latents_mean)}, latents_std {_fmt(s.latents_std)} "
+          f"over {s.num_images} images")
 
 
 def show_extract_ema(s: ExtractEMASummary) -> None:

@@ -322,7 +322,8 @@ def run(config: EncodeConfig) -> EncodeSummary:
 def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent_shape) -> dict:
     return {
         "vae_path": to_url(config.vae_path), "vae_provenance": vae.provenance, "teacher": teacher,
-        "mean": vae.mean.tolist(), "std": vae.std.tolist(), "normalisation": "z_norm = (z - mean) / std",
+        "latents_mean": vae.latents_mean.tolist(), "latents_std": vae.latents_std.tolist(),
+        "normalisation": "z_norm = (z - latents_mean) / latents_std",
         "resolution": manifest["resolution"], "vae_resolution": vae.resolution, "latent_shape": list(latent_shape),
         "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "split": config.split,
         "source_url": to_url(config.data_path), "source_fingerprint": manifest.get("fingerprint"),

@@ -61,12 +61,12 @@ def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: b
 
     from reals.images import to_unit_images
 
-    device = vae.mean.device
+    device = vae.latents_mean.device
     with torch.no_grad():
         x = to_unit_images(np.asarray(images), device)
         pixels = torch.cat([x, x.flip(-1)]) if flip else x
         mean, std = vae.encode(pixels * 2 - 1)
-        mean, std = vae.normalize(mean), std / vae.std.to(std).view(1, -1, 1, 1)
+        mean, std = vae.normalize(mean), std / vae.latents_std.to(std).view(1, -1, 1, 1)
         patch, global_token = teacher(x)
     b = len(x)
     rows = {"mean": mean[:b], "std": std[:b], "teacher_global": global_token}

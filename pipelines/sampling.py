@@ -35,8 +35,8 @@ def sample_labels(mode: str, num_classes: int, global_seed: int, indices) -> tor
 
 @torch.no_grad()
 def decode_latents(vae, z_norm: torch.Tensor) -> np.ndarray:
-    """Normalised latents -> uint8 NHWC images through the ReaLS VAE (``z = z_norm * std + mean``)."""
-    z = vae.denormalize(z_norm.to(device=vae.mean.device, dtype=torch.float32))
+    """Normalised latents -> uint8 NHWC images through the ReaLS VAE (``z = z_norm * latents_std + latents_mean``)."""
+    z = vae.denormalize(z_norm.to(device=vae.latents_mean.device, dtype=torch.float32))
     return to_uint8(vae.decode(z))
 
 

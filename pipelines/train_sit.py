@@ -333,8 +333,8 @@ class Trainer(TrainingLoop):
 
     def checkpoint_state(self) -> dict:
         """model, ema, opt, args, the model's config and the store's provenance."""
-        keep = ("vae_fingerprint", "vae_path", "mean", "std", "num_classes", "classes", "resolution",
-                "source_fingerprint", "teacher")
+        keep = ("vae_fingerprint", "vae_path", "latents_mean", "latents_std", "num_classes", "classes", "resolution",
+                "source_fingerprint", "teacher", "mean", "std")  # mean, std: older stores' names of the statistics
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "args": self.cfg.model_dump(), "model_config": dict(self.model.config),
                 "latent_shape": list(self.latent_shape), "source": self.source.kind,

@@ -16,6 +16,7 @@ from pipelines import StageError
 from pipelines.config import Cli, StageConfig
 from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
+from reals.vae import stored_statistics
 from storage.latent_store import LatentStore
 from storage.shards import iter_shard
 
@@ -50,9 +51,10 @@ def check_provenance(store: LatentStore, vae, resolution: int) -> list[str]:
     problems = []
     if a.get("vae_fingerprint") != vae.fingerprint:
         problems.append(f"store was made by VAE {a.get('vae_fingerprint')}, the VAE dir is {vae.fingerprint}")
-    for key, value in (("mean", vae.mean), ("std", vae.std)):
-        if not np.allclose(a.get(key, []), value.tolist(), rtol=1e-6, atol=1e-7):
-            problems.append(f"latent {key} {a.get(key)} differs from the VAE dir's {value.tolist()}")
+    for key, stored, value in zip(("latents_mean", "latents_std"), stored_statistics(a),
+                                  (vae.latents_mean, vae.latents_std)):
+        if not np.allclose(stored, value.tolist(), rtol=1e-6, atol=1e-7):
+            problems.append(f"{key} {stored} differs from the VAE dir's {value.tolist()}")
     f = vae.downsample_factor
     shape = [vae.latent_channels, resolution // f, resolution // f]
     if list(a.get("latent_shape", [])) != shape:

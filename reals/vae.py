@@ -2,15 +2,17 @@
 
 A converted ReaLS VAE directory holds what plain ``diffusers.AutoencoderKL.from_pretrained(dir)`` loads
 (``config.json`` + ``diffusion_pytorch_model.safetensors``), plus ``align_net.safetensors`` and
-``align_net.json`` (the alignment heads), ``mean_std.json`` (channel-wise latent statistics) and
-``provenance.json`` (teacher, training run, code version).
+``align_net.json`` (the alignment heads), ``mean_std.json`` (the channel statistics ``latents_mean`` and
+``latents_std``, also in ``config.json`` as diffusers names them) and ``provenance.json`` (teacher, training run,
+code version).
 
-Latent normalisation (what the diffusion model sees), channel-wise with ``mean``/``std`` of shape [C]::
+Latent normalisation (what the diffusion model sees), channel-wise with ``latents_mean``/``latents_std`` of
+shape [C] (not to be confused with the posterior's own mean and std, which vary per image)::
 
-    z_norm = (z - mean) / std          z = z_norm * std + mean
+    z_norm = (z - latents_mean) / latents_std          z = z_norm * latents_std + latents_mean
 
-where ``z`` is the un-normalised VAE latent (posterior mean or sample) and ``mean_c = E[z_c]``,
-``std_c = sqrt(E[(z_c - mean_c)^2])`` over all training images and latent positions.
+where ``z`` is the un-normalised VAE latent (posterior mean or sample), ``latents_mean_c = E[z_c]`` and
+``latents_std_c = sqrt(E[(z_c - latents_mean_c)^2])`` over all training images and latent positions.
 """
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ from reals import ReaLSError
 
 MEAN_STD_FILE = "mean_std.json"
 PROVENANCE_FILE = "provenance.json"
+
+
+def stored_statistics(record: dict) -> tuple[list[float], list[float]]:
+    """``(latents_mean, latents_std)`` from ``mean_std.json`` or a store's provenance (older ones say mean/std)."""
+    if "latents_mean" in record:
+        return record["latents_mean"], record["latents_std"]
+    return record["mean"], record["std"]
 
 
 #################################################################################
@@ -126,38 +135,40 @@ def downsample_factor(vae) -> int:
 #                                   ReaLS VAE                                   #
 #################################################################################
 
-def weights_fingerprint(modules: dict[str, nn.Module], mean: torch.Tensor, std: torch.Tensor) -> str:
-    """sha256 (16 hex) over every tensor's name, dtype, shape and bytes, plus the latent mean/std."""
+def weights_fingerprint(modules: dict[str, nn.Module], latents_mean: torch.Tensor, latents_std: torch.Tensor) -> str:
+    """sha256 (16 hex) over every tensor's name, dtype, shape and bytes, plus the channel statistics (hashed
+    under their first names, ``mean`` and ``std``, so that fingerprints of existing VAEs stay the same)."""
     h = hashlib.sha256()
     for prefix, module in sorted(modules.items()):
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(json.dumps({"mean": mean.tolist(), "std": std.tolist()}).encode())
+    h.update(json.dumps({"mean": latents_mean.tolist(), "std": latents_std.tolist()}).encode())
     return h.hexdigest()[:16]
 
 
 class ReaLSVAE(nn.Module):
-    """AutoencoderKL + alignment heads + channel-wise latent statistics (``z_norm = (z - mean) / std``).
+    """AutoencoderKL + alignment heads + channel statistics (``z_norm = (z - latents_mean) / latents_std``).
 
     ``forward`` is the training path (encode, sample, decode, heads); the other methods serve inference.
     """
 
-    def __init__(self, vae, align_net: nn.Module, mean: torch.Tensor | None = None,
-                 std: torch.Tensor | None = None, provenance: dict | None = None):
+    def __init__(self, vae, align_net: nn.Module, latents_mean: torch.Tensor | None = None,
+                 latents_std: torch.Tensor | None = None, provenance: dict | None = None):
         super().__init__()
         self.vae = vae
         self.align_net = align_net
         c = vae.config.latent_channels
-        mean = torch.zeros(c) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(c) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        mean = torch.zeros(c) if latents_mean is None else torch.as_tensor(latents_mean, dtype=torch.float32)
+        std = torch.ones(c) if latents_std is None else torch.as_tensor(latents_std, dtype=torch.float32)
         if mean.shape != (c,) or std.shape != (c,):
-            raise ReaLSError(f"latent mean/std must have {c} channels, got {tuple(mean.shape)} / {tuple(std.shape)}")
+            raise ReaLSError(f"latents_mean/latents_std must have {c} channels, got {tuple(mean.shape)} / "
+                             f"{tuple(std.shape)}")
         if not bool((std > 0).all()):
-            raise ReaLSError(f"latent std must be positive, got {std.tolist()}")
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+            raise ReaLSError(f"latents_std must be positive, got {std.tolist()}")
+        self.register_buffer("latents_mean", mean)
+        self.register_buffer("latents_std", std)
         self.provenance = dict(provenance or {})
 
     # -- loading and saving ---------------------------------------------------------------------------
@@ -174,22 +185,22 @@ class ReaLSVAE(nn.Module):
         if missing:
             raise ReaLSError(f"{path} is not a ReaLS VAE directory (missing {', '.join(missing)}); "
                              "make one with `reals convert`")
-        stats = json.loads((path / MEAN_STD_FILE).read_text())
+        mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
         provenance_file = path / PROVENANCE_FILE
         provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
         model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), AlignNet.load(str(path)),
-                    stats["mean"], stats["std"], provenance)
+                    mean, std, provenance)
         return model.eval()
 
     def save_pretrained(self, path: str | Path, provenance: dict | None = None) -> None:
         """Write the directory ``from_pretrained`` reads; ``provenance.json`` last (it marks the dir done)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.vae.register_to_config(latents_mean=self.mean.tolist(), latents_std=self.std.tolist())
+        self.vae.register_to_config(latents_mean=self.latents_mean.tolist(), latents_std=self.latents_std.tolist())
         self.vae.save_pretrained(str(path), safe_serialization=True)
         self.align_net.save(str(path))
-        stats = {"mean": self.mean.tolist(), "std": self.std.tolist(),
-                 "formula": "z_norm = (z - mean) / std, channel-wise"}
+        stats = {"latents_mean": self.latents_mean.tolist(), "latents_std": self.latents_std.tolist(),
+                 "formula": "z_norm = (z - latents_mean) / latents_std, channel-wise"}
         (path / MEAN_STD_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         if provenance is not None:
             self.provenance = dict(provenance)
@@ -198,7 +209,8 @@ class ReaLSVAE(nn.Module):
     @cached_property
     def fingerprint(self) -> str:
         """Stable hash of the VAE and head weights and the latent statistics (computed once)."""
-        return weights_fingerprint({"vae": self.vae, "align_net": self.align_net}, self.mean, self.std)
+        return weights_fingerprint({"vae": self.vae, "align_net": self.align_net}, self.latents_mean,
+                                   self.latents_std)
 
     # -- shape facts ----------------------------------------------------------------------------------
 
@@ -226,12 +238,12 @@ class ReaLSVAE(nn.Module):
         return t.to(device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """z_norm = (z - mean) / std, channel-wise."""
-        return (z - self._stat(self.mean, z)) / self._stat(self.std, z)
+        """z_norm = (z - latents_mean) / latents_std, channel-wise."""
+        return (z - self._stat(self.latents_mean, z)) / self._stat(self.latents_std, z)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """z = z_norm * std + mean, channel-wise."""
-        return z * self._stat(self.std, z) + self._stat(self.mean, z)
+        """z = z_norm * latents_std + latents_mean, channel-wise."""
+        return z * self._stat(self.latents_std, z) + self._stat(self.latents_mean, z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Un-normalised latents -> images in [-1, 1] (not clamped)."""

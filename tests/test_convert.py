@@ -77,8 +77,8 @@ def test_mean_std_match_a_direct_computation(converted, trained, tiny_shards):
     with torch.no_grad():
         z = model.vae.encode(x).latent_dist.mean.double().numpy()
     assert summary.num_images == NUM
-    np.testing.assert_allclose(stats["mean"], z.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(stats["std"], z.std(axis=(0, 2, 3)), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats["latents_mean"], z.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats["latents_std"], z.std(axis=(0, 2, 3)), rtol=1e-6, atol=1e-8)
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["teacher"]["name"] == "tiny-dinov2" and prov["training"]["step"] == 4
     assert prov["latent_statistics"]["num_images"] == NUM and prov["conversion"]["weights"] == "ema"

@@ -63,8 +63,8 @@ def test_encode_writes_a_complete_store(tiny_store, tiny_shards):
     assert (summary.shards, summary.shards_encoded, summary.rows_encoded, summary.rows_done) == (2, 2, 48, 48)
     group = zarr.open_group(join(out, summary.version), mode="r")  # plain zarr, no project code
     attrs = dict(group.attrs)
-    for key in ("vae_fingerprint", "vae_path", "teacher", "mean", "std", "resolution", "latent_shape", "num_classes",
-                "classes", "source_fingerprint", "source_shards", "code_version", "created"):
+    for key in ("vae_fingerprint", "vae_path", "teacher", "latents_mean", "latents_std", "resolution", "latent_shape",
+                "num_classes", "classes", "source_fingerprint", "source_shards", "code_version", "created"):
         assert attrs.get(key) not in (None, "", []), key
     assert attrs["latent_shape"] == [4, 8, 8] and attrs["teacher"]["name"] == "tiny-dinov2"
     assert attrs["source_shards"] == ["train-000000.tar", "train-000001.tar"]

@@ -81,7 +81,19 @@ def test_reals_vae_save_load_roundtrip_and_normalisation(tmp_path):
     torch.testing.assert_close((patch, global_), (ref_patch, ref_global))
     assert patch.shape == (2, 32, 8, 8) and global_.shape == (2, 32)
     stats = json.loads((tmp_path / "vae" / "mean_std.json").read_text())
-    assert stats["std"] == pytest.approx([2.0, 0.5, 1.0, 4.0])
+    assert stats["latents_std"] == pytest.approx([2.0, 0.5, 1.0, 4.0])
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["latents_mean"] == pytest.approx([0.1, -0.2, 0.3, 0.0])
+
+
+def test_a_vae_dir_with_the_older_mean_std_names_still_loads(tmp_path):
+    model = tiny_reals(mean=[0.1, -0.2, 0.3, 0.0], std=[2.0, 0.5, 1.0, 4.0])
+    model.save_pretrained(tmp_path / "vae", {"resolution": 32})
+    (tmp_path / "vae" / "mean_std.json").write_text(json.dumps({"mean": [0.1, -0.2, 0.3, 0.0],
+                                                                "std": [2.0, 0.5, 1.0, 4.0]}))
+    loaded = ReaLSVAE.from_pretrained(tmp_path / "vae")
+    assert loaded.latents_std.tolist() == pytest.approx([2.0, 0.5, 1.0, 4.0])
+    assert loaded.fingerprint == model.fingerprint
 
 
 def test_fingerprint_follows_weights_and_statistics():
