@@ -106,10 +106,12 @@ def _store_section(store: str) -> list[str]:
             f"{'x'.join(map(str, s.latent_shape))}, horizontal flips {'stored' if s.has_flip else 'not stored'}.", ""]
 
 
-def _training_section(name: str, run: str, curve: str | None) -> list[str]:
+def _training_section(name: str, run: str, stage: str, save, png: str) -> list[str]:
+    """A run's last logged interval and its loss curves (saved as ``png``)."""
     entries = read_log(join(to_url(run), "log.jsonl"))
     if not entries:
         return []
+    curve = save(png, loss_curves(entries, stage))
     last = entries[-1]
     shown = {k: v for k, v in last.items() if k not in NON_CURVES}
     lines = [f"## {name}", "", f"{last['step']} steps logged in `{join(to_url(run), 'log.jsonl')}`; last interval: "
@@ -177,9 +179,7 @@ def write_report(config: ReportConfig) -> ReportSummary:
     if config.vae_dir:
         lines += _vae_section(config.vae_dir)
     if config.vae_run:
-        curve = save("loss_curves_vae.png", loss_curves(read_log(join(to_url(config.vae_run), "log.jsonl")),
-                                                            "train-vae"))
-        lines += _training_section("VAE training", config.vae_run, curve)
+        lines += _training_section("VAE training", config.vae_run, "train-vae", save, "loss_curves_vae.png")
         grids = list_files(join(to_url(config.vae_run), "samples"), ".png")
         if grids:
             name = save("vae_reconstructions.png", read_bytes(grids[-1]))
@@ -190,10 +190,8 @@ def write_report(config: ReportConfig) -> ReportSummary:
         lines += _store_section(config.store)
     if config.sit_run:
         family = (config.model or "SiT").split("-", 1)[0]
-        curve = save("loss_curves_sit.png", loss_curves(read_log(join(to_url(config.sit_run), "log.jsonl")),
-                                                        f"train-{family.lower()}"))
         lines += _training_section(f"{family} training" + (f" ({config.model})" if config.model else ""),
-                                   config.sit_run, curve)
+                                   config.sit_run, f"train-{family.lower()}", save, "loss_curves_sit.png")
     if config.samples and npz_shape(config.samples):
         shape = npz_shape(config.samples)
         pool = npz_head(config.samples, "arr_0", GRID_POOL)
