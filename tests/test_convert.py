@@ -60,7 +60,7 @@ def test_converted_dir_loads_with_plain_diffusers(converted, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == pytest.approx(summary.std)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == pytest.approx(summary.latents_std)
     with torch.no_grad():
         mean, _ = vae.encode(x)
         rec = vae.decode(mean)
