@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from contextlib import nullcontext
 
@@ -71,6 +72,7 @@ def main() -> None:
         results.append({**case, "latents": [4, 32, 32], "resolution": 256, "dit_step_s": round(dit, 4),
                         "sit_step_s": round(sit, 4), "dit_samples_per_s": round(case["batch"] / dit, 3),
                         "dit_over_sit": round(dit / sit, 3)})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each case as it ends
     print(json.dumps({"benchmark": "train_dit", **device_note(), "cases": results}, indent=2))
 
 
