@@ -1,9 +1,16 @@
-"""What a run shows in the Prefect UI: tables, markdown, links, images and live progress of the stages."""
+"""What a run shows in the Prefect UI: tables, markdown, links, images and live progress of the stages.
+
+Every card renders by itself in a browser: pictures are embedded (``data:`` URLs, in image cards and inside
+markdown), links are http(s) only (a presigned URL for a file on S3), and a local file is named in the text
+of its card, since a browser opens no ``file://`` link from a web page. One card per picture; every card has
+a description.
+"""
 from __future__ import annotations
 
 import base64
 import contextvars
 import posixpath
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,9 +24,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from storage.fs import exists, join, read_bytes, to_url, write_bytes_atomic
+from storage.fs import exists, filesystem, join, read_bytes, to_url, write_bytes_atomic
 
 MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
+LINK_EXPIRY = 7 * 24 * 3600  # presigned S3 links last a week (the longest SigV4 allows)
+IMAGE_REF = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target) in markdown
 
 
 def artifact_key(*parts: str) -> str:
@@ -37,21 +46,58 @@ def table(key: str, rows: list[dict], description: str) -> None:
     create_table_artifact(rows or [{"note": "none"}], key=artifact_key(key), description=description)
 
 
-def link(key: str, url: str, text: str) -> None:
-    """A link to a file the run wrote (``file://`` for local paths)."""
+def browser_url(url: str) -> str | None:
+    """An address a browser opens for a stored file: a presigned https URL on S3, the URL itself if http(s),
+    else None (a local file, which a web page cannot link to)."""
     url = to_url(url)
-    create_link_artifact(url if "://" in url else f"file://{url}", link_text=text, key=artifact_key(key))
+    if url.startswith(("http://", "https://")):
+        return url
+    if url.startswith(("s3://", "s3a://")):
+        fs, path = filesystem(url)
+        return fs.sign(path, expiration=LINK_EXPIRY)
+    return None
+
+
+def link(key: str, url: str, text: str, description: str) -> bool:
+    """A link card to a stored file when a browser can open it (see ``browser_url``); whether one was made."""
+    href = browser_url(url)
+    if href:
+        create_link_artifact(href, link_text=text, key=artifact_key(key), description=description)
+    return href is not None
+
+
+def data_url(url: str) -> str | None:
+    """A PNG as a ``data:`` URL, or None when it is missing or larger than ``MAX_INLINE_IMAGE``."""
+    if not exists(url):
+        return None
+    data = read_bytes(url)
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}" if len(data) <= MAX_INLINE_IMAGE else None
 
 
 def image(key: str, url: str, description: str) -> None:
-    """A PNG the run wrote: embedded as an image artifact (small files), and always linked."""
+    """One card for a PNG the run wrote: the picture itself, or (too large to embed) a link or its location."""
     if not exists(url):
         return
-    data = read_bytes(url)
-    if len(data) <= MAX_INLINE_IMAGE:
-        create_image_artifact(f"data:image/png;base64,{base64.b64encode(data).decode()}",
-                              key=artifact_key(key, "image"), description=description)
-    link(key, url, posixpath.basename(to_url(url)))
+    where = to_url(url)
+    inline = data_url(url)
+    if inline:
+        create_image_artifact(inline, key=artifact_key(key, "image"), description=f"{description} ({where})")
+    elif not link(key, url, posixpath.basename(where), f"{description} (too large to embed)"):
+        markdown(key, f"{description}: `{where}` (too large to embed)", description)
+
+
+def embed_images(text: str, folder: str) -> str:
+    """Markdown whose relative image references (``![alt](name.png)``, under ``folder``) carry the pictures
+    themselves; a picture too large to embed is named by its location instead."""
+    def embed(m: re.Match) -> str:
+        alt, target = m.groups()
+        if ":" in target:
+            return m.group(0)
+        url = join(to_url(folder), target)
+        inline = data_url(url)
+        return f"![{alt}]({inline})" if inline else f"*{alt}: `{url}` (too large to embed)*"
+
+    return IMAGE_REF.sub(embed, text)
 
 
 def markdown(key: str, text: str, description: str) -> None:

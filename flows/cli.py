@@ -45,8 +45,10 @@ class ServeCommand(PipelineCommand):
                                                  "(default configs/demo.yaml)")
     output: str | None = Field(None, description="run root of the deployments (default: $REALS_RUNS_URL/<config "
                                                  "output name> when set, else the config's output)")
-    with_server: bool = Field(False, description="first start a local Prefect server (SQLite) on 127.0.0.1:4200 "
-                                                 "and use it")
+    with_server: bool = Field(False, description="first start a local Prefect server (SQLite) on 127.0.0.1 and use "
+                                                 "it; a Prefect server already answering on its port is used as it is")
+    port: int | None = Field(None, ge=1, le=65535, description="port of the --with-server server (default 4200, or a "
+                                                              "free port when 4200 is taken by something else)")
     reencode_cron: str | None = Field(None, description="cron schedule (UTC) of the incremental reencode deployment "
                                                         "(default nightly: 0 3 * * *)")
 
@@ -117,7 +119,7 @@ def serve(cmd: ServeCommand) -> int:
     from flows.deployments import DEFAULT_REENCODE_CRON, serve_config, serve_deployments
 
     serve_deployments(serve_config(cmd.config, cmd.output, cmd.local_dir), cmd.with_server,
-                      cmd.reencode_cron or DEFAULT_REENCODE_CRON)
+                      cmd.reencode_cron or DEFAULT_REENCODE_CRON, cmd.port)
     return 0
 
 

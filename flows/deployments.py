@@ -22,11 +22,11 @@ DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
 TAGS = ["reals"]
 
 
-def deployment(flow_, name: str, **kwargs):
+def deployment(flow_, name: str, tags: tuple[str, ...] = (), **kwargs):
     """``flow_`` as a deployment whose entrypoint is its module path (``flows.stages.shard_flow``): a worker
     imports it as part of the package, so Ray workers can unpickle its tasks (a file path would load it as
     a top-level module they cannot import)."""
-    return flow_.to_deployment(name, tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+    return flow_.to_deployment(name, tags=[*TAGS, *tags], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
 
 
 def check_cron(cron: str) -> None:
@@ -43,9 +43,9 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
     """The deployments ``serve`` runs; stage forms are pre-filled with the pipeline config's stage settings."""
     check_cron(reencode_cron)
     params = {"config": config.model_dump(mode="json")}
-    deployments = [deployment(reals_pipeline, "reals-pipeline", parameters=params,
+    deployments = [deployment(reals_pipeline, "reals-pipeline", ("pipeline",), parameters=params,
                               description="the whole chain; complete stages are skipped"),
-                   deployment(reencode, "reencode", cron=reencode_cron, parameters=params,
+                   deployment(reencode, "reencode", ("reencode",), cron=reencode_cron, parameters=params,
                               description="incremental encode: new shards and new VAE versions")]
     seen = set()
     for step in plan_steps(config):
@@ -55,9 +55,10 @@ def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENC
         stage_params = {"config": step.config.model_dump(mode="json")}
         if stage(step.stage).runs_on == "train":
             stage_params["nproc_per_node"] = config.nproc_per_node
-        deployments.append(deployment(STAGE_FLOWS[step.stage], step.stage, parameters=stage_params))
+        deployments.append(deployment(STAGE_FLOWS[step.stage], step.stage, (f"stage:{step.stage}",),
+                                      parameters=stage_params))
     deployments.append(deployment(
-        experiment_flow, "experiment",
+        experiment_flow, "experiment", ("experiment",),
         parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
         description="ReaLS vs plain VAE over seeds (quick preset; edit the form for the default)"))
     return deployments
@@ -75,14 +76,14 @@ def serve_config(config_file: str | None = None, output: str | None = None,
 
 
 def serve_deployments(config: PipelineConfig, with_server: bool = False,
-                      reencode_cron: str = DEFAULT_REENCODE_CRON) -> None:
-    """Serve every deployment until interrupted (with ``with_server``: on a local Prefect server)."""
+                      reencode_cron: str = DEFAULT_REENCODE_CRON, port: int | None = None) -> None:
+    """Serve every deployment until interrupted (with ``with_server``: on a local Prefect server on ``port``,
+    default 4200 or a free port when that is taken; one already answering there is used)."""
     from prefect.settings import PREFECT_API_URL
 
     plan_steps(config)  # a bad config fails before anything is served
     if with_server:
-        print("starting the Prefect server (UI: http://127.0.0.1:4200) ...")
-        with local_server():
+        with local_server(port=port):
             serve(*build_deployments(config, reencode_cron))
         return
     api = PREFECT_API_URL.value()

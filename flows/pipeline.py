@@ -4,18 +4,20 @@ from __future__ import annotations
 import posixpath
 import time
 
-from prefect import flow, task
+from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel
 
 from flows import artifacts
 from flows.plan import PipelineConfig, Step, layout, missing, plan_steps, write_record
+from flows.runtime import add_tags, run_name, started
 from flows.stages import STAGE_FLOWS
 from pipelines.encode import EncodeSummary
 from pipelines.registry import stage
 from pipelines.report import ReportConfig, ReportSummary, write_report
 from storage.fs import exists, join, to_url
+from storage.markers import read_json
 
 SKIPPED = "skipped (complete)"
 
@@ -41,26 +43,39 @@ def report_task(config: ReportConfig) -> ReportSummary:
     return write_report(config)
 
 
+def root_tag(root: str) -> str:
+    """The tag every flow run of one run root carries: ``root:<url>``."""
+    return f"root:{root}"
+
+
 def run_step(step: Step, nproc_per_node: int):
-    """Start the stage flow of ``step`` as a subflow named after the step."""
+    """Start the stage flow of ``step`` as a subflow named after the step, tagged with its stage."""
     stage_flow = STAGE_FLOWS[step.stage].with_options(flow_run_name=step.name)
-    if stage(step.stage).runs_on == "train":
-        return stage_flow(step.config, nproc_per_node=nproc_per_node)
-    return stage_flow(step.config)
+    with tags(f"stage:{step.stage}"):
+        if stage(step.stage).runs_on == "train":
+            return stage_flow(step.config, nproc_per_node=nproc_per_node)
+        return stage_flow(step.config)
 
 
 def publish_report(summary: ReportSummary) -> None:
-    artifacts.markdown("reals-report", summary.markdown, f"run report ({summary.report})")
-    artifacts.link("reals-report-file", summary.report, "report.md")
-    for name, url in summary.images.items():
-        artifacts.image(f"report-{name}", url, name.replace("_", " "))
+    """The report as one markdown card with its pictures inside (and a link to the file where one works)."""
+    folder = posixpath.dirname(summary.report)
+    artifacts.markdown("reals-report", artifacts.embed_images(summary.markdown, folder),
+                       f"run report, pictures included; written to {summary.report}")
+    artifacts.link("reals-report-file", summary.report, "report.md", "the run report's markdown file")
 
 
-@flow(name="reals-pipeline", flow_run_name="pipeline {config.output}", log_prints=True)
+@flow(name="reals-pipeline", flow_run_name=run_name(lambda c: f"pipeline {c['output']}"), log_prints=True)
 def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
     """From a dataset folder to metrics: every stage in order, those already complete skipped."""
     steps = plan_steps(config)
     at = layout(config)
+    add_tags(root_tag(at.root))
+    with tags(root_tag(at.root)):
+        return run_pipeline(config, steps, at)
+
+
+def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSummary:
     ran: set[str] = set()
     rows: list[dict] = []
     for step in steps:
@@ -90,7 +105,7 @@ def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
     return PipelineSummary(output=at.root, stages=rows, report=report.report, metrics=report.metrics)
 
 
-@flow(name="reencode", log_prints=True)
+@flow(name="reencode", flow_run_name=lambda: f"reencode {started()}", log_prints=True)
 def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list[EncodeSummary]:
     """Nightly: shard new training images, then encode what the store lacks for every VAE version.
 
@@ -98,17 +113,22 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
     directory with new weights (a new fingerprint) gets its own store version.
     """
     steps = {s.name: s for s in plan_steps(config)}
+    root = root_tag(layout(config).root)
+    add_tags(root)
     shard = steps["shard-train"].config
-    if exists(join(shard.data_path, "train")):
-        STAGE_FLOWS["shard"].with_options(flow_run_name="shard-train")(shard)
-    else:
-        print(f"shard-train: no {join(shard.data_path, 'train')} folder; encoding the shards there are")
-    base = steps["encode"].config
     summaries = []
-    for vae in [base.vae_path, *(vae_paths or [])]:
-        if not exists(join(vae, "provenance.json")):
-            print(f"encode: {vae} is not a converted VAE directory yet; skipped")
-            continue
-        name = f"encode-{posixpath.basename(to_url(vae).rstrip('/'))}"
-        summaries.append(STAGE_FLOWS["encode"].with_options(flow_run_name=name)(base.model_copy(update={"vae_path": vae})))
+    with tags(root):
+        if exists(join(shard.data_path, "train")):
+            run_step(steps["shard-train"], config.nproc_per_node)
+        else:
+            print(f"shard-train: no {join(shard.data_path, 'train')} folder; encoding the shards there are")
+        base = steps["encode"].config
+        for vae in [base.vae_path, *(vae_paths or [])]:
+            provenance = read_json(join(vae, "provenance.json"))
+            if not provenance:
+                print(f"encode: {vae} is not a converted VAE directory yet; skipped")
+                continue
+            name = f"encode {posixpath.basename(to_url(base.output).rstrip('/'))} {provenance['fingerprint'][:8]}"
+            step = Step(name, "encode", base.model_copy(update={"vae_path": vae}), ())
+            summaries.append(run_step(step, config.nproc_per_node))
     return summaries

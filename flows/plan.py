@@ -32,7 +32,7 @@ class PipelineConfig(BaseModel):
     local_dir: str | None = Field(None, description="local folder, shared by the Ray nodes, for what must be "
                                                     "local (synthetic data, the converted VAE); default: output")
     data_path: str | None = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
-                                                    "by the Ray nodes); default: <local_dir>/data")
+                                                    "by the Ray nodes); default: the folder data in local_dir")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
     synthetic: dict[str, Any] | None = Field(None, description="SyntheticConfig fields: when set, a synthetic "
                                                                "dataset is written to data_path first")
@@ -143,6 +143,21 @@ def _has_val(pc: PipelineConfig, data_path: str) -> bool:
     return os.path.isdir(os.path.join(data_path.removeprefix("file://"), "val"))
 
 
+def _no_val(data_path: str) -> StageError:
+    """Why there is no val split for the reference batch: a missing, unreadable or split-less data folder."""
+    folder = data_path.removeprefix("file://")
+    if not os.path.exists(folder):
+        return StageError(f"data folder {data_path} not found: data_path must be an ImageNet-layout folder "
+                          "(train/ and val/ with one folder per class)")
+    if not os.path.isdir(folder):
+        return StageError(f"data_path {data_path} is not a folder")
+    try:
+        os.listdir(folder)
+    except PermissionError:
+        return StageError(f"data folder {data_path} is not readable (permission denied)")
+    return StageError(f"no val/ folder in {data_path} for the reference batch: add one or set evaluate.ref_batch")
+
+
 def layout(pc: PipelineConfig) -> Layout:
     """The run's layout; ``local_dir`` defaults to the run root when that is local."""
     root = to_url(pc.output)
@@ -190,7 +205,7 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
     evaluate_after = ("sample",)
     if "ref_batch" not in pc.evaluate:
         if not val:
-            raise StageError(f"no val split in {data} for the reference: add a val/ folder or set evaluate.ref_batch")
+            raise _no_val(data)
         steps.append(Step("make-reference", "make-reference", _config("make-reference", "make_reference", {
             "data_path": at.shards, "split": "val", "output": at.reference}, pc.make_reference), ("shard-val",)))
         evaluate_after += ("make-reference",)

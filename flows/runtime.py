@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,17 +165,44 @@ def wait_for_api(api: str, timeout: float | None = None, proc: subprocess.Popen 
         time.sleep(1.0)
 
 
+DEFAULT_SERVER_PORT = 4200
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def server_port(host: str = "127.0.0.1", port: int | None = None) -> tuple[int, bool]:
+    """``(port, already_running)`` for the local Prefect server: a server answering on ``port`` (default 4200)
+    is used as it is; with no ``port`` given, a free one is picked when 4200 is taken by something else."""
+    wanted = port or DEFAULT_SERVER_PORT
+    if _healthy(f"http://{host}:{wanted}/api/health"):
+        return wanted, True
+    if not _port_taken(host, wanted):
+        return wanted, False
+    if port is not None:
+        raise StageError(f"port {port} on {host} is taken by something that is not a Prefect server: pass another "
+                         "--port, or none to get a free one")
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1], False
+
+
 @contextmanager
-def local_server(host: str = "127.0.0.1", port: int = 4200, timeout: float = 120.0) -> Iterator[str]:
+def local_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
     """``prefect server start`` (SQLite in PREFECT_HOME) on ``host:port`` while inside, used as the API.
 
-    A server already answering there is used as it is.
+    A Prefect server already answering there is used as it is (and said so); see ``server_port``.
     """
+    port, running = server_port(host, port)
     api = f"http://{host}:{port}/api"
-    if _healthy(f"{api}/health"):
+    if running:
+        print(f"a Prefect server already answers at {api}: using it (UI: http://{host}:{port})")
         with use_api(api):
             yield api
         return
+    print(f"starting a Prefect server (UI: http://{host}:{port}) ...")
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     log = Path(tempfile.gettempdir(), f"prefect-server-{port}.log")
@@ -209,3 +239,91 @@ def run_torchrun(stage: str, config, nproc_per_node: int) -> dict:
             raise StageError(f"{stage}: torchrun with {nproc_per_node} processes exited with {rc}; "
                              "re-run to resume from the last checkpoint")
         return json.loads(summary_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logs: the stages' standard loggers and Ray workers' warnings into the run's log in the UI
+# ---------------------------------------------------------------------------------------------------
+
+# Lines of a Ray worker's stderr that say something went wrong.
+WORKER_TROUBLE = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL|Traceback|\w*Error|\w*Exception)\b")
+
+
+def attach_stage_logs(name: str = "pipelines") -> None:
+    """Send INFO and above of the logger ``name`` to the log of the flow or task run it is emitted in.
+
+    ``pipelines`` logs with the standard library only (training steps and losses, units done); outside a
+    run (the plain ``reals`` commands) its records go wherever logging is configured, not to Prefect.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLogHandler(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() or TaskRunContext.get():
+                super().emit(record)
+
+    logger = logging.getLogger(name)
+    if not any(type(h).__name__ == "RunLogHandler" for h in logger.handlers):
+        logger.addHandler(RunLogHandler())
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+@contextmanager
+def ray_worker_logs(logger) -> Iterator[None]:
+    """While inside, the Ray workers' stderr lines that report a warning or an error go to ``logger`` (a run logger).
+
+    Ray (started with ``log_to_driver``) hands the workers' output to the driver's stream dispatcher, which
+    prints it on the terminal; this adds a second receiver for the lines worth a person's attention.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def forward(batch: dict) -> None:
+        if not batch.get("is_err"):
+            return
+        who = batch.get("task_name") or batch.get("actor_name") or f"pid {batch.get('pid')}"
+        for line in batch.get("lines", []):
+            if WORKER_TROUBLE.search(line):
+                logger.warning("ray worker (%s): %s", who, line)
+
+    name = f"reals-run-log-{id(logger)}"
+    dispatcher.add_handler(name, forward)
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names and tags of flow runs
+# ---------------------------------------------------------------------------------------------------
+
+def started() -> str:
+    """When the current flow run was due to start (UTC, to the minute): ``2026-12-01 03:00``."""
+    from prefect.runtime import flow_run
+
+    return flow_run.scheduled_start_time.in_timezone("UTC").strftime("%Y-%m-%d %H:%M")
+
+
+def run_name(describe: Callable[[dict], str]) -> Callable[[], str]:
+    """A flow-run namer: ``<describe(config fields)> <start>``, e.g. ``pipeline runs/demo 2026-12-01 03:00``."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        config = flow_run.parameters.get("config")
+        fields = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
+        return f"{describe(fields)} {started()}"
+
+    return name
+
+
+def add_tags(*tags: str) -> None:
+    """Add ``tags`` to the current flow run (its tags are fixed when it is created; this amends them)."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    run = FlowRunContext.get().flow_run
+    run.tags = sorted({*run.tags, *tags})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=run.tags)

@@ -12,16 +12,24 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect_ray.context import remote_options
 
 from flows import artifacts
-from flows.runtime import SharedRayTaskRunner, retry_on_transient, run_torchrun
+from flows.runtime import (
+    SharedRayTaskRunner,
+    attach_stage_logs,
+    ray_worker_logs,
+    retry_on_transient,
+    run_name,
+    run_torchrun,
+)
 from pipelines.config import StageConfig
 from pipelines.registry import Stage, stage, stages
 
 RETRY_DELAYS = [10, 30, 90]
+attach_stage_logs()  # here and in every Ray worker that runs a stage task (it imports this module)
 
 
 def stage_function(name: str):
@@ -82,7 +90,8 @@ def build_flow(record: Stage):
     """The Prefect flow of one stage: run it where it runs, then publish its summary."""
     def stage_flow(config, nproc_per_node: int = 1):
         if record.runs_on == "ray":
-            summary = on_ray(record.name, config)
+            with ray_worker_logs(get_run_logger()):
+                summary = on_ray(record.name, config)
         else:
             summary = local_stage(record.name, config, nproc_per_node)
         artifacts.publish(record, config, summary)
@@ -97,7 +106,8 @@ def build_flow(record: Stage):
     stage_flow.__name__ = stage_flow.__qualname__ = flow_name(record.name)
     stage_flow.__doc__ = record.description or record.help
     runner = SharedRayTaskRunner() if record.runs_on == "ray" else None
-    return flow(stage_flow, name=record.name, task_runner=runner, log_prints=True, description=record.help)
+    return flow(stage_flow, name=record.name, task_runner=runner, log_prints=True, description=record.help,
+                flow_run_name=run_name(lambda c: " ".join(filter(None, [record.name, c.get("output") or c.get("output_dir")]))))
 
 
 STAGE_FLOWS = {name: build_flow(record) for name, record in stages().items()}

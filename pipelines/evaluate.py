@@ -42,7 +42,7 @@ class EvaluateConfig(StageConfig):
     sample_batch: Annotated[str, Cli(positional=True)] = Field(description="samples .npz (ADM layout: arr_0 uint8 NHWC)")
     features: list[FeatureSpace] | None = Field(
         None, description="feature spaces; default: inception and dinov2 when their weights exist, effnet always")
-    output: str | None = Field(None, description="metrics.json URL (default: <samples>.metrics.json)")
+    output: str | None = Field(None, description="metrics.json URL (default: the sample batch's name + .metrics.json)")
     batch_size: int = Field(64, ge=1, description="images per feature-extraction batch")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
     nearest_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall")

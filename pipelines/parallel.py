@@ -1,7 +1,9 @@
 """Ray plumbing shared by the batch stages: start or join Ray, run units with a progress bar, survive lost nodes."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -42,11 +44,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
             for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
                 try:
-                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                              configure_logging=False, runtime_env=runtime_env)
                     break
                 except Exception as e:  # noqa: BLE001 - Ray gives its node a fixed 30 s to register
@@ -77,6 +79,29 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         return
     with socket.create_connection((host, int(port)), timeout=timeout):
         pass
+
+
+LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``
+LOG_EVERY_S = 30.0  # at most one "units done" line per this many seconds (and one at the end)
+
+
+class UnitLog:
+    """Log lines ``<description>: done/total units (pct), rate, ETA``, at most every ``LOG_EVERY_S`` and at the end."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.done = description, total, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.done < self.total and now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = f", ETA {(self.total - self.done) / rate:.0f} s" if self.done < self.total else ""
+        LOGGER.info("%s: %d/%d units (%.0f%%), %.3g units/s%s", self.description, self.done, self.total,
+                    100 * self.done / max(self.total, 1), rate, eta)
 
 
 def progress_bar(disable: bool = False) -> Progress:
@@ -138,6 +163,7 @@ def map_units(remote_fn, units: Sequence, description: str, on_result: Callable 
     limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task(description, total=len(units))
+        log = UnitLog(description, len(units))
         while todo or pending:
             while todo and len(pending) < limit:
                 i, unit = todo.pop(0)
@@ -154,6 +180,7 @@ def map_units(remote_fn, units: Sequence, description: str, on_result: Callable 
                 if on_result:
                     on_result(results[i])
                 bar.advance(task)
+                log.advance()
     return results
 
 
@@ -176,6 +203,7 @@ def map_actors(actors: Sequence, method: str, units: Iterable, description: str,
     pending: dict = {}  # ref -> (unit index, actor)
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task(description, total=len(units))
+        log = UnitLog(description, len(units))
         while todo or pending:
             if todo and not idle and not pending:
                 if spawn is None:
@@ -198,4 +226,5 @@ def map_actors(actors: Sequence, method: str, units: Iterable, description: str,
                     continue
                 idle.append(actor)
                 bar.advance(task)
+                log.advance()
     return results

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every sha
 class ShardConfig(StageConfig):
     """Settings of ``reals shard``."""
 
-    data_path: str = Field(description="ImageNet-layout folder holding <split>/<class-id>/<images>")
+    data_path: str = Field(description="ImageNet-layout folder: split folders (train, val), class folders in them")
     output: str = Field(description="URL of the dataset folder to write shards and manifest.json into")
     split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="split folder to shard")
     resolution: int = Field(256, ge=0, description="ADM center-crop side in pixels; 0 keeps the original bytes")
@@ -375,6 +375,6 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
 
 STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="pack an ImageNet-layout folder into WebDataset shards",
-                description="Pack <data-path>/<split>/<class-id>/<images> into WebDataset shards (ADM center "
+                description="Pack the images of one split (data_path/split/class-id/*) into WebDataset shards (ADM center "
                             "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards and "
                             "redo broken ones; unreadable or corrupt files are skipped and listed.")]

@@ -283,7 +283,8 @@ class Trainer(TrainingLoop):
         super().__init__(cfg.output, d, Schedule(
             max_steps=cfg.max_steps, max_epochs=cfg.epochs, steps_per_epoch=self.source.steps_per_epoch,
             log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, sample_every=cfg.sample_every,
-            exact_epochs=self.source.exact_epochs, show_progress=cfg.show_progress))
+            exact_epochs=self.source.exact_epochs, show_progress=cfg.show_progress,
+            batch_size=cfg.global_batch_size))
 
         torch.manual_seed(cfg.seed)  # the same initial weights (and EMA) on every rank
         self.model = build_model(cfg.model, self.latent_shape, self.source.num_classes,
@@ -402,10 +403,6 @@ class Trainer(TrainingLoop):
         self.opt.step()
         update_ema(self.ema, self.model, cfg.ema_decay)
         return loss.item(), grad_norm.item()
-
-    def log_extras(self, steps: int, seconds: float) -> dict:
-        return {"steps_per_sec": steps / seconds, "samples_per_sec": steps * self.cfg.global_batch_size / seconds,
-                "lr": self.opt.param_groups[0]["lr"]}
 
     # -- the run --------------------------------------------------------------------------------------
 

@@ -207,7 +207,8 @@ class Trainer(TrainingLoop):
         super().__init__(cfg.output, d, Schedule(
             max_steps=cfg.max_steps, max_epochs=cfg.max_epoch,
             steps_per_epoch=max(1, self.count // (cfg.batch_size * d.world)), log_every=cfg.log_every,
-            ckpt_every=cfg.ckpt_every, sample_every=cfg.sample_every, show_progress=cfg.show_progress))
+            ckpt_every=cfg.ckpt_every, sample_every=cfg.sample_every, show_progress=cfg.show_progress,
+            batch_size=cfg.batch_size * d.world))
 
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg.vae_config, cfg.vae_ckpt)

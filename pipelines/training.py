@@ -9,7 +9,8 @@ A trainer subclasses ``TrainingLoop`` and supplies only its model-specific part,
 - ``checkpoint_state() -> dict``: what a checkpoint holds besides the run state (models, EMA, optimisers, config);
 - ``restore(ckpt)``: refuse a checkpoint that does not fit this run (a StageError naming both sides), else load it;
 - optionally ``sample_grid() -> bytes | None`` (a PNG written every ``sample_every`` steps by rank 0),
-  ``log_extras(steps, seconds) -> dict`` (more fields per log entry) and ``empty_epoch() -> str`` (the error
+  ``log_extras(steps, seconds) -> dict`` (more fields per log entry; by default steps/s, samples/s and the
+  learning rate of ``self.opt``) and ``empty_epoch() -> str`` (the error
   when an epoch yields no batch).
 
 The subclass builds its models, calls ``begin(seed, resume)`` once they exist (before wrapping them for DDP),
@@ -36,6 +37,8 @@ is built.
 from __future__ import annotations
 
 import copy
+import datetime
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +52,9 @@ from pipelines.distributed import Dist, all_gather, all_mean, all_true, barrier
 from pipelines.parallel import progress_bar
 from reals.ema import requires_grad
 from storage.fs import join, to_url, write_bytes_atomic
+
+
+LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``
 
 
 def ema_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -68,6 +74,7 @@ class Schedule:
     log_every: int
     ckpt_every: int
     sample_every: int = 0  # 0: never
+    batch_size: int = 0  # samples per step over all ranks, for samples/s (0: not logged)
     exact_epochs: bool = False  # an epoch ends after steps_per_epoch batches (else when the data runs out)
     show_progress: bool = True
 
@@ -81,6 +88,7 @@ class TrainingLoop:
         self.resumed_from: int | None = None
         self.last_checkpoint: str | None = None
         self.log: RunLog | None = None
+        self.label, self.total_steps = "train", None
         self.final: dict[str, float] = {}
         self._rng: dict | None = None
         self._reset_interval()
@@ -103,7 +111,13 @@ class TrainingLoop:
         return None
 
     def log_extras(self, steps: int, seconds: float) -> dict:
-        return {}
+        """Rates and the learning rate (of ``self.opt`` when the subclass has one) logged with the losses."""
+        extras = {"steps_per_sec": steps / seconds}
+        if self.schedule.batch_size:
+            extras["samples_per_sec"] = steps * self.schedule.batch_size / seconds
+        if getattr(self, "opt", None) is not None:
+            extras["lr"] = self.opt.param_groups[0]["lr"]
+        return extras
 
     def empty_epoch(self) -> str:
         return f"epoch {self.epoch} of {self.output} yields no batch"
@@ -156,9 +170,23 @@ class TrainingLoop:
         self.final = dict(zip(keys, all_mean(t, self.d).tolist()))
         seconds = time.perf_counter() - self.interval_start
         if self.d.main:
-            self.log.append({"step": self.step, "epoch": self.epoch, "time": time.time(), **self.final,
-                             **self.log_extras(self.interval_steps, seconds)})
+            extras = self.log_extras(self.interval_steps, seconds)
+            self.log.append({"step": self.step, "epoch": self.epoch, "time": time.time(), **self.final, **extras})
+            LOGGER.info(self.log_line(extras))
         self._reset_interval()
+
+    def log_line(self, extras: dict) -> str:
+        """``train-sit step 200/2000 | loss 0.412 | lr 0.0001 | 512 samples/s | ETA 0:03:10``: the interval for people."""
+        parts = [f"{self.label} step {self.step}" + (f"/{self.total_steps}" if self.total_steps else ""),
+                 " ".join(f"{k} {v:.4g}" for k, v in self.final.items())]
+        if "lr" in extras:
+            parts.append(f"lr {extras['lr']:.3g}")
+        rate = extras["steps_per_sec"]
+        parts.append(f"{extras['samples_per_sec']:.1f} samples/s" if "samples_per_sec" in extras
+                     else f"{rate:.2f} steps/s")
+        if self.total_steps and rate > 0:
+            parts.append(f"ETA {datetime.timedelta(seconds=round((self.total_steps - self.step) / rate))}")
+        return " | ".join(parts)
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -217,8 +245,9 @@ class TrainingLoop:
             self._rng = None
         self._reset_interval()
         totals = [t for t in (s.max_steps, s.max_epochs and s.max_epochs * s.steps_per_epoch) if t]
+        self.label, self.total_steps = label, min(totals)
         with progress_bar(disable=not (s.show_progress and self.d.main)) as bar:
-            task = bar.add_task(label, total=min(totals), completed=self.step)
+            task = bar.add_task(label, total=self.total_steps, completed=self.step)
             while not self.done():
                 self.run_epoch(lambda: bar.advance(task))
         if self.interval_steps:

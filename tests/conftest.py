@@ -44,7 +44,14 @@ def ray_session(s3_server):
     from pipelines.parallel import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray(num_cpus=2)
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss it
+        try:
+            ensure_ray(num_cpus=2)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 

@@ -3,12 +3,15 @@ re-run), retries on transient storage errors, torchrun training, deployments and
 from __future__ import annotations
 
 import errno
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from flows.artifacts import IMAGE_REF
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from pipelines import StageError
 from storage.markers import read_json
@@ -57,6 +60,43 @@ def _subflow_runs(client, parent_id) -> dict:
     return {r.name: r for r in runs}
 
 
+def assert_cards_render_by_themselves(cards) -> None:
+    """What a browser needs from the UI's cards: pictures embedded, no link it cannot open, each picture once
+    per flow run, a description on every card."""
+    cards = list(cards)
+    assert cards and all(c.description for c in cards)
+    per_run: dict = {}
+    for c in cards:
+        if c.type == "markdown":
+            targets = [t for _, t in IMAGE_REF.findall(c.data)]
+            assert all(t.startswith("data:image/png;base64,") for t in targets), "relative or remote image path"
+            assert "](file://" not in c.data and "](s3://" not in c.data
+        elif c.type == "image":
+            targets = [c.data]
+            assert c.data.startswith("data:image/png;base64,")
+        else:
+            targets = []
+        if c.type == "link":
+            assert c.data.startswith(("http://", "https://")), c.data
+        per_run.setdefault(c.flow_run_id, []).extend(targets)
+    for pictures in per_run.values():
+        assert len(pictures) == len(set(pictures)), "a picture shown twice in one run"
+
+
+def _log_lines(client, flow_run_id, wait_for: str, timeout: float = 60.0) -> list[str]:
+    """The messages of a flow run's log, read back through the API once one holds ``wait_for`` (or at timeout);
+    lines from Ray workers arrive in batches."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [log.message for log in client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+        if any(wait_for in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(1)
+
+
 def _artifacts(client, flow_run_ids) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -98,12 +138,24 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
         arts = _artifacts(client, [run_id, *(r.id for r in subflows.values())])
     assert {"pipeline-stages", "shard-train-counts", "shard-train-skipped-files", "encode-train-store",
             "evaluate-metrics", "reals-report", "sample-grid-image", "train-vae-loss-curves-image",
-            "train-sit-loss-curves-image", "report-samples-grid-image"} <= set(arts)
+            "train-sit-loss-curves-image"} <= set(arts)
     assert arts["encode-train-store"].type == "table" and "rows done" in arts["encode-train-store"].data
     assert "FD_effnet" in arts["reals-report"].data
     assert arts["sample-grid-image"].data.startswith("data:image/png;base64,")
+    assert_cards_render_by_themselves(arts.values())
+    pictures = IMAGE_REF.findall(arts["reals-report"].data)
+    assert {alt for alt, _ in pictures} >= {"samples", "VAE reconstructions", "VAE training loss curves",
+                                            "SiT training loss curves"}
     for stage in ("train-vae", "encode", "sample"):
         assert arts[f"{stage}-progress"].type == "progress" and float(arts[f"{stage}-progress"].data) == 100.0
+
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with _client() as client:
+        sit_log = _log_lines(client, subflows["train-sit"].id, "step 4/4")
+    step = re.compile(r"train-sit SiT-T/4 step 2/4 \| .*loss \S+.* \| lr \S+ \| [\d.]+ samples/s \| ETA ")
+    assert any(step.search(line) for line in sit_log), sit_log
 
     again = reals_pipeline(config, return_state=True)
     assert all(r["status"] == "skipped (complete)" for r in again.result().stages)
@@ -144,6 +196,32 @@ def test_shard_flow_reports_skipped_files(prefect_api, ray_session, synthetic_ro
         [table] = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["shard-train-skipped-files"])), limit=1, sort="CREATED_DESC")
     assert "broken.JPEG" in table.data and "not an image" in table.data
+
+
+def test_batch_units_are_logged_with_rate(caplog):
+    from pipelines.parallel import UnitLog
+
+    log = UnitLog("encode train", 3)
+    with caplog.at_level("INFO", logger="pipelines.parallel"):
+        for _ in range(3):
+            log.advance()
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"encode train: 3/3 units \(100%\), \S+ units/s", lines[-1]), lines
+    assert len(lines) <= 2  # the first unit (interval elapsed from the start) at most, and the end
+
+
+def test_links_open_in_a_browser_presigned_on_s3_and_none_for_local_files(s3_bucket, tmp_path):
+    import httpx
+
+    from flows.artifacts import browser_url
+    from storage.fs import join, write_bytes_atomic
+
+    url = join(s3_bucket, "report", "report.md")
+    write_bytes_atomic(url, b"# report")
+    href = browser_url(url)
+    assert href.startswith("http://127.0.0.1:") and "Signature=" in href
+    assert httpx.get(href).content == b"# report"
+    assert browser_url(str(tmp_path / "report.md")) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +302,8 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
     deployments = {d.name: d for d in build_deployments(config)}
     assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *(s.stage for s in plan_steps(config))}
     assert deployments["experiment"].parameters["config"]["seeds"] >= 3
+    assert {"reals", "stage:train-vae"} <= set(deployments["train-vae"].tags)
+    assert len({tuple(d.tags) for d in deployments.values()}) == len(deployments)
     assert [s.schedule.cron for s in deployments["reencode"].schedules] == ["0 3 * * *"]
     assert not deployments["reals-pipeline"].schedules
     assert deployments["reals-pipeline"].parameters["config"]["output"] == config.output
@@ -272,6 +352,11 @@ def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
     assert err.startswith("error: invalid pipeline section train_vae.lr") and err.count("\n") == 1
     with pytest.raises(StageError, match="is not local: give local_dir"):
         plan_steps(PipelineConfig(output="s3://bucket/run", synthetic={}))
+    with pytest.raises(StageError, match=f"data folder {tmp_path / 'nowhere'} not found"):
+        plan_steps(PipelineConfig(output=str(tmp_path / "run"), data_path=str(tmp_path / "nowhere")))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    with pytest.raises(StageError, match="no val/ folder in .* add one or set evaluate.ref_batch"):
+        plan_steps(PipelineConfig(output=str(tmp_path / "run"), data_path=str(tmp_path / "data")))
 
 
 def test_serve_needs_a_prefect_api(capsys):
@@ -337,3 +422,37 @@ def test_the_generator_family_is_a_form_choice():
     assert (sample.cfg_scale, sample.guidance_interval) == (1.8, (0.0, 0.75))  # shared with the SiT run
     sit = {s.name: s for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
     assert (sit["train-sit"].stage, sit["sample"].config.mode) == ("train-sit", "ODE")
+
+
+def test_server_port_uses_a_running_prefect_server_and_avoids_a_taken_port(monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    from flows import runtime
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    prefect_like = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=prefect_like.serve_forever, daemon=True).start()
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    taken = other.getsockname()[1]
+    try:
+        monkeypatch.setattr(runtime, "DEFAULT_SERVER_PORT", prefect_like.server_port)
+        assert runtime.server_port() == (prefect_like.server_port, True)
+        monkeypatch.setattr(runtime, "DEFAULT_SERVER_PORT", taken)
+        port, running = runtime.server_port()
+        assert port != taken and not running and not runtime._port_taken("127.0.0.1", port)
+        with pytest.raises(StageError, match=f"port {taken} on 127.0.0.1 is taken"):
+            runtime.server_port(port=taken)
+    finally:
+        prefect_like.shutdown()
+        other.close()
