@@ -2,10 +2,12 @@
 
 Everything goes through storage URLs (local, ``s3://``, ``memory://``). A checkpoint is written whole and
 atomically, then ``latest.json`` points at it, so a reader never follows a pointer to a torn file. Loading is
-``weights_only``: checkpoints hold tensors, numbers, strings and plain containers only.
+``weights_only``: checkpoints hold tensors, numbers, strings and plain containers only (and the
+``argparse.Namespace`` of the official training scripts).
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import posixpath
@@ -41,7 +43,16 @@ def save_checkpoint(output: str, step: int, state: dict) -> str:
 
 
 def load_checkpoint(url: str) -> dict:
-    """A checkpoint (``weights_only``; memory-mapped when local) from a local or object-store URL."""
+    """A checkpoint (``weights_only``; memory-mapped when local) from a local or object-store URL.
+
+    ``argparse.Namespace`` is allow-listed: the official SiT, DiT and REPA ``train.py`` checkpoints pickle their
+    command-line arguments as one (a plain attribute container; its values pass the same ``weights_only`` rules).
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return _load(url)
+
+
+def _load(url: str) -> dict:
     try:
         if not is_local(url):
             return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)

@@ -25,6 +25,7 @@ STAGE_MODULES = [
     "pipelines.encode",
     "pipelines.verify_store",
     "pipelines.train_sit",
+    "pipelines.import_checkpoint",
     "pipelines.sample",
     "pipelines.evaluate",
     "pipelines.train_evaluator",

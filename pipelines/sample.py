@@ -28,8 +28,9 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pipelines import StageError
-from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
+from pipelines.checkpoints import resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.import_checkpoint import load_recognised
 from pipelines.npz import write_npz
 from pipelines.registry import Stage
 from pipelines.render import image_grid
@@ -57,8 +58,8 @@ class SampleConfig(StageConfig):
     mode: Annotated[Literal["ODE", "SDE", "DDPM", "DDIM"], Cli(positional=True, parse=str.upper)] = Field(
         description="SiT: ODE (the probability-flow ODE) or SDE (the reverse-time SDE), SiT's sample_ddp.py modes; "
                     "DiT: DDPM (ancestral, the learned variance) or DDIM")
-    ckpt: str = Field(description="model checkpoint: a train-sit/train-dit .pt (or its run folder) or a bare "
-                                  "SiT/DiT state_dict")
+    ckpt: str = Field(description="model checkpoint: a train-sit/train-dit .pt (or its run folder), a SiT/DiT/REPA "
+                                  "train.py checkpoint, or a bare SiT/DiT/REPA state dict (see `reals import-checkpoint`)")
     vae_path: str = Field(description="ReaLS VAE directory that decodes the latents (local)")
     output: str = Field(description="samples file (.npz, ADM layout), local or s3://")
     model: str | None = Field(None, description="model name, e.g. SiT-XL/2 or DiT-XL/2 (default: the checkpoint's)")
@@ -287,7 +288,7 @@ class SampleWorker:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        ckpt = load_checkpoint(spec["ckpt"])
+        ckpt = load_recognised(spec["ckpt"], spec["model"]).checkpoint
         self.model = load_model(ckpt, spec["model"], spec["model_kwargs"], spec["use_ema"], self.device)
         del ckpt
         self.vae = ReaLSVAE.from_pretrained(spec["vae_path"]).to(self.device).eval()
@@ -425,7 +426,7 @@ def run(config: SampleConfig) -> SampleSummary:
 
     output = to_url(config.output)
     ckpt_url = resolve_checkpoint(config.ckpt)
-    ckpt = load_checkpoint(ckpt_url)
+    ckpt = load_recognised(ckpt_url, config.model).checkpoint
     name, kw = model_spec(ckpt, config.model, config.num_classes, ckpt_url)
     check_mode(config.mode, name)
     state, which = checkpoint_weights(ckpt, config.use_ema)
