@@ -32,7 +32,7 @@ from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from reals.align import AlignNet
 from reals.images import to_model_images
-from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, downsample_factor, stored_statistics
+from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor, stored_statistics
 from storage.fs import apply_umask, local_path, to_url, write_bytes_atomic
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
@@ -148,7 +148,11 @@ def run(config: ConvertConfig) -> ConvertSummary:
     done = out / PROVENANCE_FILE
     if done.is_file() and (out / MEAN_STD_FILE).is_file():
         prov = json.loads(done.read_text())
-        if all(prov.get("conversion", {}).get(k) == v for k, v in source.items()):
+        same = all(prov.get("conversion", {}).get(k) == v for k, v in source.items())
+        damaged = damaged_files(out, prov["files"]) if prov.get("files") else ["no file sizes and hashes recorded"]
+        if same and damaged:
+            print(f"convert: redoing {out}: {damaged[0]}")
+        if same and not damaged:
             mean, std = stored_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
             return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=ckpt_url,
                                   step=prov["training"]["step"], weights=source["weights"], latents_mean=mean,

@@ -24,8 +24,8 @@ from pipelines.config import ShowProgress, StageConfig
 from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from storage.fs import join, list_files, to_url
-from storage.latent_store import MARKERS, LatentStore, rows_checksum, set_latest, utc_now
-from storage.lease import Lease
+from storage.latent_store import MARKERS, CorruptChunk, LatentStore, rows_checksum, set_latest, utc_now
+from storage.lease import Lease, LeaseLost, fence
 from storage.markers import read_json
 from storage.shards import iter_shard
 
@@ -53,6 +53,8 @@ class EncodeConfig(StageConfig):
     verify: bool = Field(False, description="re-check the checksums of shards already marked done "
                                             "and re-encode those whose rows disagree")
     retries: int = Field(3, ge=1, description="attempts per shard before it is reported as failed")
+    allow_resolution_mismatch: bool = Field(False, description="encode shards whose resolution differs from the "
+                                                               "one the VAE was trained at")
     lease_wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease on the store")
     lease_ttl: float = Field(120.0, gt=0, description="lease lifetime in seconds; renewed every third of it")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
@@ -104,11 +106,13 @@ class EncodeWorker:
         return self._stores[url]
 
     def encode_shard(self, unit: dict) -> dict:
-        """Encode (or, with ``verify``, check and keep) one source shard; retried on any error."""
+        """Encode (or, with ``verify``, check and keep) one source shard; retried on any error but a lost lease."""
         error = None
         for attempt in range(1, self.retries + 1):
             try:
                 return {**self._encode_shard(unit), "attempts": attempt}
+            except LeaseLost as e:
+                return {"shard": unit["name"], "status": "failed", "error": str(e), "attempts": attempt}
             except Exception as e:  # noqa: BLE001 - retried, then reported per shard by the driver
                 error = f"{type(e).__name__}: {e}"
                 self._stores.pop(unit["group_url"], None)
@@ -120,7 +124,7 @@ class EncodeWorker:
         store = self._store(unit)
         status = "encoded"
         if unit.get("marker"):
-            if store.stored_checksum(unit["marker"]) == unit["marker"]["checksum"]:
+            if self._intact(store, unit["marker"]):
                 return {"shard": unit["name"], "status": "skipped", "count": 0, "skipped": []}
             status = "redone"
         names = store.array_names
@@ -139,7 +143,9 @@ class EncodeWorker:
                              f"{unit['capacity']} rows in the store")
         rows = {n: self._padded(store, n, parts[n], unit["capacity"]) for n in names}
         checksum = rows_checksum({n: a[:count] for n, a in rows.items()})
+        self._fence(unit)
         store.write_rows(unit["row_start"], rows)
+        self._fence(unit)
         store.write_marker({
             "shard": unit["name"], "row_start": unit["row_start"], "count": count, "capacity": unit["capacity"],
             "source_sha256": unit["source_sha256"], "vae_fingerprint": store.attrs["vae_fingerprint"],
@@ -147,6 +153,20 @@ class EncodeWorker:
         })
         return {"shard": unit["name"], "status": status, "count": count,
                 "skipped": [f"{unit['name']}/{k}: {r}" for k, r in skipped]}
+
+    @staticmethod
+    def _intact(store: LatentStore, marker: dict) -> bool:
+        """Whether a marked shard's rows still decode and match the marker's checksum."""
+        try:
+            return store.stored_checksum(marker) == marker["checksum"]
+        except CorruptChunk:
+            return False
+
+    @staticmethod
+    def _fence(unit: dict) -> None:
+        """Write only while the driver's lease on the store holds (see ``storage.lease.fence``)."""
+        if unit.get("lease_url"):
+            fence(unit["lease_url"], unit["lease_owner"], unit["lease_margin"])
 
     @staticmethod
     def _padded(store: LatentStore, name: str, parts: list, capacity: int) -> np.ndarray:
@@ -235,8 +255,8 @@ class _Pool:
 
         return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
 
-    def encode(self, units: list[dict]) -> list[dict]:
-        """Every unit's result, in unit order, with a progress bar."""
+    def encode(self, units: list[dict], check=lambda: None) -> list[dict]:
+        """Every unit's result, in unit order, with a progress bar; ``check()`` runs before each local unit."""
         from pipelines.parallel import map_actors, progress_bar
 
         description = f"encode {self.config.split}"
@@ -247,6 +267,7 @@ class _Pool:
         with progress_bar(disable=not self.config.show_progress) as bar:
             task = bar.add_task(description, total=len(units))
             for unit in units:
+                check()
                 results.append(self.local.encode_shard(unit))
                 bar.advance(task)
         return results
@@ -268,12 +289,23 @@ def run(config: EncodeConfig) -> EncodeSummary:
     manifest, shards = source_shards(config.data_path, config.split)
     vae = ReaLSVAE.from_pretrained(config.vae_path)
     fp, f = vae.fingerprint, vae.downsample_factor
+    if vae.resolution != manifest["resolution"] and not config.allow_resolution_mismatch:
+        raise StageError(f"VAE {config.vae_path} was trained at {vae.resolution} px, the shards of {config.data_path} "
+                         f"are {manifest['resolution']} px: its latents would come from images of a size it never saw, "
+                         "and the store's latent grid would not be the one its SiT and sampler use; re-shard at "
+                         f"{vae.resolution} px, or pass --allow-resolution-mismatch")
     latent_shape = (vae.latent_channels, manifest["resolution"] // f, manifest["resolution"] // f)
     teacher = teacher_spec(vae.provenance, config.dino_model, config.dino_input_size)
     shard_size = int(manifest["splits"][config.split].get("shard_size") or max(s["count"] for s in shards))
     plan = [(s["name"], s["count"]) for s in shards]
     pool = None
-    with Lease(join(output, LEASE_FILE), ttl=config.lease_ttl).hold(wait=config.lease_wait) as lease:
+
+    def stop_writers():
+        if pool is not None:
+            pool.close()
+
+    lease = Lease(join(output, LEASE_FILE), ttl=config.lease_ttl)
+    with lease.hold(wait=config.lease_wait, on_lost=stop_writers):
         try:
             store = None
             if LatentStore.has_version(output, fp):
@@ -282,6 +314,7 @@ def run(config: EncodeConfig) -> EncodeSummary:
             units = _pending_units(store, shards, shard_size, config.verify)
             if units:
                 pool = _Pool(config, teacher, len(units))
+            lease.check()
             if store is None:
                 info = pool.describe()
                 store = LatentStore.create(
@@ -292,15 +325,19 @@ def run(config: EncodeConfig) -> EncodeSummary:
             rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
             for u in units:
                 u.update(group_url=store.url, vae_fingerprint=fp, latent_shape=list(latent_shape),
-                         row_start=rows[u["name"]]["row_start"], capacity=rows[u["name"]]["capacity"])
+                         row_start=rows[u["name"]]["row_start"], capacity=rows[u["name"]]["capacity"],
+                         lease_url=lease.url, lease_owner=lease.owner, lease_margin=lease.margin)
             skipped_now = len(shards) - len(units)
             if skipped_now:
                 print(f"skipping {skipped_now} of {len(shards)} shards already encoded in {store.url}")
-            results = pool.encode(units) if units else []
+            results = pool.encode(units, lease.check) if units else []
             lease.check()
             store.group.attrs.update({"source_shards": [n for n, _ in plan],
                                       "source_fingerprint": manifest.get("fingerprint"), "updated": utc_now()})
             set_latest(output, fp)
+        except Exception:
+            lease.check()  # a lost lease is the cause of whatever failed after it
+            raise
         finally:
             if pool is not None:
                 pool.close()

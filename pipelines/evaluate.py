@@ -51,6 +51,8 @@ class EvaluateConfig(StageConfig):
         None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub checkpoints)")
     dinov2_model: str = Field("dinov2_vitl14_reg", description="teacher name for the dinov2 feature space")
     dinov2_weights_dir: str | None = Field(None, description="folder holding DINOv2 weights (default: the HF cache)")
+    resize: bool = Field(False, description="compare batches of different image sizes (each feature network "
+                                            "resizes its input); without it they are refused")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
@@ -132,6 +134,10 @@ def _activations(file, extractors, batch_size: int, bar, task) -> dict[str, dict
     return {space: {k: np.concatenate(v) for k, v in acts.items()} for space, acts in parts.items()}
 
 
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape[1:])
+
+
 def _default_output(sample_batch: str) -> str:
     base = sample_batch[:-4] if sample_batch.endswith(".npz") else sample_batch
     return f"{base}.metrics.json"
@@ -146,6 +152,10 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     output = config.output or _default_output(config.sample_batch)
     with open_npz(config.ref_batch, "reference batch") as ref, open_npz(config.sample_batch, "sample batch") as smp:
         ref_shape, smp_shape = image_shape(ref), image_shape(smp)
+        if ref_shape[1:] != smp_shape[1:] and not config.resize:
+            raise StageError(f"reference images are {_size(ref_shape)}, samples {_size(smp_shape)}: metrics compare "
+                             "like with like; sample at the reference resolution, or pass --resize to let each "
+                             "feature network resize both")
         for name, shape in (("reference batch", ref_shape), ("sample batch", smp_shape)):
             if shape[0] <= config.nearest_k:
                 raise StageError(f"{name} holds {shape[0]} images; precision/recall with k={config.nearest_k} "

@@ -133,6 +133,9 @@ def list_split(data_path: str, split: str, classes: list[str] | None = None) -> 
                 size, mtime = -1, -1
             key = f"{sanitize(cid)}_{sanitize(os.path.splitext(e.name)[0])}_{len(entries):07d}"
             entries.append([f"{split}/{cid}/{e.name}", index[printable(cid)], cid, key, size, mtime])
+    if not entries:
+        raise StageError(f"split {split!r} of {data_path} holds no files (empty class folders: "
+                         f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
     return classes, entries, empty
 
 

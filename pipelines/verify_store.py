@@ -17,7 +17,7 @@ from pipelines.config import Cli, StageConfig
 from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from reals.vae import stored_statistics
-from storage.latent_store import LatentStore
+from storage.latent_store import CorruptChunk, LatentStore
 from storage.shards import iter_shard
 
 
@@ -79,10 +79,20 @@ def check_markers(store: LatentStore) -> tuple[int, list[str]]:
         entry = entries.get(name)
         if entry is None or not store.marker_agrees(marker, entry):
             problems.append(f"marker {name} does not fit the store's row map")
-        elif store.stored_checksum(marker) != marker.get("checksum"):
+            continue
+        try:
+            checksum = store.stored_checksum(marker)
+        except CorruptChunk as e:
+            problems.append(_corrupt_line(e))
+            continue
+        if checksum != marker.get("checksum"):
             problems.append(f"rows {marker['row_start']}..{marker['row_start'] + marker['count'] - 1} of {name} "
                             "do not match their marker's checksum")
     return len(markers), problems
+
+
+def _corrupt_line(e: CorruptChunk) -> str:
+    return f"shard {e.shard}, rows {e.rows[0]}..{e.rows[1] - 1} of array {e.array}: a chunk that cannot be decoded"
 
 
 def check_rows(store: LatentStore, shard_urls: dict[str, str], vae, teacher_model, n: int, seed: int,
@@ -99,7 +109,11 @@ def check_rows(store: LatentStore, shard_urls: dict[str, str], vae, teacher_mode
         if entry["name"] not in shard_urls:
             problems.append(f"source shard {entry['name']} is not in the dataset's manifest")
             continue
-        block = store.read_rows(mine[0], mine[-1] + 1)
+        try:
+            block = store.read_rows(mine[0], mine[-1] + 1)
+        except CorruptChunk as e:
+            problems.append(_corrupt_line(e))
+            continue
         stored = {r: {k: v[r - mine[0]:r - mine[0] + 1] for k, v in block.items()} for r in mine}
         wanted = {str(s["keys"][0]): r for r, s in stored.items()}
         matches = [(wanted[s["__key__"]], s) for s in iter_shard(shard_urls[entry["name"]]) if s["__key__"] in wanted]
@@ -139,7 +153,7 @@ def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
     markers_checked, marker_problems = check_markers(store)
     compared, row_problems = check_rows(store, {s["name"]: s["url"] for s in shards}, vae, teacher_model,
                                         config.num_samples, config.seed, config.atol, config.rtol)
-    problems += marker_problems + row_problems
+    problems += marker_problems + [p for p in row_problems if p not in marker_problems]
     return VerifyStoreSummary(store=store.url, version=store.version, ok=not problems,
                               markers_checked=markers_checked, rows_compared=compared, problems=problems)
 

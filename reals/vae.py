@@ -37,6 +37,34 @@ def stored_statistics(record: dict) -> tuple[list[float], list[float]]:
     return record["mean"], record["std"]
 
 
+def _sha256_file(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(path: Path) -> dict[str, dict]:
+    """``{name: {"bytes", "sha256"}}`` of the files in a directory (``provenance.json`` excepted)."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != PROVENANCE_FILE)
+    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256_file(f)} for f in files}
+
+
+def damaged_files(path: Path, records: dict[str, dict], hashes: bool = True) -> list[str]:
+    """Recorded files that are missing or differ in size (and, with ``hashes``, in sha256) from the record."""
+    problems = []
+    for name, want in records.items():
+        f = Path(path) / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != want["bytes"]:
+            problems.append(f"{name} is {f.stat().st_size} bytes, {want['bytes']} were written")
+        elif hashes and _sha256_file(f) != want["sha256"]:
+            problems.append(f"{name} differs from the sha256 written with it")
+    return problems
+
+
 #################################################################################
 #                               AutoencoderKL Configs                           #
 #################################################################################
@@ -185,11 +213,18 @@ class ReaLSVAE(nn.Module):
         if missing:
             raise ReaLSError(f"{path} is not a ReaLS VAE directory (missing {', '.join(missing)}); "
                              "make one with `reals convert`")
-        mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
         provenance_file = path / PROVENANCE_FILE
         provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-        model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), AlignNet.load(str(path)),
-                    mean, std, provenance)
+        damaged = damaged_files(path, provenance.get("files", {}), hashes=False)
+        if damaged:
+            raise ReaLSError(f"ReaLS VAE dir {path} is damaged ({damaged[0]}); re-run `reals convert`")
+        try:
+            mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
+            model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), AlignNet.load(str(path)),
+                        mean, std, provenance)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ReaLSError(f"cannot load the ReaLS VAE dir {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}; re-run `reals convert`") from e
         return model.eval()
 
     def save_pretrained(self, path: str | Path, provenance: dict | None = None) -> None:
@@ -204,6 +239,7 @@ class ReaLSVAE(nn.Module):
         (path / MEAN_STD_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         if provenance is not None:
             self.provenance = dict(provenance)
+        self.provenance["files"] = file_records(path)
         (path / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True, default=str) + "\n")
 
     @cached_property

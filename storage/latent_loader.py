@@ -96,7 +96,7 @@ class LatentLoader:
         return per_row * len(self._rows) <= (memory_limit if memory_limit is not None else default_memory_limit())
 
     def _load(self) -> dict[str, np.ndarray]:
-        return {n: self.store.array(n).oindex[self._rows] for n in self._names} if len(self._rows) else {}
+        return {n: self.store.read(n, self._rows) for n in self._names} if len(self._rows) else {}
 
     def _segment_length(self) -> int:
         total = len(self._rows)
@@ -124,7 +124,7 @@ class LatentLoader:
         if self._memory is not None:
             return {n: a[positions] for n, a in self._memory.items()}
         rows = self._rows[positions]
-        return {n: self.store.array(n).oindex[rows] for n in self._names}
+        return {n: self.store.read(n, rows) for n in self._names}
 
     def _latents(self, pool: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         mean, std = pool["mean"].astype(np.float32), pool["std"].astype(np.float32)

@@ -36,6 +36,18 @@ LATENT_ARRAYS = ("mean", "std")
 FLIP_ARRAYS = ("mean_flip", "std_flip")
 
 
+# What zarr's codecs raise for a chunk whose bytes cannot be decoded (storage errors are OSErrors and pass).
+DECODE_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+class CorruptChunk(StorageError):
+    """A chunk of a latent store that cannot be decoded; names its shard, rows and array."""
+
+    def __init__(self, message: str, shard: str, rows: tuple[int, int], array: str):
+        super().__init__(message)
+        self.shard, self.rows, self.array = shard, rows, array
+
+
 class MissingRowsWarning(UserWarning):
     """A store is read while some of its rows are not encoded yet."""
 
@@ -277,9 +289,34 @@ class LatentStore:
         """Arrays of rows ``[start, stop)`` (keys as an object array of str)."""
         out = {}
         for name in names or self.array_names:
-            a = self.group[name][start:stop]
+            a = self.read(name, slice(start, stop))
             out[name] = a.astype(object) if name == "keys" else a
         return out
+
+    def read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows of one array (a slice or sorted row indices); an undecodable chunk raises ``CorruptChunk``."""
+        a = self.group[name]
+        try:
+            return a[rows] if isinstance(rows, slice) else a.oindex[rows]
+        except DECODE_ERRORS as e:
+            raise self._corrupt(name, rows, e) from e
+
+    def _corrupt(self, name: str, rows: slice | np.ndarray, error: Exception) -> CorruptChunk:
+        """The first chunk of ``rows`` that does not decode, named by its source shard, rows and array."""
+        idx = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
+        start, stop = int(idx.min()), int(idx.max()) + 1
+        for c in np.unique(idx // self.chunk_rows):
+            lo, hi = int(c) * self.chunk_rows, min(int(c + 1) * self.chunk_rows, self.num_rows)
+            try:
+                self.group[name][lo:hi]
+            except DECODE_ERRORS as e:
+                start, stop, error = lo, hi, e
+                break
+        shard = next((x["name"] for x in self.shard_map if x["row_start"] <= start < x["row_start"] + x["capacity"]),
+                     "(no shard)")
+        return CorruptChunk(f"latent store {self.url}: shard {shard}, rows {start}..{stop - 1} of array {name} "
+                            f"cannot be decoded ({type(error).__name__}: {error}); `reals encode --verify` redoes "
+                            "the shard", shard=shard, rows=(start, stop), array=name)
 
     def marker_url(self, shard_name: str) -> str:
         name = check_name(shard_name, "shard name")

@@ -19,7 +19,7 @@ import time
 import uuid
 
 from storage import StorageError
-from storage.fs import filesystem, is_local_fs, protocols
+from storage.fs import filesystem, is_local_fs, protocols, storage_options
 
 
 def _iso(t: float) -> str:
@@ -150,10 +150,15 @@ def _precondition_failed(e: BaseException) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
-def _backend(url: str):
+def _backend(url: str, timeout: float | None = None):
+    """The compare-and-swap backend for ``url``; with ``timeout``, S3 calls give up after that many seconds
+    (on a client of their own) instead of hanging on a dead connection."""
     fs, path = filesystem(url)
     if is_local_fs(fs):
         return _LocalBackend(path)
+    if "s3" in protocols(fs) and timeout is not None:
+        config = {"connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}}
+        return _S3Backend(type(fs)(**storage_options(url), config_kwargs=config, skip_instance_cache=True), path)
     if "s3" in protocols(fs):
         return _S3Backend(fs, path)
     return _GenericBackend(fs, path)
@@ -163,21 +168,65 @@ def _backend(url: str):
 # The lease
 # ---------------------------------------------------------------------------------------------------
 
+class LeaseLost(StorageError):
+    """The run's lease ran out or was taken over: the run must stop writing."""
+
+
+def holder_is_gone(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid:token``) names a process on this host that no longer exists."""
+    host, _, rest = str(owner).partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # the process exists (another user's): alive
+        return False
+    return False
+
+
+def fence(url: str, owner: str, margin: float = 0.0) -> None:
+    """Raise ``LeaseLost`` unless ``owner`` holds the lease at ``url`` for at least ``margin`` more seconds.
+
+    A writer in another process (a Ray actor) calls this before each write: a run whose lease ran out
+    during an outage never writes once storage answers again.
+    """
+    doc = _backend(url).read()[0]
+    if doc is None or doc.get("owner") != owner or float(doc.get("expires_at", 0)) - time.time() < margin:
+        holder = (doc or {}).get("owner", "nobody")
+        raise LeaseLost(f"lease on {url} is no longer held by this run (held by {holder}); stopped writing")
+
+
 class Lease:
-    """An expiring, renewable claim on a store; ``with Lease(url).hold(wait=60): ...``."""
+    """An expiring, renewable claim on a store; ``with Lease(url).hold(wait=60): ...``.
+
+    While held, a background thread renews it every ``ttl / 3`` seconds and retries any storage error
+    with backoff; a watchdog declares it lost ``margin`` seconds before it would expire unrenewed, calls
+    ``on_lost`` (which stops the run's writers) and makes ``check()`` raise ``LeaseLost`` from then on.
+    A lease whose holder is a process of this host that no longer exists is taken at once.
+    """
 
     def __init__(self, url: str, owner: str | None = None, ttl: float = 120.0):
         self.url = url
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl = float(ttl)
+        self.margin = self.ttl / 6
         self.lost: str | None = None
-        self._backend = _backend(url)
+        self.last_error: str | None = None
+        self._valid_until = 0.0  # monotonic time at which our last written document expires (or earlier)
+        self._backend = _backend(url, timeout=max(1.0, self.ttl / 6))
         self._lock = threading.Lock()
 
-    def _doc(self) -> bytes:
+    def _swap(self, tag) -> bool:
+        start = time.monotonic()
         expires_at = time.time() + self.ttl
         doc = {"owner": self.owner, "expires_at": expires_at, "expires": _iso(expires_at)}
-        return json.dumps(doc, sort_keys=True).encode()
+        if not self._backend.swap(tag, json.dumps(doc, sort_keys=True).encode()):
+            return False
+        self._valid_until = start + self.ttl
+        return True
 
     def holder(self) -> dict | None:
         """The current lease document, or None when nobody holds one."""
@@ -188,8 +237,9 @@ class Lease:
         deadline = time.monotonic() + wait
         while True:
             doc, tag = self._backend.read()
-            free = doc is None or doc.get("owner") == self.owner or float(doc.get("expires_at", 0)) <= time.time()
-            if free and self._backend.swap(tag, self._doc()) and self._confirm():
+            free = (doc is None or doc.get("owner") == self.owner or float(doc.get("expires_at", 0)) <= time.time()
+                    or holder_is_gone(doc.get("owner", "")))
+            if free and self._swap(tag) and self._confirm():
                 self.lost = None
                 return self
             if not free and time.monotonic() >= deadline:
@@ -204,18 +254,27 @@ class Lease:
         return doc is not None and doc.get("owner") == self.owner
 
     def renew(self) -> None:
-        """Push the expiry forward; records and raises if another owner has taken the lease."""
+        """Push the expiry forward; records and raises ``LeaseLost`` if another owner has taken the lease."""
         with self._lock:
+            if self.lost:
+                raise LeaseLost(self.lost)
             doc, tag = self._backend.read()
-            if doc is None or doc.get("owner") != self.owner or not self._backend.swap(tag, self._doc()):
+            if doc is None or doc.get("owner") != self.owner or not self._swap(tag):
                 holder = (doc or {}).get("owner", "nobody")
-                self.lost = f"lease on {self.url} was lost (now held by {holder})"
-                raise StorageError(self.lost)
+                self.lost = f"lease on {self.url} was lost (now held by {holder}); stopped writing"
+                raise LeaseLost(self.lost)
+
+    def remaining(self) -> float:
+        """Seconds until the lease expires unless renewed (as this process last wrote it)."""
+        return self._valid_until - time.monotonic()
 
     def check(self) -> None:
-        """Raise if the lease was lost while working."""
+        """Raise ``LeaseLost`` if the lease was lost, or is about to expire unrenewed."""
+        if self.lost is None and self.remaining() < self.margin:
+            self.lost = (f"lease on {self.url} could not be renewed before it expired "
+                         f"({self.last_error or 'no renewal in time'}); stopped writing: re-run the same command")
         if self.lost:
-            raise StorageError(self.lost)
+            raise LeaseLost(self.lost)
 
     def release(self) -> None:
         """Give the lease up (only if it is still ours)."""
@@ -223,26 +282,42 @@ class Lease:
             if self._confirm():
                 self._backend.delete()
 
+    def _renew_loop(self, stop: threading.Event) -> None:
+        delay, backoff = self.ttl / 3, 0.0
+        while not stop.wait(delay):
+            try:
+                self.renew()
+                delay, backoff, self.last_error = self.ttl / 3, 0.0, None
+            except LeaseLost:
+                return
+            except Exception as e:  # noqa: BLE001 - any storage error (botocore's too): retry while the lease lasts
+                self.last_error = f"{type(e).__name__}: {e}"
+                backoff = min(2 * backoff or self.ttl / 30, self.ttl / 6)
+                delay = max(0.01, min(backoff, self.remaining() - self.margin))
+
+    def _watch(self, stop: threading.Event, on_lost) -> None:
+        while not stop.wait(min(self.margin / 2, 1.0)):
+            try:
+                self.check()
+            except LeaseLost:
+                if on_lost is not None:
+                    on_lost()
+                return
+
     @contextlib.contextmanager
-    def hold(self, wait: float = 0.0):
-        """Acquire, renew in the background every ``ttl / 3`` seconds, release on exit."""
+    def hold(self, wait: float = 0.0, on_lost=None):
+        """Acquire, renew in the background, watch the expiry (calling ``on_lost`` once it is lost); release."""
         self.acquire(wait=wait)
         stop = threading.Event()
-
-        def _renew_loop():
-            while not stop.wait(self.ttl / 3):
-                try:
-                    self.renew()
-                except (StorageError, OSError):
-                    if self.lost:
-                        return
-
-        thread = threading.Thread(target=_renew_loop, name="lease-renewal", daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=self._renew_loop, args=(stop,), name="lease-renewal", daemon=True),
+                   threading.Thread(target=self._watch, args=(stop, on_lost), name="lease-watchdog", daemon=True)]
+        for t in threads:
+            t.start()
         try:
             yield self
         finally:
             stop.set()
-            thread.join()
+            threads[1].join()
             if not self.lost:
+                threads[0].join()
                 self.release()

@@ -1,5 +1,9 @@
-"""Builders shared by the tests: a converted tiny ReaLS VAE directory."""
+"""Builders shared by the tests: a converted tiny ReaLS VAE directory, a TCP proxy to cut S3 with."""
 from __future__ import annotations
+
+import socket
+import threading
+import time
 
 import torch
 
@@ -17,3 +21,88 @@ def make_vae_dir(path, seed: int = 0, resolution: int = 32) -> str:
                        torch.tensor([0.1, 0.0, -0.1, 0.2]), torch.tensor([1.0, 2.0, 0.5, 1.5]))
     vae.save_pretrained(path, {"teacher": TINY_TEACHER, "resolution": resolution, "run": f"test-{seed}"})
     return str(path)
+
+
+class TCPProxy:
+    """A TCP relay on loopback to ``127.0.0.1:target_port`` that a test cuts and restores (an S3 outage).
+
+    ``cut()`` closes the listening socket and every open connection, so clients see refused and reset
+    connections; ``restore()`` listens on the same port again. ``cut_on`` cuts the link the first time a
+    request containing those bytes arrives, before forwarding it. ``requests`` logs ``(time, request
+    line)`` of every request forwarded to the target.
+    """
+
+    def __init__(self, target_port: int, cut_on: bytes | None = None):
+        self.target_port, self.cut_on = target_port, cut_on
+        self.requests: list[tuple[float, str]] = []
+        self.cut_at: float | None = None
+        self._lock = threading.Lock()
+        self._conns: list = []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.restore()
+
+    def restore(self) -> None:
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", self.port))
+        self._server.listen(64)
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            if self.cut_at is None:
+                self.cut_at = time.time()
+            conns, self._conns = self._conns, []
+        for s in [self._server, *conns]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, server) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            if self.cut_at is not None and self._server.fileno() == -1:
+                client.close()
+                upstream.close()
+                return
+            self._conns += [client, upstream]
+        threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+        self._pump(upstream, client, False)
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client:
+                    if self.cut_on is not None and self.cut_at is None and self.cut_on in data:
+                        self.cut()
+                        return
+                    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    if line.split(" ", 1)[0] in ("GET", "PUT", "POST", "DELETE", "HEAD"):
+                        self.requests.append((time.time(), line))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

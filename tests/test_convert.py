@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,17 @@ def test_extract_ema_writes_a_loadable_state_dict(trained, tmp_path, suffix):
     vae = build_vae(s.vae_config, path)
     assert s.tensors == len(ema)
     assert all(torch.equal(v, ema[k]) for k, v in vae.state_dict().items())
+
+
+def test_rerun_redoes_a_truncated_weight_file(converted, trained, tiny_shards, tmp_path, capsys):
+    out, summary = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    weights = copy / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])
+    again = run(ConvertConfig(ckpt=trained[1], output_dir=str(copy), data_path=tiny_shards, num_samples=NUM,
+                              show_progress=False))
+    assert not again.skipped and again.fingerprint == summary.fingerprint
+    assert f"diffusion_pytorch_model.safetensors is {size // 2} bytes, {size} were written" in capsys.readouterr().out
+    assert weights.stat().st_size == size and ReaLSVAE.from_pretrained(copy).fingerprint == summary.fingerprint

@@ -8,14 +8,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
 from pipelines.encode import EncodeConfig, run as encode_run
 from storage import StorageError
 from storage.fs import check_name, join, within
+from storage.latent_store import LatentStore
+from storage.lease import Lease, LeaseLost, fence
+
+from helpers import TCPProxy, make_vae_dir
 
 
 def encode(data_path, vae_path, output, **kw):
@@ -77,3 +87,219 @@ def test_writes_stay_under_their_root(storage_root):
         within(store.url, join(store.url, "markers", "..", "..", "..", "escape.json"))
     assert within(store.url, join(store.url, "markers", "x.json")).endswith("markers/x.json")
     assert store.markers() == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged or mismatched artifacts, empty input
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_truncated_vae_weight_file_is_one_line(tiny_shards, tmp_path, capsys):
+    vae_dir = make_vae_dir(tmp_path / "vae")
+    weights = Path(vae_dir) / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = ["encode", "--data-path", tiny_shards, "--vae-path", vae_dir, "--output", str(tmp_path / "s"),
+            "--workers", "0"]
+    assert cli_main(args) == 2
+    assert "diffusion_pytorch_model.safetensors is 1000 bytes" in one_error_line(capsys)
+    prov = json.loads((Path(vae_dir) / "provenance.json").read_text())
+    del prov["files"]  # a directory converted before sizes were recorded: the loader's own error
+    (Path(vae_dir) / "provenance.json").write_text(json.dumps(prov))
+    assert cli_main(args) == 2
+    assert "cannot load the ReaLS VAE dir" in one_error_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_encode_refuses_a_vae_trained_at_another_resolution(tiny_shards, tmp_path, capsys):
+    vae16 = make_vae_dir(tmp_path / "vae16", resolution=16)
+    out = tmp_path / "s"
+    args = ["encode", "--data-path", tiny_shards, "--vae-path", vae16, "--output", str(out), "--workers", "0"]
+    assert cli_main(args) == 2
+    assert "was trained at 16 px, the shards of" in one_error_line(capsys)
+    assert not out.exists()
+    summary = encode(tiny_shards, vae16, str(out), allow_resolution_mismatch=True)
+    assert summary.rows_done == 48
+
+
+def test_evaluate_refuses_different_resolutions_unless_resizing(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ref, samples = tmp_path / "ref32.npz", tmp_path / "samples16.npz"
+    np.savez(ref, rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    np.savez(samples, rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    args = ["evaluate", str(ref), str(samples), "--features", "effnet", "--output", str(tmp_path / "m.json")]
+    assert cli_main(args) == 2
+    assert "reference images are 32x32x3, samples 16x16x3" in one_error_line(capsys)
+    assert not (tmp_path / "m.json").exists()
+    assert cli_main(args + ["--resize"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["FD_effnet"]["value"] > 0
+
+
+def test_an_empty_split_is_an_error_at_shard_time(tmp_path, capsys):
+    (tmp_path / "data" / "train" / "only_class").mkdir(parents=True)
+    out = tmp_path / "shards"
+    assert cli_main(["shard", "--data-path", str(tmp_path / "data"), "--output", str(out),
+                     "--resolution", "32"]) == 2
+    line = one_error_line(capsys)
+    assert "split 'train' of" in line and line.endswith("holds no files (empty class folders: only_class)")
+    assert not (out / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lease through storage outages
+# ---------------------------------------------------------------------------------------------------
+
+class FlakyBackend:
+    """Wraps a lease backend; while ``down`` every call raises what botocore raises when S3 is unreachable."""
+
+    def __init__(self, inner):
+        self.inner, self.down = inner, False
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def call(*args):
+            if self.down:
+                from botocore.exceptions import EndpointConnectionError
+
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+            return method(*args)
+        return call
+
+
+def test_renewal_rides_out_an_outage_shorter_than_the_ttl(tmp_path):
+    lease = Lease(str(tmp_path / "lease.json"), owner="run-a", ttl=3.0)
+    lease._backend = flaky = FlakyBackend(lease._backend)
+    lost = threading.Event()
+    with lease.hold(on_lost=lost.set):
+        flaky.down = True
+        time.sleep(1.0)  # renewals fail with a non-OSError, retried with backoff
+        flaky.down = False
+        time.sleep(3.5)  # renewals succeed again: more than a TTL later the lease is still ours
+        lease.check()
+        assert lease.holder()["owner"] == "run-a" and not lost.is_set()
+    assert lease.holder() is None
+
+
+def test_an_outage_longer_than_the_ttl_stops_the_holder(tmp_path):
+    lease = Lease(str(tmp_path / "lease.json"), owner="run-a", ttl=1.0)
+    lease._backend = flaky = FlakyBackend(lease._backend)
+    lost = threading.Event()
+    with pytest.raises(LeaseLost, match="could not be renewed before it expired .EndpointConnectionError"):
+        with lease.hold(on_lost=lost.set):
+            flaky.down = True
+            assert lost.wait(5), "the watchdog never declared the lease lost"
+            assert lease.remaining() > 0  # declared lost before it expired, so nobody else holds it yet
+            lease.check()
+    flaky.down = False
+    assert Lease(lease.url, owner="run-b", ttl=5).acquire(wait=2, poll=0.05).holder()["owner"] == "run-b"
+
+
+def test_a_dead_local_holder_is_taken_over_at_once(tmp_path):
+    url = str(tmp_path / "lease.json")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    Lease(url, owner=f"{host}:{int(dead.stdout)}:crashed", ttl=600).acquire()
+    taker = Lease(url, owner="next", ttl=5).acquire(wait=0)
+    assert taker.holder()["owner"] == "next"
+    taker.release()
+    Lease(url, owner=f"{host}:{os.getppid()}:alive", ttl=600).acquire()  # a live process of this host
+    with pytest.raises(StorageError, match=f"leased by {host}:{os.getppid()}:alive"):
+        Lease(url, owner="third", ttl=5).acquire(wait=0)
+
+
+def test_fence_refuses_once_another_run_holds_the_lease(tmp_path):
+    url = str(tmp_path / "lease.json")
+    first = Lease(url, owner="run-a", ttl=0.3).acquire()
+    fence(url, "run-a")
+    time.sleep(0.4)
+    Lease(url, owner="run-b", ttl=30).acquire()
+    with pytest.raises(LeaseLost, match="held by run-b"):
+        fence(url, "run-a")
+    with pytest.raises(LeaseLost, match="was lost .now held by run-b"):
+        first.renew()
+
+
+def test_an_s3_outage_longer_than_the_lease_ttl_hands_the_store_to_the_waiting_run(
+        tiny_shards, tiny_vae_dir, s3_server, s3_bucket):
+    """Run A reaches S3 through a proxy that is cut at A's first done-marker, for longer than the lease TTL;
+    run B waits for the lease. B takes the store over and finishes it; A exits with one line and never
+    writes again, not even once S3 answers again."""
+    from pipelines.verify_store import check_markers
+
+    proxy = TCPProxy(int(s3_server.rsplit(":", 1)[1]), cut_on=b"/markers/train-")
+    store = f"{s3_bucket}/store"
+    lease_url = join(store, "encode.lease.json")
+    # A 10 s TTL: short, yet beyond the stalls a loaded 2-core machine gives a renewal thread. A retries its
+    # shard for 1 + 2 + ... + 7 s, so the lease runs out while A is still running.
+    cmd = [sys.executable, "-m", "pipelines.cli", "encode", "--data-path", tiny_shards, "--vae-path", tiny_vae_dir,
+           "--output", store, "--workers", "0", "--chunk-rows", "16", "--lease-ttl", "10"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "AWS_MAX_ATTEMPTS": "1"}
+    a = subprocess.Popen(cmd + ["--retries", "8"], env={**env, "AWS_ENDPOINT_URL": proxy.url},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = None
+    try:
+        a_owner = poll(lambda: (Lease(lease_url).holder() or {}).get("owner"), "run A to take the lease")
+        b = subprocess.Popen(cmd + ["--lease-wait", "300"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        poll(lambda: proxy.cut_at or a.poll() is not None, "run A to write its first done-marker")
+        assert a.poll() is None, f"run A ended before the outage: {a.communicate()[1][-3000:]}"
+        poll(lambda: (Lease(lease_url).holder() or {}).get("owner") not in (None, a_owner), "run B to take over")
+        proxy.restore()  # S3 answers run A again, now that B holds the lease
+        _, a_err = a.communicate(timeout=300)
+        _, b_err = b.communicate(timeout=300)
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert (a.returncode, b.returncode) == (2, 0), (a_err[-2000:], b_err[-2000:])
+    errors = [line for line in a_err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lease on" in errors[0] and "stopped writing" in errors[0], a_err[-2000:]
+    assert "Traceback" not in a_err
+    late = [r for t, r in proxy.requests if t >= proxy.cut_at and not r.startswith(("GET", "HEAD"))]
+    assert late == [], "run A wrote after its lease ran out"
+    done = LatentStore.open(store)
+    assert done.done_rows().sum() == 48 and check_markers(done) == (2, [])
+
+
+def poll(value, what: str, timeout: float = 240.0, every: float = 0.05):
+    """``value()`` once it is truthy; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := value():
+            return v
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# An undecodable chunk
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_truncated_chunk_is_reported_redone_and_refused_by_name(tiny_store, tiny_shards, tiny_vae_dir, tmp_path,
+                                                                   capsys):
+    from pipelines.verify_store import VerifyStoreConfig, run as verify
+    from storage.latent_loader import LatentLoader
+    from storage.latent_store import CorruptChunk
+
+    root, summary = tiny_store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    chunk = copy / summary.version / "mean" / "c" / "2" / "0" / "0" / "0"  # rows 32..47: shard train-000001
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    line = "shard train-000001.tar, rows 32..47 of array mean: a chunk that cannot be decoded"
+
+    assert cli_main(["verify-store", str(copy), "--data-path", tiny_shards, "--vae-path", tiny_vae_dir,
+                     "--num-samples", "48"]) == 1
+    out = capsys.readouterr()
+    assert out.out.count(line) == 1 and "Traceback" not in out.err
+
+    for in_memory in (True, False):
+        with pytest.raises(CorruptChunk, match="shard train-000001.tar, rows 32..47 of array mean cannot be decoded"):
+            list(LatentLoader(str(copy), batch_size=8, in_memory=in_memory))
+    assert cli_main(["train-sit", "--data-path", str(copy), "--output", str(tmp_path / "sit"), "--model", "SiT-T/4",
+                     "--global-batch-size", "8", "--max-steps", "2", "--sample-every", "0", "--no-progress"]) == 2
+    assert "shard train-000001.tar, rows 32..47 of array mean cannot be decoded" in one_error_line(capsys)
+
+    redone = encode(tiny_shards, tiny_vae_dir, str(copy), verify=True)
+    assert (redone.shards_redone, redone.shards_skipped) == (1, 1)
+    fixed = verify(VerifyStoreConfig(store=str(copy), data_path=tiny_shards, vae_path=tiny_vae_dir, num_samples=8))
+    assert fixed.ok, fixed.problems
