@@ -149,7 +149,7 @@ def run(config: ConvertConfig) -> ConvertSummary:
     if done.is_file() and (out / MEAN_STD_FILE).is_file():
         prov = json.loads(done.read_text())
         same = all(prov.get("conversion", {}).get(k) == v for k, v in source.items())
-        damaged = damaged_files(out, prov["files"]) if prov.get("files") else ["no file sizes and hashes recorded"]
+        damaged = _damaged(out, prov)
         if same and damaged:
             print(f"convert: redoing {out}: {damaged[0]}")
         if same and not damaged:
@@ -198,13 +198,20 @@ def complete(config: ConvertConfig) -> str | None:
     out = Path(local_path(config.output_dir) or config.output_dir)
     if not (out / PROVENANCE_FILE).is_file() or not (out / MEAN_STD_FILE).is_file():
         return "no converted VAE directory"
-    conversion = json.loads((out / PROVENANCE_FILE).read_text()).get("conversion", {})
+    prov = json.loads((out / PROVENANCE_FILE).read_text())
+    conversion = prov.get("conversion", {})
     if conversion.get("checkpoint_sha256") != sha256_url(resolve_checkpoint(to_url(config.ckpt))):
         return "converted from another checkpoint"
     if (conversion.get("num_samples"), conversion.get("weights")) != (config.num_samples,
                                                                       "ema" if config.ema else "raw"):
         return "converted with other settings"
-    return None
+    damaged = _damaged(out, prov)
+    return f"damaged: {damaged[0]}" if damaged else None
+
+
+def _damaged(out: Path, provenance: dict) -> list[str]:
+    """The directory's files that differ from the sizes and sha256 recorded in its provenance."""
+    return damaged_files(out, provenance["files"]) if provenance.get("files") else ["no file hashes recorded"]
 
 
 def run_extract_ema(config: ExtractEMAConfig) -> ExtractEMASummary:

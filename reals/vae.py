@@ -38,11 +38,8 @@ def stored_statistics(record: dict) -> tuple[list[float], list[float]]:
 
 
 def _sha256_file(f: Path) -> str:
-    h = hashlib.sha256()
     with open(f, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def file_records(path: Path) -> dict[str, dict]:

@@ -216,7 +216,7 @@ class Lease:
         self.lost: str | None = None
         self.last_error: str | None = None
         self._valid_until = 0.0  # monotonic time at which our last written document expires (or earlier)
-        self._backend = _backend(url, timeout=max(1.0, self.ttl / 6))
+        self._backend = _backend(url, timeout=max(2.0, self.ttl / 6))
         self._lock = threading.Lock()
 
     def _swap(self, tag) -> bool:

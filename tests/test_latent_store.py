@@ -153,9 +153,9 @@ def test_crashed_holder_expires_and_live_holder_renews(storage_root):
     url = join(storage_root, "lease.json")
     crashed = Lease(url, owner="crashed", ttl=0.5).acquire()
     time.sleep(0.6)
-    taker = Lease(url, owner="taker", ttl=1.5)
+    taker = Lease(url, owner="taker", ttl=4)  # renewed every 1.3 s, even on a loaded machine
     with taker.hold():
-        time.sleep(3.2)  # two expiries' worth: only the background renewal keeps it
+        time.sleep(8.5)  # two expiries' worth: only the background renewal keeps it
         with pytest.raises(StorageError, match="leased by taker"):
             Lease(url, owner="late").acquire(wait=0)
     assert taker.holder() is None
