@@ -212,7 +212,8 @@ class ReaLSVAE(nn.Module):
                              "make one with `reals convert`")
         provenance_file = path / PROVENANCE_FILE
         provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-        damaged = damaged_files(path, provenance.get("files", {}), hashes=False)
+        weights = {k: v for k, v in provenance.get("files", {}).items() if k.endswith(".safetensors")}
+        damaged = damaged_files(path, weights, hashes=False)
         if damaged:
             raise ReaLSError(f"ReaLS VAE dir {path} is damaged ({damaged[0]}); re-run `reals convert`")
         try:
