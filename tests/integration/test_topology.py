@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import TCPProxy
 from topology import ROOT, driver_env, reals
-from tcp_proxy import TCPProxy
 
 HERE = Path(__file__).resolve().parent
 
@@ -151,8 +151,7 @@ def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, refere
     s3fs.S3FileSystem.clear_instance_cache()
 
     moto = cluster.env["AWS_ENDPOINT_URL"]
-    proxy = TCPProxy(("127.0.0.1", int(moto.rsplit(":", 1)[1])))
-    proxy.start()
+    proxy = TCPProxy(int(moto.rsplit(":", 1)[1]))
     store = "s3://reals/it/outage-store"
     env = driver_env(cluster, AWS_ENDPOINT_URL=proxy.url)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", str(data / "shards"),
@@ -160,13 +159,13 @@ def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, refere
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_markers(store, 1, proc)
-        proxy.stop()
+        proxy.cut()
         time.sleep(10)
-        proxy.start()
+        proxy.restore()
         out, err = proc.communicate(timeout=900)
     finally:
         proc.kill()
-        proxy.stop()
+        proxy.cut()
     assert proc.returncode == 0, err[-3000:]
     _assert_same_store(store, reference_store)
 
