@@ -7,7 +7,7 @@ import torch
 from pipelines.checkpoints import load_checkpoint, read_log
 from pipelines.cli import main
 from pipelines.sample import load_model, model_spec
-from pipelines.train_sit import TrainSiTConfig, run
+from pipelines.train_sit import TrainDiTConfig, run
 from reals.diffusion import DDPMSampler, GaussianDiffusion
 from test_train_sit import K, make_store
 
@@ -24,7 +24,7 @@ def two_mode_latents(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_tiny_dit_learns_two_modes_and_samples_both(tmp_path):
     store = make_store(str(tmp_path / "store"), *two_mode_latents(64), std=0.0)
-    summary = run(TrainSiTConfig(data_path=store, output=str(tmp_path / "run"), model="DiT-T/2",
+    summary = run(TrainDiTConfig(data_path=store, output=str(tmp_path / "run"), model="DiT-T/2",
                                  global_batch_size=64, max_steps=600, lr=5e-4, ema_decay=0.95, log_every=50,
                                  ckpt_every=1000, sample_every=0, show_progress=False))
     assert (summary.family, summary.steps) == ("DiT", 600)
