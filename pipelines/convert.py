@@ -2,6 +2,10 @@
 
 The directory loads with plain ``diffusers.AutoencoderKL.from_pretrained(dir)`` and with
 ``reals.vae.ReaLSVAE.from_pretrained(dir)``; it holds the EMA weights unless ``--no-ema``.
+``--from-diffusers DIR`` takes any diffusers ``AutoencoderKL`` directory instead (SD-VAE ``sd-vae-ft-ema``, or a
+ReaLS VAE released without our statistics): its weights, its ``align_net.*`` heads when it has them (stages that
+need heads refuse a VAE without), and statistics from ``--data-path`` or, DiT-style, ``--scaling-factor s``
+(mean 0, std 1/s).
 
 Latent statistics in ``mean_std.json``: over the posterior means ``z`` of the first ``--num-samples``
 training images (manifest order), channel-wise over all images and latent positions::
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from pipelines import StageError
 from pipelines.config import ShowProgress, StageConfig
@@ -47,15 +51,32 @@ STATS_FORMULA = "mean_c = E[z_c], std_c = sqrt(E[(z_c - mean_c)^2]) over posteri
 class ConvertConfig(StageConfig):
     """Inputs of `reals convert`."""
 
-    ckpt: str = Field(description="train-vae checkpoint URL (.pt), or a run folder (its latest.json)")
+    ckpt: str | None = Field(None, description="train-vae checkpoint URL (.pt), or a run folder (its latest.json)")
+    from_diffusers: str | None = Field(None, description="a diffusers AutoencoderKL directory (local) to convert "
+                                                         "instead of a checkpoint; its align_net.* heads are kept")
+    scaling_factor: float | None = Field(None, gt=0, description="with --from-diffusers: DiT-style statistics, mean 0 "
+                                                                 "and std 1/s in every channel (SD-VAE: 0.18215)")
+    resolution: int | None = Field(None, gt=0, description="with --from-diffusers: image side the VAE serves (default: "
+                                                           "the shards', else the VAE config's sample_size)")
     output_dir: str = Field(description="ReaLS VAE directory to write; local only (diffusers loads local dirs)")
-    data_path: str = Field(description="shards URL whose training images give the latent mean/std")
+    data_path: str | None = Field(None, description="shards URL whose training images give the latent mean/std")
     split: str = Field("train", description="shard split for the latent statistics")
     num_samples: int = Field(10000, gt=0, description="images for the latent statistics (the first N)")
     ema: bool = Field(True, description="convert the EMA weights (False: the raw training weights)")
     batch_size: int = Field(32, gt=0, description="images per encoding batch")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
+
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.ckpt is None) == (self.from_diffusers is None):
+            raise ValueError("give exactly one of --ckpt (a train-vae checkpoint) or --from-diffusers DIR")
+        if self.ckpt is not None and (self.scaling_factor is not None or self.resolution is not None):
+            raise ValueError("--scaling-factor and --resolution apply to --from-diffusers only")
+        if self.data_path is None and self.scaling_factor is None:
+            raise ValueError("--data-path is required (the latent statistics), unless --scaling-factor is given")
+        return self
 
 
 class ConvertSummary(BaseModel):
@@ -132,19 +153,9 @@ def latent_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_
     return mean.tolist(), std.tolist(), images
 
 
-def run(config: ConvertConfig) -> ConvertSummary:
-    """Write the ReaLS VAE directory for a checkpoint (skipped when it exists from the same inputs)."""
-    out = local_path(config.output_dir)
-    if out is None:
-        raise StageError(f"--output-dir must be a local directory (diffusers loads local dirs), got {config.output_dir}")
-    out = Path(out).resolve()
-    ckpt_url = resolve_checkpoint(to_url(config.ckpt))
-    ckpt_sha = sha256_url(ckpt_url)
-    manifest = read_manifest(config.data_path)
-    source = {"checkpoint_sha256": ckpt_sha, "weights": "ema" if config.ema else "raw",
-              "num_samples": config.num_samples, "data_fingerprint": manifest.get("fingerprint"),
-              "split": config.split}
-
+def _converted(out: Path, source: dict) -> tuple[dict, list, list] | None:
+    """(provenance, latents_mean, latents_std) of an intact directory already converted from ``source``; else
+    None (and it is redone)."""
     done = out / PROVENANCE_FILE
     if done.is_file() and (out / MEAN_STD_FILE).is_file():
         prov = json.loads(done.read_text())
@@ -153,11 +164,31 @@ def run(config: ConvertConfig) -> ConvertSummary:
         if same and damaged:
             print(f"convert: redoing {out}: {damaged[0]}")
         if same and not damaged:
-            mean, std = stored_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
-            return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=ckpt_url,
-                                  step=prov["training"]["step"], weights=source["weights"], latents_mean=mean,
-                                  latents_std=std, num_images=prov["latent_statistics"]["num_images"], skipped=True)
+            return prov, *stored_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
         done.unlink()
+    return None
+
+
+def run(config: ConvertConfig) -> ConvertSummary:
+    """Write the ReaLS VAE directory for a checkpoint (skipped when it exists from the same inputs)."""
+    out = local_path(config.output_dir)
+    if out is None:
+        raise StageError(f"--output-dir must be a local directory (diffusers loads local dirs), got {config.output_dir}")
+    out = Path(out).resolve()
+    if config.from_diffusers is not None:
+        return run_from_diffusers(config, out)
+    ckpt_url = resolve_checkpoint(to_url(config.ckpt))
+    ckpt_sha = sha256_url(ckpt_url)
+    manifest = read_manifest(config.data_path)
+    source = {"checkpoint_sha256": ckpt_sha, "weights": "ema" if config.ema else "raw",
+              "num_samples": config.num_samples, "data_fingerprint": manifest.get("fingerprint"),
+              "split": config.split}
+
+    if found := _converted(out, source):
+        prov, mean, std = found
+        return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=ckpt_url,
+                              step=prov["training"]["step"], weights=source["weights"], latents_mean=mean,
+                              latents_std=std, num_images=prov["latent_statistics"]["num_images"], skipped=True)
 
     ckpt = load_checkpoint(ckpt_url)
     device = torch_device(config.device)
@@ -193,6 +224,66 @@ def run(config: ConvertConfig) -> ConvertSummary:
                           skipped=False)
 
 
+def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
+    """Write a VAE directory from a diffusers AutoencoderKL directory: its weights, heads if any, statistics."""
+    from reals.vae import build_vae
+
+    src = Path(config.from_diffusers).expanduser().resolve()
+    if not (src / "config.json").is_file():
+        raise StageError(f"--from-diffusers {src} is not a diffusers AutoencoderKL directory (no config.json)")
+    weights = sorted(p for p in src.iterdir() if p.name.startswith("diffusion_pytorch_model"))
+    if not weights:
+        raise StageError(f"--from-diffusers {src} holds no diffusion_pytorch_model.* weights")
+    manifest = read_manifest(config.data_path) if config.scaling_factor is None else {}
+    source = {"diffusers_dir": str(src), "weights_sha256": [sha256_url(to_url(str(p))) for p in weights],
+              "scaling_factor": config.scaling_factor, "data_fingerprint": manifest.get("fingerprint"),
+              "num_samples": None if config.scaling_factor else config.num_samples, "split": config.split}
+    if found := _converted(out, source):
+        prov, mean, std = found
+        return ConvertSummary(output_dir=str(out), fingerprint=prov["fingerprint"], checkpoint=str(src), step=0,
+                              weights="diffusers", latents_mean=mean, latents_std=std,
+                              num_images=prov["latent_statistics"]["num_images"], skipped=True)
+    try:
+        vae = build_vae(ckpt=src)
+    except (OSError, ValueError) as e:
+        raise StageError(f"--from-diffusers {src}: cannot load it as an AutoencoderKL: {e}") from None
+    heads = AlignNet.load(str(src)) if (src / "align_net.json").is_file() else None
+    model = ReaLSVAE(vae, heads).eval()
+    c = model.latent_channels
+    if config.scaling_factor is not None:
+        mean, std, n = [0.0] * c, [1 / config.scaling_factor] * c, 0
+        formula = f"DiT-style: mean 0, std 1/{config.scaling_factor} (--scaling-factor)"
+    else:
+        device = torch_device(config.device)
+        mean, std, n = latent_statistics(model.to(device), shard_urls(config.data_path, config.split),
+                                         config.num_samples, config.batch_size, device, config.show_progress)
+        formula = STATS_FORMULA
+    model = ReaLSVAE(vae.cpu(), heads.cpu() if heads is not None else None, mean, std)
+    resolution = config.resolution or manifest.get("resolution") or vae.config.sample_size
+    side = resolution // downsample_factor(vae)
+    src_prov = json.loads((src / PROVENANCE_FILE).read_text()) if (src / PROVENANCE_FILE).is_file() else {}
+    provenance = {
+        "fingerprint": model.fingerprint,
+        "teacher": src_prov.get("teacher") if heads is not None else None,
+        "autoencoder_kl": {k: v for k, v in vae.config.items() if not k.startswith("_")},
+        "align_net": heads.config if heads is not None else None,
+        "resolution": resolution,
+        "latent_shape": [c, side, side],
+        "downsample_factor": downsample_factor(vae),
+        "source": {"diffusers_dir": str(src), "heads": heads is not None, "provenance": src_prov or None},
+        "latent_statistics": {"num_images": n, "data_path": to_url(config.data_path) if config.data_path else None,
+                              "formula": formula,
+                              "normalisation": "z_norm = (z - latents_mean) / latents_std, channel-wise"},
+        "conversion": source,
+        "code_version": code_version(),
+    }
+    model.save_pretrained(out, provenance)
+    apply_umask(out)
+    return ConvertSummary(output_dir=str(out), fingerprint=model.fingerprint, checkpoint=str(src), step=0,
+                          weights="diffusers", latents_mean=mean, latents_std=std, num_images=n,
+                          skipped=False)
+
+
 def complete(config: ConvertConfig) -> str | None:
     """What the VAE directory lacks to be this checkpoint's conversion with these settings, or None."""
     out = Path(local_path(config.output_dir) or config.output_dir)
@@ -200,11 +291,16 @@ def complete(config: ConvertConfig) -> str | None:
         return "no converted VAE directory"
     prov = json.loads((out / PROVENANCE_FILE).read_text())
     conversion = prov.get("conversion", {})
-    if conversion.get("checkpoint_sha256") != sha256_url(resolve_checkpoint(to_url(config.ckpt))):
-        return "converted from another checkpoint"
-    if (conversion.get("num_samples"), conversion.get("weights")) != (config.num_samples,
-                                                                      "ema" if config.ema else "raw"):
-        return "converted with other settings"
+    if config.from_diffusers is not None:
+        src = str(Path(config.from_diffusers).expanduser().resolve())
+        if (conversion.get("diffusers_dir"), conversion.get("scaling_factor")) != (src, config.scaling_factor):
+            return "converted from another source or with other settings"
+    else:
+        if conversion.get("checkpoint_sha256") != sha256_url(resolve_checkpoint(to_url(config.ckpt))):
+            return "converted from another checkpoint"
+        if (conversion.get("num_samples"), conversion.get("weights")) != (config.num_samples,
+                                                                          "ema" if config.ema else "raw"):
+            return "converted with other settings"
     damaged = _damaged(out, prov)
     return f"damaged: {damaged[0]}" if damaged else None
 

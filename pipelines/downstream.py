@@ -180,6 +180,7 @@ class Evaluation:
         self.vae = ReaLSVAE.from_pretrained(cfg.vae_path).to(self.device).eval()
         name, input_size = teacher_spec(self.vae.provenance, cfg.dino_model, cfg.dino_input_size)
         self.teacher = build_teacher(name, input_size=input_size).to(self.device)
+        self.vae.require_heads(f"reals downstream (VAE {cfg.vae_path})")
         if self.vae.align_net.teacher_width != self.teacher.width:
             raise StageError(f"the VAE's alignment network predicts {self.vae.align_net.teacher_width}-d features "
                              f"but teacher {self.teacher.name} gives {self.teacher.width}-d; pass the VAE's teacher")

@@ -2,9 +2,13 @@
 
 A converted ReaLS VAE directory holds what plain ``diffusers.AutoencoderKL.from_pretrained(dir)`` loads
 (``config.json`` + ``diffusion_pytorch_model.safetensors``), plus ``align_net.safetensors`` and
-``align_net.json`` (the alignment heads), ``mean_std.json`` (the channel statistics ``latents_mean`` and
-``latents_std``, also in ``config.json`` as diffusers names them) and ``provenance.json`` (teacher, training run,
-code version).
+``align_net.json`` (the alignment heads; absent for a stock VAE such as SD-VAE, whose directory then serves
+latents only), ``mean_std.json`` (the channel statistics ``latents_mean`` and ``latents_std``) and
+``provenance.json`` (teacher, training run, code version, the files' sizes and hashes).
+
+``config.json`` states the same normalisation in diffusers' terms: ``latents_mean``/``latents_std`` with
+``scaling_factor`` 1 (diffusers' pipelines compute ``(z - latents_mean) * scaling_factor / latents_std``), or,
+for statistics of the DiT kind (mean 0, one std ``1 / s`` for every channel), ``scaling_factor`` s alone.
 
 Latent normalisation (what the diffusion model sees), channel-wise with ``latents_mean``/``latents_std`` of
 shape [C] (not to be confused with the posterior's own mean and std, which vary per image)::
@@ -123,10 +127,20 @@ def load_state_dict_file(path: str | Path) -> dict:
     return state
 
 
+LDM_PREFIXES = ("", "first_stage_model.", "vae.")  # a bare VAE file, a full Stable Diffusion checkpoint
+
+
+def is_ldm_layout(state: dict) -> bool:
+    """Whether a state dict is in the original LDM/CompVis layout (``encoder.down.0.block.0...``), as the
+    single-file SD-VAE weights (``vae-ft-mse-840000-ema-pruned.safetensors`` / ``.ckpt``) are."""
+    return any(k.startswith(f"{p}encoder.down.") for k in state for p in LDM_PREFIXES)
+
+
 def build_vae(config: str | dict = "sd-f8c4", ckpt: str | Path | None = None):
     """An ``AutoencoderKL``: from a diffusers directory, a state_dict file, or from scratch (``config``).
 
-    A diffusers directory brings its own config; a state_dict must fit ``config`` exactly.
+    A diffusers directory brings its own config; a state_dict must fit ``config`` exactly. A state dict in the
+    LDM layout is converted by diffusers' single-file utilities against ``config`` (local, nothing downloaded).
     """
     from diffusers import AutoencoderKL
 
@@ -139,8 +153,13 @@ def build_vae(config: str | dict = "sd-f8c4", ckpt: str | Path | None = None):
         if not Path(ckpt).is_file():
             raise ReaLSError(f"VAE checkpoint not found: {ckpt}")
         name = config if isinstance(config, str) else "dict"
+        state = load_state_dict_file(ckpt)
+        if is_ldm_layout(state):
+            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+            state = convert_ldm_vae_checkpoint(state, vae_config(config))
         try:
-            result = vae.load_state_dict(load_state_dict_file(ckpt), strict=False)
+            result = vae.load_state_dict(state, strict=False)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise ReaLSError(f"VAE checkpoint {ckpt} does not fit config {name}: {first}") from None
@@ -179,7 +198,7 @@ class ReaLSVAE(nn.Module):
     ``forward`` is the training path (encode, sample, decode, heads); the other methods serve inference.
     """
 
-    def __init__(self, vae, align_net: nn.Module, latents_mean: torch.Tensor | None = None,
+    def __init__(self, vae, align_net: nn.Module | None, latents_mean: torch.Tensor | None = None,
                  latents_std: torch.Tensor | None = None, provenance: dict | None = None):
         super().__init__()
         self.vae = vae
@@ -200,16 +219,16 @@ class ReaLSVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ReaLSVAE:
-        """Load a converted ReaLS VAE directory (local)."""
+        """Load a converted VAE directory (local); the alignment heads are loaded when present."""
         from diffusers import AutoencoderKL
 
         from reals.align import AlignNet
 
         path = Path(path)
-        missing = [f for f in ("config.json", "align_net.json", MEAN_STD_FILE) if not (path / f).is_file()]
+        missing = [f for f in ("config.json", MEAN_STD_FILE) if not (path / f).is_file()]
         if missing:
-            raise ReaLSError(f"{path} is not a ReaLS VAE directory (missing {', '.join(missing)}); "
-                             "make one with `reals convert`")
+            raise ReaLSError(f"{path} is not a VAE directory of this pipeline (missing {', '.join(missing)}); make "
+                             "one with `reals convert` (`--from-diffusers DIR` for a diffusers AutoencoderKL directory)")
         provenance_file = path / PROVENANCE_FILE
         provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
         weights = {k: v for k, v in provenance.get("files", {}).items() if k.endswith(".safetensors")}
@@ -218,8 +237,9 @@ class ReaLSVAE(nn.Module):
             raise ReaLSError(f"ReaLS VAE dir {path} is damaged ({damaged[0]}); re-run `reals convert`")
         try:
             mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
-            model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), AlignNet.load(str(path)),
-                        mean, std, provenance)
+            heads = AlignNet.load(str(path)) if (path / "align_net.json").is_file() else None
+            model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), heads, mean, std,
+                        provenance)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ReaLSError(f"cannot load the ReaLS VAE dir {path}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}; re-run `reals convert`") from e
@@ -229,9 +249,10 @@ class ReaLSVAE(nn.Module):
         """Write the directory ``from_pretrained`` reads; ``provenance.json`` last (it marks the dir done)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.vae.register_to_config(latents_mean=self.latents_mean.tolist(), latents_std=self.latents_std.tolist())
+        self.vae.register_to_config(**self.diffusers_normalisation())
         self.vae.save_pretrained(str(path), safe_serialization=True)
-        self.align_net.save(str(path))
+        if self.align_net is not None:
+            self.align_net.save(str(path))
         stats = {"latents_mean": self.latents_mean.tolist(), "latents_std": self.latents_std.tolist(),
                  "formula": "z_norm = (z - latents_mean) / latents_std, channel-wise"}
         (path / MEAN_STD_FILE).write_text(json.dumps(stats, indent=2) + "\n")
@@ -240,11 +261,29 @@ class ReaLSVAE(nn.Module):
         self.provenance["files"] = file_records(path)
         (path / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True, default=str) + "\n")
 
+    def diffusers_normalisation(self) -> dict:
+        """``config.json`` fields under which diffusers' ``(z - latents_mean) * scaling_factor / latents_std``
+        equals ours: a single scaling factor where the statistics are of that kind."""
+        mean, std = self.latents_mean, self.latents_std
+        if not bool(mean.any()) and bool((std == std[0]).all()):
+            return {"scaling_factor": float(1 / std[0]), "latents_mean": None, "latents_std": None}
+        return {"scaling_factor": 1.0, "latents_mean": mean.tolist(), "latents_std": std.tolist()}
+
+    @property
+    def has_heads(self) -> bool:
+        return self.align_net is not None
+
+    def require_heads(self, what: str) -> None:
+        """Refuse ``what`` (a stage or use) by name when this VAE has no alignment heads."""
+        if self.align_net is None:
+            raise ReaLSError(f"{what} needs the VAE's alignment heads (align_net.json), but this VAE has none "
+                             "(a stock diffusers VAE gives latents only)")
+
     @cached_property
     def fingerprint(self) -> str:
         """Stable hash of the VAE and head weights and the latent statistics (computed once)."""
-        return weights_fingerprint({"vae": self.vae, "align_net": self.align_net}, self.latents_mean,
-                                   self.latents_std)
+        modules = {"vae": self.vae} | ({"align_net": self.align_net} if self.align_net is not None else {})
+        return weights_fingerprint(modules, self.latents_mean, self.latents_std)
 
     # -- shape facts ----------------------------------------------------------------------------------
 
@@ -285,6 +324,7 @@ class ReaLSVAE(nn.Module):
 
     def semantic_features(self, z_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised latents -> the heads' teacher-space (patch [B, D, h, w], global [B, D])."""
+        self.require_heads("semantic features")
         return self.align_net(self.denormalize(z_norm))
 
     # -- training -------------------------------------------------------------------------------------
