@@ -49,10 +49,14 @@ class EvaluateConfig(StageConfig):
     split_size: int = Field(5000, ge=1, description="Inception Score split size")
     inception_weights: str | None = Field(
         None, description="FID-Inception weights file (default: $REALS_INCEPTION_WEIGHTS, then torch hub checkpoints)")
+    resize: Literal["pytorch-fid", "tf"] = Field(
+        "pytorch-fid", description="Inception input resize and normalisation: pytorch-fid's, or tf (the ADM "
+                                   "evaluator's TF graph; use it against ADM's reference batches and numbers)")
     dinov2_model: str = Field("dinov2_vitl14_reg", description="teacher name for the dinov2 feature space")
     dinov2_weights_dir: str | None = Field(None, description="folder holding DINOv2 weights (default: the HF cache)")
-    resize: bool = Field(False, description="compare batches of different image sizes (each feature network "
-                                            "resizes its input); without it they are refused")
+    allow_resolution_mismatch: bool = Field(False, description="compare batches of different image sizes (each "
+                                                               "feature network resizes its input); without it "
+                                                               "they are refused")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
@@ -77,6 +81,7 @@ class MakeReferenceConfig(StageConfig):
     device: str = Field("auto", description="torch device for the Inception statistics")
     inception_weights: str | None = Field(
         None, description="FID-Inception weights file (default: found as by evaluate; no statistics when absent)")
+    resize: Literal["pytorch-fid", "tf"] = Field("pytorch-fid", description="Inception resize, as `evaluate --resize`")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
@@ -104,7 +109,7 @@ def _extractors(config: EvaluateConfig, device: str) -> tuple[list, dict[str, st
     from reals.metrics.features import build_feature_extractor
 
     options = {
-        "inception": {"weights": config.inception_weights},
+        "inception": {"weights": config.inception_weights, "resize": config.resize},
         "effnet": {},
         "dinov2": {"model": config.dinov2_model, "weights_dir": config.dinov2_weights_dir},
     }
@@ -145,17 +150,17 @@ def _default_output(sample_batch: str) -> str:
 
 def run(config: EvaluateConfig) -> EvaluateSummary:
     """Compute every metric the available feature spaces allow and write metrics.json."""
-    from reals.metrics.reference import image_shape, read_stats
+    from reals.metrics.reference import image_shape, read_meta, read_stats
     from reals.metrics.suite import space_metrics
 
     device = torch_device(config.device)
     output = config.output or _default_output(config.sample_batch)
     with open_npz(config.ref_batch, "reference batch") as ref, open_npz(config.sample_batch, "sample batch") as smp:
         ref_shape, smp_shape = image_shape(ref), image_shape(smp)
-        if ref_shape[1:] != smp_shape[1:] and not config.resize:
+        if ref_shape[1:] != smp_shape[1:] and not config.allow_resolution_mismatch:
             raise StageError(f"reference images are {_size(ref_shape)}, samples {_size(smp_shape)}: metrics compare "
-                             "like with like; sample at the reference resolution, or pass --resize to let each "
-                             "feature network resize both")
+                             "like with like; sample at the reference resolution, or pass "
+                             "--allow-resolution-mismatch to let each feature network resize both")
         for name, shape in (("reference batch", ref_shape), ("sample batch", smp_shape)):
             if shape[0] <= config.nearest_k:
                 raise StageError(f"{name} holds {shape[0]} images; precision/recall with k={config.nearest_k} "
@@ -166,7 +171,16 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
                                     bar.add_task("reference activations", total=ref_shape[0]))
             acts_smp = _activations(smp, extractors, config.batch_size, bar,
                                     bar.add_task("sample activations", total=smp_shape[0]))
-        ref_stats = read_stats(ref)
+        ref_stats, ref_meta = read_stats(ref), read_meta(ref)
+
+    notes = []
+    # ADM's reference batches (no meta) hold statistics of the TF graph; ours say how they were made.
+    made_with = ref_meta.get("inception_resize", "pytorch-fid" if ref_meta else "tf")
+    if ref_stats and made_with != config.resize:
+        notes.append(f"the reference batch's precomputed Inception statistics were made with the {made_with} resize, "
+                     f"this run uses {config.resize}: they were NOT used; FID/sFID come from its images instead "
+                     f"(pass --resize {made_with} to use them)")
+        ref_stats = {}
 
     counts = {"num_reference": ref_shape[0], "num_samples": smp_shape[0]}
     metrics: dict[str, dict] = {}
@@ -176,7 +190,6 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
                                     k=config.nearest_k, split_size=config.split_size, device=device):
             name = record.pop("metric")
             metrics[name] = {**record, **e.info(), **counts}
-    notes = []
     if "inception" in skipped:
         notes.append("FID, sFID, IS, Precision and Recall were NOT computed: the FID-Inception weights are missing "
                      "(see feature_spaces.inception). FD_* numbers are Frechet distances in teacher feature spaces, "
@@ -254,7 +267,8 @@ def _inception_statistics(images: np.ndarray, config: MakeReferenceConfig) -> tu
     from reals.metrics.frechet import activation_statistics
 
     try:
-        extractor = InceptionFeatures(torch_device(config.device), weights=config.inception_weights)
+        extractor = InceptionFeatures(torch_device(config.device), weights=config.inception_weights,
+                                      resize=config.resize)
     except ReaLSError as e:
         return {}, "", f"no Inception statistics written: {e}"
     pool, spatial = [], []
@@ -290,7 +304,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     manifest = read_manifest(config.data_path)
     urls = shard_urls(config.data_path, config.split)
     meta = {"source": to_url(config.data_path), "split": config.split, "num_samples": config.num_samples,
-            "seed": config.seed, "source_fingerprint": manifest.get("fingerprint")}
+            "seed": config.seed, "source_fingerprint": manifest.get("fingerprint"), "inception_resize": config.resize}
     if exists(config.output):
         with open_npz(config.output, "reference") as f:
             old, has_stats = read_meta(f), bool(read_stats(f))

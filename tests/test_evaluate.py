@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import pipelines.cli as cli
+from reals.metrics import fid_inception
 from reals.metrics.fid_inception import WEIGHTS_FILE, FIDInceptionV3
 from storage.markers import read_json, write_json
 from storage.shards import write_shard
@@ -33,6 +35,13 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-00000000.pth"
     torch.save(FIDInceptionV3().state_dict(), path)
     return str(path)
+
+
+@pytest.fixture()
+def published(inception_weights, monkeypatch):
+    """The random weights file, taken as the published one (its hash prefix stands in for pytorch-fid's)."""
+    monkeypatch.setattr(fid_inception, "WEIGHTS_SHA256_PREFIX", fid_inception.file_sha256(Path(inception_weights))[:8])
+    return inception_weights
 
 
 def _smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -89,7 +98,8 @@ def test_evaluate_of_a_set_against_itself_is_zero_distance_full_precision_recall
     assert metrics["Precision_effnet"]["value"] == 1.0 and metrics["Recall_effnet"]["value"] == 1.0
 
 
-def test_evaluate_inception_and_dinov2_spaces(tmp_path, inception_weights):
+def test_evaluate_inception_and_dinov2_spaces(tmp_path, published):
+    inception_weights = published
     ref, samples, out = tmp_path / "ref.npz", tmp_path / "samples.npz", tmp_path / "metrics.json"
     np.savez(ref, _smooth_images(5, size=16))
     np.savez(samples, _noise_images(5, size=16))
@@ -106,6 +116,38 @@ def test_evaluate_inception_and_dinov2_spaces(tmp_path, inception_weights):
     assert metrics["FID"]["value"] > 0 and metrics["IS"]["value"] >= 1.0
     assert metrics["FD_dinov2"]["feature_space"] == "dinov2" and "tiny-dinov2" in metrics["FD_dinov2"]["extractor"]
     assert "effnet" not in report["feature_spaces"]
+    assert metrics["FID"]["weights_sha256"] == fid_inception.file_sha256(Path(inception_weights))
+    assert "as pytorch-fid" in metrics["FID"]["extractor"]
+
+
+def test_unpublished_inception_weights_give_no_fid(batches, tmp_path, inception_weights, capsys):
+    ref, samples = batches
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", ref, samples, "--inception-weights", inception_weights, "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "FID" not in report["metrics"] and "FD_effnet" in report["metrics"]
+    assert "not pytorch-fid's published" in report["feature_spaces"]["inception"]["reason"]
+    capsys.readouterr()
+    argv = ["evaluate", ref, samples, "--features", "inception", "--inception-weights", inception_weights]
+    assert cli.main(argv) == 2
+    assert "does not start with 6726825d" in capsys.readouterr().err
+
+
+def test_tf_resize_and_statistics_made_with_the_other_resize(tmp_path, published):
+    _write_dataset(tmp_path / "data")
+    ref, samples = tmp_path / "ref.npz", tmp_path / "samples.npz"
+    assert cli.main(["make-reference", "--data-path", str(tmp_path / "data"), "--output", str(ref),
+                     "--num-samples", "5", "--inception-weights", published]) == 0
+    np.savez(samples, _noise_images(5, size=16))
+    for resize in ("pytorch-fid", "tf"):
+        out = tmp_path / f"{resize}.json"
+        assert cli.main(["evaluate", str(ref), str(samples), "--features", "inception", "--resize", resize,
+                         "--inception-weights", published, "--output", str(out)]) == 0
+        report = json.loads(out.read_text())
+        used = report["metrics"]["FID"]["reference_statistics"]
+        assert (used, bool(report["notes"])) == (("precomputed", False) if resize == "pytorch-fid" else
+                                                 ("computed", True))
+    assert "ADM evaluator" in report["metrics"]["FID"]["extractor"]
 
 
 def test_requested_space_without_weights_is_a_one_line_error(batches, capsys):
@@ -176,7 +218,8 @@ def test_make_reference_draws_a_seeded_subset_in_adm_layout(tmp_path, capsys):
     assert not np.array_equal(np.load(tmp_path / "seed1.npz")["arr_0"], first)
 
 
-def test_make_reference_writes_inception_statistics_when_weights_exist(tmp_path, inception_weights):
+def test_make_reference_writes_inception_statistics_when_weights_exist(tmp_path, published):
+    inception_weights = published
     _write_dataset(tmp_path / "data")
     out = tmp_path / "ref.npz"
     assert cli.main(["make-reference", "--data-path", str(tmp_path / "data"), "--output", str(out),

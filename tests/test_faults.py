@@ -120,7 +120,7 @@ def test_encode_refuses_a_vae_trained_at_another_resolution(tiny_shards, tmp_pat
     assert summary.rows_done == 48
 
 
-def test_evaluate_refuses_different_resolutions_unless_resizing(tmp_path, capsys):
+def test_evaluate_refuses_different_resolutions_unless_allowed(tmp_path, capsys):
     rng = np.random.default_rng(0)
     ref, samples = tmp_path / "ref32.npz", tmp_path / "samples16.npz"
     np.savez(ref, rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
@@ -129,7 +129,7 @@ def test_evaluate_refuses_different_resolutions_unless_resizing(tmp_path, capsys
     assert cli_main(args) == 2
     assert "reference images are 32x32x3, samples 16x16x3" in one_error_line(capsys)
     assert not (tmp_path / "m.json").exists()
-    assert cli_main(args + ["--resize"]) == 0
+    assert cli_main(args + ["--allow-resolution-mismatch"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["FD_effnet"]["value"] > 0
 
 

@@ -12,6 +12,7 @@ from reals.metrics import (
     FeatureExtractor, FIDInceptionV3, activation_statistics, build_fid_inception, find_weights, frechet_distance,
     frechet_distance_from_activations, inception_score, manifold_radii, precision_recall, space_metrics,
 )
+from reals.metrics import fid_inception
 from reals.metrics.fid_inception import WEIGHTS_FILE
 from reals.metrics.reference import image_shape, iter_images, read_meta, read_stats, write_reference
 
@@ -203,6 +204,9 @@ def test_fid_inception_gives_pool_spatial_and_logits(random_inception):
 
 
 def test_fid_inception_loads_weights_from_env(random_inception, inception_weights, monkeypatch):
+    with pytest.raises(ReaLSError, match="not pytorch-fid's published"):
+        build_fid_inception(inception_weights)  # random weights: not the published file
+    monkeypatch.setattr(fid_inception, "WEIGHTS_SHA256_PREFIX", fid_inception.file_sha256(inception_weights)[:8])
     monkeypatch.setenv("REALS_INCEPTION_WEIGHTS", str(inception_weights.parent))
     assert find_weights() == inception_weights
     model = build_fid_inception()
@@ -224,9 +228,35 @@ def test_missing_fid_weights_name_the_file_and_where_it_goes(tmp_path, monkeypat
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in str(e.value)
 
 
-def test_wrong_fid_weights_file_is_a_clear_error(tmp_path):
+def test_tf_resize_is_tf1_resize_bilinear():
+    """A re-statement of TF 1.x ResizeBilinear (align_corners=False, half_pixel_centers=False), pixel by pixel."""
+    x = torch.rand(1, 1, 5, 7, generator=torch.Generator().manual_seed(0))
+    out = fid_inception.tf1_resize_bilinear(x, 11)
+    img = x[0, 0].double().numpy()
+    for i in range(11):
+        for j in range(11):
+            sy, sx = i * 5 / 11, j * 7 / 11
+            y0, x0 = int(sy), int(sx)
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * (sx - x0)
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * (sx - x0)
+            assert abs(out[0, 0, i, j].item() - (top + (bottom - top) * (sy - y0))) < 1e-5
+    assert not torch.allclose(out, torch.nn.functional.interpolate(x, size=(11, 11), mode="bilinear"))
+    seen = {}
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for resize in ("pytorch-fid", "tf"):
+        model = FIDInceptionV3(resize)
+        model.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o, r=resize: seen.update({r: i[0]}))
+        with torch.no_grad():
+            model(images)
+    torch.testing.assert_close(seen["tf"], (fid_inception.tf1_resize_bilinear(images * 255, 299) - 128) / 128)
+    assert (seen["tf"] - seen["pytorch-fid"]).abs().mean() > 1e-3
+
+
+def test_wrong_fid_weights_file_is_a_clear_error(tmp_path, monkeypatch):
     bad = tmp_path / "pt_inception-2015-12-05-bad.pth"
     torch.save({"weight": torch.zeros(3)}, bad)
+    monkeypatch.setattr(fid_inception, "WEIGHTS_SHA256_PREFIX", fid_inception.file_sha256(bad)[:8])
     with pytest.raises(ReaLSError, match="not pytorch-fid's FID Inception"):
         build_fid_inception(bad)
 

@@ -47,8 +47,10 @@ class FeatureExtractor(ABC):
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def info(self) -> dict:
-        """Provenance recorded next to every number computed in this space."""
-        return {"feature_space": self.space, "extractor": self.description, "weights": self.weights}
+        """Provenance recorded next to every number computed in this space (with the weights' verified sha256)."""
+        sha = getattr(self, "weights_sha256", None)
+        return {"feature_space": self.space, "extractor": self.description, "weights": self.weights,
+                **({"weights_sha256": sha} if sha else {})}
 
 
 #################################################################################
@@ -61,12 +63,14 @@ class InceptionFeatures(FeatureExtractor):
     space = "inception"
     outputs = ("pool", "spatial", "logits")
 
-    def __init__(self, device: str | torch.device = "cpu", weights: str | None = None):
+    def __init__(self, device: str | torch.device = "cpu", weights: str | None = None, resize: str = "pytorch-fid"):
         super().__init__(device)
-        self.model = build_fid_inception(weights, self.device)
-        self.weights = self.model.weights_path
+        self.model = build_fid_inception(weights, self.device, resize)
+        self.weights, self.weights_sha256 = self.model.weights_path, self.model.weights_sha256
+        how = ("TF 1.x ResizeBilinear on [0, 255], (x - 128) / 128, as the ADM evaluator's graph" if resize == "tf"
+               else "bilinear F.interpolate, 2x - 1, as pytorch-fid")
         self.description = ("FID Inception v3 (pytorch-fid port of TF inception-2015-12-05): pool_3 2048-d, "
-                            "mixed_6/conv[:7] 2023-d, 1008-class logits; inputs resized to 299 bilinearly")
+                            f"mixed_6/conv[:7] 2023-d, 1008-class logits; inputs resized to 299 by {how}")
 
     def features(self, images):
         return self.model(images)
@@ -92,9 +96,9 @@ class TeacherFeatures(FeatureExtractor):
         return {"global": global_token}
 
 
-def inception_features(device="cpu", weights: str | None = None) -> InceptionFeatures:
-    """FID-Inception space (weights file required)."""
-    return InceptionFeatures(device, weights=weights)
+def inception_features(device="cpu", weights: str | None = None, resize: str = "pytorch-fid") -> InceptionFeatures:
+    """FID-Inception space (the published weights file required)."""
+    return InceptionFeatures(device, weights=weights, resize=resize)
 
 
 def effnet_features(device="cpu") -> TeacherFeatures:

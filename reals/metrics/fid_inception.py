@@ -5,10 +5,19 @@ Built from torchvision's Inception3 pieces with ``weights=None``; the FID weight
 activations: ``pool`` (pool_3, 2048), ``spatial`` (mixed_6/conv, first 7 channels, 17*17*7 = 2023, flattened
 in TF's HWC order so precomputed ``mu_s``/``sigma_s`` of published reference batches stay comparable) and
 ``logits`` (1008, the softmax head's MatMul without its bias, as the ADM evaluator computes IS).
+
+The weights file must be pytorch-fid's published one: its sha256 must start with the prefix in its official
+name (``6726825d``, torch hub's convention), else it is refused and no number is called FID.
+
+Inputs are resized to 299 x 299 and normalised in one of two ways (``resize``):
+- ``pytorch-fid`` (default): ``F.interpolate(bilinear, align_corners=False)`` then ``2 x - 1``, as pytorch-fid;
+- ``tf``: the TF graph the ADM evaluator runs (TF 1.x ``ResizeBilinear`` without half-pixel centres on [0, 255],
+  then ``(x - 128) / 128``), as torch-fidelity reproduces it; use it to compare with ADM's published numbers.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +31,8 @@ WEIGHTS_GLOB = "pt_inception-2015-12-05-*.pth"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 WEIGHTS_ENV = "REALS_INCEPTION_WEIGHTS"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # published in the file name; torch hub checks downloads against it
+RESIZES = ("pytorch-fid", "tf")
 SPATIAL_CHANNELS = 7
 INPUT_SIZE = 299
 
@@ -76,6 +87,20 @@ class FIDInceptionE(InceptionE):
         return [b1, b3, bd, self.branch_pool(pooled)]
 
 
+def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF 1.x ``ResizeBilinear`` (align_corners=False, no half-pixel centres) of ``x`` [B, C, H, W] to size x size:
+    output pixel i reads input position ``i * in / out`` (float32), interpolating towards the next pixel."""
+    def taps(n_in: int):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).to(x.dtype)
+
+    h0, h1, fh = taps(x.shape[2])
+    w0, w1, fw = taps(x.shape[3])
+    rows = x[:, :, h0] + (x[:, :, h1] - x[:, :, h0]) * fh.view(1, 1, -1, 1)
+    return rows[..., w0] + (rows[..., w1] - rows[..., w0]) * fw
+
+
 #################################################################################
 #                                 The network                                   #
 #################################################################################
@@ -83,8 +108,11 @@ class FIDInceptionE(InceptionE):
 class FIDInceptionV3(Inception3):
     """Inception v3 with the FID graph's blocks and 1008-class head; random weights until loaded."""
 
-    def __init__(self):
+    def __init__(self, resize: str = "pytorch-fid"):
+        if resize not in RESIZES:
+            raise ReaLSError(f"unknown Inception resize {resize!r}; choose one of: {', '.join(RESIZES)}")
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        self.resize = resize
         self.Mixed_5b = FIDInceptionA(192, pool_features=32)
         self.Mixed_5c = FIDInceptionA(256, pool_features=64)
         self.Mixed_5d = FIDInceptionA(288, pool_features=64)
@@ -95,13 +123,16 @@ class FIDInceptionV3(Inception3):
         self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
         self.weights_path: str | None = None
+        self.weights_sha256: str | None = None
         self.requires_grad_(False)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images ``[B, 3, H, W]`` in [0, 1] -> ``{"pool": [B, 2048], "spatial": [B, 2023], "logits": [B, 1008]}``."""
-        x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2.0 * x - 1.0
+        if self.resize == "tf":
+            x = (tf1_resize_bilinear(images * 255.0, INPUT_SIZE) - 128.0) / 128.0
+        else:
+            x = 2.0 * F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) - 1.0
         for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                      "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
                      "Mixed_6c"):
@@ -141,18 +172,28 @@ def find_weights() -> Path:
     return Path(hits[-1])
 
 
-def build_fid_inception(weights: str | os.PathLike | None = None,
-                        device: str | torch.device = "cpu") -> FIDInceptionV3:
-    """The FID-Inception network with its weights loaded from ``weights`` (found with ``find_weights`` if None)."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_fid_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        resize: str = "pytorch-fid") -> FIDInceptionV3:
+    """The FID-Inception network with its weights loaded from ``weights`` (found with ``find_weights`` if None),
+    after checking the file against the published hash."""
     path = Path(weights) if weights else find_weights()
     if not path.is_file():
         raise ReaLSError(f"FID Inception weights not found: {path} (expected {WEIGHTS_FILE})")
-    model = FIDInceptionV3()
+    digest = file_sha256(path)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        raise ReaLSError(f"{path} is not pytorch-fid's published {WEIGHTS_FILE}: its sha256 {digest[:16]}... does "
+                         f"not start with {WEIGHTS_SHA256_PREFIX}; numbers from it would not be FID")
+    model = FIDInceptionV3(resize)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:  # a truncated file or a different network's state dict
         raise ReaLSError(f"{path} is not pytorch-fid's FID Inception state dict ({WEIGHTS_FILE}): "
                          f"{str(e).splitlines()[0]}") from e
-    model.weights_path = str(path)
+    model.weights_path, model.weights_sha256 = str(path), digest
     return model.to(device)
