@@ -23,6 +23,18 @@ def make_vae_dir(path, seed: int = 0, resolution: int = 32) -> str:
     return str(path)
 
 
+
+def random_sit(input_size: int, std: float, seed: int = 0):
+    """A SiT-T/2 (4 channels, 6 classes) in eval mode with N(0, std) weights, so its outputs are far from zero."""
+    from reals.sit import SiT_models
+
+    torch.manual_seed(seed)
+    model = SiT_models["SiT-T/2"](input_size=input_size, in_channels=4, num_classes=6).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
 class TCPProxy:
     """A TCP relay on loopback to ``127.0.0.1:target_port`` that a test cuts and restores (an S3 outage).
 

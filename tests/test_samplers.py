@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import random_sit
 from reals import ReaLSError
 from reals.sit import SiT_models
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport, randn_per_sample
@@ -176,11 +177,7 @@ class LabelModel:
 
 
 def test_cfg_formula_scale_one_and_channels():
-    torch.manual_seed(0)
-    model = SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=6).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
+    model = random_sit(input_size=4, std=0.1)
     x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([0, 3, 5])
     with torch.no_grad():
         cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 6))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchdiffeq import odeint
 
-from reals.sit import SiT_models
+from helpers import random_sit
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport
 
 TOL = 1e-5
@@ -19,12 +19,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = SiT_models["SiT-T/2"](input_size=8, in_channels=4, num_classes=6).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05)
-    return m
+    return random_sit(input_size=8, std=0.05)
 
 
 @pytest.fixture(scope="module")
