@@ -142,8 +142,8 @@ class _Attempts:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise StageError(f"{self.description}: unit {unit_name(unit)} was lost {self.lost[i]} times with its "
                              f"worker or node ({type(error).__name__}: {reason}); re-run to resume")
-        print(f"{self.description}: unit {unit_name(unit)} lost with its worker or node "
-              f"({type(error).__name__}); re-submitting it")
+        LOGGER.warning("%s: unit %s lost with its worker or node (%s); re-submitting it",
+                       self.description, unit_name(unit), type(error).__name__)
 
 
 def map_units(remote_fn, units: Sequence, description: str, on_result: Callable | None = None,
