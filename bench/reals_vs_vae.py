@@ -1,6 +1,6 @@
 """Benchmark the controlled experiment (``reals experiment``): wall time per phase and the headline differences.
 
-Runs the same code as the CLI (``pipelines.experiment.run``) on a preset (``--quick`` by default, ``--default``
+Runs the same code as the CLI (``flows.experiment.run``) on a preset (``--quick`` by default, ``--default``
 for the ~60-minute run, or ``--config FILE``) and prints one JSON document: wall seconds in all and per phase,
 the load average around the run (other work on the machine slows every phase), units run and reused, the
 evaluator's held-out accuracy, each arm's metric means and stds, and the paired differences (ReaLS - VAE).
@@ -13,7 +13,8 @@ import json
 import os
 import time
 
-from pipelines.experiment import load_experiment_config, run
+from flows.experiment import run
+from pipelines.experiment import load_experiment_config
 
 
 def main() -> None:

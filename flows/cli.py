@@ -124,7 +124,8 @@ def serve(cmd: ServeCommand) -> int:
 
 
 def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pipelines.experiment import ExperimentConfig, preset, run
+    from flows.experiment import run
+    from pipelines.experiment import ExperimentConfig, preset
 
     cmd = build(ExperimentCommand, flag_values(ExperimentCommand, args), "")
     if cmd.config and cmd.quick:

@@ -1,15 +1,272 @@
-"""The controlled experiment (``reals experiment``) as a Prefect flow."""
+"""The controlled experiment (``reals experiment``, issue 9): its plan of ordinary stage steps, run on Ray.
+
+What is compared, and how, is in ``pipelines.experiment``. Here: every stage run of the experiment as a
+``Step`` (the pipeline's step type), with its config under one output folder; the steps run in phases,
+each phase's steps in parallel as Ray tasks with one torch thread (a Ray-driver stage's task reserves no CPU:
+its own tasks or actors take them). A finished step writes its record (the pipeline's record format, with
+its summary) to ``records/<step>.json`` last; a re-run skips the steps recorded with the same config,
+refuses to start when a step was recorded with other settings, and every stage skips its own finished work.
+"""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 from prefect import flow
 
 from flows import artifacts
-from pipelines.experiment import ExperimentConfig, ExperimentSummary, run
+from flows.plan import Step, record_url, recorded, write_record
+from pipelines import StageError
+from pipelines.config import build
+from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
+                                  markdown, recorded_configs)
+from pipelines.registry import stage
+from pipelines.generator import generator_sections
+from pipelines.render import ARM_COLOURS, experiment_curves
+from pipelines.checkpoints import read_log
+from storage.fs import join, local_path, write_bytes_atomic
+from storage.markers import read_json, write_json
+
+RECORDS = "records"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan: every unit of the experiment with its config
+# ---------------------------------------------------------------------------------------------------
+
+def cpus(step: Step) -> int:
+    """CPUs a step's Ray task reserves: none for a Ray driver (its own tasks or actors take them), else one."""
+    return 0 if stage(step.stage).runs_on == "ray" else 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    root: str
+    shared: dict[str, Step]
+    runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> stage -> unit
+
+    def run_root(self, arm: str, seed: int) -> str:
+        return join(self.root, arm, f"seed{seed}")
+
+
+def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dict | None = None):
+    """The config of ``stage_name`` from defaults, the experiment section ``given`` and the values the experiment
+    fixes."""
+    clash = sorted(set(given) & set(fixed))
+    if clash:
+        raise StageError(f"experiment section {name} may not set {', '.join(clash)}: the experiment sets them")
+    return build(stage(stage_name).config, {**(defaults or {}), **given, **fixed}, f"experiment section {name}.")
+
+
+def unit_stage(kind: str, train_stage: str) -> str:
+    """The registry stage of a run's unit ``kind``: the generator's training stage for ``train-sit``."""
+    return train_stage if kind == "train-sit" else kind
+
+
+def plan(config: ExperimentConfig) -> Plan:
+    """Every unit of the experiment; paths follow the layout under ``config.output``."""
+    root = local_path(config.output)
+    if root is None:
+        raise StageError(f"--output must be a local folder (VAE dirs and the evaluator are local), got {config.output}")
+    quiet = {"show_progress": False}
+    shards, reference, evaluator = join(root, "shards"), join(root, "reference", "val.npz"), join(root, "evaluator")
+    shared: dict[str, Step] = {}
+    data = config.data_path
+    if data is None:
+        data = join(root, "data")
+        shared["synthetic"] = Step("synthetic", "synthetic", _section(
+            "synthetic", "synthetic", config.synthetic, {"output": data}, {"val_per_class": 50}))
+    elif not Path(data, "val").is_dir():
+        raise StageError(f"{data} has no val/ folder: the experiment measures against held-out val images")
+    for split in ("train", "val"):
+        shared[f"shard-{split}"] = Step(f"shard-{split}", "shard", _section(
+            "shard", "shard", config.shard, {"data_path": data, "output": shards, "split": split, **quiet}))
+    shared["make-reference"] = Step("make-reference", "make-reference", _section(
+        "make-reference", "reference", config.reference,
+        {"data_path": shards, "split": "val", "output": reference, **quiet}))
+    shared["train-evaluator"] = Step("train-evaluator", "train-evaluator", _section(
+        "train-evaluator", "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
+
+    teacher = {"dino_model": config.teacher, "dino_input_size": config.teacher_input_size,
+               "teacher_weights_dir": config.teacher_weights_dir}
+    init = {}
+    if config.pretrain_vae is not None:
+        pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
+        shared["pretrain-vae"] = Step("pretrain-vae", "train-vae", _section(
+            "train-vae", "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
+            {"data_path": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
+        shared["pretrain-extract"] = Step("pretrain-extract", "extract-ema", stage("extract-ema").config(
+            ckpt=pre_run, output=init["vae_ckpt"]))
+
+    train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
+                                                        model=config.model)
+    runs: dict[tuple[str, int], dict[str, Step]] = {}
+    for seed in range(config.seeds):
+        for arm in ARMS:
+            r = join(root, arm, f"seed{seed}")
+            vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
+            samples, name = join(r, "samples.npz"), f"{arm}-seed{seed}"
+            configs = {
+                "train-vae": _section("train-vae", "train_vae", config.train_vae, {
+                    "data_path": shards, "output": vae_run, "seed": seed, "resume": True,
+                    "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
+                "convert": _section("convert", "convert", config.convert, {
+                    "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
+                "encode": _section("encode", "encode", config.encode, {
+                    "data_path": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
+                "train-sit": _section(train_stage, "train_sit", train_sit, {
+                    "data_path": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
+                "sample": _section("sample", "sample", sample, {
+                    "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
+                    {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),
+                "evaluate": _section("evaluate", "evaluate", config.evaluate, {
+                    "ref_batch": reference, "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
+                "assess": _section("assess", "assess", config.assess, {
+                    "evaluator": evaluator, "ref_batch": reference, "sample_batch": samples, "vae_path": vae_dir,
+                    "output": join(r, "assessment.json")}),
+            }
+            runs[(arm, seed)] = {kind: Step(f"{name}-{kind}", unit_stage(kind, train_stage), c)
+                                 for kind, c in configs.items()}
+    return Plan(root, shared, runs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running units on Ray, with records
+# ---------------------------------------------------------------------------------------------------
+
+def refuse_changed(units: list[Step], root: str) -> None:
+    """Raise when a unit was recorded with other settings: its outputs would not match its config."""
+    for u in units:
+        rec = read_json(record_url(root, u, RECORDS))
+        if rec is not None and rec["config"] != u.config.model_dump(mode="json"):
+            diffs = config_differences(rec["config"], u.config.model_dump(mode="json"))
+            raise StageError(f"{u.name} under {root} was run with other settings ({', '.join(diffs)}); use another "
+                             f"--output, or delete its outputs and records/{u.name}.json")
+
+
+def run_unit(unit: Step, root: str) -> dict:
+    """Run one unit in this process (one torch thread) and write its record last; errors come back as text."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        summary = stage(unit.stage).run(unit.config)
+    except Exception as e:  # noqa: BLE001 - reported per unit by the driver, the other units go on
+        return {"name": unit.name, "error": f"{type(e).__name__}: {e}"}
+    return write_record(root, unit, time.perf_counter() - t0, summary, RECORDS)
+
+
+class _Submitter:
+    """``remote(unit)`` starts the unit's Ray task with the unit's CPUs (what ``map_units`` calls)."""
+
+    def __init__(self, root: str):
+        import ray
+
+        self.root, self.fn = root, ray.remote(max_retries=0)(run_unit)  # map_units re-submits lost units
+
+    def remote(self, unit: Step):
+        return self.fn.options(num_cpus=cpus(unit)).remote(unit, self.root)
+
+
+def run_phase(units: list[Step], root: str, description: str, show_progress: bool, counts: dict) -> dict[str, dict]:
+    """Run the units not yet recorded with the same config (in parallel on Ray); their records by name."""
+    from pipelines.parallel import map_units
+
+    records, todo = {}, []
+    for u in units:
+        rec = recorded(root, u, RECORDS)
+        if rec is not None:
+            records[u.name] = rec
+        else:
+            todo.append(u)
+    counts["reused"] += len(records)
+    if todo:
+        import ray
+
+        drivers = sum(cpus(u) == 0 for u in todo)
+        limit = int(ray.cluster_resources().get("CPU", 1)) if drivers else None
+        results = map_units(_Submitter(root), todo, f"{description} ({len(todo)})", max_in_flight=limit,
+                            show_progress=show_progress)
+        failed = [r for r in results if "error" in r]
+        if failed:
+            raise StageError(f"{len(failed)} of {len(todo)} {description} units failed (first: {failed[0]['name']}: "
+                             f"{failed[0]['error']}); fix it and re-run: finished units are kept")
+        records.update({r["name"]: r for r in results})
+        counts["run"] += len(todo)
+    return records
+
+
+def phases(p: Plan) -> list[tuple[str, list[Step]]]:
+    """The units in dependency order, in phases whose units run in parallel."""
+    def per_run(stage: str) -> list[Step]:
+        return [units[stage] for units in p.runs.values()]
+
+    def shared(*names: str) -> list[Step]:
+        return [p.shared[n] for n in names if n in p.shared]
+
+    first = shared("make-reference", "train-evaluator", "pretrain-vae")
+    out = [("data", shared("synthetic")), ("shard train", shared("shard-train")), ("shard val", shared("shard-val"))]
+    if "pretrain-vae" in p.shared:
+        out += [("reference, evaluator, pretrain-vae", first), ("extract-ema", shared("pretrain-extract")),
+                ("train-vae", per_run("train-vae"))]
+    else:
+        out += [("reference, evaluator, train-vae", first + per_run("train-vae"))]
+    return out + [("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
+                  ("sample", per_run("sample")), ("evaluate", per_run("evaluate") + per_run("assess"))]
+
+
+def loss_curves_png(results: dict) -> bytes:
+    """The runs' VAE and generator curves, one line per run (the shared pretraining in grey, the arms'
+    fine-tuning steps counted after it)."""
+    pre = results["pretrain"]
+    offset = pre["steps"] if pre else 0
+    vae = [("pretrain", "grey", read_log(join(pre["run"], "log.jsonl")), 0)] if pre else []
+    vae += [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["root"], "vae", "log.jsonl")),
+             offset) for r in results["runs"]]
+    generator = [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["root"], "sit", "log.jsonl")))
+                 for r in results["runs"]]
+    return experiment_curves(vae, generator, results["runs"][0].get("family", "SiT"))
+
+
+def run(config: ExperimentConfig) -> ExperimentSummary:
+    """Run (or resume) the whole experiment and write results.json, results.md, loss_curves.png."""
+    from pipelines.parallel import ensure_ray
+
+    t0 = time.perf_counter()
+    p = plan(config)
+    refuse_changed(list(p.shared.values()) + [u for units in p.runs.values() for u in units.values()], p.root)
+    for (arm, seed), units in p.runs.items():
+        root = p.run_root(arm, seed)
+        write_json(join(root, "configs.json"), {"arm": arm, "seed": seed, "run": root,
+                                                "stages": recorded_configs(units, root)})
+    check = check_arms(p.root, config.seeds)
+    write_json(join(p.root, "config_check.json"), check)
+
+    ensure_ray()
+    counts, records, phase_seconds = {"run": 0, "reused": 0}, {}, {}
+    for name, units in phases(p):
+        t = time.perf_counter()
+        records.update(run_phase(units, p.root, name, config.show_progress, counts))
+        phase_seconds[name] = round(time.perf_counter() - t, 2)
+
+    results = collect(p, records, config)
+    md = markdown(results, check)
+    results.update(config_check=check, phase_seconds=phase_seconds, wall_seconds=round(time.perf_counter() - t0, 2),
+                   config=config.model_dump(mode="json"))
+    write_json(join(p.root, "results.json"), results)
+    write_bytes_atomic(join(p.root, "results.md"), md.encode())
+    write_bytes_atomic(join(p.root, "loss_curves.png"), loss_curves_png(results))
+    return ExperimentSummary(
+        output=p.root, results=join(p.root, "results.json"), table=join(p.root, "results.md"),
+        loss_curves=join(p.root, "loss_curves.png"), markdown=md, seeds=config.seeds, units_run=counts["run"],
+        units_reused=counts["reused"], wall_seconds=results["wall_seconds"], phase_seconds=phase_seconds,
+        evaluator_val_accuracy=results["evaluator"]["val_accuracy"], paired=results["paired_differences"])
 
 
 @flow(name="experiment", log_prints=True)
 def experiment_flow(config: ExperimentConfig) -> ExperimentSummary:
-    """SiT on ReaLS latents vs on a plain VAE's latents over seeds (the driver here; its units on Ray)."""
+    """SiT on ReaLS latents vs on a plain VAE's latents over seeds (the driver here; its steps on Ray)."""
     summary = run(config)
     artifacts.experiment_artifacts(summary)
     return summary

@@ -88,9 +88,9 @@ def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSumma
             continue
         print(f"{step.name}: running ({why})")
         t0 = time.perf_counter()
-        run_step(step, config.nproc_per_node)
+        summary = run_step(step, config.nproc_per_node)
         seconds = time.perf_counter() - t0
-        write_record(config.output, step, seconds)
+        write_record(config.output, step, seconds, summary)
         ran.add(step.name)
         rows.append({"stage": step.name, "status": "ran", "seconds": round(seconds, 1), "reason": why})
     artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")

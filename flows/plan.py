@@ -130,7 +130,7 @@ class Step:
     name: str
     stage: str
     config: StageConfig
-    after: tuple[str, ...]
+    after: tuple[str, ...] = ()
 
 
 def _config(stage_name: str, section: str, layout_values: dict, given: dict, fixed: dict | None = None):
@@ -222,14 +222,24 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
 # Records of finished stage runs
 # ---------------------------------------------------------------------------------------------------
 
-def record_url(root: str, step: Step) -> str:
-    return join(to_url(root), "pipeline", f"{step.name}.json")
+def record_url(root: str, step: Step, folder: str = "pipeline") -> str:
+    return join(to_url(root), folder, f"{step.name}.json")
 
 
-def write_record(root: str, step: Step, seconds: float) -> None:
-    """Note that ``step`` finished with its config (written after the stage's own outputs)."""
-    write_json(record_url(root, step), {"stage": step.stage, "config": step.config.model_dump(mode="json"),
-                                        "seconds": round(seconds, 3), "finished": time.time()})
+def write_record(root: str, step: Step, seconds: float, summary: BaseModel | None = None,
+                 folder: str = "pipeline") -> dict:
+    """Note that ``step`` finished with its config and summary (written after the stage's own outputs)."""
+    record = {"name": step.name, "stage": step.stage, "config": step.config.model_dump(mode="json"),
+              "summary": summary.model_dump(mode="json") if summary is not None else None,
+              "seconds": round(seconds, 3), "finished": time.time()}
+    write_json(record_url(root, step, folder), record)
+    return record
+
+
+def recorded(root: str, step: Step, folder: str = "pipeline") -> dict | None:
+    """The record of ``step``'s last finished run when it ran with the same config, else None."""
+    record = read_json(record_url(root, step, folder))
+    return record if record and record.get("config") == step.config.model_dump(mode="json") else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,9 +251,6 @@ def missing(root: str, step: Step) -> str | None:
     why = outputs_missing(step.stage, step.config)
     if why:
         return why
-    record = read_json(record_url(root, step))
-    if not record:
+    if not read_json(record_url(root, step)):
         return "no record of a finished run"
-    if record.get("config") != step.config.model_dump(mode="json"):
-        return "the config changed since the last run"
-    return None
+    return None if recorded(root, step) else "the config changed since the last run"

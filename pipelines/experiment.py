@@ -24,40 +24,31 @@ trained once on the training split), by the evaluate stage (``FD_effnet`` ...; F
 Inception weights), and for reconstruction (``PSNR``, ``rFD_domain`` of reconstructions vs originals;
 ``LPIPS`` only when its backbone weights exist).
 
-Units run as Ray tasks with one torch thread each: training units take one CPU; the batch stages (shard,
-encode, sample) run their drivers as zero-CPU tasks whose actors take the CPUs. A finished unit writes
-``records/<unit>.json`` (its config and summary) last; a re-run skips units whose record holds the same
-config, refuses to start when a unit was recorded with other settings, and every stage skips its own
-finished work.
+The plan of stage steps and running them is ``flows.experiment``; here: the config, the check that the arms
+differ only in the alignment weight, and the results (paired differences, the table).
 """
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import ShowProgress, StageConfig, build, load_yaml
-from pipelines.registry import stage
-from storage.fs import join, local_path, write_bytes_atomic
-from storage.markers import read_json, write_json
+from storage.fs import join
+from storage.markers import read_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
 ARMS = ("vae", "reals")
-ARM_COLOURS = {"vae": "tab:blue", "reals": "tab:red"}
 ALLOWED_DIFFERENCE = "train_vae.align_weight"
 METRIC_KEYS = ("FD_domain", "Precision_domain", "Recall_domain", "cond_accuracy", "FD_effnet", "Precision_effnet",
                "Recall_effnet", "PSNR", "rFD_domain")
 OPTIONAL_KEYS = ("FID", "sFID", "IS", "Precision", "Recall", "FD_dinov2", "Precision_dinov2", "Recall_dinov2",
                  "LPIPS")
 LOWER_IS_BETTER = {"FD_domain", "FD_effnet", "FD_dinov2", "rFD_domain", "FID", "sFID", "LPIPS"}
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,117 +108,6 @@ class ExperimentSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The plan: every unit of the experiment with its config
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Unit:
-    """One stage run: its name (and record), stage, config, and the CPUs its Ray task reserves."""
-
-    name: str
-    stage: str
-    config: StageConfig
-
-    @property
-    def cpus(self) -> int:
-        """Ray-driver stages reserve no CPU (their own tasks or actors take them); the others one."""
-        return 0 if stage(self.stage).runs_on == "ray" else 1
-
-
-@dataclass(frozen=True)
-class Plan:
-    root: str
-    shared: dict[str, Unit]
-    runs: dict[tuple[str, int], dict[str, Unit]]  # (arm, seed) -> stage -> unit
-
-    def run_root(self, arm: str, seed: int) -> str:
-        return join(self.root, arm, f"seed{seed}")
-
-
-def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dict | None = None):
-    """The config of ``stage_name`` from defaults, the experiment section ``given`` and the values the experiment
-    fixes."""
-    clash = sorted(set(given) & set(fixed))
-    if clash:
-        raise StageError(f"experiment section {name} may not set {', '.join(clash)}: the experiment sets them")
-    return build(stage(stage_name).config, {**(defaults or {}), **given, **fixed}, f"experiment section {name}.")
-
-
-def unit_stage(kind: str, train_stage: str) -> str:
-    """The registry stage of a run's unit ``kind``: the generator's training stage for ``train-sit``."""
-    return train_stage if kind == "train-sit" else kind
-
-
-def plan(config: ExperimentConfig) -> Plan:
-    """Every unit of the experiment; paths follow the layout under ``config.output``."""
-    root = local_path(config.output)
-    if root is None:
-        raise StageError(f"--output must be a local folder (VAE dirs and the evaluator are local), got {config.output}")
-    quiet = {"show_progress": False}
-    shards, reference, evaluator = join(root, "shards"), join(root, "reference", "val.npz"), join(root, "evaluator")
-    shared: dict[str, Unit] = {}
-    data = config.data_path
-    if data is None:
-        data = join(root, "data")
-        shared["synthetic"] = Unit("synthetic", "synthetic", _section(
-            "synthetic", "synthetic", config.synthetic, {"output": data}, {"val_per_class": 50}))
-    elif not Path(data, "val").is_dir():
-        raise StageError(f"{data} has no val/ folder: the experiment measures against held-out val images")
-    for split in ("train", "val"):
-        shared[f"shard-{split}"] = Unit(f"shard-{split}", "shard", _section(
-            "shard", "shard", config.shard, {"data_path": data, "output": shards, "split": split, **quiet}))
-    shared["make-reference"] = Unit("make-reference", "make-reference", _section(
-        "make-reference", "reference", config.reference,
-        {"data_path": shards, "split": "val", "output": reference, **quiet}))
-    shared["train-evaluator"] = Unit("train-evaluator", "train-evaluator", _section(
-        "train-evaluator", "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
-
-    teacher = {"dino_model": config.teacher, "dino_input_size": config.teacher_input_size,
-               "teacher_weights_dir": config.teacher_weights_dir}
-    init = {}
-    if config.pretrain_vae is not None:
-        pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
-        shared["pretrain-vae"] = Unit("pretrain-vae", "train-vae", _section(
-            "train-vae", "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
-            {"data_path": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
-        shared["pretrain-extract"] = Unit("pretrain-extract", "extract-ema", stage("extract-ema").config(
-            ckpt=pre_run, output=init["vae_ckpt"]))
-
-    from pipelines.generator import generator_sections
-
-    train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
-                                                        model=config.model)
-    runs: dict[tuple[str, int], dict[str, Unit]] = {}
-    for seed in range(config.seeds):
-        for arm in ARMS:
-            r = join(root, arm, f"seed{seed}")
-            vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
-            samples, name = join(r, "samples.npz"), f"{arm}-seed{seed}"
-            configs = {
-                "train-vae": _section("train-vae", "train_vae", config.train_vae, {
-                    "data_path": shards, "output": vae_run, "seed": seed, "resume": True,
-                    "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
-                "convert": _section("convert", "convert", config.convert, {
-                    "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
-                "encode": _section("encode", "encode", config.encode, {
-                    "data_path": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
-                "train-sit": _section(train_stage, "train_sit", train_sit, {
-                    "data_path": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
-                "sample": _section("sample", "sample", sample, {
-                    "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
-                    {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),
-                "evaluate": _section("evaluate", "evaluate", config.evaluate, {
-                    "ref_batch": reference, "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
-                "assess": _section("assess", "assess", config.assess, {
-                    "evaluator": evaluator, "ref_batch": reference, "sample_batch": samples, "vae_path": vae_dir,
-                    "output": join(r, "assessment.json")}),
-            }
-            runs[(arm, seed)] = {kind: Unit(f"{name}-{kind}", unit_stage(kind, train_stage), c)
-                                 for kind, c in configs.items()}
-    return Plan(root, shared, runs)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The one permitted difference between the arms
 # ---------------------------------------------------------------------------------------------------
 
@@ -246,7 +126,7 @@ def config_differences(a: dict, b: dict) -> dict[str, list]:
     return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def recorded_configs(units: dict[str, Unit], run_root: str) -> dict:
+def recorded_configs(units: dict, run_root: str) -> dict:
     """A run's stage configs as JSON, its own folder written ``<run>`` (section names as in ExperimentConfig)."""
     configs = {u.stage.replace("-", "_"): u.config.model_dump(mode="json") for u in units.values()}
     return json.loads(json.dumps(configs, sort_keys=True).replace(run_root, "<run>"))
@@ -270,79 +150,6 @@ def check_arms(root: str, seeds: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Running units on Ray, with records
-# ---------------------------------------------------------------------------------------------------
-
-def _record_url(root: str, unit: Unit) -> str:
-    return join(root, "records", f"{unit.name}.json")
-
-
-def refuse_changed(units: list[Unit], root: str) -> None:
-    """Raise when a unit was recorded with other settings: its outputs would not match its config."""
-    for u in units:
-        rec = read_json(_record_url(root, u))
-        if rec is not None and rec["config"] != u.config.model_dump(mode="json"):
-            diffs = config_differences(rec["config"], u.config.model_dump(mode="json"))
-            raise StageError(f"{u.name} under {root} was run with other settings ({', '.join(diffs)}); use another "
-                             f"--output, or delete its outputs and records/{u.name}.json")
-
-
-def run_unit(unit: Unit, root: str) -> dict:
-    """Run one unit in this process (one torch thread) and write its record last; errors come back as text."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    try:
-        summary = stage(unit.stage).run(unit.config)
-    except Exception as e:  # noqa: BLE001 - reported per unit by the driver, the other units go on
-        return {"name": unit.name, "error": f"{type(e).__name__}: {e}"}
-    record = {"name": unit.name, "stage": unit.stage, "config": unit.config.model_dump(mode="json"),
-              "summary": summary.model_dump(mode="json"), "seconds": round(time.perf_counter() - t0, 2),
-              "finished": time.time()}
-    write_json(_record_url(root, unit), record)
-    return record
-
-
-class _Submitter:
-    """``remote(unit)`` starts the unit's Ray task with the unit's CPUs (what ``map_units`` calls)."""
-
-    def __init__(self, root: str):
-        import ray
-
-        self.root, self.fn = root, ray.remote(max_retries=0)(run_unit)  # map_units re-submits lost units
-
-    def remote(self, unit: Unit):
-        return self.fn.options(num_cpus=unit.cpus).remote(unit, self.root)
-
-
-def run_phase(units: list[Unit], root: str, description: str, show_progress: bool, counts: dict) -> dict[str, dict]:
-    """Run the units not yet recorded with the same config (in parallel on Ray); their records by name."""
-    from pipelines.parallel import map_units
-
-    records, todo = {}, []
-    for u in units:
-        rec = read_json(_record_url(root, u))
-        if rec is not None and rec["config"] == u.config.model_dump(mode="json"):
-            records[u.name] = rec
-        else:
-            todo.append(u)
-    counts["reused"] += len(records)
-    if todo:
-        import ray
-
-        drivers = sum(u.cpus == 0 for u in todo)
-        limit = int(ray.cluster_resources().get("CPU", 1)) if drivers else None
-        results = map_units(_Submitter(root), todo, f"{description} ({len(todo)})", max_in_flight=limit,
-                            show_progress=show_progress)
-        failed = [r for r in results if "error" in r]
-        if failed:
-            raise StageError(f"{len(failed)} of {len(todo)} {description} units failed (first: {failed[0]['name']}: "
-                             f"{failed[0]['error']}); fix it and re-run: finished units are kept")
-        records.update({r["name"]: r for r in results})
-        counts["run"] += len(todo)
-    return records
-
-
-# ---------------------------------------------------------------------------------------------------
 # Results: table, paired differences, loss curves
 # ---------------------------------------------------------------------------------------------------
 
@@ -361,7 +168,7 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def collect(plan_: Plan, records: dict[str, dict], config: ExperimentConfig) -> dict:
+def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
     """results.json: per-run metrics, per-arm mean/std, paired differences (reals - vae) per seed."""
     runs = []
     for (arm, seed), units in plan_.runs.items():
@@ -456,102 +263,6 @@ def markdown(results: dict, check: dict) -> str:
               f"- Config check: the arms' recorded configs differ only in `{key}` ({per_seed})."]
     lines += [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def loss_curves_png(results: dict) -> bytes:
-    """VAE reconstruction loss, VAE patch cosine to the teacher and SiT loss per step, one line per run
-    (the shared pretraining in grey, the arms' fine-tuning steps counted after it)."""
-    import io
-
-    from matplotlib.figure import Figure
-
-    from pipelines.checkpoints import read_log
-
-    pre = results["pretrain"]
-    offset = pre["steps"] if pre else 0
-    curves = [("pretrain", "grey", pre["run"], 0)] if pre else []
-    curves += [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], join(r["root"], "vae"), offset)
-               for r in results["runs"]]
-    panels = (("rec", "VAE reconstruction loss (L1)"), ("patch_cos", "VAE patch cosine to the teacher"))
-    fig = Figure(figsize=(16, 4))
-    axes = fig.subplots(1, 3)
-    for ax, (key, title) in zip(axes, panels):
-        for label, colour, run, start in curves:
-            pts = [(start + e["step"], e[key]) for e in read_log(join(run, "log.jsonl")) if key in e]
-            if pts:
-                ax.plot(*zip(*pts), color=colour, alpha=0.8, linewidth=1.1, label=label)
-        ax.set(xlabel="VAE step", title=title)
-    for r in results["runs"]:
-        pts = [(e["step"], e["loss"]) for e in read_log(join(r["root"], "sit", "log.jsonl")) if "loss" in e]
-        if pts:
-            axes[2].plot(*zip(*pts), color=ARM_COLOURS[r["arm"]], alpha=0.8, linewidth=1.1,
-                         label=f"{r['arm']} seed {r['seed']}")
-    family = results["runs"][0].get("family", "SiT")
-    axes[2].set(xlabel=f"{family} step", title="DiT loss (MSE + VLB)" if family == "DiT" else "SiT flow-matching loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage
-# ---------------------------------------------------------------------------------------------------
-
-def phases(p: Plan) -> list[tuple[str, list[Unit]]]:
-    """The units in dependency order, in phases whose units run in parallel."""
-    def per_run(stage: str) -> list[Unit]:
-        return [units[stage] for units in p.runs.values()]
-
-    def shared(*names: str) -> list[Unit]:
-        return [p.shared[n] for n in names if n in p.shared]
-
-    first = shared("make-reference", "train-evaluator", "pretrain-vae")
-    out = [("data", shared("synthetic")), ("shard train", shared("shard-train")), ("shard val", shared("shard-val"))]
-    if "pretrain-vae" in p.shared:
-        out += [("reference, evaluator, pretrain-vae", first), ("extract-ema", shared("pretrain-extract")),
-                ("train-vae", per_run("train-vae"))]
-    else:
-        out += [("reference, evaluator, train-vae", first + per_run("train-vae"))]
-    return out + [("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
-                  ("sample", per_run("sample")), ("evaluate", per_run("evaluate") + per_run("assess"))]
-
-
-def run(config: ExperimentConfig) -> ExperimentSummary:
-    """Run (or resume) the whole experiment and write results.json, results.md, loss_curves.png."""
-    from pipelines.parallel import ensure_ray
-
-    t0 = time.perf_counter()
-    p = plan(config)
-    refuse_changed(list(p.shared.values()) + [u for units in p.runs.values() for u in units.values()], p.root)
-    for (arm, seed), units in p.runs.items():
-        root = p.run_root(arm, seed)
-        write_json(join(root, "configs.json"), {"arm": arm, "seed": seed, "run": root,
-                                                "stages": recorded_configs(units, root)})
-    check = check_arms(p.root, config.seeds)
-    write_json(join(p.root, "config_check.json"), check)
-
-    ensure_ray()
-    counts, records, phase_seconds = {"run": 0, "reused": 0}, {}, {}
-    for name, units in phases(p):
-        t = time.perf_counter()
-        records.update(run_phase(units, p.root, name, config.show_progress, counts))
-        phase_seconds[name] = round(time.perf_counter() - t, 2)
-
-    results = collect(p, records, config)
-    md = markdown(results, check)
-    results.update(config_check=check, phase_seconds=phase_seconds, wall_seconds=round(time.perf_counter() - t0, 2),
-                   config=config.model_dump(mode="json"))
-    write_json(join(p.root, "results.json"), results)
-    write_bytes_atomic(join(p.root, "results.md"), md.encode())
-    write_bytes_atomic(join(p.root, "loss_curves.png"), loss_curves_png(results))
-    return ExperimentSummary(
-        output=p.root, results=join(p.root, "results.json"), table=join(p.root, "results.md"),
-        loss_curves=join(p.root, "loss_curves.png"), markdown=md, seeds=config.seeds, units_run=counts["run"],
-        units_reused=counts["reused"], wall_seconds=results["wall_seconds"], phase_seconds=phase_seconds,
-        evaluator_val_accuracy=results["evaluator"]["val_accuracy"], paired=results["paired_differences"])
 
 
 def preset(quick: bool = False) -> str:

@@ -142,3 +142,39 @@ def overlay_rows(images: np.ndarray, columns: list[tuple[str, str, np.ndarray]])
             row.append(seg_panel(image, maps[i]) if task == "seg" else depth_panel(maps[i], lo, hi))
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment's curves
+# ---------------------------------------------------------------------------------------------------
+
+ARM_COLOURS = {"vae": "tab:blue", "reals": "tab:red"}
+
+
+def experiment_curves(vae_curves: list[tuple[str, str, list[dict], int]],
+                      generator_curves: list[tuple[str, str, list[dict]]], family: str) -> bytes:
+    """VAE reconstruction loss, VAE patch cosine to the teacher and the generator's loss per step.
+
+    ``vae_curves``: ``(label, colour, log entries, first step)`` per VAE run (a shared pretraining's fine-tuning
+    steps counted after it); ``generator_curves``: ``(label, colour, log entries)`` per SiT or DiT run.
+    """
+    from matplotlib.figure import Figure
+
+    panels = (("rec", "VAE reconstruction loss (L1)"), ("patch_cos", "VAE patch cosine to the teacher"))
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 3)
+    for ax, (key, title) in zip(axes, panels):
+        for label, colour, entries, start in vae_curves:
+            pts = [(start + e["step"], e[key]) for e in entries if key in e]
+            if pts:
+                ax.plot(*zip(*pts), color=colour, alpha=0.8, linewidth=1.1, label=label)
+        ax.set(xlabel="VAE step", title=title)
+    for label, colour, entries in generator_curves:
+        pts = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+        if pts:
+            axes[2].plot(*zip(*pts), color=colour, alpha=0.8, linewidth=1.1, label=label)
+    axes[2].set(xlabel=f"{family} step", title="DiT loss (MSE + VLB)" if family == "DiT" else "SiT flow-matching loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return figure_png(fig)

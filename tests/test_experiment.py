@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import StageError
+from flows.experiment import plan, run
 from pipelines.experiment import (ALLOWED_DIFFERENCE, ARMS, METRIC_KEYS, ExperimentConfig, check_arms,
-                                  config_differences, load_experiment_config, plan, run)
+                                  config_differences, load_experiment_config)
 
 MICRO = dict(
     seeds=2, teacher="tiny-dinov2", teacher_input_size=56, align_weight=0.5, show_progress=False,
