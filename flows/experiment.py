@@ -23,9 +23,9 @@ from pipelines.config import build
 from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
                                   markdown, recorded_configs)
 from pipelines.registry import stage
+from pipelines.checkpoints import read_log
 from pipelines.generator import generator_sections
 from pipelines.render import ARM_COLOURS, experiment_curves
-from pipelines.checkpoints import read_log
 from storage.fs import join, local_path, write_bytes_atomic
 from storage.markers import read_json, write_json
 
