@@ -81,7 +81,7 @@ def store_run(data: str, vae_path: str, out: str, workers: int, batch: int,
               device: str = "cpu") -> tuple[int, float]:
     """``(images, seconds)`` of a whole ``reals encode`` run into a fresh store."""
     start = time.perf_counter()
-    summary = run(EncodeConfig(data_path=data, vae_path=vae_path, output=out, workers=workers, batch_size=batch,
+    summary = run(EncodeConfig(shards=data, vae_path=vae_path, output=out, workers=workers, batch_size=batch,
                                device=device, show_progress=False))
     return summary.rows_encoded, time.perf_counter() - start
 

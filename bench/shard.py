@@ -34,7 +34,7 @@ def bare_loop(root: Path) -> float:
 def units_in_process(root: Path, out: Path) -> float:
     """Images/s of the shard units (tars, markers) run one after another in this process, without Ray."""
     start = time.perf_counter()
-    _, units, _, _ = plan(ShardConfig(data_path=str(root), output=str(out), resolution=RESOLUTION,
+    _, units, _, _ = plan(ShardConfig(images=str(root), output=str(out), resolution=RESOLUTION,
                                       shard_size=SHARD_SIZE, image_format=FORMAT))
     images = sum(process_unit(unit)["count"] for unit in units)
     return images / (time.perf_counter() - start)
@@ -43,7 +43,7 @@ def units_in_process(root: Path, out: Path) -> float:
 def ray_rate(root: Path, out: Path, workers: int) -> float:
     """Images/s of a full ``reals shard`` run (listing, tasks, tars, markers, manifest) on Ray."""
     start = time.perf_counter()
-    summary = run(ShardConfig(data_path=str(root), output=str(out), resolution=RESOLUTION, shard_size=SHARD_SIZE,
+    summary = run(ShardConfig(images=str(root), output=str(out), resolution=RESOLUTION, shard_size=SHARD_SIZE,
                               image_format=FORMAT, workers=workers, show_progress=False))
     return summary.images / (time.perf_counter() - start)
 

@@ -49,14 +49,14 @@ def build_data(case: dict, root: str) -> dict:
     classes = 10
     synthetic(SyntheticConfig(output=f"{root}/images", classes=classes, per_class=case["images"] // classes,
                               size=case["resolution"], seed=0))
-    shard(ShardConfig(data_path=f"{root}/images", output=f"{root}/shards", resolution=case["resolution"],
+    shard(ShardConfig(images=f"{root}/images", output=f"{root}/shards", resolution=case["resolution"],
                       shard_size=256, show_progress=False))
     torch.manual_seed(0)
     vae = build_vae(case["vae"])
     ReaLSVAE(vae, AlignNet(vae.config.latent_channels, 8, 8, 1), provenance={
         "teacher": {"name": "tiny-dinov2", "input_size": 28}, "resolution": case["resolution"]},
     ).save_pretrained(f"{root}/vae")
-    encode(EncodeConfig(data_path=f"{root}/shards", vae_path=f"{root}/vae", output=f"{root}/store", batch_size=32,
+    encode(EncodeConfig(shards=f"{root}/shards", vae_path=f"{root}/vae", output=f"{root}/store", batch_size=32,
                         show_progress=False))
     return {"shards": f"{root}/shards", "vae": f"{root}/vae", "store": f"{root}/store"}
 
@@ -91,7 +91,7 @@ def bench_case(case: dict, steps: int, warmup: int) -> dict:
         setup_s = time.perf_counter() - t0
 
         def config(**kw):
-            base = dict(data_path=data["store"], output=f"{root}/run", model=case["model"],
+            base = dict(store=data["store"], output=f"{root}/run", model=case["model"],
                         global_batch_size=case["batch"], max_steps=1, sample_every=0, in_memory=False,
                         vae_path=data["vae"], show_progress=False)
             return TrainSiTConfig(**{**base, **kw})
@@ -99,7 +99,7 @@ def bench_case(case: dict, steps: int, warmup: int) -> dict:
         trainer = Trainer(config(), d)
         store_stream = trainer.source
         store_ram = StoreSource(config(in_memory=True), case["batch"], d)
-        on_the_fly = ShardSource(config(data_path=data["shards"]), case["batch"], d)
+        on_the_fly = ShardSource(config(store=data["shards"]), case["batch"], d)
         first = list(itertools.islice(endless(store_ram), 8))
         tensors = itertools.cycle([(x.to(dev), y.to(dev)) for x, y in first])
         rates = {name: round(steps_per_sec(trainer, it, steps, warmup), 3) for name, it in (

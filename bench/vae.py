@@ -50,8 +50,8 @@ def bench_case(name: str, tmp: str) -> dict:
     size, batch, steps, teacher_size = CASES[name]
     data = f"{tmp}/{name}-data"
     random_shards(data, size, batch)
-    cfg = TrainVAEConfig(data_path=data, output=f"{tmp}/{name}-run", vae_config=name,
-                         dino_model="efficientnet_lite0", dino_input_size=teacher_size, perceptual="random",
+    cfg = TrainVAEConfig(shards=data, output=f"{tmp}/{name}-run", vae_config=name,
+                         teacher="efficientnet_lite0", teacher_input_size=teacher_size, perceptual="random",
                          perceptual_net="vgg", align_hidden_dim=256, disc_start=0, batch_size=batch,
                          max_steps=steps, show_progress=False)
     trainer = Trainer(cfg, Dist())

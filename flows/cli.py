@@ -24,7 +24,7 @@ from pipelines.config import build
 class PipelineCommand(BaseModel):
     """``reals pipeline``."""
 
-    config: str | None = Field(None, description="pipeline YAML: output, data_path and one section per stage "
+    config: str | None = Field(None, description="pipeline YAML: output, images and one section per stage "
                                                  "(default configs/demo.yaml)")
     output: str | None = Field(None, description="run root, overriding the config's output (local path or s3://)")
     local_dir: str | None = Field(None, description="local folder shared by the Ray nodes for the synthetic data "

@@ -73,7 +73,7 @@ def plan(config: ExperimentConfig) -> Plan:
     quiet = {"show_progress": False}
     shards, reference, evaluator = join(root, "shards"), join(root, "reference", "val.npz"), join(root, "evaluator")
     shared: dict[str, Step] = {}
-    data = config.data_path
+    data = config.images
     if data is None:
         data = join(root, "data")
         shared["synthetic"] = Step("synthetic", "synthetic", _section(
@@ -82,21 +82,21 @@ def plan(config: ExperimentConfig) -> Plan:
         raise StageError(f"{data} has no val/ folder: the experiment measures against held-out val images")
     for split in ("train", "val"):
         shared[f"shard-{split}"] = Step(f"shard-{split}", "shard", _section(
-            "shard", "shard", config.shard, {"data_path": data, "output": shards, "split": split, **quiet}))
+            "shard", "shard", config.shard, {"images": data, "output": shards, "split": split, **quiet}))
     shared["make-reference"] = Step("make-reference", "make-reference", _section(
         "make-reference", "reference", config.reference,
-        {"data_path": shards, "split": "val", "output": reference, **quiet}))
+        {"shards": shards, "split": "val", "output": reference, **quiet}))
     shared["train-evaluator"] = Step("train-evaluator", "train-evaluator", _section(
-        "train-evaluator", "evaluator", config.evaluator, {"data_path": shards, "output": evaluator, **quiet}))
+        "train-evaluator", "evaluator", config.evaluator, {"shards": shards, "output": evaluator, **quiet}))
 
-    teacher = {"dino_model": config.teacher, "dino_input_size": config.teacher_input_size,
+    teacher = {"teacher": config.teacher, "teacher_input_size": config.teacher_input_size,
                "teacher_weights_dir": config.teacher_weights_dir}
     init = {}
     if config.pretrain_vae is not None:
         pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
         shared["pretrain-vae"] = Step("pretrain-vae", "train-vae", _section(
             "train-vae", "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
-            {"data_path": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
+            {"shards": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
         shared["pretrain-extract"] = Step("pretrain-extract", "extract-ema", stage("extract-ema").config(
             ckpt=pre_run, output=init["vae_ckpt"]))
 
@@ -110,14 +110,14 @@ def plan(config: ExperimentConfig) -> Plan:
             samples, name = join(r, "samples.npz"), f"{arm}-seed{seed}"
             configs = {
                 "train-vae": _section("train-vae", "train_vae", config.train_vae, {
-                    "data_path": shards, "output": vae_run, "seed": seed, "resume": True,
+                    "shards": shards, "output": vae_run, "seed": seed, "resume": True,
                     "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
                 "convert": _section("convert", "convert", config.convert, {
-                    "ckpt": vae_run, "output_dir": vae_dir, "data_path": shards, **quiet}),
+                    "ckpt": vae_run, "output_dir": vae_dir, "shards": shards, **quiet}),
                 "encode": _section("encode", "encode", config.encode, {
-                    "data_path": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
+                    "shards": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
                 "train-sit": _section(train_stage, "train_sit", train_sit, {
-                    "data_path": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
+                    "store": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
                 "sample": _section("sample", "sample", sample, {
                     "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
                     {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),

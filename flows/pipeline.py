@@ -96,7 +96,7 @@ def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSumma
     artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")
     configs = {s.name: s.config for s in steps}
     report = report_task(ReportConfig(
-        output=at.report, title=f"ReaLS run report: {at.root}", data_path=at.shards,
+        output=at.report, title=f"ReaLS run report: {at.root}", shards=at.shards,
         vae_run=configs["train-vae"].output, vae_dir=configs["convert"].output_dir, store=configs["encode"].output,
         sit_run=configs["train-sit"].output, model=configs["train-sit"].model, samples=configs["sample"].output,
         metrics=configs["evaluate"].output,
@@ -118,10 +118,10 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
     shard = steps["shard-train"].config
     summaries = []
     with tags(root):
-        if exists(join(shard.data_path, "train")):
+        if exists(join(shard.images, "train")):
             run_step(steps["shard-train"], config.nproc_per_node)
         else:
-            print(f"shard-train: no {join(shard.data_path, 'train')} folder; encoding the shards there are")
+            print(f"shard-train: no {join(shard.images, 'train')} folder; encoding the shards there are")
         base = steps["encode"].config
         for vae in [base.vae_path, *(vae_paths or [])]:
             provenance = read_json(join(vae, "provenance.json"))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines import StageError
-from pipelines.config import StageConfig, build
+from pipelines.config import OptionalImages, StageConfig, build
 from pipelines.registry import outputs_missing, stage
 from storage.fs import join, local_path, to_url
 from storage.markers import read_json, write_json
@@ -31,11 +31,11 @@ class PipelineConfig(BaseModel):
     output: str = Field("runs/demo", description="run root (local or s3://): every stage writes under it")
     local_dir: str | None = Field(None, description="local folder, shared by the Ray nodes, for what must be "
                                                     "local (synthetic data, the converted VAE); default: output")
-    data_path: str | None = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
-                                                    "by the Ray nodes); default: the folder data in local_dir")
+    images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
+                                                     "by the Ray nodes); default: the folder data in local_dir")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
     synthetic: dict[str, Any] | None = Field(None, description="SyntheticConfig fields: when set, a synthetic "
-                                                               "dataset is written to data_path first")
+                                                               "dataset is written to images first")
     shard: dict[str, Any] = Field(default_factory=dict, description="ShardConfig fields (both splits)")
     train_vae: dict[str, Any] = Field(default_factory=dict, description="TrainVAEConfig fields")
     convert: dict[str, Any] = Field(default_factory=dict, description="ConvertConfig fields")
@@ -137,25 +137,25 @@ def _config(stage_name: str, section: str, layout_values: dict, given: dict, fix
     return build(stage(stage_name).config, {**layout_values, **given, **(fixed or {})}, f"pipeline section {section}.")
 
 
-def _has_val(pc: PipelineConfig, data_path: str) -> bool:
+def _has_val(pc: PipelineConfig, images: str) -> bool:
     if pc.synthetic is not None:
         return int(pc.synthetic.get("val_per_class", 0)) > 0
-    return os.path.isdir(os.path.join(data_path.removeprefix("file://"), "val"))
+    return os.path.isdir(os.path.join(images.removeprefix("file://"), "val"))
 
 
-def _no_val(data_path: str) -> StageError:
+def _no_val(images: str) -> StageError:
     """Why there is no val split for the reference batch: a missing, unreadable or split-less data folder."""
-    folder = data_path.removeprefix("file://")
+    folder = images.removeprefix("file://")
     if not os.path.exists(folder):
-        return StageError(f"data folder {data_path} not found: data_path must be an ImageNet-layout folder "
+        return StageError(f"data folder {images} not found: images must be an ImageNet-layout folder "
                           "(train/ and val/ with one folder per class)")
     if not os.path.isdir(folder):
-        return StageError(f"data_path {data_path} is not a folder")
+        return StageError(f"images {images} is not a folder")
     try:
         os.listdir(folder)
     except PermissionError:
-        return StageError(f"data folder {data_path} is not readable (permission denied)")
-    return StageError(f"no val/ folder in {data_path} for the reference batch: add one or set evaluate.ref_batch")
+        return StageError(f"data folder {images} is not readable (permission denied)")
+    return StageError(f"no val/ folder in {images} for the reference batch: add one or set evaluate.ref_batch")
 
 
 def layout(pc: PipelineConfig) -> Layout:
@@ -172,33 +172,33 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
     """The stage runs of the chain, in order, with the layout filling every path a section leaves out."""
 
     at = layout(pc)
-    data = pc.data_path or at.data
+    data = pc.images or at.data
     steps: list[Step] = []
     if pc.synthetic is not None:
         if local_path(data) is None:
-            raise StageError(f"data_path {data} is not local: the synthetic dataset is written to a local folder")
+            raise StageError(f"images {data} is not local: the synthetic dataset is written to a local folder")
         steps.append(Step("synthetic", "synthetic", _config("synthetic", "synthetic", {"output": data},
                                                             pc.synthetic), ()))
-    elif pc.data_path is None:
-        raise StageError("the pipeline config needs data_path (an ImageNet-layout folder) or a synthetic section")
+    elif pc.images is None:
+        raise StageError("the pipeline config needs images (an ImageNet-layout folder) or a synthetic section")
     source = ("synthetic",) if pc.synthetic is not None else ()
-    steps.append(Step("shard-train", "shard", _config("shard", "shard", {"data_path": data, "output": at.shards},
+    steps.append(Step("shard-train", "shard", _config("shard", "shard", {"images": data, "output": at.shards},
                                                       pc.shard, {"split": "train"}), source))
     val = _has_val(pc, data)
     if val:
-        steps.append(Step("shard-val", "shard", _config("shard", "shard", {"data_path": data, "output": at.shards},
+        steps.append(Step("shard-val", "shard", _config("shard", "shard", {"images": data, "output": at.shards},
                                                         pc.shard, {"split": "val"}), ("shard-train",)))
     steps.append(Step("train-vae", "train-vae", _config("train-vae", "train_vae", {
-        "data_path": at.shards, "output": at.vae_run, "resume": True}, pc.train_vae), ("shard-train",)))
+        "shards": at.shards, "output": at.vae_run, "resume": True}, pc.train_vae), ("shard-train",)))
     steps.append(Step("convert", "convert", _config("convert", "convert", {
-        "ckpt": at.vae_run, "output_dir": at.vae_dir, "data_path": at.shards}, pc.convert), ("train-vae",)))
+        "ckpt": at.vae_run, "output_dir": at.vae_dir, "shards": at.shards}, pc.convert), ("train-vae",)))
     steps.append(Step("encode", "encode", _config("encode", "encode", {
-        "data_path": at.shards, "vae_path": at.vae_dir, "output": at.store}, pc.encode), ("convert",)))
+        "shards": at.shards, "vae_path": at.vae_dir, "output": at.store}, pc.encode), ("convert",)))
     from pipelines.generator import generator_sections
 
     train_stage, train_sit, sample = generator_sections(pc.train_sit, pc.sample, pc.sample_dit, family=pc.family)
     steps.append(Step("train-sit", train_stage, _config(train_stage, "train_sit", {
-        "data_path": at.store, "output": at.sit_run, "resume": True}, train_sit), ("encode",)))
+        "store": at.store, "output": at.sit_run, "resume": True}, train_sit), ("encode",)))
     steps.append(Step("sample", "sample", _config("sample", "sample", {
         "mode": "ODE", "ckpt": at.sit_run, "vae_path": at.vae_dir, "output": at.samples,
         "save_latents": pc.downstream is not None}, sample), ("train-sit",)))
@@ -207,13 +207,13 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
         if not val:
             raise _no_val(data)
         steps.append(Step("make-reference", "make-reference", _config("make-reference", "make_reference", {
-            "data_path": at.shards, "split": "val", "output": at.reference}, pc.make_reference), ("shard-val",)))
+            "shards": at.shards, "split": "val", "output": at.reference}, pc.make_reference), ("shard-val",)))
         evaluate_after += ("make-reference",)
     steps.append(Step("evaluate", "evaluate", _config("evaluate", "evaluate", {
         "ref_batch": at.reference, "sample_batch": at.samples, "output": at.metrics}, pc.evaluate), evaluate_after))
     if pc.downstream is not None:
         steps.append(Step("downstream", "downstream", _config("downstream", "downstream", {
-            "tasks": ["seg", "depth"], "data_path": data, "vae_path": at.vae_dir, "output": at.downstream,
+            "tasks": ["seg", "depth"], "images": data, "vae_path": at.vae_dir, "output": at.downstream,
             "samples": at.samples}, pc.downstream), ("sample",) + (("shard-val",) if val else ())))
     return steps
 

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import torch
+from pydantic import AliasChoices
 
 from pipelines import StageError
 from storage.fs import filesystem, is_local, join, list_files, read_bytes, to_url, write_bytes_atomic
@@ -99,10 +100,14 @@ def checkpoint_to_resume(output: str, resume: bool) -> str | None:
 
 
 def check_resumable(output: str, saved: dict, config, keys) -> None:
-    """Refuse to resume ``output`` when one of the settings ``keys`` of ``config`` differs from the saved ones."""
+    """Refuse to resume ``output`` when one of the settings ``keys`` of ``config`` differs from the saved ones
+    (a setting saved under a field's former name, such as ``data_path``, counts as that field's)."""
     for key in keys:
-        if saved.get(key) != getattr(config, key):
-            raise StageError(f"cannot resume {output}: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}")
+        alias = type(config).model_fields[key].validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [key]
+        was = next((saved[n] for n in names if n in saved), None)
+        if was != getattr(config, key):
+            raise StageError(f"cannot resume {output}: {key} was {was!r}, now {getattr(config, key)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines import StageError
 
@@ -35,6 +35,26 @@ class Cli:
 
 # A stage's progress bar: ``--progress`` / ``--no-progress``.
 ShowProgress = Annotated[bool, Cli("--progress", negative="--no-progress")]
+
+
+def renamed(field: str, old: str, *flags: str, optional: bool = False, kind: type = str):
+    """A field named for what it holds, given on the command line as ReaLS's ``flags`` and still read from
+    YAML (and Prefect parameters) under its ``old`` name."""
+    return Annotated[kind | None if optional else kind, Cli(*flags),
+                     Field(validation_alias=AliasChoices(field, old))]
+
+
+# The input URL of a stage, named by what it holds; ``--data-path`` on the command line, as in ReaLS.
+Images = renamed("images", "data_path", "--data-path")
+OptionalImages = renamed("images", "data_path", "--data-path", optional=True)
+Shards = renamed("shards", "data_path", "--data-path")
+OptionalShards = renamed("shards", "data_path", "--data-path", optional=True)
+Store = renamed("store", "data_path", "--data-path")
+# The alignment teacher: ``--dino-model`` / ``--dino-input-size`` as in ReaLS (``--teacher`` also works).
+Teacher = renamed("teacher", "dino_model", "--dino-model", "--teacher")
+OptionalTeacher = renamed("teacher", "dino_model", "--dino-model", "--teacher", optional=True)
+TeacherInputSize = renamed("teacher_input_size", "dino_input_size", "--dino-input-size", "--teacher-input-size",
+                           optional=True, kind=int)
 
 
 def first_error(e: ValidationError, names: Callable[[str], str] = str) -> str:

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from pipelines import StageError
-from pipelines.config import ShowProgress, StageConfig
+from pipelines.config import OptionalShards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
@@ -59,7 +59,7 @@ class ConvertConfig(StageConfig):
     resolution: int | None = Field(None, gt=0, description="with --from-diffusers: image side the VAE serves (default: "
                                                            "the shards', else the VAE config's sample_size)")
     output_dir: str = Field(description="ReaLS VAE directory to write; local only (diffusers loads local dirs)")
-    data_path: str | None = Field(None, description="shards URL whose training images give the latent mean/std")
+    shards: OptionalShards = Field(None, description="shards URL whose training images give the latent mean/std")
     split: str = Field("train", description="shard split for the latent statistics")
     num_samples: int = Field(10000, gt=0, description="images for the latent statistics (the first N)")
     ema: bool = Field(True, description="convert the EMA weights (False: the raw training weights)")
@@ -74,7 +74,7 @@ class ConvertConfig(StageConfig):
             raise ValueError("give exactly one of --ckpt (a train-vae checkpoint) or --from-diffusers DIR")
         if self.ckpt is not None and (self.scaling_factor is not None or self.resolution is not None):
             raise ValueError("--scaling-factor and --resolution apply to --from-diffusers only")
-        if self.data_path is None and self.scaling_factor is None:
+        if self.shards is None and self.scaling_factor is None:
             raise ValueError("--data-path is required (the latent statistics), unless --scaling-factor is given")
         return self
 
@@ -179,7 +179,7 @@ def run(config: ConvertConfig) -> ConvertSummary:
         return run_from_diffusers(config, out)
     ckpt_url = resolve_checkpoint(to_url(config.ckpt))
     ckpt_sha = sha256_url(ckpt_url)
-    manifest = read_manifest(config.data_path)
+    manifest = read_manifest(config.shards)
     source = {"checkpoint_sha256": ckpt_sha, "weights": "ema" if config.ema else "raw",
               "num_samples": config.num_samples, "data_fingerprint": manifest.get("fingerprint"),
               "split": config.split}
@@ -193,7 +193,7 @@ def run(config: ConvertConfig) -> ConvertSummary:
     ckpt = load_checkpoint(ckpt_url)
     device = torch_device(config.device)
     model = model_from_checkpoint(ckpt, config.ema).to(device)
-    urls = shard_urls(config.data_path, config.split)
+    urls = shard_urls(config.shards, config.split)
     mean, std, n = latent_statistics(model, urls, config.num_samples, config.batch_size, device,
                                      config.show_progress)
     model = ReaLSVAE(model.vae.cpu(), model.align_net.cpu(), mean, std)
@@ -210,9 +210,9 @@ def run(config: ConvertConfig) -> ConvertSummary:
         "latent_shape": ckpt["latent_shape"],
         "downsample_factor": downsample_factor(model.vae),
         "training": {"run": train_cfg.get("output"), "checkpoint": ckpt_url, "step": ckpt["step"],
-                     "data_path": train_cfg.get("data_path"), "data_fingerprint": ckpt.get("data_fingerprint"),
+                     "shards": train_cfg.get("shards", train_cfg.get("data_path")), "data_fingerprint": ckpt.get("data_fingerprint"),
                      "config": train_cfg},
-        "latent_statistics": {"num_images": n, "data_path": to_url(config.data_path), "formula": STATS_FORMULA,
+        "latent_statistics": {"num_images": n, "shards": to_url(config.shards), "formula": STATS_FORMULA,
                               "normalisation": "z_norm = (z - latents_mean) / latents_std, channel-wise"},
         "conversion": source,
         "code_version": code_version(),
@@ -234,7 +234,7 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
     weights = sorted(p for p in src.iterdir() if p.name.startswith("diffusion_pytorch_model"))
     if not weights:
         raise StageError(f"--from-diffusers {src} holds no diffusion_pytorch_model.* weights")
-    manifest = read_manifest(config.data_path) if config.scaling_factor is None else {}
+    manifest = read_manifest(config.shards) if config.scaling_factor is None else {}
     source = {"diffusers_dir": str(src), "weights_sha256": [sha256_url(to_url(str(p))) for p in weights],
               "scaling_factor": config.scaling_factor, "data_fingerprint": manifest.get("fingerprint"),
               "num_samples": None if config.scaling_factor else config.num_samples, "split": config.split}
@@ -255,7 +255,7 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
         formula = f"DiT-style: mean 0, std 1/{config.scaling_factor} (--scaling-factor)"
     else:
         device = torch_device(config.device)
-        mean, std, n = latent_statistics(model.to(device), shard_urls(config.data_path, config.split),
+        mean, std, n = latent_statistics(model.to(device), shard_urls(config.shards, config.split),
                                          config.num_samples, config.batch_size, device, config.show_progress)
         formula = STATS_FORMULA
     model = ReaLSVAE(vae.cpu(), heads.cpu() if heads is not None else None, mean, std)
@@ -271,7 +271,7 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
         "latent_shape": [c, side, side],
         "downsample_factor": downsample_factor(vae),
         "source": {"diffusers_dir": str(src), "heads": heads is not None, "provenance": src_prov or None},
-        "latent_statistics": {"num_images": n, "data_path": to_url(config.data_path) if config.data_path else None,
+        "latent_statistics": {"num_images": n, "shards": to_url(config.shards) if config.shards else None,
                               "formula": formula,
                               "normalisation": "z_norm = (z - latents_mean) / latents_std, channel-wise"},
         "conversion": source,

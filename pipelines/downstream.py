@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.config import Cli, Images, OptionalTeacher, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.devices import torch_device
 from pipelines.downstream_data import DEPTH_RATIO, Dataset, depth_from_order, load_generated, truth_tensor
 from pipelines.parallel import progress_bar
@@ -61,7 +61,7 @@ class DownstreamConfig(StageConfig):
     """Settings of ``reals downstream``."""
 
     tasks: Annotated[list[Literal["seg", "depth"]], Cli(positional=True, metavar="seg|depth")] = Field(min_length=1, description="tasks to evaluate: seg, depth or both")
-    data_path: str = Field(description="synthetic folder (reals synthetic) or shards URL (reals shard)")
+    images: Images = Field(description="synthetic folder (reals synthetic) or shards URL (reals shard)")
     vae_path: str = Field(description="converted ReaLS VAE directory (local)")
     output: str = Field(description="folder (URL) for report.md, metrics.json and the overlay PNGs")
     samples: str | None = Field(None, description="generated latents: .npz with `latents` (or a .latents.npy "
@@ -82,8 +82,8 @@ class DownstreamConfig(StageConfig):
     ridge: float = Field(1e-3, gt=0, description="ridge penalty, relative to the mean feature variance")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
     num_overlays: int = Field(8, ge=0, description="rows in each overlay PNG")
-    dino_model: str | None = Field(None, description="teacher name (default: the VAE's provenance)")
-    dino_input_size: int | None = Field(None, ge=1, description="teacher input size (default: the provenance)")
+    teacher: OptionalTeacher = Field(None, description="teacher name (default: the VAE's provenance)")
+    teacher_input_size: TeacherInputSize = Field(None, ge=1, description="teacher input size (default: the provenance)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
@@ -176,9 +176,9 @@ class Evaluation:
 
         self.cfg = cfg
         self.device = torch_device(cfg.device)
-        self.data = Dataset(cfg.data_path, cfg.ground_truth)
+        self.data = Dataset(cfg.images, cfg.ground_truth)
         self.vae = ReaLSVAE.from_pretrained(cfg.vae_path).to(self.device).eval()
-        name, input_size = teacher_spec(self.vae.provenance, cfg.dino_model, cfg.dino_input_size)
+        name, input_size = teacher_spec(self.vae.provenance, cfg.teacher, cfg.teacher_input_size)
         self.teacher = build_teacher(name, input_size=input_size).to(self.device)
         self.vae.require_heads(f"reals downstream (VAE {cfg.vae_path})")
         if self.vae.align_net.teacher_width != self.teacher.width:
@@ -241,7 +241,7 @@ class Evaluation:
         examples = self.data.examples(self.cfg.fit_split, self.cfg.num_fit, self.size, self.cfg.tasks, self.skipped)
         if len(examples) < 2:
             raise StageError(f"only {len(examples)} usable images in split {self.cfg.fit_split!r} of "
-                             f"{self.cfg.data_path} to fit the heads (need >= 2; see skipped files)")
+                             f"{self.cfg.images} to fit the heads (need >= 2; see skipped files)")
         norms = torch.zeros(2, dtype=torch.float64)
         with progress_bar(disable=not self.cfg.show_progress) as bar:
             job = bar.add_task("fit heads", total=len(examples))
@@ -272,7 +272,7 @@ class Evaluation:
         examples = self.data.examples(self.cfg.eval_split, self.cfg.num_eval, self.size, self.cfg.tasks,
                                       self.skipped)
         if not examples:
-            raise StageError(f"no usable images in split {self.cfg.eval_split!r} of {self.cfg.data_path}")
+            raise StageError(f"no usable images in split {self.cfg.eval_split!r} of {self.cfg.images}")
 
         def meter(task, head):
             return SegmentationMeter(head.num_classes) if task == "seg" else METERS[task]()

@@ -65,13 +65,13 @@ def _evenly_spaced(total: int, n: int) -> list[int]:
 class Dataset:
     """Labelled images from a synthetic folder or shards, with their ground truth when there is any."""
 
-    def __init__(self, data_path: str, ground_truth: str | None):
-        self.url = sfs.to_url(data_path)
+    def __init__(self, images: str, ground_truth: str | None):
+        self.url = sfs.to_url(images)
         self.manifest = read_json(sfs.join(self.url, "manifest.json"))
         if self.manifest is None:
             folders = subfolders(self.url)
             if not folders:
-                raise StageError(f"--data-path {data_path}: neither shards (no manifest.json) nor an image folder")
+                raise StageError(f"--data-path {images}: neither shards (no manifest.json) nor an image folder")
             self.classes = sorted({c for split in folders if split not in TRUTH_DIRS.values()
                                    for c in subfolders(sfs.join(self.url, split))})
             ground_truth = ground_truth or (self.url if set(TRUTH_DIRS.values()) & set(folders) else None)

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import ShowProgress, StageConfig
+from pipelines.config import OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from storage.fs import join, list_files, to_url
@@ -35,7 +35,7 @@ LEASE_FILE = "encode.lease.json"
 class EncodeConfig(StageConfig):
     """Settings of ``reals encode``."""
 
-    data_path: str = Field(description="dataset URL holding the shards and manifest.json")
+    shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
     vae_path: str = Field(description="converted ReaLS VAE directory (local)")
     output: str = Field(description="latent store URL; each VAE gets its own version inside it")
     split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="dataset split to encode")
@@ -45,8 +45,8 @@ class EncodeConfig(StageConfig):
     batch_size: int = Field(32, ge=1, description="images per VAE forward pass")
     flip: bool = Field(True, description="also store the posterior of the horizontally flipped image")
     teacher_patch: bool = Field(False, description="also store the teacher's patch tokens (large)")
-    dino_model: str | None = Field(None, description="teacher name (default: the one in the VAE's provenance)")
-    dino_input_size: int | None = Field(None, ge=1, description="teacher input size (default: from the provenance)")
+    teacher: OptionalTeacher = Field(None, description="teacher name (default: the one in the VAE's provenance)")
+    teacher_input_size: TeacherInputSize = Field(None, ge=1, description="teacher input size (default: from the provenance)")
     chunk_rows: int | None = Field(None, ge=1, description="rows per Zarr chunk for a new version "
                                                            "(default: min(256, shard size))")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the actors run the models")
@@ -286,16 +286,16 @@ def run(config: EncodeConfig) -> EncodeSummary:
 
     output = to_url(config.output).rstrip("/")
     LatentStore.check_root(output)
-    manifest, shards = source_shards(config.data_path, config.split)
+    manifest, shards = source_shards(config.shards, config.split)
     vae = ReaLSVAE.from_pretrained(config.vae_path)
     fp, f = vae.fingerprint, vae.downsample_factor
     if vae.resolution != manifest["resolution"] and not config.allow_resolution_mismatch:
-        raise StageError(f"VAE {config.vae_path} was trained at {vae.resolution} px, the shards of {config.data_path} "
+        raise StageError(f"VAE {config.vae_path} was trained at {vae.resolution} px, the shards of {config.shards} "
                          f"are {manifest['resolution']} px: its latents would come from images of a size it never saw, "
                          "and the store's latent grid would not be the one its SiT and sampler use; re-shard at "
                          f"{vae.resolution} px, or pass --allow-resolution-mismatch")
     latent_shape = (vae.latent_channels, manifest["resolution"] // f, manifest["resolution"] // f)
-    teacher = teacher_spec(vae.provenance, config.dino_model, config.dino_input_size)
+    teacher = teacher_spec(vae.provenance, config.teacher, config.teacher_input_size)
     shard_size = int(manifest["splits"][config.split].get("shard_size") or max(s["count"] for s in shards))
     plan = [(s["name"], s["count"]) for s in shards]
     pool = None
@@ -363,7 +363,7 @@ def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent
         "normalisation": "z_norm = (z - latents_mean) / latents_std",
         "resolution": manifest["resolution"], "vae_resolution": vae.resolution, "latent_shape": list(latent_shape),
         "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "split": config.split,
-        "source_url": to_url(config.data_path), "source_fingerprint": manifest.get("fingerprint"),
+        "source_url": to_url(config.shards), "source_fingerprint": manifest.get("fingerprint"),
         "code_version": _code_version(),
     }
 
@@ -391,7 +391,7 @@ def complete(config: EncodeConfig) -> str | None:
     store = _store_version(config)
     if store is None:
         return "no store version for this VAE"
-    _, shards = source_shards(config.data_path, config.split)
+    _, shards = source_shards(config.shards, config.split)
     entries = {e["name"]: e for e in store.shard_map}
     markers = store.markers()
     for s in shards:
@@ -406,7 +406,7 @@ def progress(config: EncodeConfig):
     fp = _vae_fingerprint(config)
     if not fp:
         return None
-    total = max(1, len(source_shards(config.data_path, config.split)[1]))
+    total = max(1, len(source_shards(config.shards, config.split)[1]))
     markers = join(to_url(config.output), fp, MARKERS)
     return lambda: len(list_files(markers, ".json")) / total
 

@@ -10,20 +10,20 @@ from storage.markers import read_json
 from storage.shards import read_manifest
 
 
-def source_shards(data_path: str, split: str) -> tuple[dict, list[dict]]:
+def source_shards(source: str, split: str) -> tuple[dict, list[dict]]:
     """``(manifest, shards)``; a shard is ``{"name", "url", "count", "sha256"}`` from its shard marker."""
-    manifest = read_manifest(data_path)
+    manifest = read_manifest(source)
     if split not in manifest.get("splits", {}):
-        raise StageError(f"split {split!r} not in {data_path} (has {sorted(manifest.get('splits', {}))})")
+        raise StageError(f"split {split!r} not in {source} (has {sorted(manifest.get('splits', {}))})")
     if not manifest.get("resolution"):
-        raise StageError(f"{data_path} was sharded with --resolution 0 (original sizes); encode needs "
+        raise StageError(f"{source} was sharded with --resolution 0 (original sizes); encode needs "
                          "fixed-size images: re-shard with --resolution N")
     info = manifest["splits"][split]
     if not info.get("shards"):
-        raise StageError(f"split {split!r} of {data_path} has no shards")
+        raise StageError(f"split {split!r} of {source} has no shards")
     shards = []
     for name in info["shards"]:
-        url = child(to_url(data_path), name, "manifest.json shard name")
+        url = child(to_url(source), name, "manifest.json shard name")
         marker = read_json(url.removesuffix(".tar") + ".json") or {}
         shards.append({"name": name, "url": url, "count": int(marker.get("count", info["shard_size"])),
                        "sha256": marker.get("sha256")})

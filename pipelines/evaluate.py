@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import StageError
-from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.config import Cli, Shards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
 from pipelines.npz import open_npz, write_npz
 from pipelines.registry import Stage
@@ -72,7 +72,7 @@ class EvaluateSummary(BaseModel):
 class MakeReferenceConfig(StageConfig):
     """Inputs of `reals make-reference`."""
 
-    data_path: str = Field(description="dataset URL holding manifest.json and shards")
+    shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
     split: str = Field("val", description="split to draw the reference images from")
     output: str = Field(description="reference .npz URL to write")
     num_samples: int | None = Field(None, ge=2, description="images to draw (a seeded uniform subset; default: all)")
@@ -301,9 +301,9 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     from reals.metrics.reference import image_shape, read_meta, read_stats, write_reference
     from storage.shards import read_manifest, shard_urls
 
-    manifest = read_manifest(config.data_path)
-    urls = shard_urls(config.data_path, config.split)
-    meta = {"source": to_url(config.data_path), "split": config.split, "num_samples": config.num_samples,
+    manifest = read_manifest(config.shards)
+    urls = shard_urls(config.shards, config.split)
+    meta = {"source": to_url(config.shards), "split": config.split, "num_samples": config.num_samples,
             "seed": config.seed, "source_fingerprint": manifest.get("fingerprint"), "inception_resize": config.resize}
     if exists(config.output):
         with open_npz(config.output, "reference") as f:
@@ -316,7 +316,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
     bad: list = []
     samples = _draw(urls, config.num_samples, config.seed, bad)
     if len(samples) < 2:
-        raise StageError(f"split {config.split!r} of {config.data_path} has {len(samples)} readable images; "
+        raise StageError(f"split {config.split!r} of {config.shards} has {len(samples)} readable images; "
                          "need at least 2")
     images = np.empty((len(samples), *samples[0]["image"].shape), dtype=np.uint8)
     for i, s in enumerate(samples):

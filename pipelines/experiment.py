@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import ShowProgress, StageConfig, build, load_yaml
+from pipelines.config import OptionalImages, ShowProgress, StageConfig, build, load_yaml
 from storage.fs import join
 from storage.markers import read_json
 
@@ -66,7 +66,7 @@ class ExperimentConfig(StageConfig):
                                                                    "latent grid; default: the teacher's own)")
     teacher_weights_dir: str | None = Field(None, description="folder holding DINOv2 teacher weights")
     align_weight: float = Field(0.5, gt=0, description="alignment weight of the ReaLS arm (the baseline has 0)")
-    data_path: str | None = Field(None, description="ImageNet-layout folder with train/ and val/ (default: a "
+    images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (default: a "
                                                     "synthetic dataset written to <output>/data)")
     synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
     shard: dict = Field(default_factory=dict, description="ShardConfig fields (both splits)")

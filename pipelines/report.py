@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines.checkpoints import read_log
-from pipelines.config import StageConfig
+from pipelines.config import OptionalShards, StageConfig
 from pipelines.npz import npz_head, npz_shape
 from pipelines.render import NON_CURVES, class_grid, loss_curves
 from storage.fs import exists, join, list_files, read_bytes, to_url, write_bytes_atomic
@@ -30,7 +30,7 @@ class ReportConfig(StageConfig):
 
     output: str = Field(description="folder (URL) to write report.md and its PNGs into")
     title: str = Field("ReaLS run report", description="report heading")
-    data_path: str | None = Field(None, description="dataset URL holding manifest.json")
+    shards: OptionalShards = Field(None, description="shards URL holding manifest.json")
     vae_run: str | None = Field(None, description="train-vae run folder (log.jsonl, samples/)")
     vae_dir: str | None = Field(None, description="converted ReaLS VAE directory (provenance.json)")
     store: str | None = Field(None, description="latent store URL")
@@ -63,13 +63,13 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def _data_section(data_path: str) -> list[str]:
-    manifest = read_json(join(to_url(data_path), "manifest.json"))
+def _data_section(shards: str) -> list[str]:
+    manifest = read_json(join(to_url(shards), "manifest.json"))
     if not manifest:
         return []
     rows = [[s, v["count"], len(v["shards"]), v.get("skipped", 0)] for s, v in manifest["splits"].items()]
     return ["## Data", "", f"{manifest['num_classes']} classes at {manifest['resolution']} px "
-            f"({manifest['image_format']}), from `{to_url(data_path)}`.", "",
+            f"({manifest['image_format']}), from `{to_url(shards)}`.", "",
             *_table(["split", "images", "shards", "files skipped"], rows)]
 
 
@@ -174,8 +174,8 @@ def write_report(config: ReportConfig) -> ReportSummary:
         lines += ["## Pipeline", ""]
         lines += _table(["stage", "status", "seconds"],
                         [[s.get("stage"), s.get("status"), s.get("seconds", "")] for s in config.stages])
-    if config.data_path:
-        lines += _data_section(config.data_path)
+    if config.shards:
+        lines += _data_section(config.shards)
     if config.vae_dir:
         lines += _vae_section(config.vae_dir)
     if config.vae_run:

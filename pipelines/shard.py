@@ -26,7 +26,7 @@ from PIL import UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import ShowProgress, StageConfig
+from pipelines.config import Images, ShowProgress, StageConfig
 from pipelines.imaging import prepare
 from pipelines.registry import Stage
 from storage import fs as sfs
@@ -39,7 +39,7 @@ FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every sha
 class ShardConfig(StageConfig):
     """Settings of ``reals shard``."""
 
-    data_path: str = Field(description="ImageNet-layout folder: split folders (train, val), class folders in them")
+    images: Images = Field(description="ImageNet-layout folder: split folders (train, val), class folders in them")
     output: str = Field(description="URL of the dataset folder to write shards and manifest.json into")
     split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="split folder to shard")
     resolution: int = Field(256, ge=0, description="ADM center-crop side in pixels; 0 keeps the original bytes")
@@ -88,15 +88,15 @@ def printable(rel: str) -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def _split_dir(data_path: str, split: str) -> str:
-    if sfs.local_path(data_path) is None:
-        raise StageError(f"--data-path must be a local folder, got {data_path}")
-    root = data_path.removeprefix("file://")
+def _split_dir(images: str, split: str) -> str:
+    if sfs.local_path(images) is None:
+        raise StageError(f"--data-path must be a local folder, got {images}")
+    root = images.removeprefix("file://")
     if not os.path.isdir(root):
-        raise StageError(f"input folder not found: {data_path}")
+        raise StageError(f"input folder not found: {images}")
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-        raise StageError(f"no {split!r} folder in {data_path}: expected {data_path}/{split}/<class-id>/<images>")
+        raise StageError(f"no {split!r} folder in {images}: expected {images}/{split}/<class-id>/<images>")
     return split_dir
 
 
@@ -106,14 +106,14 @@ def class_folders(split_dir: str) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def list_split(data_path: str, split: str, classes: list[str] | None = None) -> tuple[list[str], list[list], list[str]]:
+def list_split(images: str, split: str, classes: list[str] | None = None) -> tuple[list[str], list[list], list[str]]:
     """``(classes, entries, empty_classes)``; an entry is ``[rel_path, cls, class_id, key, size, mtime_ns]``.
 
     ``classes`` (from an existing manifest) fixes the label order; otherwise the sorted class folders do
     (names as ``printable`` gives them).
     Every non-directory entry is listed (broken links included) so that unreadable files get reported.
     """
-    split_dir = _split_dir(data_path, split)
+    split_dir = _split_dir(images, split)
     found = class_folders(split_dir)
     if not found:
         raise StageError(f"no class folders in {split_dir}: expected {split}/<class-id>/<images>")
@@ -134,7 +134,7 @@ def list_split(data_path: str, split: str, classes: list[str] | None = None) -> 
             key = f"{sanitize(cid)}_{sanitize(os.path.splitext(e.name)[0])}_{len(entries):07d}"
             entries.append([f"{split}/{cid}/{e.name}", index[printable(cid)], cid, key, size, mtime])
     if not entries:
-        raise StageError(f"split {split!r} of {data_path} holds no files (empty class folders: "
+        raise StageError(f"split {split!r} of {images} holds no files (empty class folders: "
                          f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
     return classes, entries, empty
 
@@ -255,11 +255,11 @@ def plan(config: ShardConfig) -> tuple[list[str], list[dict], list[str], str]:
     """``(classes, units, empty_classes, split_fingerprint)``: the work, as a pure function of the input."""
     output = sfs.to_url(config.output)
     manifest = read_json(sfs.join(output, "manifest.json"))
-    found = class_folders(_split_dir(config.data_path, config.split))
-    classes, entries, empty = list_split(config.data_path, config.split,
+    found = class_folders(_split_dir(config.images, config.split))
+    classes, entries, empty = list_split(config.images, config.split,
                                          _previous_classes(manifest, config, found))
     settings = (config.resolution, config.image_format, FORMAT_VERSION)
-    root = os.path.abspath(config.data_path.removeprefix("file://"))
+    root = os.path.abspath(config.images.removeprefix("file://"))
     units = []
     for i, start in enumerate(range(0, len(entries), config.shard_size)):
         rows = entries[start:start + config.shard_size]
@@ -378,6 +378,6 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
 
 STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="pack an ImageNet-layout folder into WebDataset shards",
-                description="Pack the images of one split (data_path/split/class-id/*) into WebDataset shards (ADM center "
+                description="Pack the images of one split (--data-path/split/class-id/*) into WebDataset shards (ADM center "
                             "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards and "
                             "redo broken ones; unreadable or corrupt files are skipped and listed.")]

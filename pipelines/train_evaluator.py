@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import ShowProgress, StageConfig
+from pipelines.config import Shards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
@@ -40,7 +40,7 @@ TRAINING_KEYS = ("split", "val_split", "steps", "batch_size", "lr", "weight_deca
 class TrainEvaluatorConfig(StageConfig):
     """Inputs of `reals train-evaluator`."""
 
-    data_path: str = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
+    shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
     output: str = Field(description="local folder to write evaluator.safetensors and evaluator.json into")
     split: str = Field("train", description="split to train on")
     val_split: str = Field("val", description="held-out split whose accuracy is reported")
@@ -79,18 +79,18 @@ class TrainEvaluatorSummary(BaseModel):
 # Data
 # ---------------------------------------------------------------------------------------------------
 
-def load_split(data_path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All decodable images (uint8 NHWC) and labels of a split, in shard order."""
-    manifest = read_manifest(data_path)
+    manifest = read_manifest(shards)
     if split not in manifest.get("splits", {}):
-        raise StageError(f"split {split!r} not in {data_path} (has {sorted(manifest.get('splits', {}))}); "
+        raise StageError(f"split {split!r} not in {shards} (has {sorted(manifest.get('splits', {}))}); "
                          "shard it first with `reals shard --split`")
-    samples = list(iter_shards(shard_urls(data_path, split), shuffle=0, split_by_worker=False, skipped=[]))
+    samples = list(iter_shards(shard_urls(shards, split), shuffle=0, split_by_worker=False, skipped=[]))
     if not samples:
-        raise StageError(f"split {split!r} of {data_path} has no decodable images")
+        raise StageError(f"split {split!r} of {shards} has no decodable images")
     shapes = {s["image"].shape for s in samples}
     if len(shapes) > 1:
-        raise StageError(f"split {split!r} of {data_path} mixes image shapes {sorted(shapes)}; shard it with a "
+        raise StageError(f"split {split!r} of {shards} mixes image shapes {sorted(shapes)}; shard it with a "
                          "fixed --resolution")
     return np.stack([s["image"] for s in samples]), np.array([s["cls"] for s in samples], dtype=np.int64)
 
@@ -137,7 +137,7 @@ def _summary(out: Path, info: dict, skipped: bool) -> TrainEvaluatorSummary:
 def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
     """Train the evaluator and save it with its held-out accuracy (skipped when already trained the same way)."""
     out = _local_dir(config.output)
-    manifest = read_manifest(config.data_path)
+    manifest = read_manifest(config.shards)
     training = {k: getattr(config, k) for k in TRAINING_KEYS}
     identity = {"training": training, "data_fingerprint": manifest.get("fingerprint")}
     old = read_json(str(out / CONFIG_FILE)) if (out / WEIGHTS_FILE).is_file() else None
@@ -146,8 +146,8 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
 
     t0 = time.perf_counter()
     device = torch_device(config.device)
-    images, labels = load_split(config.data_path, config.split)
-    val_images, val_labels = load_split(config.data_path, config.val_split)
+    images, labels = load_split(config.shards, config.split)
+    val_images, val_labels = load_split(config.shards, config.val_split)
     num_classes = len(manifest["classes"])
     torch.manual_seed(config.seed)
     try:
@@ -180,7 +180,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
             losses.append(loss.item())
             bar.advance(task)
     info = {
-        "identity": fingerprint(identity), **identity, "data_path": config.data_path,
+        "identity": fingerprint(identity), **identity, "shards": config.shards,
         "classes": manifest["classes"], "steps": config.steps, "num_classes": num_classes,
         "resolution": int(images.shape[1]), "feature_dim": model.feature_dim,
         "parameters": sum(p.numel() for p in model.parameters()), "train_images": len(images),

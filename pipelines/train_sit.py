@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.config import Cli, ShowProgress, StageConfig, Store
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
 from pipelines.render import image_grid
@@ -68,7 +68,7 @@ class TrainSiTConfig(StageConfig):
 
     family: ClassVar[str] = "SiT"
 
-    data_path: str = Field(description="latent store URL (or, for comparison, a shards folder with --vae-path)")
+    store: Store = Field(description="latent store URL (or, for comparison, a shards folder with --vae-path)")
     output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
     model: str = Field("SiT-XL/2", description="SiT model: " + ", ".join(n for n in MODELS if n.startswith("SiT")))
     global_batch_size: int = Field(256, ge=1, description="samples per optimiser step over all ranks")
@@ -157,7 +157,7 @@ class StoreSource:
     def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MissingRowsWarning)  # reported by the stage itself
-            self.loader = LatentLoader(cfg.data_path, batch_size, rank=d.rank, world_size=d.world, seed=cfg.seed,
+            self.loader = LatentLoader(cfg.store, batch_size, rank=d.rank, world_size=d.world, seed=cfg.seed,
                                        in_memory=cfg.in_memory, sample_posterior=cfg.sample_posterior)
         self.attrs = self.loader.attrs
         self.latent_shape = tuple(int(s) for s in self.loader.latent_shape)
@@ -184,10 +184,10 @@ class ShardSource:
 
     def __init__(self, cfg: TrainSiTConfig, batch_size: int, d: Dist):
         if not cfg.vae_path:
-            raise StageError(f"{cfg.data_path} holds shards, not a latent store: pass --vae-path to encode them "
+            raise StageError(f"{cfg.store} holds shards, not a latent store: pass --vae-path to encode them "
                              "on the fly, or train on the store `reals encode` makes")
-        manifest = read_manifest(cfg.data_path)
-        self.urls = shard_urls(cfg.data_path, cfg.split)
+        manifest = read_manifest(cfg.store)
+        self.urls = shard_urls(cfg.store, cfg.split)
         if d.world > len(self.urls):
             raise StageError(f"{len(self.urls)} {cfg.split} shards for {d.world} ranks: re-shard smaller")
         self.vae = load_vae(cfg.vae_path).to(d.device)
@@ -236,7 +236,7 @@ class ShardSource:
 
 def open_source(cfg: TrainSiTConfig, batch_size: int, d: Dist) -> StoreSource | ShardSource:
     """A shards folder (manifest.json) or a latent store."""
-    if exists(join(to_url(cfg.data_path), "manifest.json")):
+    if exists(join(to_url(cfg.store), "manifest.json")):
         return ShardSource(cfg, batch_size, d)
     return StoreSource(cfg, batch_size, d)
 
@@ -278,7 +278,7 @@ class Trainer(TrainingLoop):
         self.source = open_source(cfg, self.batch_size, d)
         self.latent_shape = self.source.latent_shape
         if self.source.steps_per_epoch == 0:
-            raise StageError(f"{cfg.data_path} has {self.source.rows_done} usable rows, fewer than one global batch "
+            raise StageError(f"{cfg.store} has {self.source.rows_done} usable rows, fewer than one global batch "
                              f"of {cfg.global_batch_size}: lower --global-batch-size")
         super().__init__(cfg.output, d, Schedule(
             max_steps=cfg.max_steps, max_epochs=cfg.epochs, steps_per_epoch=self.source.steps_per_epoch,

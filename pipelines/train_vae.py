@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import Cli, ShowProgress, StageConfig
+from pipelines.config import Cli, Shards, ShowProgress, StageConfig, Teacher, TeacherInputSize
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.registry import Stage
 from pipelines.render import image_grid
@@ -45,7 +45,7 @@ from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
 
 SAMPLE_IMAGES = 8
-RESUME_KEYS = ("data_path", "split", "vae_config", "dino_model", "dino_input_size", "batch_size", "seed",
+RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size", "batch_size", "seed",
                "align_hidden_dim", "align_layers", "disc_channels", "disc_layers", "shuffle_buffer")
 
 
@@ -56,7 +56,7 @@ RESUME_KEYS = ("data_path", "split", "vae_config", "dino_model", "dino_input_siz
 class TrainVAEConfig(StageConfig):
     """Inputs of `reals train-vae`."""
 
-    data_path: str = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
+    shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
     output: str = Field(description="run URL for checkpoints, log.jsonl and sample grids (local or s3://)")
     split: str = Field("train", description="shard split to train on")
     vae_config: str = Field("demo",
@@ -64,9 +64,9 @@ class TrainVAEConfig(StageConfig):
     vae_ckpt: str | None = Field(None,
         description="initial VAE weights (local): a diffusers AutoencoderKL dir or a state_dict file")
     disc_ckpt: str | None = Field(None, description="initial discriminator weights (local state_dict file)")
-    dino_model: str = Field("efficientnet_lite0",
+    teacher: Teacher = Field("efficientnet_lite0",
         description="teacher: efficientnet_lite0 (offline), dinov2_vitb14 (ReaLS), ...")
-    dino_input_size: int | None = Field(None, gt=0, description="teacher input size in px (default: the teacher's own)")
+    teacher_input_size: TeacherInputSize = Field(None, gt=0, description="teacher input size in px (default: the teacher's own)")
     teacher_weights_dir: str | None = Field(None,
         description="folder holding DINOv2 teacher weights (default: $REALS_DINOV2_DIR, HF cache)")
     align_weight: float = Field(0.5, ge=0,
@@ -195,13 +195,13 @@ class Trainer(TrainingLoop):
 
     def __init__(self, cfg: TrainVAEConfig, d: Dist):
         self.cfg = cfg
-        self.urls = shard_urls(cfg.data_path, cfg.split)
+        self.urls = shard_urls(cfg.shards, cfg.split)
         if not self.urls:
-            raise StageError(f"no {cfg.split} shards under {cfg.data_path}")
+            raise StageError(f"no {cfg.split} shards under {cfg.shards}")
         if d.enabled and len(self.urls) < d.world:
             raise StageError(f"{len(self.urls)} {cfg.split} shards for {d.world} ranks: re-shard with a smaller "
                              "--shard-size so that every rank gets at least one shard")
-        manifest = read_manifest(cfg.data_path)
+        manifest = read_manifest(cfg.shards)
         self.resolution = int(manifest["resolution"])
         self.count = int(manifest["splits"][cfg.split]["count"])
         super().__init__(cfg.output, d, Schedule(
@@ -217,7 +217,7 @@ class Trainer(TrainingLoop):
             raise StageError(f"image size {self.resolution} is not a multiple of the VAE's downsampling factor {f}")
         side = self.resolution // f
         self.latent_shape = [vae.config.latent_channels, side, side]
-        self.teacher = build_teacher(cfg.dino_model, cfg.dino_input_size, cfg.teacher_weights_dir).to(d.device)
+        self.teacher = build_teacher(cfg.teacher, cfg.teacher_input_size, cfg.teacher_weights_dir).to(d.device)
         check_compatible((side, side), self.teacher.grid)
         align = AlignNet(vae.config.latent_channels, self.teacher.width, cfg.align_hidden_dim, cfg.align_layers)
         self.model = ReaLSVAE(vae, align).to(d.device)
@@ -266,7 +266,7 @@ class Trainer(TrainingLoop):
                         "input_size": self.teacher.input_size, "width": self.teacher.width,
                         "grid": list(self.teacher.grid)},
             "perceptual": self.criterion.perceptual.describe(),
-            "data_fingerprint": read_manifest(self.cfg.data_path).get("fingerprint"),
+            "data_fingerprint": read_manifest(self.cfg.shards).get("fingerprint"),
         }
 
     # -- one step -------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class Trainer(TrainingLoop):
         return reconstruction_grid(self.model, self.samples, self.d.device)
 
     def empty_epoch(self) -> str:
-        return (f"no full batch of {self.cfg.batch_size} images in {self.cfg.data_path} ({self.count} listed, "
+        return (f"no full batch of {self.cfg.batch_size} images in {self.cfg.shards} ({self.count} listed, "
                 f"{len(self.skipped)} undecodable): lower --batch-size")
 
     # -- the run --------------------------------------------------------------------------------------

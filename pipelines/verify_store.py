@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import Cli, StageConfig
+from pipelines.config import Cli, Shards, StageConfig
 from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from reals.vae import stored_statistics
@@ -25,7 +25,7 @@ class VerifyStoreConfig(StageConfig):
     """Settings of ``reals verify-store``."""
 
     store: Annotated[str, Cli(positional=True)] = Field(description="latent store URL (its newest version, or a version's own URL)")
-    data_path: str = Field(description="dataset URL of the shards the store was encoded from")
+    shards: Shards = Field(description="URL of the shards the store was encoded from")
     vae_path: str = Field(description="ReaLS VAE directory the store should have been encoded with")
     num_samples: int = Field(16, ge=0, description="random done rows to re-encode and compare")
     seed: int = Field(0, description="seed of the row sample")
@@ -146,7 +146,7 @@ def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
     """Run the three checks and collect every problem."""
     store = LatentStore.open(config.store, config.version)
     resolution = int(store.attrs["resolution"])
-    _, shards = source_shards(config.data_path, store.attrs.get("split", "train"))
+    _, shards = source_shards(config.shards, store.attrs.get("split", "train"))
     teacher = store.attrs.get("teacher") or {}
     vae, teacher_model = load_models(config.vae_path, teacher.get("name"), teacher.get("input_size"), "cpu")
     problems = check_provenance(store, vae, resolution)

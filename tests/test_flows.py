@@ -331,10 +331,10 @@ def test_shipped_configs_build_every_stage():
     demo = {s.name: s.config for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
     assert list(demo) == STAGES + ["downstream"]
     assert demo["sample"].save_latents and demo["downstream"].samples == demo["sample"].output
-    assert demo["train-vae"].dino_model == "efficientnet_lite0" and demo["train-vae"].perceptual == "none"
+    assert demo["train-vae"].teacher == "efficientnet_lite0" and demo["train-vae"].perceptual == "none"
     paper = {s.name: s.config for s in plan_steps(load_pipeline_config(CONFIGS / "imagenet256-reals.yaml"))}
     assert "synthetic" not in paper and "make-reference" not in paper
-    assert (paper["train-vae"].dino_model, paper["train-vae"].dino_input_size) == ("dinov2_vitb14", 448)
+    assert (paper["train-vae"].teacher, paper["train-vae"].teacher_input_size) == ("dinov2_vitb14", 448)
     assert (paper["train-sit"].model, paper["train-sit"].global_batch_size) == ("SiT-XL/2", 256)
     s = paper["sample"]
     assert (s.mode, s.num_sampling_steps, s.cfg_scale, s.guidance_interval, s.num_fid_samples) == (

@@ -8,8 +8,8 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.checkpoints import LOG, load_checkpoint, read_log
-from pipelines.train_vae import TrainVAEConfig, run
+from pipelines.checkpoints import LOG, check_resumable, load_checkpoint, read_log
+from pipelines.train_vae import RESUME_KEYS, TrainVAEConfig, run
 from reals import ReaLSError
 from reals.losses import AutoencoderLoss
 from storage.fs import exists, join, read_bytes
@@ -138,9 +138,23 @@ def test_cli_yaml_and_flags(tiny_shards, tmp_path, capsys):
     assert main(args + ["--max-steps", "2", "--align-weight", "0"]) == 0
     printed = capsys.readouterr().out
     assert "unaligned baseline" in printed and "perceptual: none" in printed
-    assert json.loads(read_bytes(join(out, "config.json")))["align_weight"] == 0
+    recorded = json.loads(read_bytes(join(out, "config.json")))
+    assert recorded["align_weight"] == 0 and (recorded["shards"], recorded["teacher"]) == (tiny_shards, "tiny-dinov2")
     assert main(args) == 2  # neither --max-steps nor --max-epoch
     assert "--max-steps or --max-epoch" in capsys.readouterr().err
     assert main(args + ["--max-epoch", "1"]) == 2  # the run exists and --resume is missing
     assert main(args + ["--max-epoch", "1", "--resume"]) == 0
     assert load_checkpoint(join(out, "0000006.pt"))["epoch"] == 1
+
+
+def test_renamed_fields_still_read_their_reals_names(tiny_shards, tmp_path):
+    """`shards`/`teacher`/`teacher_input_size` take YAML's and old checkpoints' `data_path`/`dino_model`/..."""
+    config = tiny_config(tiny_shards, str(tmp_path / "run"), max_steps=1, dino_input_size=56)
+    assert (config.shards, config.teacher, config.teacher_input_size) == (tiny_shards, "tiny-dinov2", 56)
+    dumped = config.model_dump()
+    assert {"shards", "teacher", "teacher_input_size"} <= set(dumped) and "data_path" not in dumped
+    former = {"shards": "data_path", "teacher": "dino_model", "teacher_input_size": "dino_input_size"}
+    saved = {former.get(k, k): v for k, v in dumped.items()}  # a checkpoint written before the rename
+    check_resumable(config.output, saved, config, RESUME_KEYS)
+    with pytest.raises(StageError, match="cannot resume .*: shards was 'elsewhere'"):
+        check_resumable(config.output, {**saved, "data_path": "elsewhere"}, config, RESUME_KEYS)
