@@ -1,4 +1,7 @@
-"""Training batches from a latent store: chunk-sized reads, shuffled, posterior-sampled, split across ranks.
+"""Training data from a latent store: chunk-sized reads, shuffled, posterior-sampled, split across ranks.
+
+``LatentLoader`` yields batches itself (the trainers' loader); ``LatentDataset`` is the same data one sample
+at a time as a torch ``IterableDataset``, for ``torch.utils.data.DataLoader`` and its workers.
 
 Each epoch the done rows are ordered by a seeded permutation of their row chunks (the same on every
 rank), cut into one contiguous segment per rank, and read in pools of ``shuffle_buffer`` rows; each pool
@@ -9,12 +12,14 @@ every rank yields the same number of full batches, as DDP needs; without it rank
 """
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import threading
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.latent_store import FLIP_ARRAYS, LATENT_ARRAYS, LatentStore
 
@@ -136,18 +141,22 @@ class LatentLoader:
             mean += std * rng.standard_normal(mean.shape, dtype=np.float32)
         return mean
 
-    def _batches(self, epoch: int):
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        segment = self._segment(epoch)
-        carry_z = np.zeros((0, *self.latent_shape), np.float32)
-        carry_y = np.zeros(0, np.int64)
+    def _pools(self, segment: np.ndarray, rng: np.random.Generator):
+        """``(latents, labels)`` of ``segment`` in pools of ``shuffle_buffer`` rows, each shuffled in memory."""
         for start in range(0, len(segment), self.shuffle_buffer):
             positions = np.sort(segment[start:start + self.shuffle_buffer])
             pool = self._read(positions)
             perm = rng.permutation(len(positions))
             pool = {n: a[perm] for n, a in pool.items()}
-            z = np.concatenate([carry_z, self._latents(pool, rng)])
-            y = np.concatenate([carry_y, pool["labels"].astype(np.int64)])
+            yield self._latents(pool, rng), pool["labels"].astype(np.int64)
+
+    def _batches(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        carry_z = np.zeros((0, *self.latent_shape), np.float32)
+        carry_y = np.zeros(0, np.int64)
+        for z, y in self._pools(self._segment(epoch), rng):
+            z = np.concatenate([carry_z, z])
+            y = np.concatenate([carry_y, y])
             full = len(z) // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
                 yield torch.from_numpy(z[b:b + self.batch_size]), torch.from_numpy(y[b:b + self.batch_size])
@@ -187,3 +196,68 @@ class LatentLoader:
         finally:
             stop.set()
             thread.join()
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed``, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class LatentDataset(IterableDataset):
+    """Samples ``(latent float32 [C, h, w], label int)`` of a latent store, for ``torch.utils.data.DataLoader``.
+
+    The latent is normalised (SiT's input): the posterior mean, or with ``sample_posterior`` a posterior
+    sample ``mean + std * eps``, of the image or (``flip``, at random) its mirror. The done rows, fixed when the
+    dataset is made, are split among ranks as ``LatentLoader`` splits them (``rank``/``world_size``, default
+    from ``torch.distributed``), and each rank's share among its DataLoader workers in contiguous parts: the
+    (rank, worker) parts are disjoint, and with ``drop_last=False`` they cover every done row exactly once per
+    epoch (``drop_last=True`` gives every rank the same count, as DDP needs). Call ``set_epoch`` before each
+    epoch on every rank, as with ``DistributedSampler``: what each rank serves is a function of ``(seed,
+    epoch)``, the order and noise also of its worker count (persistent workers keep the epoch they started).
+    A worker process opens the store again, with its own storage clients. The store's facts (``attrs``: the
+    provenance with ``latents_mean``/``latents_std``; ``latent_shape``, ``num_classes``, ``rows_done``,
+    ``rows_total``) are the loader's.
+    """
+
+    FACTS = ("attrs", "latent_shape", "num_classes", "rows_done", "rows_total")
+
+    def __init__(self, store_url: str, rank: int | None = None, world_size: int | None = None, seed: int = 0,
+                 flip: bool = True, sample_posterior: bool = True, drop_last: bool = False,
+                 shuffle_buffer: int = 1024, in_memory: bool | str = False, version: str | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = _distributed_rank()
+        self.loader = LatentLoader(store_url, batch_size=1, rank=rank, world_size=world_size, seed=seed, flip=flip,
+                                   sample_posterior=sample_posterior, in_memory=in_memory, drop_last=drop_last,
+                                   shuffle_buffer=shuffle_buffer, version=version)
+        self.epoch = 0
+        self._pid = os.getpid()
+
+    def __getattr__(self, name: str):
+        if name in self.FACTS:
+            return getattr(self.loader, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Samples this rank serves per epoch (all its workers together)."""
+        return self.loader._segment_length()
+
+    def __iter__(self):
+        if os.getpid() != self._pid:  # a forked DataLoader worker: storage clients do not survive a fork
+            self.loader = copy.copy(self.loader)
+            self.loader.store = self.loader.store.reopened()
+            self._pid = os.getpid()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader = self.loader
+        part = np.array_split(loader._segment(self.epoch), workers)[worker]
+        rng = np.random.default_rng([loader.seed, self.epoch, loader.rank, workers, worker])
+        for z, y in loader._pools(part, rng):
+            for i in range(len(y)):
+                yield torch.from_numpy(z[i]), int(y[i])

@@ -133,17 +133,24 @@ class LatentStore:
     def open(cls, url: str, version: str | None = None) -> "LatentStore":
         """Open a store for reading; warns when some rows are not encoded yet (only done rows are served)."""
         root, group_url = cls.resolve(url, version)
-        try:
-            group = zarr.open_group(zarr_store(group_url, read_only=True), mode="r", zarr_format=3)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise StorageError(f"no latent store group at {group_url}") from e
-        store = cls(group, group_url, root)
+        store = cls(cls._read_group(group_url), group_url, root)
         markers = store.markers()
         missing = sum(e["count"] for e in store.shard_map if not store.marker_agrees(markers.get(e["name"]), e))
         if missing:
             warnings.warn(f"latent store {group_url}: {missing} of {store.num_samples} rows are not encoded "
                           f"yet; only done rows are readable", MissingRowsWarning, stacklevel=2)
         return store
+
+    @staticmethod
+    def _read_group(group_url: str) -> zarr.Group:
+        try:
+            return zarr.open_group(zarr_store(group_url, read_only=True), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise StorageError(f"no latent store group at {group_url}") from e
+
+    def reopened(self) -> "LatentStore":
+        """This version opened again for reading, with fresh storage clients (e.g. in a forked process)."""
+        return type(self)(self._read_group(self.url), self.url, self.root_url)
 
     @staticmethod
     def has_version(url: str, fingerprint: str) -> bool:

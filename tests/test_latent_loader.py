@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.latent_loader import LatentLoader
+from storage.latent_loader import LatentDataset, LatentLoader
 from storage.latent_store import LatentStore, MissingRowsWarning, rows_checksum
 
 SHAPE = (2, 2, 2)
@@ -132,3 +132,62 @@ def test_reads_from_s3_and_stops_early(s3_bucket):
         if i == 1:
             break
     assert len(list(loader)) == len(loader)
+
+
+# ----------------------------------------------------------------- LatentDataset (torch DataLoader)
+
+
+def dataset_epoch(url, rank, world_size, num_workers, epoch=0, **kw):
+    """Labels and first latent values one rank's DataLoader serves in ``epoch``."""
+    from torch.utils.data import DataLoader
+
+    data = LatentDataset(url, rank=rank, world_size=world_size, flip=False, sample_posterior=False, **kw)
+    data.set_epoch(epoch)
+    labels, values = [], []
+    for z, y in DataLoader(data, batch_size=4, num_workers=num_workers):
+        assert z.shape[1:] == SHAPE and z.dtype == torch.float32 and y.dtype == torch.int64
+        labels.append(y)
+        values.append(z[:, 0, 0, 0])
+    return torch.cat(labels).numpy(), torch.cat(values), len(data)
+
+
+@pytest.mark.parametrize("where, num_workers", [("local", 0), ("local", 2), ("s3", 2)])
+def test_dataset_ranks_and_workers_cover_the_done_rows_once(where, num_workers, tmp_path, request):
+    url = str(tmp_path / "latents") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/latents"
+    with pytest.warns(MissingRowsWarning):
+        build_store(url, marked=(0, 2))
+        expected = np.flatnonzero(LatentStore.open(url).done_rows())
+    orders = []
+    for epoch in (0, 1) if where == "local" else (0,):  # S3 (workers open their own clients): one epoch
+        with pytest.warns(MissingRowsWarning):
+            served = [dataset_epoch(url, r, 2, num_workers, epoch, shuffle_buffer=8) for r in range(2)]
+        labels = [s[0] for s in served]
+        assert sorted(np.concatenate(labels).tolist()) == expected.tolist()  # each done row once, no other
+        assert not set(labels[0]) & set(labels[1])
+        assert [len(x) for x in labels] == [s[2] for s in served]  # len() is the rank's share
+        for lab, values, _ in served:  # rows hold their own number: the latent is the row's
+            assert torch.equal(values, torch.from_numpy(lab).float())
+        orders.append(np.concatenate(labels))
+    if where == "s3":
+        return
+    assert not np.array_equal(orders[0], orders[1])  # set_epoch reshuffles
+    with pytest.warns(MissingRowsWarning):
+        again = np.concatenate([dataset_epoch(url, r, 2, num_workers, 1, shuffle_buffer=8)[0] for r in range(2)])
+    assert np.array_equal(again, orders[1])  # ... deterministically
+
+
+def test_dataset_per_sample_defaults_and_pickling(store_url):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    data = LatentDataset(store_url, seed=3)
+    assert (data.latent_shape, data.num_classes, len(data)) == (SHAPE, 1000, 44)
+    samples = list(DataLoader(data, batch_size=None))  # per-sample, as the issue's DataLoader(..., batch_size=None)
+    z = torch.stack([s[0] for s in samples])
+    labels = torch.tensor([s[1] for s in samples])
+    assert sorted(labels.tolist()) == list(range(20)) + list(range(24, 37)) + list(range(40, 51))
+    signs = torch.sign(z.mean(dim=(1, 2, 3)))[labels > 2]
+    assert (signs > 0).any() and (signs < 0).any()  # flips by default (mean_flip = -row here)
+    again = pickle.loads(pickle.dumps(data))  # a spawned worker gets a pickled copy
+    assert sorted(int(y) for _, y in again) == sorted(labels.tolist())
