@@ -34,8 +34,8 @@ def bare_loop(root: Path) -> float:
 def units_in_process(root: Path, out: Path) -> float:
     """Images/s of the shard units (tars, markers) run one after another in this process, without Ray."""
     start = time.perf_counter()
-    _, units, _, _ = plan(ShardConfig(images=str(root), output=str(out), resolution=RESOLUTION,
-                                      shard_size=SHARD_SIZE, image_format=FORMAT))
+    units = plan(ShardConfig(images=str(root), output=str(out), resolution=RESOLUTION,
+                             shard_size=SHARD_SIZE, image_format=FORMAT)).units
     images = sum(process_unit(unit)["count"] for unit in units)
     return images / (time.perf_counter() - start)
 

@@ -142,8 +142,9 @@ def shard_artifacts(summary) -> None:
         "split": split, "classes": summary.classes, "shards": summary.shards, "written": summary.shards_written,
         "already done": summary.shards_skipped, "redone": summary.shards_redone, "images": summary.images,
         "upsampled": summary.upsampled, "skipped files": summary.skipped_files,
-        "empty classes": len(summary.empty_classes), "output": summary.output,
-    }], f"WebDataset shards of split {split!r}")
+        "empty classes": len(summary.empty_classes), "new files": summary.new_files,
+        "removed since sharded": len(summary.removed), "output": summary.output,
+    }], f"WebDataset shards of split {split!r} (removed files keep their samples in their shards)")
     table(f"shard-{split}-skipped-files", [s.model_dump() for s in summary.skipped],
           f"input files of split {split!r} left out of the shards, and why")
 

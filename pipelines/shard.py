@@ -2,30 +2,36 @@
 
 Input: ``<data-path>/<split>/<class-id>/<file>``. Class folders are sorted and a class's index is its
 position in that order (when other splits are already in the output's manifest, its class list is kept
-so that labels agree across splits). Files are sorted; shard ``i`` holds files ``[i*size, (i+1)*size)``.
+so that labels agree across splits). Files are sorted; the first run gives shard ``i`` files
+``[i*size, (i+1)*size)`` and records that assignment (``pipelines.assignment``): later runs keep it, put
+files that arrived anywhere in the tree into new shards, and report files removed since (their samples
+stay in their shards). A class folder that the recorded class list lacks is refused by name.
 
 Each shard ``{split}-{i:06d}.tar`` holds ``{key}.png|.jpg`` (the ADM center crop, see
 ``pipelines.imaging``), ``{key}.cls`` and ``{key}.json`` (source path relative to the data path, original
-size, mode, format, class id); keys are ``<class-id>_<stem>_<index>``, ASCII, without dots. Its marker
-``{split}-{i:06d}.json`` (counts, skipped files with reasons, sha256 of the tar, fingerprint of the
-shard's inputs and settings) is written last; a re-run skips a shard whose marker agrees with its inputs
-and tar and rewrites it otherwise. Files that cannot be read or decoded are skipped and reported, never
-fatal. ``manifest.json`` is written after all shards and merges the splits already in it.
+size, mode, format, class id); keys are ``<class-id>_<stem>_<position in the split>``, ASCII, without
+dots. Its marker ``{split}-{i:06d}.json`` (counts, skipped files with reasons, sha256 of the tar,
+fingerprint of the shard's inputs and settings) is written last; a re-run skips a shard whose marker
+agrees with its inputs (or, for a shard that lost source files since, with its settings) and tar, and
+rewrites it otherwise. Files that cannot be read or decoded are skipped and reported, never fatal.
+``manifest.json`` is written after all shards and merges the splits already in it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
 import unicodedata
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from PIL import UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
+from pipelines.assignment import Assignment, assign, record_name, shard_name, to_record
 from pipelines.config import Images, ShowProgress, StageConfig
 from pipelines.imaging import prepare
 from pipelines.registry import Stage
@@ -34,6 +40,7 @@ from storage.markers import fingerprint, read_json, sha256_url, write_json
 from storage.shards import write_shard
 
 FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone
+LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``
 
 
 class ShardConfig(StageConfig):
@@ -71,6 +78,8 @@ class ShardSummary(BaseModel):
     skipped_files: int
     skipped: list[SkippedFile]
     empty_classes: list[str]
+    new_files: int
+    removed: list[str]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,37 +115,32 @@ def class_folders(split_dir: str) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def list_split(images: str, split: str, classes: list[str] | None = None) -> tuple[list[str], list[list], list[str]]:
-    """``(classes, entries, empty_classes)``; an entry is ``[rel_path, cls, class_id, key, size, mtime_ns]``.
+def list_split(images: str, split: str) -> tuple[list[str], list[list], list[str]]:
+    """``(class_folders, files, empty_classes)``; a file is ``[rel_path, size, mtime_ns]``, sorted by class, then name.
 
-    ``classes`` (from an existing manifest) fixes the label order; otherwise the sorted class folders do
-    (names as ``printable`` gives them).
     Every non-directory entry is listed (broken links included) so that unreadable files get reported.
     """
     split_dir = _split_dir(images, split)
     found = class_folders(split_dir)
     if not found:
         raise StageError(f"no class folders in {split_dir}: expected {split}/<class-id>/<images>")
-    classes = classes or [printable(c) for c in found]
-    index = {c: i for i, c in enumerate(classes)}
-    entries, empty = [], []
+    files, empty = [], []
     for cid in found:
         with os.scandir(os.path.join(split_dir, cid)) as it:
-            files = sorted((e for e in it if not e.is_dir()), key=lambda e: e.name)
-        if not files:
+            listed = sorted((e for e in it if not e.is_dir()), key=lambda e: e.name)
+        if not listed:
             empty.append(printable(cid))
-        for e in files:
+        for e in listed:
             try:
                 st = e.stat()
                 size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1
-            key = f"{sanitize(cid)}_{sanitize(os.path.splitext(e.name)[0])}_{len(entries):07d}"
-            entries.append([f"{split}/{cid}/{e.name}", index[printable(cid)], cid, key, size, mtime])
-    if not entries:
+            files.append([f"{split}/{cid}/{e.name}", size, mtime])
+    if not files:
         raise StageError(f"split {split!r} of {images} holds no files (empty class folders: "
                          f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
-    return classes, entries, empty
+    return found, files, empty
 
 
 def _digest(rows, *settings) -> str:
@@ -144,10 +148,6 @@ def _digest(rows, *settings) -> str:
     for row in rows:
         h.update(json.dumps(row).encode() + b"\n")
     return h.hexdigest()[:16]
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,9 +184,20 @@ def _samples(unit: dict, skipped: list, upsampled: list):
                         "format": info["format"]}}
 
 
+def _current(marker: dict | None, unit: dict) -> bool:
+    """The marker is for this shard's inputs and settings; a shard that lost source files since is kept as
+    it is (those samples stay) when its marker has the unit's settings."""
+    if not marker:
+        return False
+    if marker.get("unit") == unit["fingerprint"]:
+        return True
+    settings = ("resolution", "image_format", "format_version")
+    return unit["removed"] > 0 and [marker.get(k) for k in settings] == [unit[k] for k in settings]
+
+
 def _agrees(marker: dict | None, unit: dict, tar_url: str) -> bool:
-    """The marker is for these inputs and settings, and the tar is the one it describes."""
-    if not marker or marker.get("unit") != unit["fingerprint"]:
+    """The marker is current for the unit, and the tar is the one it describes."""
+    if not _current(marker, unit):
         return False
     fs, path = sfs.filesystem(tar_url)
     if not fs.exists(path) or fs.size(path) != marker.get("bytes"):
@@ -235,15 +246,20 @@ def _previous_classes(manifest: dict | None, config: ShardConfig, found_split_cl
             raise StageError(f"{config.output} holds splits {others} with {field}={manifest.get(field)!r}; "
                              f"use the same --{field.replace('_', '-')} or another --output")
     classes = manifest["classes"]
-    extra = sorted({printable(c) for c in found_split_classes} - set(classes))
-    if extra:
-        raise StageError(f"class folders {extra[:3]} of split {config.split!r} are not in the classes of "
-                         f"{config.output} (splits {others}); shard all splits from the same dataset")
+    _refuse_new_classes(found_split_classes, classes, config, f"splits {others}")
     return classes
 
 
+def _refuse_new_classes(found: list[str], classes: list[str], config: ShardConfig, holder: str) -> None:
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise StageError(f"class folders {extra[:3]} of split {config.split!r} are not in the classes of "
+                         f"{config.output} ({holder}); labels of written shards cannot change: move them out, "
+                         "or shard all splits into a new --output")
+
+
 def _remove_stale(output: str, split: str, count: int) -> None:
-    """Delete shards of this split numbered beyond the current shard count (the input shrank)."""
+    """Delete shards of this split numbered beyond the assigned shard count (left over from another input)."""
     pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|json)$")
     for url in sfs.list_files(output):
         m = pattern.match(url.rsplit("/", 1)[-1])
@@ -251,28 +267,48 @@ def _remove_stale(output: str, split: str, count: int) -> None:
             sfs.remove(url)
 
 
-def plan(config: ShardConfig) -> tuple[list[str], list[dict], list[str], str]:
-    """``(classes, units, empty_classes, split_fingerprint)``: the work, as a pure function of the input."""
+class Plan(NamedTuple):
+    """The work of one run, a pure function of the input and the recorded assignment."""
+
+    classes: list[str]
+    units: list[dict]
+    empty: list[str]
+    fingerprint: str  # of the split's listing (paths, sizes, times)
+    assignment: Assignment
+
+
+def plan(config: ShardConfig) -> Plan:
+    """The recorded shards (and new ones for unassigned files) as units, with the split's classes."""
     output = sfs.to_url(config.output)
     manifest = read_json(sfs.join(output, "manifest.json"))
-    found = class_folders(_split_dir(config.images, config.split))
-    classes, entries, empty = list_split(config.images, config.split,
-                                         _previous_classes(manifest, config, found))
-    settings = (config.resolution, config.image_format, FORMAT_VERSION)
+    folders, files, empty = list_split(config.images, config.split)
+    found = [printable(c) for c in folders]
+    listing_fingerprint = _digest(files)
+    a = assign(output, config.split, manifest, [f[0] for f in files], listing_fingerprint,
+               _previous_classes(manifest, config, found) or found, config.shard_size)
+    _refuse_new_classes(found, a.classes, config, f"recorded in {record_name(config.split)}")
+    index = {c: i for i, c in enumerate(a.classes)}
+    stats = {rel: (size, mtime) for rel, size, mtime in files}
+    settings = {"resolution": config.resolution, "image_format": config.image_format, "format_version": FORMAT_VERSION}
     root = os.path.abspath(config.images.removeprefix("file://"))
-    units = []
-    for i, start in enumerate(range(0, len(entries), config.shard_size)):
-        rows = entries[start:start + config.shard_size]
+    units, position = [], 0
+    for i, sources in enumerate(a.shards):
+        rows = []
+        for rel in sources:
+            _, cid, name = rel.split("/")
+            key = f"{sanitize(cid)}_{sanitize(os.path.splitext(name)[0])}_{position:07d}"
+            rows.append([rel, index[printable(cid)], cid, key, *stats.get(rel, (-1, -1))])
+            position += 1
         units.append({
-            "index": i, "split": config.split, "output": output, "root": root,
-            "resolution": config.resolution, "image_format": config.image_format,
-            "entries": [row[:4] for row in rows], "fingerprint": _digest(rows, *settings),
+            "index": i, "split": config.split, "output": output, "root": root, **settings,
+            "entries": [row[:4] for row in rows], "fingerprint": _digest(rows, *settings.values()),
+            "removed": sum(rel not in stats for rel in sources),
         })
-    return classes, units, empty, _digest([[r[0], r[4], r[5]] for r in entries])
+    return Plan(a.classes, units, empty, listing_fingerprint, a)
 
 
 def _write_manifest(config: ShardConfig, output: str, classes: list[str], results: list[dict],
-                    split_fingerprint: str) -> None:
+                    split_fingerprint: str, removed: list[str]) -> None:
     url = sfs.join(output, "manifest.json")
     previous = read_json(url) or {}
     splits = {s: v for s, v in previous.get("splits", {}).items() if s != config.split}
@@ -282,6 +318,8 @@ def _write_manifest(config: ShardConfig, output: str, classes: list[str], result
         "shard_size": config.shard_size,
         "skipped": sum(len(r["skipped"]) for r in results),
         "fingerprint": split_fingerprint,
+        "assignment": record_name(config.split),
+        "removed": [printable(rel) for rel in removed],
     }
     splits = dict(sorted(splits.items()))
     write_json(url, {
@@ -303,7 +341,15 @@ def run(config: ShardConfig) -> ShardSummary:
     from pipelines.parallel import ensure_ray, map_units
 
     output = sfs.to_url(config.output)
-    classes, units, empty, split_fingerprint = plan(config)
+    p = plan(config)
+    classes, units, a = p.classes, p.units, p.assignment
+    if not a.recorded:  # before any shard, so that a killed run resumes into the same shards
+        write_json(sfs.join(output, record_name(config.split)), to_record(config.split, a))
+    if a.removed:
+        LOGGER.warning("%d source files of %s were removed since they were sharded; their samples stay in their "
+                       "shards (listed under splits.%s.removed in manifest.json): %s%s", len(a.removed),
+                       config.split, config.split, ", ".join(map(printable, a.removed[:5])),
+                       " ..." if len(a.removed) > 5 else "")
     _remove_stale(output, config.split, len(units))
     results = []
     if units:
@@ -315,7 +361,7 @@ def run(config: ShardConfig) -> ShardSummary:
     if failed:
         raise StageError(f"{len(failed)} of {len(units)} shards failed (first: {failed[0]['shard']}: "
                          f"{failed[0]['error']}); re-run to retry them")
-    _write_manifest(config, output, classes, results, split_fingerprint)
+    _write_manifest(config, output, classes, results, p.fingerprint, a.removed)
     skipped = [SkippedFile(**s) for r in results for s in r["skipped"]]
     statuses = [r["status"] for r in results]
     return ShardSummary(
@@ -323,7 +369,7 @@ def run(config: ShardConfig) -> ShardSummary:
         shards_written=statuses.count("written"), shards_skipped=statuses.count("skipped"),
         shards_redone=statuses.count("redone"), images=sum(r["count"] for r in results),
         upsampled=sum(r["upsampled"] for r in results), skipped_files=len(skipped), skipped=skipped,
-        empty_classes=empty,
+        empty_classes=p.empty, new_files=len(a.new), removed=[printable(rel) for rel in a.removed],
     )
 
 
@@ -336,19 +382,19 @@ def complete(config: ShardConfig) -> str | None:
     if (manifest["resolution"], manifest["image_format"], info["shard_size"]) != (
             config.resolution, config.image_format, config.shard_size):
         return "manifest.json was written with other settings"
-    _, units, _, split_fingerprint = plan(config)
-    if info.get("fingerprint") != split_fingerprint or len(units) != len(info["shards"]):
+    p = plan(config)
+    if info.get("fingerprint") != p.fingerprint or len(p.units) != len(info["shards"]):
         return f"the {config.split} folder changed since it was sharded"
-    for u in units:
+    for u in p.units:
         marker = read_json(sfs.join(sfs.to_url(config.output), shard_name(config.split, u["index"]) + ".json"))
-        if not marker or marker.get("unit") != u["fingerprint"]:
+        if not _current(marker, u):
             return f"shard {shard_name(config.split, u['index'])} has no current marker"
     return None
 
 
 def progress(config: ShardConfig):
     """A function giving the fraction of the split's shards whose marker is written."""
-    total = max(1, len(plan(config)[1]))
+    total = max(1, len(plan(config).units))
     marker = re.compile(rf"^{re.escape(config.split)}-\d{{6}}\.json$")
     output = sfs.to_url(config.output)
     return lambda: sum(1 for u in sfs.list_files(output, ".json") if marker.match(u.rsplit("/", 1)[-1])) / total
@@ -363,7 +409,9 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
     rows = {"output": summary.output, "classes": summary.classes, "shards": summary.shards,
             "shards written": summary.shards_written, "shards already done": summary.shards_skipped,
             "shards redone": summary.shards_redone, "images": summary.images,
-            "upsampled (smaller than target)": summary.upsampled, "skipped files": summary.skipped_files}
+            "upsampled (smaller than target)": summary.upsampled, "skipped files": summary.skipped_files,
+            "new files (in new shards)": summary.new_files,
+            "removed since sharded (samples kept)": len(summary.removed)}
     for name, value in rows.items():
         table.add_row(name, str(value))
     console = Console()
@@ -379,5 +427,6 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
 STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
                 help="pack an ImageNet-layout folder into WebDataset shards",
                 description="Pack the images of one split (--data-path/split/class-id/*) into WebDataset shards (ADM center "
-                            "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards and "
-                            "redo broken ones; unreadable or corrupt files are skipped and listed.")]
+                            "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards, put files "
+                            "that arrived since into new shards and redo broken ones; removed files are reported "
+                            "(their samples stay); unreadable or corrupt files are skipped and listed.")]

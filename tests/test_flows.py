@@ -180,6 +180,15 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     assert (current.shards_encoded, current.shards_skipped) == (0, 2)
     assert (new.version, new.shards_encoded, new.rows_done) == (raw.fingerprint, 2, 48)
 
+    # an image arriving in the first class: one new shard, and only its row encoded for each VAE version
+    first = sorted((out / "data" / "train").iterdir())[0]
+    shutil.copy(sorted(first.iterdir())[-1], first / "aaa_arrival.JPEG")
+    tars = {p.name: p.read_bytes() for p in (out / "shards").glob("train-*.tar")}
+    current, new = reencode(config, vae_paths=[raw.output_dir])
+    assert [(s.shards_encoded, s.shards_skipped, s.rows_encoded) for s in (current, new)] == [(1, 2, 1)] * 2
+    assert {n: (out / "shards" / n).read_bytes() for n in tars} == tars
+    assert sorted(p.name for p in (out / "shards").glob("train-*.tar")) == [*sorted(tars), "train-000002.tar"]
+
 
 def test_shard_flow_reports_skipped_files(prefect_api, ray_session, synthetic_root, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

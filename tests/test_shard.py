@@ -69,8 +69,9 @@ def test_to_rgb_composites_alpha_on_white_and_scales_depth():
 
 def test_assignment_is_a_pure_function_of_the_sorted_listing(synthetic_root, tmp_path):
     config = ShardConfig(data_path=str(synthetic_root), output=str(tmp_path / "o"), shard_size=10)
-    classes, units, empty, fp = plan(config)
-    assert plan(config) == (classes, units, empty, fp) and not empty
+    first = plan(config)
+    classes, units = first.classes, first.units
+    assert plan(config) == first and not first.empty and first.assignment.new and not first.assignment.recorded
     assert [len(u["entries"]) for u in units] == [10, 10, 10, 10, 8]
     flat = [e for u in units for e in u["entries"]]
     assert [e[0] for e in flat] == sorted(e[0] for e in flat)
