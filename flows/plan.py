@@ -10,10 +10,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.layout import Layout, filled_by_layout
+from flows.sections import (SECTION_STAGES, ConvertSection, DownstreamSection, EncodeSection, EvaluateSection,
+                            MakeReferenceSection, SampleDiTSection, SampleSection, ShardSection, SyntheticSection,
+                            TrainSiTSection, TrainVAESection)
 from pipelines import StageError
 from pipelines.config import OptionalImages, StageConfig, build
 from pipelines.registry import outputs_missing, stage
@@ -24,7 +28,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 class PipelineConfig(BaseModel):
-    """The whole chain: a run root, a data source, and per-stage settings (any field of that stage's config)."""
+    """The whole chain: a run root, a data source, and per-stage settings (the fields of that stage's config)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,25 +38,26 @@ class PipelineConfig(BaseModel):
     images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
                                                      "by the Ray nodes); default: the folder data in local_dir")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
-    synthetic: dict[str, Any] | None = Field(None, description="SyntheticConfig fields: when set, a synthetic "
-                                                               "dataset is written to images first")
-    shard: dict[str, Any] = Field(default_factory=dict, description="ShardConfig fields (both splits)")
-    train_vae: dict[str, Any] = Field(default_factory=dict, description="TrainVAEConfig fields")
-    convert: dict[str, Any] = Field(default_factory=dict, description="ConvertConfig fields")
-    encode: dict[str, Any] = Field(default_factory=dict, description="EncodeConfig fields")
+    synthetic: SyntheticSection | None = Field(None, description="when set, a synthetic dataset is written to "
+                                                                 "images first")
+    shard: ShardSection = Field(default_factory=ShardSection, description="sharding (both splits)")
+    train_vae: TrainVAESection = Field(default_factory=TrainVAESection, description="VAE training")
+    convert: ConvertSection = Field(default_factory=ConvertSection, description="checkpoint to ReaLS VAE directory")
+    encode: EncodeSection = Field(default_factory=EncodeSection, description="latent store")
     family: Literal["SiT", "DiT"] | None = Field(
         None, description="generator family: SiT (flow matching; ODE/SDE sampling) or DiT (DDPM with learned "
                           "variance; trained by train-dit on the train_sit settings at the same size, sampled with "
                           "sample_dit); default: the family of train_sit.model")
-    train_sit: dict[str, Any] = Field(default_factory=dict, description="TrainSiTConfig fields")
-    sample: dict[str, Any] = Field(default_factory=dict, description="SampleConfig fields")
-    sample_dit: dict[str, Any] = Field(default_factory=lambda: {"mode": "DDPM"},
-                                       description="SampleConfig fields replacing the sample section's SiT sampler "
-                                                   "settings for a DiT (default: DDPM, 250 respaced steps)")
-    make_reference: dict[str, Any] = Field(default_factory=dict, description="MakeReferenceConfig fields")
-    evaluate: dict[str, Any] = Field(default_factory=dict, description="EvaluateConfig fields")
-    downstream: dict[str, Any] | None = Field(None, description="DownstreamConfig fields: when set (and the data "
-                                                                "has masks/depth), segmentation and depth run last")
+    train_sit: TrainSiTSection = Field(default_factory=TrainSiTSection, description="SiT (or DiT) training")
+    sample: SampleSection = Field(default_factory=SampleSection, description="sampling")
+    sample_dit: SampleDiTSection = Field(default_factory=SampleDiTSection,
+                                         description="the sampler of a DiT, in place of the sample section's")
+    make_reference: MakeReferenceSection = Field(default_factory=MakeReferenceSection,
+                                                 description="reference batch from the val split")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection,
+                                      description="metrics; set ref_batch to use a reference .npz of your own")
+    downstream: DownstreamSection | None = Field(None, description="when set (and the data has masks and depth), "
+                                                                   "segmentation and depth run last")
 
 
 def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> PipelineConfig:
@@ -72,58 +77,6 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> 
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Layout:
-    """Where each stage writes: under the run root, or under the local folder for what must be local."""
-
-    root: str
-    local: str
-
-    @property
-    def data(self) -> str:
-        return os.path.join(self.local, "data")
-
-    @property
-    def vae_dir(self) -> str:
-        return os.path.join(self.local, "vae-dir")
-
-    @property
-    def shards(self) -> str:
-        return join(self.root, "shards")
-
-    @property
-    def vae_run(self) -> str:
-        return join(self.root, "vae")
-
-    @property
-    def store(self) -> str:
-        return join(self.root, "latents")
-
-    @property
-    def sit_run(self) -> str:
-        return join(self.root, "sit")
-
-    @property
-    def samples(self) -> str:
-        return join(self.root, "samples", "samples.npz")
-
-    @property
-    def reference(self) -> str:
-        return join(self.root, "reference", "val.npz")
-
-    @property
-    def metrics(self) -> str:
-        return join(self.root, "metrics.json")
-
-    @property
-    def report(self) -> str:
-        return join(self.root, "report")
-
-    @property
-    def downstream(self) -> str:
-        return join(self.root, "downstream")
-
-
-@dataclass(frozen=True)
 class Step:
     """One stage run of the chain: its name in the run, which stage it is, its config, what it depends on."""
 
@@ -137,9 +90,15 @@ def _config(stage_name: str, section: str, layout_values: dict, given: dict, fix
     return build(stage(stage_name).config, {**layout_values, **given, **(fixed or {})}, f"pipeline section {section}.")
 
 
+def _step(name: str, section: str, pc: PipelineConfig, fill: dict, after: tuple[str, ...],
+          fixed: dict | None = None) -> Step:
+    return Step(name, SECTION_STAGES[section], _config(SECTION_STAGES[section], section, fill[section],
+                                                       getattr(pc, section).given(), fixed), after)
+
+
 def _has_val(pc: PipelineConfig, images: str) -> bool:
     if pc.synthetic is not None:
-        return int(pc.synthetic.get("val_per_class", 0)) > 0
+        return (pc.synthetic.val_per_class or 0) > 0
     return os.path.isdir(os.path.join(images.removeprefix("file://"), "val"))
 
 
@@ -173,48 +132,37 @@ def plan_steps(pc: PipelineConfig) -> list[Step]:
 
     at = layout(pc)
     data = pc.images or at.data
+    fill = filled_by_layout(at, data, pc.downstream is not None)
     steps: list[Step] = []
     if pc.synthetic is not None:
         if local_path(data) is None:
             raise StageError(f"images {data} is not local: the synthetic dataset is written to a local folder")
-        steps.append(Step("synthetic", "synthetic", _config("synthetic", "synthetic", {"output": data},
-                                                            pc.synthetic), ()))
+        steps.append(_step("synthetic", "synthetic", pc, fill, ()))
     elif pc.images is None:
         raise StageError("the pipeline config needs images (an ImageNet-layout folder) or a synthetic section")
     source = ("synthetic",) if pc.synthetic is not None else ()
-    steps.append(Step("shard-train", "shard", _config("shard", "shard", {"images": data, "output": at.shards},
-                                                      pc.shard, {"split": "train"}), source))
+    steps.append(_step("shard-train", "shard", pc, fill, source, {"split": "train"}))
     val = _has_val(pc, data)
     if val:
-        steps.append(Step("shard-val", "shard", _config("shard", "shard", {"images": data, "output": at.shards},
-                                                        pc.shard, {"split": "val"}), ("shard-train",)))
-    steps.append(Step("train-vae", "train-vae", _config("train-vae", "train_vae", {
-        "shards": at.shards, "output": at.vae_run, "resume": True}, pc.train_vae), ("shard-train",)))
-    steps.append(Step("convert", "convert", _config("convert", "convert", {
-        "ckpt": at.vae_run, "output_dir": at.vae_dir, "shards": at.shards}, pc.convert), ("train-vae",)))
-    steps.append(Step("encode", "encode", _config("encode", "encode", {
-        "shards": at.shards, "vae_path": at.vae_dir, "output": at.store}, pc.encode), ("convert",)))
+        steps.append(_step("shard-val", "shard", pc, fill, ("shard-train",), {"split": "val"}))
+    steps += [_step("train-vae", "train_vae", pc, fill, ("shard-train",)),
+              _step("convert", "convert", pc, fill, ("train-vae",)), _step("encode", "encode", pc, fill, ("convert",))]
     from pipelines.generator import generator_sections
 
-    train_stage, train_sit, sample = generator_sections(pc.train_sit, pc.sample, pc.sample_dit, family=pc.family)
-    steps.append(Step("train-sit", train_stage, _config(train_stage, "train_sit", {
-        "store": at.store, "output": at.sit_run, "resume": True}, train_sit), ("encode",)))
-    steps.append(Step("sample", "sample", _config("sample", "sample", {
-        "mode": "ODE", "ckpt": at.sit_run, "vae_path": at.vae_dir, "output": at.samples,
-        "save_latents": pc.downstream is not None}, sample), ("train-sit",)))
+    train_stage, train_sit, sample = generator_sections(pc.train_sit.given(), pc.sample.given(),
+                                                        pc.sample_dit.model_dump(), family=pc.family)
+    steps.append(Step("train-sit", train_stage, _config(train_stage, "train_sit", fill["train_sit"], train_sit),
+                      ("encode",)))
+    steps.append(Step("sample", "sample", _config("sample", "sample", fill["sample"], sample), ("train-sit",)))
     evaluate_after = ("sample",)
-    if "ref_batch" not in pc.evaluate:
+    if pc.evaluate.ref_batch is None:
         if not val:
             raise _no_val(data)
-        steps.append(Step("make-reference", "make-reference", _config("make-reference", "make_reference", {
-            "shards": at.shards, "split": "val", "output": at.reference}, pc.make_reference), ("shard-val",)))
+        steps.append(_step("make-reference", "make_reference", pc, fill, ("shard-val",)))
         evaluate_after += ("make-reference",)
-    steps.append(Step("evaluate", "evaluate", _config("evaluate", "evaluate", {
-        "ref_batch": at.reference, "sample_batch": at.samples, "output": at.metrics}, pc.evaluate), evaluate_after))
+    steps.append(_step("evaluate", "evaluate", pc, fill, evaluate_after))
     if pc.downstream is not None:
-        steps.append(Step("downstream", "downstream", _config("downstream", "downstream", {
-            "tasks": ["seg", "depth"], "images": data, "vae_path": at.vae_dir, "output": at.downstream,
-            "samples": at.samples}, pc.downstream), ("sample",) + (("shard-val",) if val else ())))
+        steps.append(_step("downstream", "downstream", pc, fill, ("sample",) + (("shard-val",) if val else ())))
     return steps
 
 

@@ -2,7 +2,9 @@
 re-run), retries on transient storage errors, torchrun training, deployments and their schedule, the CLI."""
 from __future__ import annotations
 
+import copy
 import errno
+import json
 import re
 import shutil
 import time
@@ -305,6 +307,44 @@ def test_training_flow_launches_torchrun_with_several_processes(prefect_api, tin
 # Deployments, configs, CLI
 # ---------------------------------------------------------------------------------------------------
 
+def test_pipeline_form_has_typed_stage_sections():
+    """The reals-pipeline Run form: every stage section is a typed object of its stage's fields (described, enums
+    as choices), the server's schema check refuses a bad value, and no description holds text a browser eats."""
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployments import build_deployments
+    from flows.sections import SECTION_STAGES
+    from pipelines.registry import stage
+
+    config = load_pipeline_config()
+    pipeline = next(d for d in build_deployments(config) if d.name == "reals-pipeline")
+    assert pipeline.enforce_parameter_schema
+    schema = pipeline._parameter_openapi_schema.model_dump()
+    defs = schema["definitions"]
+
+    def resolve(prop: dict) -> dict:
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
+        return defs[ref.rsplit("/", 1)[1]] if ref else prop
+
+    sections = resolve(schema["properties"]["config"])["properties"]
+    for section, stage_name in SECTION_STAGES.items():
+        fields = resolve(sections[section])["properties"]
+        own = set(stage(stage_name).config.model_fields) - ({"split"} if section == "shard" else set())
+        assert set(fields) == own, section
+        assert all(f.get("description") for f in fields.values()), section
+    assert resolve(sections["train_vae"])["properties"]["perceptual"]["enum"] == ["lpips", "random", "none"]
+    assert "empty: {output}/shards" in resolve(sections["encode"])["properties"]["shards"]["description"]
+    assert not re.search(r"<[A-Za-z/]", json.dumps(schema))
+
+    assert validate(pipeline.parameters, schema) == []
+    bad = copy.deepcopy(pipeline.parameters)
+    bad["config"]["train_vae"]["perceptual"] = "vgg"
+    assert validate(bad, schema)
+    bad = copy.deepcopy(pipeline.parameters)
+    bad["config"]["encode"]["batch_size"] = "many"
+    assert validate(bad, schema)
+
+
 def test_deployments_cover_every_flow_and_reencode_runs_nightly():
     from flows.deployments import build_deployments
 
@@ -317,7 +357,7 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
     assert [s.schedule.cron for s in deployments["reencode"].schedules] == ["0 3 * * *"]
     assert not deployments["reals-pipeline"].schedules
     assert deployments["reals-pipeline"].parameters["config"]["output"] == config.output
-    assert deployments["train-vae"].parameters["config"]["max_steps"] == config.train_vae["max_steps"]
+    assert deployments["train-vae"].parameters["config"]["max_steps"] == config.train_vae.max_steps
     custom = {d.name: d for d in build_deployments(config, reencode_cron="30 1 * * 0")}
     assert custom["reencode"].schedules[0].schedule.cron == "30 1 * * 0"
     with pytest.raises(StageError, match="invalid reencode cron"):
