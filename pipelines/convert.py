@@ -124,7 +124,7 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True) -> ReaLSVAE:
     weights = ckpt["ema"] if ema else {"vae": ckpt["vae"], "align_net": ckpt["align_net"]}
     vae = AutoencoderKL(**ckpt["vae_config"])
     vae.load_state_dict(weights["vae"])
-    align = AlignNet.from_config(ckpt["align_config"])
+    align = AlignNet.from_init_config(ckpt["align_config"])
     align.load_state_dict(weights["align_net"])
     return ReaLSVAE(vae, align).eval()
 
@@ -247,7 +247,7 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
         vae = build_vae(ckpt=src)
     except (OSError, ValueError) as e:
         raise StageError(f"--from-diffusers {src}: cannot load it as an AutoencoderKL: {e}") from None
-    heads = AlignNet.load(str(src)) if (src / "align_net.json").is_file() else None
+    heads = AlignNet.from_pretrained(src) if (src / AlignNet.config_name).is_file() else None
     model = ReaLSVAE(vae, heads).eval()
     c = model.latent_channels
     if config.scaling_factor is not None:

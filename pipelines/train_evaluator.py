@@ -26,7 +26,7 @@ from pipelines.devices import torch_device
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
-from reals.evaluator import CONFIG_FILE, WEIGHTS_FILE, DomainClassifier
+from reals.evaluator import DomainClassifier
 from reals.images import to_unit_images
 from storage.fs import apply_umask, local_path
 from storage.markers import fingerprint, read_json
@@ -140,7 +140,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
     manifest = read_manifest(config.shards)
     training = {k: getattr(config, k) for k in TRAINING_KEYS}
     identity = {"training": training, "data_fingerprint": manifest.get("fingerprint")}
-    old = read_json(str(out / CONFIG_FILE)) if (out / WEIGHTS_FILE).is_file() else None
+    old = read_json(str(out / DomainClassifier.config_name)) if (out / DomainClassifier.weights_name).is_file() else None
     if old and old.get("identity") == fingerprint(identity):
         return _summary(out, old, skipped=True)
 
@@ -189,7 +189,7 @@ def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
         "final_loss": float(np.mean(losses[-max(1, config.steps // 20):])),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    model.cpu().save_pretrained(out, info)
+    model.cpu().save_pretrained(out, **info)
     apply_umask(out)  # safetensors writes 0600
     return _summary(out, info, skipped=False)
 

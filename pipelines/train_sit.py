@@ -337,7 +337,7 @@ class Trainer(TrainingLoop):
         keep = ("vae_fingerprint", "vae_path", "latents_mean", "latents_std", "num_classes", "classes", "resolution",
                 "source_fingerprint", "teacher", "mean", "std")  # mean, std: older stores' names of the statistics
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "args": self.cfg.model_dump(), "model_config": dict(self.model.config),
+                "args": self.cfg.model_dump(), "model_config": self.model.init_config,
                 "latent_shape": list(self.latent_shape), "source": self.source.kind,
                 "store": {k: self.source.attrs[k] for k in keep if k in self.source.attrs}}
 

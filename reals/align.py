@@ -12,19 +12,12 @@ teacher patch covers a whole block of latent positions).
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reals import ReaLSError
-
-WEIGHTS_NAME = "align_net.safetensors"
-CONFIG_NAME = "align_net.json"
+from reals.pretrained import PretrainedMixin, register_to_config
 
 
 #################################################################################
@@ -46,9 +39,14 @@ def _conv1x1(a: int, b: int) -> nn.Conv2d:
     return nn.Conv2d(a, b, kernel_size=1)
 
 
-class AlignNet(nn.Module):
-    """MLP_patch at every latent position and MLP_cls on the pooled patch predictions."""
+class AlignNet(nn.Module, PretrainedMixin):
+    """MLP_patch at every latent position and MLP_cls on the pooled patch predictions; saved as
+    ``align_net.json`` + ``align_net.safetensors``."""
 
+    config_name = "align_net.json"
+    weights_name = "align_net.safetensors"
+
+    @register_to_config
     def __init__(self, latent_channels: int, teacher_width: int, hidden_dim: int = 1024, num_layers: int = 3):
         super().__init__()
         if min(latent_channels, teacher_width, hidden_dim, num_layers) < 1:
@@ -67,57 +65,6 @@ class AlignNet(nn.Module):
             raise ReaLSError(f"AlignNet: expected latents [B, {self.latent_channels}, h, w], got {tuple(z.shape)}")
         patch = self.mlp_patch(z)
         return patch, self.mlp_cls(patch.mean(dim=(2, 3)))
-
-    # ----------------------------------------------------------------- serialisation
-
-    @property
-    def config(self) -> dict:
-        return {"latent_channels": self.latent_channels, "teacher_width": self.teacher_width,
-                "hidden_dim": self.hidden_dim, "num_layers": self.num_layers}
-
-    @classmethod
-    def from_config(cls, config: dict) -> AlignNet:
-        """An untrained AlignNet from a ``config`` dict (as written by ``save``)."""
-        expected = {"latent_channels", "teacher_width", "hidden_dim", "num_layers"}
-        if not isinstance(config, dict) or set(config) != expected:
-            got = sorted(config) if isinstance(config, dict) else type(config).__name__
-            raise ReaLSError(f"AlignNet config: expected keys {sorted(expected)}, got {got}")
-        try:
-            sizes = {k: int(v) for k, v in config.items()}
-        except (TypeError, ValueError):
-            raise ReaLSError(f"AlignNet config: sizes must be integers, got {config}") from None
-        return cls(**sizes)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write ``align_net.safetensors`` (weights) and ``align_net.json`` (config) into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, d / WEIGHTS_NAME)
-        tmp = d / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2))
-        os.replace(tmp, d / CONFIG_NAME)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> AlignNet:
-        """The AlignNet saved in ``directory`` by ``save``, on the CPU."""
-        d = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (d / name).is_file():
-                raise ReaLSError(f"AlignNet: {d / name} not found (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-        try:
-            config = json.loads((d / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise ReaLSError(f"AlignNet: {d / CONFIG_NAME} is not valid JSON ({e})") from None
-        model = cls.from_config(config)
-        try:
-            model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
-        except (RuntimeError, OSError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise ReaLSError(f"AlignNet: weights {d / WEIGHTS_NAME} do not match {config}: {first}") from None
-        return model
 
 
 #################################################################################

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from reals.pretrained import PretrainedMixin, register_to_config
+
 
 def weights_init(m: nn.Module) -> None:
     """DCGAN init: conv weights N(0, 0.02); norm scales N(1, 0.02), shifts 0."""
@@ -13,9 +15,13 @@ def weights_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class NLayerDiscriminator(nn.Module):
+class NLayerDiscriminator(nn.Module, PretrainedMixin):
     """Conv stack with ``n_layers`` stride-2 stages; outputs a logit map, one logit per image patch."""
 
+    config_name = "discriminator.json"
+    weights_name = "discriminator.safetensors"
+
+    @register_to_config
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
         super().__init__()
         layers = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
@@ -27,7 +33,6 @@ class NLayerDiscriminator(nn.Module):
                        nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
         layers += [nn.Conv2d(channels * mult, 1, 4, 1, 1)]
         self.main = nn.Sequential(*layers)
-        self.config = {"in_channels": in_channels, "channels": channels, "n_layers": n_layers}
         self.apply(weights_init)
 
     def forward(self, images):

@@ -21,6 +21,8 @@ class DiT(SiT):
 
     family = "DiT"
     returns_sigma = True
+    config_name = "dit.json"
+    weights_name = "dit.safetensors"
 
     def __init__(self, learn_sigma: bool = True, **kwargs):
         super().__init__(learn_sigma=learn_sigma, **kwargs)

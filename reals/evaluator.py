@@ -5,12 +5,11 @@ Its penultimate activations (global average pool of the last stage, ``width * 2*
 there is ``FD_domain``, never FID. Its logits give the conditional accuracy of class-conditional samples:
 the share of samples the evaluator assigns to the class they were conditioned on.
 
-A saved evaluator is a folder with ``evaluator.safetensors`` (weights) and ``evaluator.json`` (the model
-config and how it was trained, held-out accuracy included); the json is written last.
+A saved evaluator is a folder with ``evaluator.safetensors`` (weights) and ``evaluator.json`` (the constructor
+arguments and how it was trained, held-out accuracy included); the json is written last.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,7 @@ from torch import nn
 from reals import ReaLSError
 from reals.metrics.features import FeatureExtractor
 from reals.metrics.suite import space_metrics
-
-WEIGHTS_FILE = "evaluator.safetensors"
-CONFIG_FILE = "evaluator.json"
+from reals.pretrained import PretrainedMixin, register_to_config
 
 
 #################################################################################
@@ -44,18 +41,19 @@ class ConvStage(nn.Module):
         return self.body(x)
 
 
-class DomainClassifier(nn.Module):
+class DomainClassifier(nn.Module, PretrainedMixin):
     """Images in [0, 1] at ``resolution`` px -> (penultimate features [B, D], logits [B, num_classes])."""
 
+    config_name = "evaluator.json"
+    weights_name = "evaluator.safetensors"
+
+    @register_to_config
     def __init__(self, num_classes: int, resolution: int = 32, width: int = 32, stages: int = 3,
                  dropout: float = 0.1):
         super().__init__()
         if num_classes < 2:
             raise ReaLSError(f"domain evaluator: needs at least 2 classes, got {num_classes}")
-        self.config = {"num_classes": num_classes, "resolution": resolution, "width": width, "stages": stages,
-                       "dropout": dropout}
         self.resolution = resolution
-        self.info: dict = {}  # what a saved evaluator's json records beside the config
         widths = [width * 2 ** i for i in range(stages)]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU())
         self.stages = nn.Sequential(*[ConvStage(c_in, c_out) for c_in, c_out in zip([width] + widths, widths)])
@@ -75,35 +73,13 @@ class DomainClassifier(nn.Module):
         feats = self.features(images)
         return feats, self.head(self.dropout(feats))
 
-    # -- persistence --------------------------------------------------------------------------------
-
-    def save_pretrained(self, path: str | Path, info: dict | None = None) -> None:
-        """Write the weights, then ``evaluator.json`` (config + ``info``) last."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps({"config": self.config, **(info or {})}, indent=2, sort_keys=True))
-        tmp.replace(path / CONFIG_FILE)
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DomainClassifier:
-        """A saved evaluator, in eval mode, with ``info`` read from its json."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise ReaLSError(f"{path} is not a domain evaluator (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+        """A saved evaluator in eval mode; ``saved_extra`` holds how it was trained."""
+        if not all((Path(path) / name).is_file() for name in (cls.config_name, cls.weights_name)):
+            raise ReaLSError(f"{path} is not a domain evaluator (needs {cls.config_name} and {cls.weights_name}); "
                              "train one with `reals train-evaluator`")
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        model = cls(**meta.pop("config"))
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        model.info = meta
-        return model.eval()
+        return super().from_pretrained(path).eval()
 
 
 #################################################################################

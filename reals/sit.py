@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reals import ReaLSError
+from reals.pretrained import PretrainedMixin, register_to_config
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -154,13 +155,19 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class SiT(nn.Module):
-    """Class-conditional transformer predicting the transport's target (velocity by default) for latents."""
+class SiT(nn.Module, PretrainedMixin):
+    """Class-conditional transformer predicting the transport's target (velocity by default) for latents.
+
+    Its constructor arguments are its config (``SiT(**model.init_config)`` rebuilds it; checkpoints keep them)."""
+
+    config_name = "sit.json"
+    weights_name = "sit.safetensors"
 
     family = "SiT"
     # SiT checkpoints trained with learn_sigma carry sigma channels that the transport does not use.
     returns_sigma = False
 
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,
@@ -179,12 +186,6 @@ class SiT(nn.Module):
             raise ReaLSError(f"{self.family}: input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ReaLSError(f"{self.family}: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        # Constructor arguments, saved with checkpoints so that SiT(**config) rebuilds the model.
-        self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma,
-        )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

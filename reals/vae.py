@@ -237,7 +237,7 @@ class ReaLSVAE(nn.Module):
             raise ReaLSError(f"ReaLS VAE dir {path} is damaged ({damaged[0]}); re-run `reals convert`")
         try:
             mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
-            heads = AlignNet.load(str(path)) if (path / "align_net.json").is_file() else None
+            heads = AlignNet.from_pretrained(path) if (path / AlignNet.config_name).is_file() else None
             model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), heads, mean, std,
                         provenance)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -252,7 +252,7 @@ class ReaLSVAE(nn.Module):
         self.vae.register_to_config(**self.diffusers_normalisation())
         self.vae.save_pretrained(str(path), safe_serialization=True)
         if self.align_net is not None:
-            self.align_net.save(str(path))
+            self.align_net.save_pretrained(path)
         stats = {"latents_mean": self.latents_mean.tolist(), "latents_std": self.latents_std.tolist(),
                  "formula": "z_norm = (z - latents_mean) / latents_std, channel-wise"}
         (path / MEAN_STD_FILE).write_text(json.dumps(stats, indent=2) + "\n")

@@ -16,9 +16,9 @@ def test_alignnet_shapes_and_config_roundtrip():
     assert patch.shape == (2, 48, 8, 6) and glob.shape == (2, 48)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.mlp_patch) == 3
     assert sum(isinstance(m, torch.nn.Linear) for m in net.mlp_cls) == 3
-    clone = AlignNet.from_config(net.config)
-    assert clone.config == net.config == {"latent_channels": 4, "teacher_width": 48, "hidden_dim": 16,
-                                          "num_layers": 3}
+    clone = AlignNet.from_init_config(net.init_config)
+    assert clone.init_config == net.init_config == {"latent_channels": 4, "teacher_width": 48, "hidden_dim": 16,
+                                                    "num_layers": 3}
     with pytest.raises(ReaLSError, match="expected latents"):
         net(torch.randn(2, 3, 8, 8))
 
@@ -26,23 +26,26 @@ def test_alignnet_shapes_and_config_roundtrip():
 def test_alignnet_save_load(tmp_path):
     torch.manual_seed(0)
     net = AlignNet(4, 32, hidden_dim=16, num_layers=2)
-    net.save(tmp_path / "vae")
-    assert json.loads((tmp_path / "vae" / "align_net.json").read_text()) == net.config
-    loaded = AlignNet.load(tmp_path / "vae")
+    net.save_pretrained(tmp_path / "vae")
+    saved = json.loads((tmp_path / "vae" / "align_net.json").read_text())
+    assert saved["_class_name"] == "AlignNet" and {k: v for k, v in saved.items() if k[0] != "_"} == net.init_config
+    loaded = AlignNet.from_pretrained(tmp_path / "vae")
     z = torch.randn(3, 4, 4, 4)
     for a, b in zip(net(z), loaded(z)):
         assert torch.equal(a, b)
 
 
 def test_alignnet_load_errors(tmp_path):
-    with pytest.raises(ReaLSError, match="align_net.json not found"):
-        AlignNet.load(tmp_path)
-    AlignNet(4, 32, hidden_dim=16).save(tmp_path)
-    (tmp_path / "align_net.json").write_text(json.dumps(AlignNet(4, 32, hidden_dim=8).config))
+    with pytest.raises(ReaLSError, match="align_net.json.*not found"):
+        AlignNet.from_pretrained(tmp_path)
+    AlignNet(4, 32, hidden_dim=16).save_pretrained(tmp_path)
+    (tmp_path / "align_net.json").write_text(json.dumps(AlignNet(4, 32, hidden_dim=8).init_config))  # no _class_name
     with pytest.raises(ReaLSError, match="do not match"):
-        AlignNet.load(tmp_path)
+        AlignNet.from_pretrained(tmp_path)
     with pytest.raises(ReaLSError, match="expected keys"):
-        AlignNet.from_config({"latent_channels": 4})
+        AlignNet.from_init_config({"latent_channels": 4})
+    with pytest.raises(ReaLSError, match="expected keys"):
+        AlignNet.from_init_config({"latent_channels": 4, "teacher_width": 32, "width": 8})
 
 
 @pytest.mark.parametrize("latent, teacher", [((8, 8), (8, 8)), ((4, 4), (7, 7)), ((32, 32), (16, 16)),

@@ -78,7 +78,7 @@ def test_official_layout_state_dict_loads_and_returns_eps_and_variance():
     out = model(x, t, y)
     assert out.shape == (2, 8, 8, 8)
     # The same weights as a learned-sigma SiT: DiT keeps the variance channels, SiT drops them.
-    sit = SiT(**{**model.config, "learn_sigma": True}).eval()
+    sit = SiT(**{**model.init_config, "learn_sigma": True}).eval()
     sit.load_state_dict(state)
     assert torch.equal(sit(x, t, y), out[:, :4])
     assert dit_name({**state, "final_layer.linear.weight": state["final_layer.linear.weight"][:16]}) is None

@@ -47,8 +47,8 @@ def test_forward_shapes_and_adaln_zero_start():
         assert out.shape == x.shape  # learned-sigma channels are dropped, as in SiT
         assert torch.count_nonzero(out) == 0  # zero-initialised output layer
         assert model.final_layer.linear.out_features == 4 * (8 if learn_sigma else 4)
-        assert torch.equal(SiT(**model.config).state_dict()["pos_embed"], model.pos_embed)
-        assert SiT(**model.config).final_layer.linear.out_features == model.final_layer.linear.out_features
+        assert torch.equal(SiT(**model.init_config).state_dict()["pos_embed"], model.pos_embed)
+        assert SiT(**model.init_config).final_layer.linear.out_features == model.final_layer.linear.out_features
 
 
 def test_position_embedding_is_fixed_2d_sincos():
