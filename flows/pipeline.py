@@ -128,7 +128,8 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
             if not provenance:
                 print(f"encode: {vae} is not a converted VAE directory yet; skipped")
                 continue
-            name = f"encode {posixpath.basename(to_url(base.output).rstrip('/'))} {provenance['fingerprint'][:8]}"
+            version = provenance.get("fingerprint") or posixpath.basename(vae.rstrip("/"))  # saved, not converted
+            name = f"encode {posixpath.basename(to_url(base.output).rstrip('/'))} {version[:8]}"
             step = Step(name, "encode", base.model_copy(update={"vae_path": vae}), ())
             summaries.append(run_step(step, config.nproc_per_node))
     return summaries

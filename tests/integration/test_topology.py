@@ -4,16 +4,18 @@ and the demo entry with a slow Prefect API start-up. Tests run in file order; th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import TCPProxy
-from topology import ROOT, driver_env, reals
+from topology import MICRO, ROOT, driver_env, reals
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,22 +93,29 @@ def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentia
 @pytest.mark.timeout(5400)  # the whole micro chain, then every stage again (skipping done units), on 2 cores
 def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_config):
     """What the UI's Run button does: create a flow run of each deployment; a `reals serve` process runs it."""
+    with _serving(cluster, micro_config) as (serve, run_deployment):
+        names = ["reals-pipeline", "synthetic", "shard", "train-vae", "convert", "encode", "train-sit", "sample",
+                 "make-reference", "evaluate", "reencode"]
+        states = {}
+        for name in names:
+            run = _run_when_served(run_deployment, f"{name}/{name}", serve)
+            states[name] = run.state.type.value
+        assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
+
+
+@contextmanager
+def _serving(cluster, config):
+    """``(reals serve process, run_deployment)`` on the cluster, with this process's Prefect client pointed at it."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.runtime import wait_for_api
 
-    serve = cluster.serve(str(micro_config))
+    serve = cluster.serve(str(config))
     try:
         with temporary_settings({PREFECT_API_URL: cluster.env["PREFECT_API_URL"]}):
             wait_for_api(cluster.env["PREFECT_API_URL"], 60)
-            names = ["reals-pipeline", "synthetic", "shard", "train-vae", "convert", "encode", "train-sit", "sample",
-                     "make-reference", "evaluate", "reencode"]
-            states = {}
-            for name in names:
-                run = _run_when_served(run_deployment, f"{name}/{name}", serve)
-                states[name] = run.state.type.value
-            assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
+            yield serve, run_deployment
     finally:
         serve.terminate()
         try:
@@ -115,19 +124,64 @@ def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_
             serve.kill()
 
 
-def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800):
+def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800, **kwargs):
     """``run_deployment`` once ``serve`` has registered the deployment."""
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.monotonic() + 600
     while True:
         try:
-            return run_deployment(name, timeout=timeout)
+            return run_deployment(name, timeout=timeout, **kwargs)
         except ObjectNotFound:
             assert serve.poll() is None, "reals serve exited"
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def _s3_env(cluster, monkeypatch) -> None:
+    """This process's own S3 reads go to the cluster's endpoint with its credentials."""
+    import s3fs
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, cluster.env[name])
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_and_its_row(
+        cluster, micro_config, vae_dir, tmp_path, monkeypatch):
+    """The nightly deployment through the API, twice: after one image arrives in the first class, written shard
+    tars and store chunks and markers are byte-identical, and one new shard with one row is added."""
+    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from storage.fs import filesystem
+
+    _s3_env(cluster, monkeypatch)
+    images = tmp_path / "images"
+    synthetic(SyntheticConfig(output=str(images), classes=2, per_class=8, val_per_class=1, size=32, seed=0))
+    root = "s3://reals/it/reencode"
+    config = {"output": root, "local_dir": str(tmp_path / "local"), "images": str(images), "shard": MICRO["shard"],
+              "encode": {**MICRO["encode"], "vae_path": vae_dir}}
+    fs, _ = filesystem(root)
+
+    def written() -> dict[str, bytes]:  # shard tars, store chunks and done-markers
+        fs.invalidate_cache()
+        return {p: fs.cat_file(p) for p in fs.find(root)
+                if p.endswith(".tar") or ("/latents/" in p and ("/c/" in p or "/markers/" in p))}
+
+    with _serving(cluster, micro_config) as (serve, run_deployment):
+        first = _run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
+        assert first.state.is_completed(), cluster.log("serve").read_text()[-4000:]
+        before = written()
+        first_class = sorted((images / "train").iterdir())[0]
+        shutil.copy(sorted(first_class.iterdir())[-1], first_class / "aaa_arrival.JPEG")
+        second = _run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
+        assert second.state.is_completed(), cluster.log("serve").read_text()[-4000:]
+    after = written()
+    assert {p: after[p] for p in before} == before
+    added = sorted(set(after) - set(before))
+    assert [p.rsplit("/", 1)[-1] for p in added if p.endswith(".tar")] == ["train-000004.tar"]
+    [marker] = [json.loads(after[p]) for p in added if "/markers/" in p and not p.endswith("zarr.json")]
+    assert (marker["shard"], marker["count"]) == ("train-000004.tar", 1)
 
 
 def _wait_for_markers(store: str, n: int, proc, timeout: float = 900) -> None:
@@ -144,11 +198,7 @@ def _wait_for_markers(store: str, n: int, proc, timeout: float = 900) -> None:
 
 
 def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, reference_store, monkeypatch):
-    import s3fs
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # for this test's own reads
-        monkeypatch.setenv(name, cluster.env[name])
-    s3fs.S3FileSystem.clear_instance_cache()
+    _s3_env(cluster, monkeypatch)
 
     moto = cluster.env["AWS_ENDPOINT_URL"]
     proxy = TCPProxy(int(moto.rsplit(":", 1)[1]))
