@@ -184,7 +184,8 @@ def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | No
         try:
             model = model_cls.from_pretrained(str(found), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ReaLSError(f"teacher {name}: cannot load DINOv2 from {found}: {str(e).strip().splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0]
+            raise ReaLSError(f"teacher {name}: cannot load DINOv2 from {found}: {first}") from None
         source = repo_id
     expected = "dinov2_with_registers" if with_registers else "dinov2"
     if model.config.model_type != expected:
