@@ -203,7 +203,8 @@ def local_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
             yield api
         return
     print(f"starting a Prefect server (UI: http://{host}:{port}) ...")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The UI's own API address: without it the UI on another port than 4200 would call 4200.
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_API_URL": api}
     env.pop("PREFECT_API_URL", None)
     log = Path(tempfile.gettempdir(), f"prefect-server-{port}.log")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]

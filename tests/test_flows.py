@@ -506,3 +506,17 @@ def test_server_port_uses_a_running_prefect_server_and_avoids_a_taken_port(monke
     finally:
         prefect_like.shutdown()
         other.close()
+
+
+def test_a_server_on_another_port_serves_a_ui_that_calls_that_port(tmp_path, monkeypatch):
+    """`reals serve --with-server --port N`: the UI served on N must call the API on N, not Prefect's 4200."""
+    import urllib.request
+
+    from flows import runtime
+    from flows.cluster import free_port
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    port = free_port()
+    with runtime.local_server(port=port, timeout=180) as api:
+        settings = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=30).read())
+    assert api == f"http://127.0.0.1:{port}/api" and settings["api_url"] == api

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import TCPProxy
+from test_experiment import MICRO as EXPERIMENT_MICRO
 from topology import MICRO, ROOT, driver_env, reals
 
 HERE = Path(__file__).resolve().parent
@@ -95,10 +96,13 @@ def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_
     """What the UI's Run button does: create a flow run of each deployment; a `reals serve` process runs it."""
     with _serving(cluster, micro_config) as (serve, run_deployment):
         names = ["reals-pipeline", "synthetic", "shard", "train-vae", "convert", "encode", "train-sit", "sample",
-                 "make-reference", "evaluate", "reencode"]
+                 "make-reference", "evaluate", "downstream", "reencode", "experiment"]
+        # The experiment's form is pre-filled with its ~10-minute preset; a user edits it, here to micro sizes.
+        micro_experiment = {"config": {**EXPERIMENT_MICRO, "output": str(cluster.root / "local" / "experiment")}}
         states = {}
         for name in names:
-            run = _run_when_served(run_deployment, f"{name}/{name}", serve)
+            run = _run_when_served(run_deployment, f"{name}/{name}", serve,
+                                   parameters=micro_experiment if name == "experiment" else None)
             states[name] = run.state.type.value
         assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
 
