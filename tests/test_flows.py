@@ -399,7 +399,7 @@ def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
     bad.write_text("output: x\nsynthetic: {}\ntrain_vae: {lr: -1}\n")
     assert main(["pipeline", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: invalid pipeline section train_vae.lr") and err.count("\n") == 1
+    assert err.startswith(f"error: invalid pipeline config {bad} train_vae.lr") and err.count("\n") == 1
     with pytest.raises(StageError, match="is not local: give local_dir"):
         plan_steps(PipelineConfig(output="s3://bucket/run", synthetic={}))
     with pytest.raises(StageError, match=f"data folder {tmp_path / 'nowhere'} not found"):
