@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipelines.encode import EncodeConfig, EncodeWorker, encode_images, load_models, run
+from pipelines.encoding import TeacherSpec
 from pipelines.parallel import ensure_ray
 from storage.markers import write_json
 from storage.shards import iter_shard, write_shard
@@ -67,7 +68,7 @@ def random_vae(path: str, case: dict) -> None:
 
 def bare_rate(data: str, vae_path: str, case: dict, device: str) -> float:
     """Images/s of ``encode_images`` alone (one torch thread on CPU), images already decoded."""
-    vae, teacher = load_models(vae_path, TEACHER, case["teacher_size"], device)
+    vae, teacher = load_models(vae_path, TeacherSpec(TEACHER, case["teacher_size"], None), device)
     images = np.stack([s["image"] for s in iter_shard(f"{data}/train-000000.tar")])
     batch = case["batch"]
     encode_images(vae, teacher, images[:batch], True, False)  # warm-up
@@ -91,8 +92,8 @@ def actor_start_s(vae_path: str, n: int, case: dict) -> float:
     import ray
 
     start = time.perf_counter()
-    actors = [ray.remote(EncodeWorker).options(num_cpus=1).remote(vae_path, TEACHER, case["teacher_size"], "cpu",
-                                                                        case["batch"])
+    actors = [ray.remote(EncodeWorker).options(num_cpus=1).remote(
+        vae_path, TeacherSpec(TEACHER, case["teacher_size"], None), "cpu", case["batch"])
               for _ in range(n)]
     ray.get([a.describe.remote() for a in actors])
     seconds = time.perf_counter() - start

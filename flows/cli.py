@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -58,6 +59,9 @@ class ExperimentCommand(BaseModel):
 
     quick: bool = Field(False, description="the ~10-minute preset (configs/experiment-quick.yaml)")
     config: str | None = Field(None, description="experiment YAML (default configs/experiment.yaml; flags override it)")
+    sweep: str | None = Field(None, description="sweep YAML: `points` (a list of overrides) and/or `grid` (knob: "
+                                                "[values]) of the ReaLS arm, all against one baseline "
+                                                "(configs/sweep.yaml)")
 
 
 def _quiet_defaults() -> None:
@@ -126,6 +130,7 @@ def serve(cmd: ServeCommand) -> int:
 def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from flows.experiment import run
     from pipelines.experiment import ExperimentConfig, preset
+    from pipelines.sweep import load_sweep
 
     cmd = build(ExperimentCommand, flag_values(ExperimentCommand, args), "")
     if cmd.config and cmd.quick:
@@ -133,8 +138,14 @@ def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not cmd.config and not os.path.isfile(preset(cmd.quick)):
         raise StageError(f"preset {preset(cmd.quick)} not found: pass --config FILE")
     args.config = cmd.config or preset(cmd.quick)
-    s = run(config_from_args(ExperimentConfig, args, parser))
+    config = config_from_args(ExperimentConfig, args, parser)
+    if cmd.sweep:
+        config = build(ExperimentConfig, {**config.model_dump(), **load_sweep(cmd.sweep)}, "experiment config ")
+    s = run(config)
     print(s.markdown)
+    if s.sweep_table:
+        print(Path(s.sweep_table).read_text())
+        print(f"  sweep: {s.sweep_table}\n  plots: {', '.join(s.sweep_plots)}")
     print(f"experiment: {s.units_run} units run, {s.units_reused} reused, {s.wall_seconds:.0f} s -> {s.output}")
     print(f"  table: {s.table}\n  results: {s.results}\n  loss curves: {s.loss_curves}")
     return 0

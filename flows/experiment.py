@@ -17,15 +17,17 @@ import torch
 from prefect import flow
 
 from flows import artifacts
-from flows.plan import Step, record_url, recorded, write_record
+from flows.plan import Step, record_url, recorded, same_config, write_record
 from pipelines import StageError
 from pipelines.config import build
 from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
                                   markdown, recorded_configs)
+from pipelines.render import ARM_COLOURS, experiment_curves, sweep_plot
+from pipelines.sweep import Point, apply, expand, knob_series, point_name, targets
+from pipelines.sweep import collect as sweep_results, markdown as sweep_markdown
 from pipelines.registry import stage
 from pipelines.checkpoints import read_log
 from pipelines.generator import generator_sections
-from pipelines.render import ARM_COLOURS, experiment_curves
 from storage.fs import join, local_path, write_bytes_atomic
 from storage.markers import read_json, write_json
 
@@ -46,6 +48,7 @@ class Plan:
     root: str
     shared: dict[str, Step]
     runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> stage -> unit
+    points: list[tuple[str, Point]] = ()  # sweep points and their arms ("reals" where a point is the ReaLS arm)
 
     def run_root(self, arm: str, seed: int) -> str:
         return join(self.root, arm, f"seed{seed}")
@@ -89,47 +92,77 @@ def plan(config: ExperimentConfig) -> Plan:
     shared["train-evaluator"] = Step("train-evaluator", "train-evaluator", _section(
         "train-evaluator", "evaluator", config.evaluator, {"shards": shards, "output": evaluator, **quiet}))
 
-    teacher = {"teacher": config.teacher, "teacher_input_size": config.teacher_input_size,
-               "teacher_weights_dir": config.teacher_weights_dir}
     init = {}
     if config.pretrain_vae is not None:
         pre_run, init["vae_ckpt"] = join(root, "pretrain", "vae"), join(root, "pretrain", "vae-ema.safetensors")
         shared["pretrain-vae"] = Step("pretrain-vae", "train-vae", _section(
             "train-vae", "pretrain_vae", {**config.train_vae, **config.pretrain_vae},
-            {"shards": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **teacher, **quiet}))
+            {"shards": shards, "output": pre_run, "align_weight": 0.0, "resume": True, **_teacher(config), **quiet}))
         shared["pretrain-extract"] = Step("pretrain-extract", "extract-ema", stage("extract-ema").config(
             ckpt=pre_run, output=init["vae_ckpt"]))
 
-    train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
-                                                        model=config.model)
+    inputs = {"shards": shards, "reference": reference, "evaluator": evaluator, "data": data, "init": init}
+    truth = config.downstream.get("ground_truth") or (data if "synthetic" in shared else None)
     runs: dict[tuple[str, int], dict[str, Step]] = {}
     for seed in range(config.seeds):
         for arm in ARMS:
-            r = join(root, arm, f"seed{seed}")
-            vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
-            samples, name = join(r, "samples.npz"), f"{arm}-seed{seed}"
-            configs = {
-                "train-vae": _section("train-vae", "train_vae", config.train_vae, {
-                    "shards": shards, "output": vae_run, "seed": seed, "resume": True,
-                    "align_weight": 0.0 if arm == "vae" else config.align_weight, **teacher, **init, **quiet}),
-                "convert": _section("convert", "convert", config.convert, {
-                    "ckpt": vae_run, "output_dir": vae_dir, "shards": shards, **quiet}),
-                "encode": _section("encode", "encode", config.encode, {
-                    "shards": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
-                "train-sit": _section(train_stage, "train_sit", train_sit, {
-                    "store": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
-                "sample": _section("sample", "sample", sample, {
-                    "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
-                    {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),
-                "evaluate": _section("evaluate", "evaluate", config.evaluate, {
-                    "ref_batch": reference, "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
-                "assess": _section("assess", "assess", config.assess, {
-                    "evaluator": evaluator, "ref_batch": reference, "sample_batch": samples, "vae_path": vae_dir,
-                    "output": join(r, "assessment.json")}),
-            }
-            runs[(arm, seed)] = {kind: Step(f"{name}-{kind}", unit_stage(kind, train_stage), c)
-                                 for kind, c in configs.items()}
-    return Plan(root, shared, runs)
+            runs[(arm, seed)] = run_steps(config, arm, seed, join(root, arm, f"seed{seed}"), inputs, truth)
+    points = []
+    for point in expand(config.points, config.grid):
+        point_config, arm = apply(config, point), f"reals-{point.name}"
+        try:
+            steps = {seed: run_steps(point_config, arm, seed, join(root, arm, f"seed{seed}"), inputs, truth)
+                     for seed in range(config.seeds)}
+        except StageError as e:
+            raise StageError(f"sweep point {point.name}: {e}") from None
+        if recorded_configs(steps[0], join(root, arm, "seed0")) == recorded_configs(runs[("reals", 0)],
+                                                                                    join(root, "reals", "seed0")):
+            points.append(("reals", point))  # the experiment's own ReaLS arm
+            continue
+        points.append((arm, point))
+        runs.update({(arm, seed): units for seed, units in steps.items()})
+    return Plan(root, shared, runs, points)
+
+
+def _teacher(config: ExperimentConfig) -> dict:
+    return {"teacher": config.teacher, "teacher_input_size": config.teacher_input_size,
+            "teacher_weights_dir": config.teacher_weights_dir, "teacher_layer": config.teacher_layer}
+
+
+def run_steps(config: ExperimentConfig, arm: str, seed: int, r: str, inputs: dict,
+              truth: str | None) -> dict[str, Step]:
+    """The steps of one run (arm ``vae``: align_weight 0) under its folder ``r``: VAE fine-tuning to measurement;
+    downstream segmentation and depth when ``truth`` names a folder with ground truth."""
+    quiet = {"show_progress": False}
+    train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
+                                                        model=config.model)
+    vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
+    samples, shards = join(r, "samples.npz"), inputs["shards"]
+    configs = {
+        "train-vae": _section("train-vae", "train_vae", config.train_vae, {
+            "shards": shards, "output": vae_run, "seed": seed, "resume": True,
+            "align_weight": 0.0 if arm == "vae" else config.align_weight, **_teacher(config), **inputs["init"],
+            **quiet}),
+        "convert": _section("convert", "convert", config.convert, {
+            "ckpt": vae_run, "output_dir": vae_dir, "shards": shards, **quiet}),
+        "encode": _section("encode", "encode", config.encode, {
+            "shards": shards, "vae_path": vae_dir, "output": store, **quiet}, {"workers": 1}),
+        "train-sit": _section(train_stage, "train_sit", train_sit, {
+            "store": store, "output": sit_run, "seed": seed, "resume": True, **quiet}),
+        "sample": _section("sample", "sample", sample, {
+            "ckpt": sit_run, "vae_path": vae_dir, "output": samples, "global_seed": seed, **quiet},
+            {"mode": "ODE" if train_stage == "train-sit" else "DDPM", "labels": "balanced", "workers": 1}),
+        "evaluate": _section("evaluate", "evaluate", config.evaluate, {
+            "ref_batch": inputs["reference"], "sample_batch": samples, "output": join(r, "metrics.json"), **quiet}),
+        "assess": _section("assess", "assess", config.assess, {
+            "evaluator": inputs["evaluator"], "ref_batch": inputs["reference"], "sample_batch": samples,
+            "vae_path": vae_dir, "output": join(r, "assessment.json")}),
+    }
+    if truth:
+        configs["downstream"] = _section("downstream", "downstream", config.downstream, {
+            "images": inputs["data"], "vae_path": vae_dir, "output": join(r, "downstream"), **quiet},
+            {"tasks": ["seg", "depth"], "ground_truth": truth})
+    return {kind: Step(f"{arm}-seed{seed}-{kind}", unit_stage(kind, train_stage), c) for kind, c in configs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +173,7 @@ def refuse_changed(units: list[Step], root: str) -> None:
     """Raise when a unit was recorded with other settings: its outputs would not match its config."""
     for u in units:
         rec = read_json(record_url(root, u, RECORDS))
-        if rec is not None and rec["config"] != u.config.model_dump(mode="json"):
+        if rec is not None and not same_config(rec["config"], u):
             diffs = config_differences(rec["config"], u.config.model_dump(mode="json"))
             raise StageError(f"{u.name} under {root} was run with other settings ({', '.join(diffs)}); use another "
                              f"--output, or delete its outputs and records/{u.name}.json")
@@ -200,7 +233,7 @@ def run_phase(units: list[Step], root: str, description: str, show_progress: boo
 def phases(p: Plan) -> list[tuple[str, list[Step]]]:
     """The units in dependency order, in phases whose units run in parallel."""
     def per_run(stage: str) -> list[Step]:
-        return [units[stage] for units in p.runs.values()]
+        return [units[stage] for units in p.runs.values() if stage in units]
 
     def shared(*names: str) -> list[Step]:
         return [p.shared[n] for n in names if n in p.shared]
@@ -213,19 +246,21 @@ def phases(p: Plan) -> list[tuple[str, list[Step]]]:
     else:
         out += [("reference, evaluator, train-vae", first + per_run("train-vae"))]
     return out + [("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
-                  ("sample", per_run("sample")), ("evaluate", per_run("evaluate") + per_run("assess"))]
+                  ("sample", per_run("sample")),
+                  ("evaluate", per_run("evaluate") + per_run("assess") + per_run("downstream"))]
 
 
 def loss_curves_png(results: dict) -> bytes:
-    """The runs' VAE and generator curves, one line per run (the shared pretraining in grey, the arms'
-    fine-tuning steps counted after it)."""
+    """The two arms' VAE and generator curves, one line per run (the shared pretraining in grey, the arms'
+    fine-tuning steps counted after it); a sweep's points are in sweep.md."""
+    runs = [r for r in results["runs"] if r["arm"] in ARMS]
     pre = results["pretrain"]
     offset = pre["steps"] if pre else 0
     vae = [("pretrain", "grey", read_log(join(pre["run"], "log.jsonl")), 0)] if pre else []
     vae += [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["root"], "vae", "log.jsonl")),
-             offset) for r in results["runs"]]
+             offset) for r in runs]
     generator = [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["root"], "sit", "log.jsonl")))
-                 for r in results["runs"]]
+                 for r in runs]
     return experiment_curves(vae, generator, results["runs"][0].get("family", "SiT"))
 
 
@@ -240,7 +275,7 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
         root = p.run_root(arm, seed)
         write_json(join(root, "configs.json"), {"arm": arm, "seed": seed, "run": root,
                                                 "stages": recorded_configs(units, root)})
-    check = check_arms(p.root, config.seeds)
+    check = check_arms(p.root, config.seeds, p.points)
     write_json(join(p.root, "config_check.json"), check)
 
     ensure_ray()
@@ -257,11 +292,31 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
     write_json(join(p.root, "results.json"), results)
     write_bytes_atomic(join(p.root, "results.md"), md.encode())
     write_bytes_atomic(join(p.root, "loss_curves.png"), loss_curves_png(results))
+    sweep_table, plots = write_sweep(p, results) if p.points else (None, [])
     return ExperimentSummary(
         output=p.root, results=join(p.root, "results.json"), table=join(p.root, "results.md"),
         loss_curves=join(p.root, "loss_curves.png"), markdown=md, seeds=config.seeds, units_run=counts["run"],
         units_reused=counts["reused"], wall_seconds=results["wall_seconds"], phase_seconds=phase_seconds,
-        evaluator_val_accuracy=results["evaluator"]["val_accuracy"], paired=results["paired_differences"])
+        evaluator_val_accuracy=results["evaluator"]["val_accuracy"], paired=results["paired_differences"],
+        sweep_table=sweep_table, sweep_plots=plots)
+
+
+def write_sweep(p: Plan, results: dict) -> tuple[str, list[str]]:
+    """sweep.json, sweep.md and one plot per knob (``sweep-<knob>.png``) under the experiment's folder."""
+    base = p.runs[("reals", 0)]
+    recorded = config_differences({}, recorded_configs(base, p.run_root("reals", 0)))  # dotted key -> [None, value]
+    knobs = dict.fromkeys(k for _, point in p.points for k in point.overrides)
+    sweep = sweep_results(p.points, results["runs"], results["seeds"],
+                          {k: recorded.get(targets(k), [None, None])[1] for k in knobs})
+    write_json(join(p.root, "sweep.json"), sweep)
+    table = join(p.root, "sweep.md")
+    write_bytes_atomic(table, sweep_markdown(sweep["rows"], sweep["baseline"], sweep["seeds"],
+                                             results["runs"][0]["family"]).encode())
+    plots = []
+    for knob, series in knob_series(sweep).items():
+        plots.append(join(p.root, f"sweep-{point_name({knob: ''}).rstrip('-')}.png"))
+        write_bytes_atomic(plots[-1], sweep_plot(knob, series))
+    return table, plots
 
 
 @flow(name="experiment", log_prints=True)

@@ -184,10 +184,19 @@ def write_record(root: str, step: Step, seconds: float, summary: BaseModel | Non
     return record
 
 
+def same_config(saved: dict, step: Step) -> bool:
+    """Whether a recorded config is ``step``'s: equal, where a setting added to the stage since reads as its
+    default."""
+    now, fields = step.config.model_dump(mode="json"), type(step.config).model_fields
+    return set(saved) <= set(now) and all(
+        saved[k] == v if k in saved else v == fields[k].get_default(call_default_factory=True)
+        for k, v in now.items())
+
+
 def recorded(root: str, step: Step, folder: str = "pipeline") -> dict | None:
     """The record of ``step``'s last finished run when it ran with the same config, else None."""
     record = read_json(record_url(root, step, folder))
-    return record if record and record.get("config") == step.config.model_dump(mode="json") else None
+    return record if record and same_config(record.get("config") or {}, step) else None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,10 +45,11 @@ def _value_spec(annotation) -> dict | None:
         return _value_spec(kinds[0]) if len(kinds) == 1 else {"type": str}  # e.g. bool | "auto": validated later
     if origin is typing.Literal:
         return {"type": type(args[0]), "choices": list(args)}
-    if origin is tuple and args and Ellipsis not in args:
-        return {**_value_spec(args[0]), "nargs": len(args)}
-    if origin is list and args:
-        return {**_value_spec(args[0]), "nargs": "+"}
+    items = _value_spec(args[0]) if origin in (tuple, list) and args else None
+    if items is not None and origin is tuple and Ellipsis not in args:
+        return {**items, "nargs": len(args)}
+    if items is not None and origin is list:
+        return {**items, "nargs": "+"}
     if annotation in (str, int, float):
         return {"type": annotation}
     return None

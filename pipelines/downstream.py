@@ -178,8 +178,8 @@ class Evaluation:
         self.device = torch_device(cfg.device)
         self.data = Dataset(cfg.images, cfg.ground_truth)
         self.vae = ReaLSVAE.from_pretrained(cfg.vae_path).to(self.device).eval()
-        name, input_size = teacher_spec(self.vae.provenance, cfg.teacher, cfg.teacher_input_size)
-        self.teacher = build_teacher(name, input_size=input_size).to(self.device)
+        spec = teacher_spec(self.vae.provenance, cfg.teacher, cfg.teacher_input_size)
+        self.teacher = build_teacher(spec.name, input_size=spec.input_size, layer=spec.layer).to(self.device)
         self.vae.require_heads(f"reals downstream (VAE {cfg.vae_path})")
         if self.vae.align_net.teacher_width != self.teacher.width:
             raise StageError(f"the VAE's alignment network predicts {self.vae.align_net.teacher_width}-d features "

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
-from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
+from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from storage.fs import join, list_files, to_url
 from storage.latent_store import MARKERS, CorruptChunk, LatentStore, rows_checksum, set_latest, utc_now
@@ -85,9 +85,9 @@ class EncodeSummary(BaseModel):
 class EncodeWorker:
     """Holds a VAE and a teacher; encodes whole source shards into their rows of the store."""
 
-    def __init__(self, vae_path: str, teacher_name: str, teacher_input_size: int | None, device: str,
-                 batch_size: int, retries: int = 3, retry_delay: float = 1.0):
-        self.vae, self.teacher = load_models(vae_path, teacher_name, teacher_input_size, device)
+    def __init__(self, vae_path: str, teacher: TeacherSpec, device: str, batch_size: int, retries: int = 3,
+                 retry_delay: float = 1.0):
+        self.vae, self.teacher = load_models(vae_path, teacher, device)
         self.batch_size = batch_size
         self.retries = retries
         self.retry_delay = retry_delay
@@ -95,9 +95,7 @@ class EncodeWorker:
 
     def describe(self) -> dict:
         """The teacher as the store's provenance records it."""
-        t = self.teacher
-        return {"name": t.name, "input_size": t.input_size, "description": t.description, "width": t.width,
-                "grid": list(t.grid)}
+        return self.teacher.describe()
 
     def _store(self, unit: dict) -> LatentStore:
         url = unit["group_url"]
@@ -223,7 +221,7 @@ def _pending_units(store: LatentStore | None, shards: list[dict], shard_size: in
 class _Pool:
     """The encode workers of one run: Ray actors, or a single in-process worker when ``workers=0``."""
 
-    def __init__(self, config: EncodeConfig, teacher: tuple[str, int | None], n_units: int):
+    def __init__(self, config: EncodeConfig, teacher: TeacherSpec, n_units: int):
         self.config = config
         self.actors: list = []
         self.local: EncodeWorker | None = None
@@ -232,7 +230,7 @@ class _Pool:
 
             cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
             device = "cuda" if cuda else "cpu"
-            self.local = EncodeWorker(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+            self.local = EncodeWorker(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
             return
         import ray
 
@@ -247,7 +245,7 @@ class _Pool:
         options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
                    "max_restarts": 0, "max_task_retries": 0}
         cls = ray.remote(EncodeWorker).options(**options)
-        self.spawn = lambda: cls.remote(to_url(config.vae_path), *teacher, device, config.batch_size, config.retries)
+        self.spawn = lambda: cls.remote(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
         self.actors = [self.spawn() for _ in range(n)]
 
     def describe(self) -> dict:

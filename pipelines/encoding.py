@@ -2,6 +2,8 @@
 rows one batch of images becomes (normalised posterior mean/std, their flips, teacher features)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from pipelines import StageError
@@ -30,10 +32,20 @@ def source_shards(source: str, split: str) -> tuple[dict, list[dict]]:
     return manifest, shards
 
 
-def teacher_spec(provenance: dict, name: str | None = None, input_size: int | None = None) -> tuple[str, int | None]:
-    """``(teacher name, input size)``: flags first, then the VAE provenance (``teacher`` str or dict)."""
-    teacher = provenance.get("teacher")
+class TeacherSpec(NamedTuple):
+    """Which teacher, at which input size, from which layer (None: its default)."""
+
+    name: str
+    input_size: int | None
+    layer: int | None
+
+
+def teacher_spec(provenance: dict, name: str | None = None, input_size: int | None = None) -> TeacherSpec:
+    """The teacher: flags first, then the VAE provenance (``teacher`` str or dict); the provenance's layer holds
+    unless the flags name another teacher."""
+    teacher, layer = provenance.get("teacher"), None
     if isinstance(teacher, dict):
+        layer = teacher.get("layer") if name in (None, teacher.get("name")) else None
         name = name or teacher.get("name")
         input_size = input_size or teacher.get("input_size")
     elif isinstance(teacher, str):
@@ -42,17 +54,16 @@ def teacher_spec(provenance: dict, name: str | None = None, input_size: int | No
     input_size = input_size or provenance.get("dino_input_size") or provenance.get("teacher_input_size")
     if not name:
         raise StageError("the VAE dir's provenance.json names no teacher; pass --dino-model NAME")
-    return name, (int(input_size) if input_size else None)
+    return TeacherSpec(name, int(input_size) if input_size else None, int(layer) if layer else None)
 
 
-def load_models(vae_path: str, teacher_name: str, teacher_input_size: int | None, device: str):
+def load_models(vae_path: str, teacher: TeacherSpec, device: str):
     """The ReaLS VAE and its frozen teacher, in eval mode on ``device``."""
     from reals.teachers import build_teacher
     from reals.vae import ReaLSVAE
 
     vae = ReaLSVAE.from_pretrained(vae_path).to(device).eval()
-    teacher = build_teacher(teacher_name, input_size=teacher_input_size).to(device)
-    return vae, teacher
+    return vae, build_teacher(teacher.name, input_size=teacher.input_size, layer=teacher.layer).to(device)
 
 
 def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: bool) -> dict[str, np.ndarray]:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import OptionalImages, ShowProgress, StageConfig, build, load_yaml
+from pipelines.sweep import Point, targets
 from storage.fs import join
 from storage.markers import read_json
 
@@ -65,6 +66,8 @@ class ExperimentConfig(StageConfig):
     teacher_input_size: int | None = Field(None, gt=0, description="teacher input size in px (its grid must fit the "
                                                                    "latent grid; default: the teacher's own)")
     teacher_weights_dir: str | None = Field(None, description="folder holding DINOv2 teacher weights")
+    teacher_layer: int | None = Field(None, ge=1, description="teacher layer aligned to: a DINOv2 block or an "
+                                                              "EfficientNet stage (2-9; default: the last)")
     align_weight: float = Field(0.5, gt=0, description="alignment weight of the ReaLS arm (the baseline has 0)")
     images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (default: a "
                                                     "synthetic dataset written to <output>/data)")
@@ -87,6 +90,12 @@ class ExperimentConfig(StageConfig):
                                          "when the generator is a DiT")
     evaluate: dict = Field(default_factory=dict, description="EvaluateConfig fields")
     assess: dict = Field(default_factory=dict, description="AssessConfig fields (domain space, reconstruction)")
+    downstream: dict = Field(default_factory=dict, description="DownstreamConfig fields (segmentation and depth from "
+                                                               "each run's latents; run when the data has ground "
+                                                               "truth: the synthetic set, or a ground_truth folder)")
+    points: list[dict] = Field(default_factory=list, description="sweep: overrides of the ReaLS arm, one point each "
+                                                                 "(`reals experiment --sweep FILE`)")
+    grid: dict[str, list] = Field(default_factory=dict, description="sweep: knob -> values, every combination a point")
     show_progress: ShowProgress = Field(True, description="show a progress bar per phase")
 
 
@@ -105,6 +114,8 @@ class ExperimentSummary(BaseModel):
     phase_seconds: dict[str, float]
     evaluator_val_accuracy: float
     paired: dict[str, dict] = Field(description="metric -> paired differences (reals - vae) over seeds")
+    sweep_table: str | None = Field(None, description="sweep.md, when the experiment is a sweep")
+    sweep_plots: list[str] = Field(default_factory=list, description="one plot per knob of the sweep")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,23 +139,38 @@ def config_differences(a: dict, b: dict) -> dict[str, list]:
 
 def recorded_configs(units: dict, run_root: str) -> dict:
     """A run's stage configs as JSON, its own folder written ``<run>`` (section names as in ExperimentConfig)."""
-    configs = {u.stage.replace("-", "_"): u.config.model_dump(mode="json") for u in units.values()}
+    configs = {kind.replace("-", "_"): u.config.model_dump(mode="json") for kind, u in units.items()}
     return json.loads(json.dumps(configs, sort_keys=True).replace(run_root, "<run>"))
 
 
-def check_arms(root: str, seeds: int) -> dict:
-    """Compare the two arms' recorded configs seed by seed; raise unless they differ only in the alignment weight."""
-    report = {"allowed": ALLOWED_DIFFERENCE, "seeds": {}}
+def check_arms(root: str, seeds: int, points: list[tuple[str, Point]] = ()) -> dict:
+    """Compare the arms' recorded configs seed by seed against the baseline's; raise unless the ReaLS arm differs
+    only in the alignment weight and each sweep point ``(arm, point)`` only in that and what its overrides set."""
+    def stages(arm: str, seed: int) -> dict:
+        recorded = read_json(join(root, arm, f"seed{seed}", "configs.json"))
+        if recorded is None:
+            raise StageError(f"recorded configs of {arm} seed {seed} are missing under {root}")
+        return recorded["stages"]
+
+    report = {"allowed": ALLOWED_DIFFERENCE, "seeds": {}, "points": {}}
     for seed in range(seeds):
-        base, aligned = (read_json(join(root, arm, f"seed{seed}", "configs.json")) for arm in ARMS)
-        if base is None or aligned is None:
-            raise StageError(f"recorded configs of seed {seed} are missing under {root}")
-        diffs = config_differences(base["stages"], aligned["stages"])
+        diffs = config_differences(stages("vae", seed), stages("reals", seed))
         baseline, aligned_weight = diffs.get(ALLOWED_DIFFERENCE, [None, None])
         if set(diffs) != {ALLOWED_DIFFERENCE} or baseline != 0 or not aligned_weight > 0:
             raise StageError(f"the arms of seed {seed} must differ only in {ALLOWED_DIFFERENCE} (0 vs > 0); they "
                              f"differ in {json.dumps(diffs)}")
         report["seeds"][str(seed)] = diffs
+    for arm, point in points:
+        allowed = {ALLOWED_DIFFERENCE} | {targets(k) for k in point.overrides}
+        per_seed = {}
+        for seed in range(seeds):
+            diffs = config_differences(stages("vae", seed), stages(arm, seed))
+            extra = sorted(set(diffs) - allowed)
+            if extra:
+                raise StageError(f"sweep point {point.name}, seed {seed}: differs from the baseline in "
+                                 f"{', '.join(extra)}, which its overrides ({point.label()}) do not set")
+            per_seed[str(seed)] = diffs
+        report["points"][point.name] = {"arm": arm, "overrides": point.overrides, "seeds": per_seed}
     report["ok"] = True
     return report
 
@@ -168,6 +194,25 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
+DOWNSTREAM_KEYS = ("mIoU", "mIoU_teacher", "mIoU_probe", "delta1", "delta1_teacher", "delta1_probe")
+
+
+def downstream_row(summary: dict | None) -> dict:
+    """A run's segmentation mIoU and depth δ<1.25 from its latents through its heads, from the teacher and from the
+    ridge probe on its raw latents, and the first and last as fractions of the teacher's."""
+    out = {}
+    for task, key, name in (("seg", "miou", "mIoU"), ("depth", "delta1", "delta1")):
+        scored = (summary or {}).get("metrics", {}).get(task) or {}
+        if not all(source in scored for source in ("reals", "teacher", "baseline")):
+            continue
+        out.update({name: scored["reals"][key], f"{name}_teacher": scored["teacher"][key],
+                    f"{name}_probe": scored["baseline"][key]})
+        if out[f"{name}_teacher"] > 0:
+            out[f"{name}_fraction"] = out[name] / out[f"{name}_teacher"]
+            out[f"{name}_probe_fraction"] = out[f"{name}_probe"] / out[f"{name}_teacher"]
+    return out
+
+
 def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
     """results.json: per-run metrics, per-arm mean/std, paired differences (reals - vae) per seed."""
     runs = []
@@ -175,6 +220,9 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
         rec = {stage: records[u.name]["summary"] for stage, u in units.items()}
         metrics = {k: float(v["value"]) for k, v in rec["evaluate"]["metrics"].items()}
         metrics.update(rec["assess"]["metrics"])
+        downstream = downstream_row(rec.get("downstream"))
+        seconds = sum(records[u.name]["seconds"] for u in units.values())
+        final = rec["train-vae"]["final"]
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
             "model": rec["train-sit"]["model"], "family": rec["train-sit"]["family"], "sit_parameters": rec["train-sit"]["parameters"],
@@ -183,13 +231,17 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
             "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["train-sit"]["final_loss"],
             "teacher": rec["train-vae"]["teacher"], "alignment": rec["train-vae"]["alignment"],
             "latent_shape": rec["train-vae"]["latent_shape"], "noise_to_signal": rec["assess"]["noise_to_signal"],
-            "notes": rec["assess"]["notes"] + rec["evaluate"]["notes"],
+            "notes": rec["assess"]["notes"] + rec["evaluate"]["notes"], "downstream": downstream, "seconds": seconds,
+            "row": {**metrics, **{k: final[k] for k in ("patch_cos", "global_cos") if k in final}, **downstream,
+                    "minutes": seconds / 60},
         })
     keys = [k for k in METRIC_KEYS + OPTIONAL_KEYS if all(k in r["metrics"] for r in runs)]
+    down = [k for k in DOWNSTREAM_KEYS if all(k in r["downstream"] for r in runs)]
     arms = {}
-    for arm in ARMS:
+    for arm in dict.fromkeys(r["arm"] for r in runs):
         mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
         arms[arm] = {"metrics": {k: _stats([r["metrics"][k] for r in mine]) for k in keys},
+                     "downstream": {k: _stats([r["downstream"][k] for r in mine]) for k in down},
                      "vae_final": {k: _stats([r["vae_final"][k] for r in mine]) for k in ("rec", "patch_cos", "global_cos")
                                    if all(k in r["vae_final"] for r in mine)},
                      "max_noise_to_signal": _stats([max(r["noise_to_signal"]) for r in mine])}
@@ -203,7 +255,8 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
     evaluator = records["train-evaluator"]["summary"]
     notes = sorted({n for r in runs for n in r["notes"] if n})
     pretrain = records["pretrain-vae"]["summary"] if "pretrain-vae" in records else None
-    return {"runs": runs, "arms": arms, "paired_differences": paired, "metric_keys": keys, "seeds": config.seeds,
+    return {"runs": runs, "arms": arms, "paired_differences": paired, "metric_keys": keys, "downstream_keys": down,
+            "seeds": config.seeds,
             "evaluator": evaluator, "teacher": config.teacher, "align_weight": config.align_weight,
             "pretrain": pretrain and {"steps": pretrain["steps"], "final": pretrain["final"], "run": pretrain["output"]},
             "notes": notes}
@@ -237,6 +290,16 @@ def markdown(results: dict, check: dict) -> str:
         p = results["paired_differences"][k]
         lines.append(f"| {k}{arrows[k]} | {_fmt(p['mean'])} ± {_fmt(p['std'])} | "
                      + " | ".join(_fmt(v) for v in p["values"]) + f" | {p['reals_better_in']} of {p['of']} |")
+    if results["downstream_keys"]:
+        down = results["downstream_keys"]
+        lines += ["", "### Downstream, training-free (`reals downstream`: held-out images, mean ± std over seeds)", "",
+                  "| arm | " + " | ".join(down) + " |", "|" + "---|" * (len(down) + 1)]
+        for arm in ARMS:
+            d = results["arms"][arm]["downstream"]
+            lines.append(f"| {arm} | " + " | ".join(f"{_fmt(d[k]['mean'])} ± {_fmt(d[k]['std'])}" for k in down) + " |")
+        lines += ["", "mIoU and delta1 (depth δ<1.25): the arm's latents through its alignment heads and the ridge "
+                  "heads fitted on the teacher's features; _teacher: those heads on the teacher's own features; "
+                  "_probe: ridge heads fitted on the arm's raw latents."]
     ev, key = results["evaluator"], check["allowed"]
     per_seed = ", ".join(f"seed {s}: {d[key][0]:g} vs {d[key][1]:g}" for s, d in check["seeds"].items())
     lines += ["", "### VAE training (last logging interval, mean ± std over seeds)", "",

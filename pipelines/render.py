@@ -178,3 +178,36 @@ def experiment_curves(vae_curves: list[tuple[str, str, list[dict], int]],
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return figure_png(fig)
+
+
+def sweep_plot(knob: str, series: dict[str, list[tuple[object, dict, dict | None]]]) -> bytes:
+    """One knob of the sweep: the paired FD_domain change against the baseline and the segmentation mIoU as a
+    fraction of the teacher's, per value of the knob (mean ± std over seeds).
+
+    ``series``: label (the point's other overrides, "" for none) -> ``(value, FD_domain change stats, mIoU
+    fraction stats or None)`` per point.
+    """
+    from matplotlib.figure import Figure
+
+    values = list(dict.fromkeys(v for pts in series.values() for v, _, _ in pts))
+    try:
+        values.sort(key=lambda v: (v is not None, float(v) if v is not None else 0.0))
+    except (TypeError, ValueError):
+        values.sort(key=str)
+    x = {v: i for i, v in enumerate(values)}
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    panels = ((1, "FD_domain vs the VAE baseline (%, lower is better)"), (2, "segmentation mIoU / teacher's"))
+    for ax, (i, title) in zip(axes, panels):
+        for label, pts in series.items():
+            pts = sorted((p for p in pts if p[i] is not None), key=lambda p: x[p[0]])
+            if pts:
+                ax.errorbar([x[p[0]] for p in pts], [p[i]["mean"] for p in pts], yerr=[p[i]["std"] for p in pts],
+                            marker="o", capsize=4, label=label or "this knob alone")
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set(xlabel=knob, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].axhline(0, color="grey", linewidth=0.8)
+    axes[0].axhline(-15, color="tab:green", linewidth=0.8, linestyle="--")
+    return figure_png(fig)

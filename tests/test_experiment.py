@@ -116,3 +116,76 @@ def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
         "train-sit"].stage == "train-sit"
     with pytest.raises(StageError, match="unknown model"):
         plan(load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-Q/2"))
+
+
+# ----------------------------------------------------------------- the sweep (issue 18)
+
+SWEEP = {"points": [{"name": "block1", "teacher_layer": 1}], "grid": {"align_weight": [0.5]}}  # 0.5: the base
+
+
+def test_a_sweep_expands_its_points_and_grid_against_one_baseline(tmp_path):
+    from pipelines.sweep import expand
+
+    grid = {"align_weight": [0.5, 1.0]}
+    points = expand(SWEEP["points"] + [{"train_vae": {"kl_weight": 1e-5}}], grid)
+    assert [(p.name, p.overrides) for p in points] == [
+        ("block1", {"teacher_layer": 1}), ("kl_weight-1e-05", {"train_vae.kl_weight": 1e-5}),
+        ("align_weight-0.5", {"align_weight": 0.5}), ("align_weight-1.0", {"align_weight": 1.0})]
+    config = ExperimentConfig(output=str(tmp_path), **MICRO, points=SWEEP["points"] + [
+        {"train_vae.kl_weight": 1e-5}], grid=grid)
+    p = plan(config)
+    arms = {arm for arm, _ in p.runs}
+    assert arms == {"vae", "reals", "reals-block1", "reals-kl_weight-1e-05", "reals-align_weight-1.0"}
+    assert dict((point.name, arm) for arm, point in p.points)["align_weight-0.5"] == "reals"  # the base config
+    for seed in range(config.seeds):
+        vae, block1 = p.runs[("vae", seed)]["train-vae"].config, p.runs[("reals-block1", seed)]["train-vae"].config
+        kl = p.runs[("reals-kl_weight-1e-05", seed)]["train-vae"].config
+        assert (vae.align_weight, vae.teacher_layer, block1.teacher_layer, block1.align_weight) == (0, None, 1, 0.5)
+        assert (kl.kl_weight, vae.kl_weight) == (1e-5, p.runs[("reals", seed)]["train-vae"].config.kl_weight)
+        assert p.runs[("reals-align_weight-1.0", seed)]["train-vae"].config.align_weight == 1.0
+        assert block1.vae_ckpt == vae.vae_ckpt  # one shared pretraining
+    for bad, match in (({"seeds": 5}, "seeds is shared"), ({"shard.shard_size": 8}, "shard is shared"),
+                       ({"train_vae.no_such": 1}, "sweep point no_such-1")):
+        with pytest.raises(StageError, match=match):
+            plan(config.model_copy(update={"points": [bad], "grid": {}}))
+
+
+@pytest.fixture(scope="module")
+def micro_sweep(micro):
+    config, first = micro
+    return config, first, run(config.model_copy(update=SWEEP))
+
+
+def test_a_micro_sweep_reuses_the_baseline_and_reports_every_point(micro_sweep):
+    config, first, s = micro_sweep
+    point_units = config.seeds * len(plan(config.model_copy(update=SWEEP)).runs[("vae", 0)])
+    assert s.units_run == point_units and s.units_reused == first.units_run + first.units_reused
+    check = json.loads(Path(s.output, "config_check.json").read_text())
+    entry = check["points"]["block1"]
+    for seed in range(config.seeds):
+        recorded = json.loads(Path(s.output, entry["arm"], f"seed{seed}", "configs.json").read_text())["stages"]
+        vae = json.loads(Path(s.output, "vae", f"seed{seed}", "configs.json").read_text())["stages"]
+        assert set(config_differences(vae, recorded)) == {ALLOWED_DIFFERENCE, "train_vae.teacher_layer"}
+        assert entry["seeds"][str(seed)] == config_differences(vae, recorded)
+    assert check["points"]["align_weight-0.5"]["arm"] == "reals"
+    prov = json.loads(Path(s.output, "reals-block1", "seed0", "vae-dir", "provenance.json").read_text())
+    assert prov["teacher"]["layer"] == 1 and "block 1" in prov["teacher"]["description"]
+    sweep = json.loads(Path(s.output, "sweep.json").read_text())
+    assert [r["name"] for r in sweep["rows"]] == ["base", "block1"] and sweep["same_as_base"] == ["align_weight-0.5"]
+    for row in sweep["rows"]:
+        assert {"FD_domain", "FD_domain_change", "PSNR", "patch_cos", "mIoU_fraction", "delta1_fraction",
+                "mIoU_probe_fraction", "minutes"} <= set(row["stats"])
+        assert len(row["stats"]["FD_domain"]["values"]) == config.seeds
+    table = Path(s.sweep_table).read_text()
+    assert "| block1 | teacher_layer=1 |" in table and "| VAE baseline |" in table
+    assert sorted(Path(p).name for p in s.sweep_plots) == ["sweep-align_weight.png", "sweep-teacher_layer.png"]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in s.sweep_plots)
+
+
+def test_the_experiment_reports_downstream_per_arm(micro):
+    config, s = micro
+    results = json.loads(Path(s.results).read_text())
+    assert {"mIoU", "mIoU_teacher", "mIoU_probe", "delta1"} <= set(results["downstream_keys"])
+    for arm in ARMS:
+        assert 0 <= results["arms"][arm]["downstream"]["mIoU"]["mean"] <= 1
+    assert "### Downstream" in Path(s.table).read_text()

@@ -191,3 +191,44 @@ def test_dinov2_dir_without_weights_is_a_clear_error(tmp_path, no_hf_cache):
     _tiny_config().save_pretrained(tmp_path / "dinov2_vits14")
     with pytest.raises(ReaLSError, match="cannot load DINOv2 from .*dinov2_vits14"):
         build_teacher("dinov2_vits14", weights_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------- intermediate layers
+
+
+def test_efficientnet_stage_6_gives_the_stride_16_grid_natively():
+    teacher = build_teacher("efficientnet_lite0", input_size=128, layer=6)
+    images = torch.rand(2, 3, 32, 32)
+    patch, glob = teacher(images)
+    assert (teacher.width, teacher.grid, teacher.layer) == (112, (8, 8), 6) and patch.shape == (2, 112, 8, 8)
+    m, x = teacher.model, teacher.preprocess(images)
+    with torch.no_grad():
+        h = m._swish(m._bn0(m._conv_stem(x)))
+        for block in m._blocks[:11]:  # stages 2-6 (1, 2, 2, 3 and 3 blocks)
+            h = block(h)
+    assert torch.allclose(patch, h, atol=1e-5) and torch.allclose(glob, h.mean(dim=(2, 3)), atol=1e-5)
+    assert "stage 6" in teacher.description and teacher.describe()["layer"] == 6
+    head = build_teacher("efficientnet_lite0", input_size=128)
+    stage9 = build_teacher("efficientnet_lite0", 128, layer=9)
+    assert head.layer == 9 and torch.equal(head(images)[0], stage9(images)[0])
+
+
+def test_dinov2_block_n_is_its_hidden_state_through_the_final_norm():
+    teacher = build_teacher("tiny-dinov2", layer=1)
+    images = torch.rand(2, 3, 56, 56)
+    patch, glob = teacher(images)
+    with torch.no_grad():
+        hidden = teacher.model(pixel_values=teacher.preprocess(images), output_hidden_states=True).hidden_states[1]
+        tokens = teacher.model.layernorm(hidden)
+    assert torch.allclose(glob, tokens[:, 0], atol=1e-6)
+    assert torch.allclose(patch.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-6)
+    last = build_teacher("tiny-dinov2")
+    assert last.layer == 2 and not torch.allclose(last(images)[1], glob)
+    assert "block 1" in teacher.description and "block" not in last.description
+
+
+@pytest.mark.parametrize("name, layer, match", [("tiny-dinov2", 3, "blocks are 1-2"),
+                                                ("efficientnet_lite0", 1, "stages are 2-9")])
+def test_a_layer_the_teacher_lacks_is_refused_by_name(name, layer, match):
+    with pytest.raises(ReaLSError, match=f"teacher {name}: layer {layer} does not exist; its {match}"):
+        build_teacher(name, layer=layer)
