@@ -17,11 +17,13 @@ from storage import StorageError
 
 
 def storage_options(url: str) -> dict:
-    """fsspec options for ``url``: the S3 endpoint from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``)."""
+    """fsspec options for ``url``: the S3 endpoint from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), and no
+    listings cache: other processes (Ray workers, other nodes) write under the folders this one lists, and s3fs
+    would answer a later read of their files from the stale listing with FileNotFoundError."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    return {"use_listings_cache": False, **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {})}
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

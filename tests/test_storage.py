@@ -159,3 +159,18 @@ def test_iter_shards_shuffle_is_seeded(tmp_path):
     assert sorted(order(3)) == sorted(s["__key__"] for s in iter_shards(urls))
     assert order(3) != [s["__key__"] for s in iter_shards(urls)]
     assert np.unique(order(3)).size == 18
+
+
+def test_a_file_another_process_wrote_after_a_listing_is_read(s3_bucket):
+    """A driver that listed a folder (a progress poll) still reads the parts its Ray workers write there later."""
+    import s3fs
+
+    folder = f"{s3_bucket}/samples.npz.parts"
+    sfs.write_bytes_atomic(f"{folder}/00000000-00000004.json", b"{}")
+    assert sfs.list_files(folder, ".json") == [f"{folder}/00000000-00000004.json"]
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client
+    with other.open(f"{folder.removeprefix('s3://')}/00000004-00000008.npz", "wb") as f:
+        f.write(b"part")
+    assert sfs.read_bytes(f"{folder}/00000004-00000008.npz") == b"part"
+    assert sfs.exists(f"{folder}/00000004-00000008.npz")
+    assert len(sfs.list_files(folder)) == 2

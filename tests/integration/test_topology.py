@@ -99,12 +99,14 @@ def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_
                  "make-reference", "evaluate", "downstream", "reencode", "experiment"]
         # The experiment's form is pre-filled with its ~10-minute preset; a user edits it, here to micro sizes.
         micro_experiment = {"config": {**EXPERIMENT_MICRO, "output": str(cluster.root / "local" / "experiment")}}
-        states = {}
+        states, why = {}, {}
         for name in names:
             run = _run_when_served(run_deployment, f"{name}/{name}", serve,
                                    parameters=micro_experiment if name == "experiment" else None)
             states[name] = run.state.type.value
-        assert states == dict.fromkeys(names, "COMPLETED"), (states, cluster.log("serve").read_text()[-4000:])
+            if states[name] != "COMPLETED":
+                why[name] = run.state.message
+        assert states == dict.fromkeys(names, "COMPLETED"), (why, cluster.log("serve").read_text()[-4000:])
 
 
 @contextmanager
