@@ -231,7 +231,8 @@ def run_phase(units: list[Step], root: str, description: str, show_progress: boo
 
 
 def phases(p: Plan) -> list[tuple[str, list[Step]]]:
-    """The units in dependency order, in phases whose units run in parallel."""
+    """The units in dependency order, in phases whose units run in parallel (downstream right after convert: it
+    needs only the VAE dir, so a sweep's semantic measures arrive before its generators train)."""
     def per_run(stage: str) -> list[Step]:
         return [units[stage] for units in p.runs.values() if stage in units]
 
@@ -245,9 +246,9 @@ def phases(p: Plan) -> list[tuple[str, list[Step]]]:
                 ("train-vae", per_run("train-vae"))]
     else:
         out += [("reference, evaluator, train-vae", first + per_run("train-vae"))]
-    return out + [("convert", per_run("convert")), ("encode", per_run("encode")), ("train-sit", per_run("train-sit")),
-                  ("sample", per_run("sample")),
-                  ("evaluate", per_run("evaluate") + per_run("assess") + per_run("downstream"))]
+    return out + [("convert", per_run("convert")), ("downstream", per_run("downstream")), ("encode", per_run("encode")),
+                  ("train-sit", per_run("train-sit")), ("sample", per_run("sample")),
+                  ("evaluate", per_run("evaluate") + per_run("assess"))]
 
 
 def loss_curves_png(results: dict) -> bytes:
