@@ -22,12 +22,12 @@ from pipelines import StageError
 from pipelines.config import build
 from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
                                   markdown, recorded_configs)
-from pipelines.render import ARM_COLOURS, experiment_curves, sweep_plot
-from pipelines.sweep import Point, apply, expand, knob_series, point_name, targets
-from pipelines.sweep import collect as sweep_results, markdown as sweep_markdown
 from pipelines.registry import stage
 from pipelines.checkpoints import read_log
 from pipelines.generator import generator_sections
+from pipelines.render import ARM_COLOURS, experiment_curves, sweep_plot
+from pipelines.sweep import Point, apply, expand, knob_series, point_name, targets
+from pipelines.sweep import collect as sweep_results, markdown as sweep_markdown
 from storage.fs import join, local_path, write_bytes_atomic
 from storage.markers import read_json, write_json
 
