@@ -33,12 +33,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import OptionalImages, ShowProgress, StageConfig, build, load_yaml
-from pipelines.sweep import Point, targets
+from pipelines.sweep import Point, mean_std, targets
 from storage.fs import join
 from storage.markers import read_json
 
@@ -179,11 +178,6 @@ def check_arms(root: str, seeds: int, points: list[tuple[str, Point]] = ()) -> d
 # Results: table, paired differences, loss curves
 # ---------------------------------------------------------------------------------------------------
 
-def _stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
-
-
 def _fmt(x: float) -> str:
     if x == 0 or not math.isfinite(x):
         return f"{x:g}"
@@ -240,17 +234,17 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
     arms = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
-        arms[arm] = {"metrics": {k: _stats([r["metrics"][k] for r in mine]) for k in keys},
-                     "downstream": {k: _stats([r["downstream"][k] for r in mine]) for k in down},
-                     "vae_final": {k: _stats([r["vae_final"][k] for r in mine]) for k in ("rec", "patch_cos", "global_cos")
+        arms[arm] = {"metrics": {k: mean_std([r["metrics"][k] for r in mine]) for k in keys},
+                     "downstream": {k: mean_std([r["downstream"][k] for r in mine]) for k in down},
+                     "vae_final": {k: mean_std([r["vae_final"][k] for r in mine]) for k in ("rec", "patch_cos", "global_cos")
                                    if all(k in r["vae_final"] for r in mine)},
-                     "max_noise_to_signal": _stats([max(r["noise_to_signal"]) for r in mine])}
+                     "max_noise_to_signal": mean_std([max(r["noise_to_signal"]) for r in mine])}
     by = {(r["arm"], r["seed"]): r["metrics"] for r in runs}
     paired = {}
     for k in keys:
         diffs = [by[("reals", s)][k] - by[("vae", s)][k] for s in range(config.seeds)]
         lower = k in LOWER_IS_BETTER
-        paired[k] = {**_stats(diffs), "better": "lower" if lower else "higher",
+        paired[k] = {**mean_std(diffs), "better": "lower" if lower else "higher",
                      "reals_better_in": sum((d < 0) if lower else (d > 0) for d in diffs), "of": len(diffs)}
     evaluator = records["train-evaluator"]["summary"]
     notes = sorted({n for r in runs for n in r["notes"] if n})

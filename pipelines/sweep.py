@@ -129,7 +129,8 @@ COLUMNS = (  # (key in a point's row, header, how it reads)
 )
 
 
-def _stats(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the values (a sweep's and the experiment's spread over seeds)."""
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
 
@@ -142,11 +143,11 @@ def point_row(runs: dict[int, dict], baseline: dict[int, dict]) -> dict:
     for key, _, _ in COLUMNS:
         values = [runs[s]["row"].get(key) for s in seeds]
         if all(v is not None and math.isfinite(v) for v in values):
-            row[key] = _stats(values)
+            row[key] = mean_std(values)
     change = [100 * (runs[s]["row"]["FD_domain"] / baseline[s]["row"]["FD_domain"] - 1) for s in seeds]
-    row["FD_domain_change"] = _stats(change)
+    row["FD_domain_change"] = mean_std(change)
     diffs = [runs[s]["row"]["FD_domain"] - baseline[s]["row"]["FD_domain"] for s in seeds]
-    d = _stats(diffs)
+    d = mean_std(diffs)
     row["FD_domain_z"] = {"mean": d["mean"] / d["std"] if d["std"] > 0 else float("nan"), "std": 0.0,
                           "values": [], "paired_differences": diffs}
     return row
@@ -177,8 +178,8 @@ def markdown(rows: list[dict], baseline: dict, seeds: int, family: str) -> str:
     lines += ["", "- ΔFD_domain: the paired relative change against the baseline run of the same seed; paired z: the "
               "mean paired difference over its standard deviation (below −2: ahead beyond 2 standard deviations).",
               "- mIoU and δ<1.25 are the training-free heads on each run's latents (`reals downstream`), as a "
-              "fraction of the same heads on the teacher's features; the raw-latent probe is a ridge head fitted on the same "
-              "run's latents without the alignment network.",
+              "fraction of the same heads on the teacher's features; the raw-latent probe is a ridge head fitted on "
+              "the same run's latents without the alignment network.",
               "- patch_cos/global_cos: the heads' cosine to the teacher (last logging interval of the VAE training).",
               "- min per seed: the point's own steps (VAE fine-tuning to assessment), summed, per seed; shared steps "
               "are not counted."]
@@ -198,7 +199,7 @@ def collect(points: list[tuple[str, Point]], runs: list[dict], seeds: int, base_
             rows.append({"name": p.name, "label": p.label(), "arm": arm, "overrides": p.overrides,
                          "stats": point_row({s: by[(arm, s)] for s in range(seeds)}, baseline)})
     same_as_base = [p.name for arm, p in points if arm == "reals"]
-    return {"rows": rows, "baseline": {k: _stats([r["row"][k] for r in baseline.values()]) for k in keys},
+    return {"rows": rows, "baseline": {k: mean_std([r["row"][k] for r in baseline.values()]) for k in keys},
             "same_as_base": same_as_base, "base_values": base_values, "seeds": seeds}
 
 
