@@ -237,25 +237,59 @@ def _assert_same_store(store: str, reference: str) -> None:
         np.testing.assert_array_equal(got.group[name][:], want.group[name][:], err_msg=name)
 
 
+def _title(pid: int) -> bytes:
+    """A process's title (Ray retitles a worker ``ray::Class.method`` while it runs that method)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
+def _freeze_mid_unit(root: dict, title: bytes, proc, timeout: float = 600) -> int:
+    """SIGSTOP the Ray worker below ``root`` while its title is ``title``; its pid.
+
+    Checked again once stopped: a unit only returns after its worker drops the title, so the driver is
+    then surely waiting on a unit held by this node.
+    """
+    import os
+    import signal
+
+    from pipelines.ray_reaper import descendants
+
+    deadline, pid = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the encode ended before a unit ran on the worker node"
+        if pid is None:
+            pid = next((p for p in descendants(root) if _title(p).startswith(title.split(b".")[0])), None)
+        elif _title(pid) == title:
+            os.kill(pid, signal.SIGSTOP)
+            if _title(pid) == title:
+                return pid
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001 if pid else 0.05)
+    raise AssertionError(f"no worker on the worker node ran {title!r} within {timeout:.0f} s")
+
+
 def test_losing_the_worker_node_mid_encode_still_completes_the_store(cluster, data, vae_dir, reference_store,
                                                                      tmp_path):
+    """The worker node's actor is frozen mid-unit, then the node (raylet and actor) is killed."""
     import os
     import signal
 
     from pipelines.ray_reaper import descendants
 
     node = cluster.state["processes"]["ray-worker"]
-    raylets = [pid for pid in descendants({node["pid"]: node["start"]})
-               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet")]
+    root = {node["pid"]: node["start"]}
+    raylets = [pid for pid in descendants(root) if _title(pid).endswith(b"/raylet")]
     assert len(raylets) == 1
     store = str(tmp_path / "store")
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", str(data / "shards"),
                              "--vae-path", vae_dir, "--output", store, "--workers", "2"], env=driver_env(cluster),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_markers(store, 1, proc)
-        assert proc.poll() is None, "the encode finished before the node could be lost"
+        actor = _freeze_mid_unit(root, b"ray::EncodeWorker.encode_shard", proc)
         os.kill(raylets[0], signal.SIGKILL)
+        os.kill(actor, signal.SIGKILL)
         out, err = proc.communicate(timeout=900)
     finally:
         proc.kill()
