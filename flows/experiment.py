@@ -10,7 +10,7 @@ refuses to start when a step was recorded with other settings, and every stage s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ from storage.fs import join, local_path, write_bytes_atomic
 from storage.markers import read_json, write_json
 
 RECORDS = "records"
+# A run's units up to its latents and its semantic measures: everything its generator reads.
+VAE_SIDE = ("train-vae", "convert", "encode", "downstream")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,9 +51,15 @@ class Plan:
     shared: dict[str, Step]
     runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> stage -> unit
     points: list[tuple[str, Point]] = ()  # sweep points and their arms ("reals" where a point is the ReaLS arm)
+    borrowed: dict[tuple[str, int], str] = field(default_factory=dict)  # (arm, seed) -> the run folder whose VAE side the run shares
 
     def run_root(self, arm: str, seed: int) -> str:
         return join(self.root, arm, f"seed{seed}")
+
+    def recorded(self, arm: str, seed: int) -> dict:
+        """The run's stage configs with its own folder, and the one it borrows its VAE side from, as ``<run>``."""
+        roots = [self.run_root(arm, seed)] + [r for r in [self.borrowed.get((arm, seed))] if r]
+        return recorded_configs(self.runs[(arm, seed)], *roots)
 
 
 def _section(stage_name: str, name: str, given: dict, fixed: dict, defaults: dict | None = None):
@@ -107,7 +115,7 @@ def plan(config: ExperimentConfig) -> Plan:
     for seed in range(config.seeds):
         for arm in ARMS:
             runs[(arm, seed)] = run_steps(config, arm, seed, join(root, arm, f"seed{seed}"), inputs, truth)
-    points = []
+    points, borrowed = [], {}
     for point in expand(config.points, config.grid):
         point_config, arm = apply(config, point), f"reals-{point.name}"
         try:
@@ -115,13 +123,24 @@ def plan(config: ExperimentConfig) -> Plan:
                      for seed in range(config.seeds)}
         except StageError as e:
             raise StageError(f"sweep point {point.name}: {e}") from None
-        if recorded_configs(steps[0], join(root, arm, "seed0")) == recorded_configs(runs[("reals", 0)],
-                                                                                    join(root, "reals", "seed0")):
+        base, base_root = runs[("reals", 0)], join(root, "reals", "seed0")
+        if recorded_configs(steps[0], join(root, arm, "seed0")) == recorded_configs(base, base_root):
             points.append(("reals", point))  # the experiment's own ReaLS arm
             continue
         points.append((arm, point))
+        if recorded_configs(_vae_side(steps[0]), join(root, arm, "seed0")) == recorded_configs(_vae_side(base),
+                                                                                               base_root):
+            for seed in range(config.seeds):  # a generator-only point: the ReaLS arm's VAE side is its own
+                borrowed[(arm, seed)] = join(root, "reals", f"seed{seed}")
+                steps[seed] = {**run_steps(point_config, arm, seed, join(root, arm, f"seed{seed}"), inputs, truth,
+                                           vae_root=borrowed[(arm, seed)]),
+                               **_vae_side(runs[("reals", seed)])}
         runs.update({(arm, seed): units for seed, units in steps.items()})
-    return Plan(root, shared, runs, points)
+    return Plan(root, shared, runs, points, borrowed)
+
+
+def _vae_side(units: dict[str, Step]) -> dict[str, Step]:
+    return {k: u for k, u in units.items() if k in VAE_SIDE}
 
 
 def _teacher(config: ExperimentConfig) -> dict:
@@ -130,13 +149,15 @@ def _teacher(config: ExperimentConfig) -> dict:
 
 
 def run_steps(config: ExperimentConfig, arm: str, seed: int, r: str, inputs: dict,
-              truth: str | None) -> dict[str, Step]:
+              truth: str | None, vae_root: str | None = None) -> dict[str, Step]:
     """The steps of one run (arm ``vae``: align_weight 0) under its folder ``r``: VAE fine-tuning to measurement;
-    downstream segmentation and depth when ``truth`` names a folder with ground truth."""
+    downstream segmentation and depth when ``truth`` names a folder with ground truth. With ``vae_root``, the
+    VAE side (``VAE_SIDE``) lives in that folder instead."""
     quiet = {"show_progress": False}
     train_stage, train_sit, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
                                                         model=config.model)
-    vae_run, vae_dir, store, sit_run = join(r, "vae"), join(r, "vae-dir"), join(r, "latents"), join(r, "sit")
+    v = vae_root or r
+    vae_run, vae_dir, store, sit_run = join(v, "vae"), join(v, "vae-dir"), join(v, "latents"), join(r, "sit")
     samples, shards = join(r, "samples.npz"), inputs["shards"]
     configs = {
         "train-vae": _section("train-vae", "train_vae", config.train_vae, {
@@ -160,7 +181,7 @@ def run_steps(config: ExperimentConfig, arm: str, seed: int, r: str, inputs: dic
     }
     if truth:
         configs["downstream"] = _section("downstream", "downstream", config.downstream, {
-            "images": inputs["data"], "vae_path": vae_dir, "output": join(r, "downstream"), **quiet},
+            "images": inputs["data"], "vae_path": vae_dir, "output": join(v, "downstream"), **quiet},
             {"tasks": ["seg", "depth"], "ground_truth": truth})
     return {kind: Step(f"{arm}-seed{seed}-{kind}", unit_stage(kind, train_stage), c) for kind, c in configs.items()}
 
@@ -233,8 +254,8 @@ def run_phase(units: list[Step], root: str, description: str, show_progress: boo
 def phases(p: Plan) -> list[tuple[str, list[Step]]]:
     """The units in dependency order, in phases whose units run in parallel (downstream right after convert: it
     needs only the VAE dir, so a sweep's semantic measures arrive before its generators train)."""
-    def per_run(stage: str) -> list[Step]:
-        return [units[stage] for units in p.runs.values() if stage in units]
+    def per_run(stage: str) -> list[Step]:  # once each: a generator-only point's VAE side is the ReaLS arm's
+        return list({units[stage].name: units[stage] for units in p.runs.values() if stage in units}.values())
 
     def shared(*names: str) -> list[Step]:
         return [p.shared[n] for n in names if n in p.shared]
@@ -272,10 +293,11 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
     t0 = time.perf_counter()
     p = plan(config)
     refuse_changed(list(p.shared.values()) + [u for units in p.runs.values() for u in units.values()], p.root)
-    for (arm, seed), units in p.runs.items():
+    for arm, seed in p.runs:
         root = p.run_root(arm, seed)
         write_json(join(root, "configs.json"), {"arm": arm, "seed": seed, "run": root,
-                                                "stages": recorded_configs(units, root)})
+                                                "vae_side": p.borrowed.get((arm, seed), root),
+                                                "stages": p.recorded(arm, seed)})
     check = check_arms(p.root, config.seeds, p.points)
     write_json(join(p.root, "config_check.json"), check)
 
@@ -304,8 +326,7 @@ def run(config: ExperimentConfig) -> ExperimentSummary:
 
 def write_sweep(p: Plan, results: dict) -> tuple[str, list[str]]:
     """sweep.json, sweep.md and one plot per knob (``sweep-<knob>.png``) under the experiment's folder."""
-    base = p.runs[("reals", 0)]
-    recorded = config_differences({}, recorded_configs(base, p.run_root("reals", 0)))  # dotted key -> [None, value]
+    recorded = config_differences({}, p.recorded("reals", 0))  # dotted key -> [None, value]
     knobs = dict.fromkeys(k for _, point in p.points for k in point.overrides)
     sweep = sweep_results(p.points, results["runs"], results["seeds"],
                           {k: recorded.get(targets(k), [None, None])[1] for k in knobs})

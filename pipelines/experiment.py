@@ -136,10 +136,14 @@ def config_differences(a: dict, b: dict) -> dict[str, list]:
     return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def recorded_configs(units: dict, run_root: str) -> dict:
-    """A run's stage configs as JSON, its own folder written ``<run>`` (section names as in ExperimentConfig)."""
-    configs = {kind.replace("-", "_"): u.config.model_dump(mode="json") for kind, u in units.items()}
-    return json.loads(json.dumps(configs, sort_keys=True).replace(run_root, "<run>"))
+def recorded_configs(units: dict, *run_roots: str) -> dict:
+    """A run's stage configs as JSON, its folders (its own, and one it shares units with) written ``<run>``
+    (section names as in ExperimentConfig)."""
+    text = json.dumps({kind.replace("-", "_"): u.config.model_dump(mode="json") for kind, u in units.items()},
+                      sort_keys=True)
+    for root in run_roots:
+        text = text.replace(f"{root}/", "<run>/").replace(f'"{root}"', '"<run>"')
+    return json.loads(text)
 
 
 def check_arms(root: str, seeds: int, points: list[tuple[str, Point]] = ()) -> dict:
@@ -215,7 +219,8 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
         metrics = {k: float(v["value"]) for k, v in rec["evaluate"]["metrics"].items()}
         metrics.update(rec["assess"]["metrics"])
         downstream = downstream_row(rec.get("downstream"))
-        seconds = sum(records[u.name]["seconds"] for u in units.values())
+        seconds = sum(records[u.name]["seconds"] for u in units.values()  # its own units (not those it shares)
+                      if u.name.startswith(f"{arm}-seed{seed}-"))
         final = rec["train-vae"]["final"]
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,

@@ -5,7 +5,8 @@ A sweep file holds ``points`` (a list of overrides, each optionally ``name``d) a
 every combination). A knob is an ExperimentConfig field (``align_weight``, ``teacher_layer``,
 ``teacher_input_size``) or ``section.field`` (``train_vae.kl_weight``, ``train_sit.sample_posterior``). The shared
 inputs (data, shards, reference, evaluator, pretraining, seeds) cannot be overridden, so every point is measured
-against the same baseline runs. A point whose stage configs equal the experiment's own ReaLS arm is that arm.
+against the same baseline runs. A point whose stage configs equal the experiment's own ReaLS arm is that arm; one
+that changes only the generator shares that arm's VAE side (``flows.experiment.VAE_SIDE``).
 
 Here: reading and expanding a sweep, a point's config, which stage settings a knob may change (the check), and the
 results table. The plan and running it are ``flows.experiment``; the plots ``pipelines.render``.

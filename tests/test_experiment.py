@@ -120,18 +120,20 @@ def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
 
 # ----------------------------------------------------------------- the sweep (issue 18)
 
-SWEEP = {"points": [{"name": "block1", "teacher_layer": 1}], "grid": {"align_weight": [0.5]}}  # 0.5: the base
+SWEEP = {"points": [{"name": "block1", "teacher_layer": 1}, {"name": "mean", "train_sit.sample_posterior": False}],
+         "grid": {"align_weight": [0.5]}}  # 0.5: the base; `mean` changes only the generator
+GENERATOR = ("train-sit", "sample", "evaluate", "assess")
 
 
 def test_a_sweep_expands_its_points_and_grid_against_one_baseline(tmp_path):
     from pipelines.sweep import expand
 
     grid = {"align_weight": [0.5, 1.0]}
-    points = expand(SWEEP["points"] + [{"train_vae": {"kl_weight": 1e-5}}], grid)
+    points = expand(SWEEP["points"][:1] + [{"train_vae": {"kl_weight": 1e-5}}], grid)
     assert [(p.name, p.overrides) for p in points] == [
         ("block1", {"teacher_layer": 1}), ("kl_weight-1e-05", {"train_vae.kl_weight": 1e-5}),
         ("align_weight-0.5", {"align_weight": 0.5}), ("align_weight-1.0", {"align_weight": 1.0})]
-    config = ExperimentConfig(output=str(tmp_path), **MICRO, points=SWEEP["points"] + [
+    config = ExperimentConfig(output=str(tmp_path), **MICRO, points=SWEEP["points"][:1] + [
         {"train_vae.kl_weight": 1e-5}], grid=grid)
     p = plan(config)
     arms = {arm for arm, _ in p.runs}
@@ -144,6 +146,35 @@ def test_a_sweep_expands_its_points_and_grid_against_one_baseline(tmp_path):
         assert (kl.kl_weight, vae.kl_weight) == (1e-5, p.runs[("reals", seed)]["train-vae"].config.kl_weight)
         assert p.runs[("reals-align_weight-1.0", seed)]["train-vae"].config.align_weight == 1.0
         assert block1.vae_ckpt == vae.vae_ckpt  # one shared pretraining
+    assert not p.borrowed  # every point above changes the VAE
+
+
+def test_a_generator_only_point_shares_the_reals_arms_vae_side(tmp_path):
+    from flows.experiment import VAE_SIDE, phases
+
+    config = ExperimentConfig(output=str(tmp_path), **MICRO, points=SWEEP["points"])
+    p = plan(config)
+    for seed in range(config.seeds):
+        base, mean = p.runs[("reals", seed)], p.runs[("reals-mean", seed)]
+        assert p.borrowed[("reals-mean", seed)] == p.run_root("reals", seed)
+        assert all(mean[k] is base[k] for k in VAE_SIDE)  # the very units, run once
+        assert mean["train-sit"].config.store == base["train-sit"].config.store
+        assert (mean["train-sit"].config.sample_posterior, base["train-sit"].config.sample_posterior) == (False, True)
+        assert mean["train-sit"].config.output.startswith(p.run_root("reals-mean", seed))
+        assert mean["sample"].config.vae_path == base["sample"].config.vae_path
+        assert mean["train-sit"].name != base["train-sit"].name
+        # its recorded configs read as the baseline's but for the alignment weight and its override
+        diffs = config_differences(p.recorded("vae", seed), p.recorded("reals-mean", seed))
+        assert set(diffs) == {ALLOWED_DIFFERENCE, "train_sit.sample_posterior"}
+    units = [u for _, phase in phases(p) for u in phase]
+    assert len(units) == len({u.name for u in units})  # the shared units are planned once
+    own = {(arm, seed): {k for k, u in units.items() if u.name.startswith(f"{arm}-")} for (arm, seed), units in
+           p.runs.items()}
+    assert own[("reals-mean", 0)] == set(GENERATOR) and own[("reals-block1", 0)] == set(p.runs[("vae", 0)])
+
+
+def test_a_sweep_refuses_points_that_change_shared_inputs(tmp_path):
+    config = ExperimentConfig(output=str(tmp_path), **MICRO)
     for bad, match in (({"seeds": 5}, "seeds is shared"), ({"shard.shard_size": 8}, "shard is shared"),
                        ({"train_vae.no_such": 1}, "sweep point no_such-1")):
         with pytest.raises(StageError, match=match):
@@ -158,7 +189,7 @@ def micro_sweep(micro):
 
 def test_a_micro_sweep_reuses_the_baseline_and_reports_every_point(micro_sweep):
     config, first, s = micro_sweep
-    point_units = config.seeds * len(plan(config.model_copy(update=SWEEP)).runs[("vae", 0)])
+    point_units = config.seeds * (len(plan(config.model_copy(update=SWEEP)).runs[("vae", 0)]) + len(GENERATOR))
     assert s.units_run == point_units and s.units_reused == first.units_run + first.units_reused
     check = json.loads(Path(s.output, "config_check.json").read_text())
     entry = check["points"]["block1"]
@@ -171,14 +202,22 @@ def test_a_micro_sweep_reuses_the_baseline_and_reports_every_point(micro_sweep):
     prov = json.loads(Path(s.output, "reals-block1", "seed0", "vae-dir", "provenance.json").read_text())
     assert prov["teacher"]["layer"] == 1 and "block 1" in prov["teacher"]["description"]
     sweep = json.loads(Path(s.output, "sweep.json").read_text())
-    assert [r["name"] for r in sweep["rows"]] == ["base", "block1"] and sweep["same_as_base"] == ["align_weight-0.5"]
+    assert [r["name"] for r in sweep["rows"]] == ["base", "block1", "mean"]
+    assert sweep["same_as_base"] == ["align_weight-0.5"]
+    mean = json.loads(Path(s.output, "reals-mean", "seed0", "configs.json").read_text())
+    assert mean["vae_side"] == str(Path(s.output, "reals", "seed0"))
+    assert not Path(s.output, "reals-mean", "seed0", "vae").exists()  # its VAE side is the ReaLS arm's
+    rows = {r["name"]: r["stats"] for r in sweep["rows"]}
+    assert rows["mean"]["mIoU_fraction"]["values"] == rows["base"]["mIoU_fraction"]["values"]
+    assert rows["mean"]["minutes"]["mean"] < rows["base"]["minutes"]["mean"]  # its own units only
     for row in sweep["rows"]:
         assert {"FD_domain", "FD_domain_change", "PSNR", "patch_cos", "mIoU_fraction", "delta1_fraction",
                 "mIoU_probe_fraction", "minutes"} <= set(row["stats"])
         assert len(row["stats"]["FD_domain"]["values"]) == config.seeds
     table = Path(s.sweep_table).read_text()
     assert "| block1 | teacher_layer=1 |" in table and "| VAE baseline |" in table
-    assert sorted(Path(p).name for p in s.sweep_plots) == ["sweep-align_weight.png", "sweep-teacher_layer.png"]
+    assert sorted(Path(p).name for p in s.sweep_plots) == ["sweep-align_weight.png", "sweep-sample_posterior.png",
+                                                           "sweep-teacher_layer.png"]
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in s.sweep_plots)
 
 
