@@ -51,7 +51,7 @@ class Plan:
     shared: dict[str, Step]
     runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> stage -> unit
     points: list[tuple[str, Point]] = ()  # sweep points and their arms ("reals" where a point is the ReaLS arm)
-    borrowed: dict[tuple[str, int], str] = field(default_factory=dict)  # (arm, seed) -> the run folder whose VAE side the run shares
+    borrowed: dict[tuple[str, int], str] = field(default_factory=dict)  # (arm, seed) -> whose VAE side it uses
 
     def run_root(self, arm: str, seed: int) -> str:
         return join(self.root, arm, f"seed{seed}")
