@@ -4,7 +4,9 @@ Each case trains on a few random-image shards written to a temporary folder, wit
 (EfficientNet-Lite0), a random-backbone LPIPS of the LPIPS compute cost, and the GAN on, so one step costs
 what a real step costs. ``teacher_share`` is the teacher's forward CPU time over the whole step's CPU time.
 Times are wall-clock and process CPU seconds; torch uses ``--threads`` intra-op threads (default 1: on a
-shared 2-core machine more threads spin and slow every step down). Prints one JSON document; a few
+shared 2-core machine more threads spin and slow every step down). ``cached_step_s`` is a step on teacher
+features computed beforehand (``--cache-teacher``), ``cache_speedup`` its ratio to a live-teacher step.
+Prints one JSON document; a few
 minutes on 2 cores (the sd-f8c4 steps dominate).
 """
 from __future__ import annotations
@@ -66,14 +68,19 @@ def bench_case(name: str, tmp: str) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for _ in range(steps):
-            trainer.teacher((x + 1) / 2)
+            targets = trainer.teacher((x + 1) / 2)
     teacher_s, teacher_cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(x, targets)
+    cached_s = (time.perf_counter() - start) / steps
     params = sum(p.numel() for p in trainer.model.vae.parameters())
     return {"image_size": size, "batch_size": batch, "latent_shape": trainer.latent_shape,
             "vae_params_m": round(params / 1e6, 2), "step_s": round(step_s, 4), "step_cpu_s": round(step_cpu, 4),
             "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 2),
             "teacher": trainer.teacher.description, "teacher_s": round(teacher_s, 4),
-            "teacher_cpu_s": round(teacher_cpu, 4), "teacher_share": round(teacher_cpu / step_cpu, 3)}
+            "teacher_cpu_s": round(teacher_cpu, 4), "teacher_share": round(teacher_cpu / step_cpu, 3),
+            "cached_step_s": round(cached_s, 4), "cache_speedup": round(step_s / cached_s, 2)}
 
 
 def main() -> None:

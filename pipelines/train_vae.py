@@ -72,6 +72,10 @@ class TrainVAEConfig(StageConfig):
     teacher_layer: int | None = Field(None, ge=1,
         description="the teacher layer aligned to: a DINOv2 block (1-depth) or an EfficientNet stage (2-8 MBConv, "
                     "9 the head; the paper's numbering); default: the last")
+    cache_teacher: bool = Field(False,
+        description="compute the teacher's features of every image of the split once, in memory, before training "
+                    "(small sets: without augmentation every epoch recomputes the same features); refused when "
+                    "they would take more than a quarter of the memory")
     align_weight: float = Field(0.5, ge=0,
         description="weight of the alignment loss; 0 = unaligned baseline (heads as a probe)")
     align_hidden_dim: int = Field(1024, gt=0, description="hidden width of the alignment heads")
@@ -124,6 +128,7 @@ class TrainVAESummary(BaseModel):
     latent_shape: list[int]
     final: dict[str, float] = Field(description="losses of the last logging interval")
     skipped: int = Field(description="undecodable samples skipped")
+    teacher_cached: int = Field(0, description="images whose teacher features were computed once (--cache-teacher)")
     world_size: int
 
 
@@ -152,8 +157,9 @@ def buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator)
 
 
 def epoch_batches(urls: list[str], cfg: TrainVAEConfig, epoch: int, d: Dist,
-                  skipped: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches (uint8 images [B, H, W, 3], labels [B]) of one epoch for this rank; the last partial one dropped."""
+                  skipped: list) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Batches (uint8 images [B, H, W, 3], labels [B], sample ids) of one epoch for this rank; the last partial
+    one dropped."""
     samples = iter_shards(epoch_shards(urls, cfg.seed, epoch), shuffle=0, split_by_node=d.enabled,
                           split_by_worker=False, skipped=skipped)
     rng = np.random.default_rng([cfg.seed, epoch, d.rank])
@@ -161,8 +167,51 @@ def epoch_batches(urls: list[str], cfg: TrainVAEConfig, epoch: int, d: Dist,
     for s in buffer_shuffle(samples, cfg.shuffle_buffer, rng):
         batch.append(s)
         if len(batch) == cfg.batch_size:
-            yield np.stack([b["image"] for b in batch]), np.array([b["cls"] for b in batch])
+            yield (np.stack([b["image"] for b in batch]), np.array([b["cls"] for b in batch]),
+                   [sample_id(b) for b in batch])
             batch = []
+
+
+def sample_id(sample: dict) -> str:
+    """A sample's identity across shards: its shard URL and key."""
+    return f"{sample['__url__']}#{sample['__key__']}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher features computed once (--cache-teacher)
+# ---------------------------------------------------------------------------------------------------
+
+class TeacherCache:
+    """The teacher's (patch, global) features of every image of the shards, by ``sample_id``, computed in stored
+    order with a fixed batch size, so a resumed run reads the very same features."""
+
+    BATCH = 64
+
+    def __init__(self, teacher, urls: list[str], count: int, device: torch.device, autocast):
+        gh, gw = teacher.grid
+        need = count * teacher.width * (gh * gw + 1) * 4
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > memory // 4:
+            raise StageError(f"--cache-teacher needs {need / 2**30:.1f} GiB for {count} images, more than a quarter "
+                             f"of this machine's {memory / 2**30:.0f} GiB: train without it")
+        self.index: dict[str, int] = {}
+        patches, globals_ = [], []
+        samples = iter_shards(urls, shuffle=0, split_by_worker=False, skipped=[])
+        while chunk := list(itertools.islice(samples, self.BATCH)):
+            images = to_model_images(np.stack([s["image"] for s in chunk]), device)
+            with torch.no_grad(), autocast:
+                patch, glob = teacher((images + 1) / 2)
+            patches.append(patch.cpu())
+            globals_.append(glob.cpu())
+            self.index.update((sample_id(s), len(self.index)) for s in chunk)
+        self.patch, self.glob = torch.cat(patches), torch.cat(globals_)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, ids: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.tensor([self.index[i] for i in ids])
+        return self.patch[rows].to(device), self.glob[rows].to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,6 +284,7 @@ class Trainer(TrainingLoop):
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
         self.probe = cfg.align_weight == 0
+        self.teacher_cache: TeacherCache | None = None
         self.skipped: list = []
         self.samples: np.ndarray | None = None
 
@@ -277,15 +327,21 @@ class Trainer(TrainingLoop):
         return itertools.islice(epoch_batches(self.urls, self.cfg, epoch, self.d, self.skipped), skip, None)
 
     def train_batch(self, batch) -> dict[str, float]:
-        return self.train_step(to_model_images(batch[0], self.d.device))
+        images, _, ids = batch
+        targets = self.teacher_cache.lookup(ids, self.d.device) if self.teacher_cache is not None else None
+        return self.train_step(to_model_images(images, self.d.device), targets)
 
-    def train_step(self, images: torch.Tensor) -> dict[str, float]:
-        """One generator (VAE + heads) step and, once the GAN is on, one discriminator step."""
+    def train_step(self, images: torch.Tensor,
+                   targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """One generator (VAE + heads) step and, once the GAN is on, one discriminator step; ``targets``: the
+        teacher's (patch, global) features of ``images`` when already computed."""
         cfg = self.cfg
         gan = self.criterion.gan_active(self.step)
         with self.autocast:
-            with torch.no_grad():
-                t_patch, t_global = self.teacher((images + 1) / 2)
+            if targets is None:
+                with torch.no_grad():
+                    targets = self.teacher((images + 1) / 2)
+            t_patch, t_global = targets
             out = self.train_model(images, detach_heads=self.probe)
             logits_fake = self.disc(out["rec"]) if gan else None
             terms = self.criterion(images, out, logits_fake, self.model.vae.decoder.conv_out.weight)
@@ -326,6 +382,8 @@ class Trainer(TrainingLoop):
         if d.main:
             write_json(join(self.output, "config.json"), cfg.model_dump())
             self.samples = fixed_batch(self.urls, min(SAMPLE_IMAGES, cfg.batch_size))
+        if cfg.cache_teacher and not self.done():
+            self.teacher_cache = TeacherCache(self.teacher, self.urls, self.count, d.device, self.autocast)
         self.train("train-vae")
         return TrainVAESummary(
             output=self.output, checkpoint=self.last_checkpoint, steps=self.step, epoch=self.epoch,
@@ -335,6 +393,7 @@ class Trainer(TrainingLoop):
                        if self.probe else f"aligned, weight {cfg.align_weight}"),
             vae_config=cfg.vae_config if not cfg.vae_ckpt else f"{cfg.vae_config} from {cfg.vae_ckpt}",
             latent_shape=self.latent_shape, final=self.final, skipped=len({k for k, _ in self.skipped}),
+            teacher_cached=len(self.teacher_cache) if self.teacher_cache else 0,
             world_size=d.world)
 
 
@@ -360,6 +419,8 @@ def show(s: TrainVAESummary) -> None:
     resumed = "" if s.resumed_from is None else f", resumed from {s.resumed_from}"
     print(f"train-vae: {s.steps} steps ({s.epoch} epochs done{resumed}); latents {'x'.join(map(str, s.latent_shape))}")
     print(f"  teacher: {s.teacher}\n  perceptual: {s.perceptual}\n  alignment: {s.alignment}")
+    if s.teacher_cached:
+        print(f"  teacher features: computed once for {s.teacher_cached} images (--cache-teacher)")
     print(f"  final: {final}\n  checkpoint: {s.checkpoint}")
     if s.skipped:
         print(f"  skipped {s.skipped} undecodable samples")

@@ -12,6 +12,7 @@ from pipelines.checkpoints import LOG, check_resumable, load_checkpoint, read_lo
 from pipelines.train_vae import RESUME_KEYS, TrainVAEConfig, run
 from reals import ReaLSError
 from reals.losses import AutoencoderLoss
+from reals.teachers import Teacher
 from storage.fs import exists, join, read_bytes
 
 TINY = dict(vae_config="tiny", dino_model="tiny-dinov2", perceptual="none", align_hidden_dim=32,
@@ -40,9 +41,10 @@ def test_reconstruction_and_alignment_losses_fall(tiny_shards, tmp_path):
     assert ckpt["config"]["max_steps"] == 36 and ckpt["teacher"]["name"] == "tiny-dinov2"
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_shards, tmp_path):
+@pytest.mark.parametrize("cache_teacher", [False, True])
+def test_resume_reproduces_an_uninterrupted_run(tiny_shards, tmp_path, cache_teacher):
     # 48 train images / batch 8 = 6 batches per epoch: the resume lands mid-epoch, the GAN is on from step 3.
-    kw = dict(log_every=1, disc_start=3)
+    kw = dict(log_every=1, disc_start=3, cache_teacher=cache_teacher)
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run(tiny_config(tiny_shards, whole, max_steps=9, **kw))
     first = run(tiny_config(tiny_shards, parts, max_steps=4, **kw))
@@ -59,6 +61,33 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_shards, tmp_path):
     for key in ("vae", "align_net"):
         assert all(torch.equal(a["ema"][key][k], b["ema"][key][k]) for k in a["ema"][key])
     assert all(torch.equal(a["disc"][k], b["disc"][k]) for k in a["disc"])
+
+
+def test_cached_teacher_features_train_as_the_teacher_does(tiny_shards, tmp_path, monkeypatch):
+    calls = {"images": 0}
+    forward = Teacher.forward
+
+    def counted(self, images):
+        calls["images"] += len(images)
+        return forward(self, images)
+
+    monkeypatch.setattr(Teacher, "forward", counted)
+    kw = dict(max_steps=12, log_every=1, seed=3)  # two epochs of 6 batches of 8
+    run(tiny_config(tiny_shards, str(tmp_path / "live"), **kw))
+    assert calls["images"] == 12 * 8
+    calls["images"] = 0
+    s = run(tiny_config(tiny_shards, str(tmp_path / "cached"), cache_teacher=True, **kw))
+    assert calls["images"] == s.teacher_cached == 48  # every train image once, then never again
+    live, cached = read_log(join(str(tmp_path / "live"), LOG)), read_log(join(str(tmp_path / "cached"), LOG))
+    for a, b in zip(live, cached, strict=True):
+        for key in ("rec", "align", "patch_cos", "global_cos", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_teacher_cache_too_large_for_memory_is_refused(tiny_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipelines.train_vae.os.sysconf", lambda name: 256)  # a 64 KiB machine
+    with pytest.raises(StageError, match=r"--cache-teacher needs .* GiB for 48 images.*train without it"):
+        run(tiny_config(tiny_shards, str(tmp_path / "run"), max_steps=2, cache_teacher=True))
 
 
 def test_existing_run_needs_resume(tiny_shards, tmp_path):
