@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.cli import add_config_arguments, config_from_args, flag_values
 from pipelines.cli import main as stage_main
-from pipelines.config import build
+from pipelines.config import build, settings
 
 
 class PipelineCommand(BaseModel):
@@ -62,6 +62,9 @@ class ExperimentCommand(BaseModel):
     sweep: str | None = Field(None, description="sweep YAML: `points` (a list of overrides) and/or `grid` (knob: "
                                                 "[values]) of the ReaLS arm, all against one baseline "
                                                 "(configs/sweep.yaml)")
+    set: list[str] = Field(default_factory=list, description="KEY=VALUE settings over the config, KEY a field or "
+                                                             "section.field, VALUE read as YAML (e.g. "
+                                                             "train_sit.max_steps=1000 sample.num_fid_samples=500)")
 
 
 def _quiet_defaults() -> None:
@@ -139,6 +142,8 @@ def experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         raise StageError(f"preset {preset(cmd.quick)} not found: pass --config FILE")
     args.config = cmd.config or preset(cmd.quick)
     config = config_from_args(ExperimentConfig, args, parser)
+    if cmd.set:
+        config = build(ExperimentConfig, settings(config.model_dump(), cmd.set), "experiment config ")
     if cmd.sweep:
         config = build(ExperimentConfig, {**config.model_dump(), **load_sweep(cmd.sweep)}, "experiment config ")
     s = run(config)

@@ -72,6 +72,26 @@ def build(cls: type[BaseModel], values: dict, what: str, names: Callable[[str], 
         raise StageError(f"invalid {what}{first_error(e, names)}") from None
 
 
+def override(values: dict, key: str, value, what: str) -> dict:
+    """``values`` with ``key`` (a field, or ``section.field`` of a section mapping) set to ``value``."""
+    head, _, field = key.partition(".")
+    if not field:
+        return {**values, head: value}
+    if not isinstance(values.get(head), dict):
+        raise StageError(f"{what}: {head} is not a section of the config")
+    return {**values, head: {**values[head], field: value}}
+
+
+def settings(values: dict, given: list[str]) -> dict:
+    """``values`` with ``KEY=VALUE`` settings (``--set``; KEY a field or ``section.field``, VALUE read as YAML)."""
+    for item in given:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise StageError(f"--set {item!r}: expected KEY=VALUE, e.g. train_sit.max_steps=1000")
+        values = override(values, key, yaml.safe_load(raw), f"--set {key}")
+    return values
+
+
 def load_yaml(path: str | None, section: str | None = None) -> dict:
     """The mapping in a YAML file (or its ``section`` when it has one); ``{}`` when ``path`` is None."""
     if not path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines import StageError
-from pipelines.config import build, load_yaml
+from pipelines.config import build, load_yaml, override
 
 SHARED = ("output", "seeds", "images", "synthetic", "shard", "reference", "evaluator", "pretrain_vae",
           "show_progress", "points", "grid")
@@ -99,13 +99,7 @@ def apply(config, point: Point):
     """The ExperimentConfig of ``point``: ``config`` with the point's overrides."""
     values = config.model_dump(exclude={"points", "grid"})
     for key, value in point.overrides.items():
-        head, _, field = key.partition(".")
-        if field:
-            if not isinstance(values.get(head), dict):
-                raise StageError(f"sweep point {point.name}: {head} is not a section of the experiment config")
-            values[head] = {**values[head], field: value}
-        else:
-            values[head] = value
+        values = override(values, key, value, f"sweep point {point.name}")
     return build(type(config), values, f"sweep point {point.name}: experiment config ")
 
 

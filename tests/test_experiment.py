@@ -103,6 +103,29 @@ def test_presets_load_and_plan_both_arms_alike():
         plan(ExperimentConfig(output="/tmp/unused-experiment", train_vae={"seed": 3}))
 
 
+def test_set_overrides_a_preset_from_the_command_line(monkeypatch, capsys):
+    from flows.cli import main
+
+    seen = []
+
+    def captured(config):
+        seen.append(config)
+        raise StageError("stopped before running")
+
+    monkeypatch.setattr("flows.experiment.run", captured)
+    assert main(["experiment", "--output", "/tmp/unused-experiment", "--seeds", "2", "--set",
+                 "train_sit.max_steps=1000", "sample.num_fid_samples=500", "align_weight=1.0"]) == 2
+    preset = load_experiment_config()
+    config = seen[0]
+    assert (config.train_sit["max_steps"], config.sample["num_fid_samples"], config.align_weight) == (1000, 500, 1.0)
+    assert config.seeds == 2 and config.train_sit["lr"] == preset.train_sit["lr"]  # the rest of a section stays
+    assert plan(config).runs[("reals", 0)]["train-sit"].config.max_steps == 1000
+    for bad, err in ((["max_steps"], "expected KEY=VALUE"), (["seeds.x=1"], "--set seeds.x: seeds is not a section"),
+                     (["no_such=1"], "invalid experiment config no_such")):
+        assert main(["experiment", "--output", "/tmp/unused-experiment", "--set", *bad]) == 2
+        assert err in capsys.readouterr().err
+
+
 def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
     config = load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-T/2")
     p = plan(config)
