@@ -6,8 +6,7 @@ what a real step costs. ``teacher_share`` is the teacher's forward CPU time over
 Times are wall-clock and process CPU seconds; torch uses ``--threads`` intra-op threads (default 1: on a
 shared 2-core machine more threads spin and slow every step down). ``cached_step_s`` is a step on teacher
 features computed beforehand (``--cache-teacher``), ``cache_speedup`` its ratio to a live-teacher step.
-Prints one JSON document; a few
-minutes on 2 cores (the sd-f8c4 steps dominate).
+Prints one JSON document; a few minutes on 2 cores (the sd-f8c4 steps dominate).
 """
 from __future__ import annotations
 
