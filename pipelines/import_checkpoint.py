@@ -12,7 +12,8 @@ Recognised (``reals import-checkpoint SRC --output DST.pt``, and the same on ``r
   shapes, so the family must be named, by ``--model`` or by the official file name ``SiT-*`` / ``DiT-*``; it is
   never guessed.
 
-The result is ``{"model", "ema", "args": {"model", "path_type", "prediction"}, "imported": {...}}``.
+The result is ``{"model", "ema", "args": {"model", "path_type", "prediction"}, "imported": {...}}``; ``imported``
+records the source format, so a REPA checkpoint keeps REPA's SDE diffusion when sampled (``sde_diffusion_form``).
 """
 from __future__ import annotations
 
@@ -165,7 +166,15 @@ def recognise(ckpt: dict, url: str = "", model: str | None = None) -> Recognised
     return Recognised(fmt, family, _our_layout(ckpt, None, name, fmt, url, **transport))
 
 
-_REPA_NOTES = ("projectors dropped", "time 1 - t and velocity sign folded into the weights")
+_REPA_NOTES = ("projectors dropped", "time 1 - t and velocity sign folded into the weights",
+               "SDE diffusion REPA's 2t (SiT's linear form)")
+
+
+def sde_diffusion_form(ckpt: dict) -> str:
+    """The SDE diffusion a checkpoint was trained to be sampled with: ``linear`` (REPA's 2t in its time, on its
+    linear and cosine paths) for an imported REPA checkpoint, else SiT's ``sigma``."""
+    imported = ckpt.get("imported") if isinstance(ckpt.get("imported"), dict) else {}
+    return "linear" if str(imported.get("format", "")).startswith("REPA") else "sigma"
 
 
 def load_recognised(url: str, model: str | None = None) -> Recognised:

@@ -1,8 +1,8 @@
 """Stage `sample`: draw images from a SiT or DiT checkpoint through the ReaLS VAE, in parallel on Ray actors.
 
 SiT (flow matching) samples by ``ODE`` or ``SDE``; DiT (DDPM with learned variance) by ``DDPM`` (ancestral, the
-learned variance; 250 respaced steps as DiT's ``sample_ddp.py``) or ``DDIM`` (``--eta``, 0 deterministic). A
-checkpoint of one family given to the other's sampler is refused by name.
+learned variance; 250 respaced steps as DiT's ``sample_ddp.py``) or ``DDIM`` (DiT's ``ddim_sample_loop``;
+``--eta``, 0 deterministic). A checkpoint of one family given to the other's sampler is refused by name.
 
 Every sample ``i`` is a pure function of ``(global_seed, i)`` and the settings: its label, its initial noise
 and its SDE/DDPM noise come from its own generators, and index ranges are cut into batches the same way whatever
@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import StageError
 from pipelines.checkpoints import resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
-from pipelines.import_checkpoint import load_recognised
+from pipelines.import_checkpoint import load_recognised, sde_diffusion_form
 from pipelines.npz import write_npz
 from pipelines.registry import Stage
 from pipelines.render import image_grid
@@ -72,21 +72,29 @@ class SampleConfig(StageConfig):
                               description="latent channels guided: all, or the first N (3 as in DiT/SiT)")
     num_sampling_steps: int = Field(
         250, ge=2, description="time grid points linspace(t0, t1, N) as in SiT's sample_ddp.py: N - 1 steps (SDE: "
-                               "N - 1 noisy steps and the last step); REPA's --num-steps N is N + 1 here. DDPM/DDIM: "
-                               "N respaced timesteps of the 1000 (N model evaluations), as in DiT's sample_ddp.py")
+                               "N - 1 noisy steps and the last step). REPA's --num-steps N is N + 1 here for ODE, "
+                               "N for SDE. DDPM/DDIM: N respaced timesteps of the 1000 (N model evaluations), DiT's "
+                               "create_diffusion(str(N)) as in its sample_ddp.py")
     sampling_method: Literal["euler", "heun", "heun-repa", "dopri5"] | None = Field(
         None, description="ODE: euler, heun (default), heun-repa (REPA's: no corrector on the last step, its "
                           "guidance decided at the current time) or dopri5 (adaptive; its steps depend on the whole "
                           "batch); SDE: euler (Euler-Maruyama, default) or heun (SiT's stochastic Heun)")
     atol: float = Field(1e-6, gt=0, description="dopri5 absolute tolerance")
     rtol: float = Field(1e-3, gt=0, description="dopri5 relative tolerance")
-    diffusion_norm: float = Field(1.0, ge=0, description="SDE diffusion D(t) = norm * sigma_t (SiT's \"sigma\" form: "
-                                                          "drift v + D * score, noise sqrt(2 D dt))")
+    diffusion_norm: float = Field(1.0, ge=0, description="SDE diffusion scale: D(t) = norm * the diffusion form "
+                                                          "(drift v + D * score, noise sqrt(2 D dt))")
+    diffusion_form: Literal["sigma", "linear"] | None = Field(
+        None, description="SDE diffusion form (SiT's --diffusion-form): sigma (D = norm * sigma_t) or linear "
+                          "(D = norm * (1 - t), REPA's 2t in its time); default: linear for a checkpoint imported "
+                          "from REPA, else sigma")
     last_step: Literal["mean", "euler", "tweedie", "none"] = Field(
         "mean", description="SDE last step (SiT's --last-step): mean (along the SDE drift), euler (along the "
                             "velocity), tweedie (the denoised estimate) or none")
     last_step_size: float = Field(0.04, gt=0, lt=1, description="SDE last step size (the grid ends at 1 - it)")
     eta: float = Field(0.0, ge=0, description="DDIM noise scale (0: deterministic)")
+    ddim_spacing: Literal["dit", "trailing"] = Field(
+        "dit", description="DDIM timesteps: dit (DiT's ddim_sample_loop on create_diffusion(str(N))) or trailing "
+                           "(diffusers' 999, 999 - 1000/N, ...; N must divide 1000)")
     path_type: Literal["Linear", "GVP"] | None = Field(None, description="transport path (default: the checkpoint's)")
     prediction: Literal["velocity", "score", "noise"] | None = Field(
         None, description="what the model predicts (default: the checkpoint's)")
@@ -245,10 +253,11 @@ def make_sampler(spec: dict):
                               spec["atol"], spec["rtol"])
         if mode == "SDE":
             return SDESampler(create_transport(spec["path_type"], spec["prediction"]), steps, spec["diffusion_norm"],
-                              spec["last_step_size"], spec["sampling_method"], spec["last_step"])
+                              spec["last_step_size"], spec["sampling_method"], spec["last_step"],
+                              spec["diffusion_form"])
         if mode == "DDPM":
             return DDPMSampler(GaussianDiffusion(), steps)
-        return DDIMSampler(GaussianDiffusion(), steps, spec["eta"])
+        return DDIMSampler(GaussianDiffusion(), steps, spec["eta"], spec["ddim_spacing"])
     except ReaLSError as e:
         raise StageError(str(e)) from None
 
@@ -354,10 +363,12 @@ def _check_vae(vae, name: str, kw: dict, ckpt: dict, vae_path: str) -> None:
 SAMPLE_KEYS = ("mode", "cfg_scale", "guidance_interval", "cfg_channels", "num_sampling_steps", "labels",
                "per_proc_batch_size", "global_seed", "use_ema", "save_latents")
 METHOD_KEYS = {"ODE": ("sampling_method", "atol", "rtol"),
-               "SDE": ("sampling_method", "diffusion_norm", "last_step", "last_step_size"), "DDPM": (), "DDIM": ("eta",)}
+               "SDE": ("sampling_method", "diffusion_norm", "diffusion_form", "last_step", "last_step_size"),
+               "DDPM": (), "DDIM": ("eta", "ddim_spacing")}
 # Bumped when the meaning of a setting changes, so parts drawn under the old meaning are not reused.
-# "sit": num_sampling_steps counts grid points and the SDE noise is SiT's sqrt(2 D dt).
-CONVENTIONS = "sit"
+# "sit": num_sampling_steps counts grid points and the SDE noise is SiT's sqrt(2 D dt); "dit": DDPM/DDIM
+# timesteps are DiT's space_timesteps.
+CONVENTIONS = {"ODE": "sit", "SDE": "sit", "DDPM": "dit", "DDIM": "dit"}
 
 
 def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: dict, vae_fp: str) -> dict:
@@ -368,7 +379,8 @@ def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: 
             "num_classes": kw["num_classes"], "vae_path": str(config.vae_path), "vae_fingerprint": vae_fp,
             "path_type": config.path_type or args.get("path_type", "Linear"),
             "prediction": config.prediction or args.get("prediction", "velocity"),
-            "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))], "conventions": CONVENTIONS,
+            "diffusion_form": config.diffusion_form or sde_diffusion_form(ckpt),
+            "ckpt_identity": [to_url(ckpt_url), str(fs.checksum(path))], "conventions": CONVENTIONS[config.mode],
             "parts": parts_url(config.output)}
     keys = SAMPLE_KEYS + METHOD_KEYS[config.mode] + ("model", "model_kwargs", "vae_fingerprint", "path_type",
                                                      "prediction", "ckpt_identity", "conventions")

@@ -216,9 +216,10 @@ def test_ddim_eta0_is_deterministic_and_ddpm_follows_per_sample_generators():
     b = ddpm(x_T[1:], model, generators=gens([6, 7]))  # row i depends on its own seed alone
     assert torch.allclose(a[1:], b, atol=1e-6)
     assert not torch.allclose(a, ddpm(x_T, model, generators=gens([8, 9, 10])))
-    assert torch.equal(DDPMSampler(d, 250).scheduler.timesteps[[0, -1]], torch.tensor([999, 0]))
+    assert torch.equal(DDPMSampler(d, 250).timesteps[[0, -1]], torch.tensor([0, 999]))
+    DDIMSampler(d, num_steps=300)  # DiT's spacing takes any N
     with pytest.raises(ReaLSError, match="divide"):
-        DDIMSampler(d, num_steps=300)
+        DDIMSampler(d, num_steps=300, spacing="trailing")
 
 
 def test_guidance_interval_on_the_timestep_noise_level():

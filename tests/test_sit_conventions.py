@@ -7,11 +7,14 @@ The re-statements follow willisma/SiT (``transport/integrators.py``: ODE through
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchdiffeq import odeint
 
 from helpers import random_sit
+from reals import ReaLSError
 from reals.transport import ClassifierFreeGuidance, ODESampler, SDESampler, create_transport
 
 TOL = 1e-5
@@ -89,15 +92,27 @@ def repa_heun(model, x, y, num_steps, cfg, lo, hi):
     return x
 
 
-def repa_sde(model, x, y, num_steps, cfg, lo, hi, noises):
-    """REPA's ``euler_maruyama_sampler``: diffusion 2t, N - 1 noisy steps from 1 to 0.04, then a mean step to 0."""
+def repa_score(v, z, t, path):
+    """REPA's ``get_score_from_velocity`` in its time (linear: alpha = 1 - t, sigma = t; cosine: alpha = cos(pi t / 2),
+    sigma = sin(pi t / 2))."""
+    if path == "linear":
+        alpha, d_alpha, sigma, d_sigma = 1 - t, -1.0, t, 1.0
+    else:
+        alpha, sigma = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        d_alpha, d_sigma = -math.pi / 2 * sigma, math.pi / 2 * alpha
+    ratio = alpha / d_alpha
+    return (ratio * v - z) / (sigma ** 2 - ratio * d_sigma * sigma)
+
+
+def repa_sde(model, x, y, num_steps, cfg, lo, hi, noises, path="linear"):
+    """REPA's ``euler_maruyama_sampler``: diffusion 2t (on either path), N - 1 noisy steps from 1 to 0.04, then a
+    mean step to 0."""
     ts = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = x.double()
 
     def drift(z, t_cur):
         v = repa_guided(model, z, t_cur, y, cfg, lo, hi, t_cur)
-        score = (-(1 - t_cur) * v - z) / (t_cur ** 2 + (1 - t_cur) * t_cur)  # REPA's score from velocity
-        return v - 0.5 * 2 * t_cur * score
+        return v - 0.5 * 2 * t_cur * repa_score(v, z, t_cur, path)
 
     for (t_cur, t_next), w in zip(zip(ts[:-2], ts[1:-1]), noises):
         dt = t_next - t_cur
@@ -163,6 +178,36 @@ def test_sde_equals_repa_euler_maruyama(model, batch):
         ours = SDESampler(create_transport(), num_steps=10)(x0, cfg, noise_fn=replay(noises), y=y)
         theirs = repa_sde(model, x0, y, 10, 1.8, 0.0, 0.75, noises)
     assert (ours.double() - theirs).abs().max().item() < TOL
+
+
+def test_sde_equals_repa_on_its_cosine_path_with_its_diffusion(model, batch):
+    """REPA's cosine path is SiT's GVP; its SDE keeps diffusion 2t (SiT's "linear" form), not SiT's sigma_t."""
+    x0, y = batch
+    noises = draws(9, x0.shape)
+    cfg = ClassifierFreeGuidance(model, 1.8, guidance_interval=(0.0, 0.75))
+    with torch.no_grad():
+        theirs = repa_sde(model, x0, y, 10, 1.8, 0.0, 0.75, noises, path="cosine")
+        outs = {form: SDESampler(create_transport("GVP"), num_steps=10, diffusion_form=form)(
+            x0, cfg, noise_fn=replay(noises), y=y).double() for form in ("linear", "sigma")}
+    assert (outs["linear"] - theirs).abs().max().item() < TOL
+    assert (outs["sigma"] - theirs).abs().max().item() > 1e-2  # SiT's form is another sampler
+
+
+def test_repa_sde_steps_equal_ours_and_its_ode_steps_are_one_less(model, batch):
+    """The help's statement: REPA's --num-steps N is N for SDE (above, N = 10) and N + 1 grid points for ODE."""
+    x0, y = batch
+    with torch.no_grad():
+        ours = ODESampler(create_transport(), "heun-repa", 8 + 1)(x0, model, y=y)
+        theirs = repa_heun(model, x0, y, 8, 1.0, 0.0, 1.0)
+    assert (ours.double() - theirs).abs().max().item() < TOL
+
+
+def test_sde_heun_to_t1_is_refused():
+    """SDE Heun with no last step evaluates the score at t = 1 (sigma = 0): NaN in SiT, refused here."""
+    with pytest.raises(ReaLSError, match="heun with last step none"):
+        SDESampler(create_transport(), method="heun", last_step="none")
+    SDESampler(create_transport(), method="euler", last_step="none")
+    SDESampler(create_transport(prediction="noise"), method="heun", last_step="none")  # stops at 1 - 1e-3
 
 
 def test_last_step_choices(model, batch):

@@ -6,8 +6,8 @@ that interpolate the log-variance of p(x_{t-1} | x_t) between the posterior's (v
 improved DDPM. The loss is DiT's: ``mse(ε) + vb``, where ``vb`` is the VLB term (in bits per dimension) of the
 learned variance on a stop-gradient mean, so the VLB shapes only the variance.
 
-Sampling uses diffusers' schedulers (``reals.diffusion.sampling``); this module adds what they lack: the VLB terms
-(posterior, KL, discretised decoder likelihood) in float64 schedules.
+Every coefficient (square roots included) is computed once in float64 and cast to the input's dtype at use, as DiT
+does; casting first and taking roots in float32 would move the VLB term at t <= 2 by up to 2e-4.
 """
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = ab.sqrt(), (1 - ab).sqrt()
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = (1 / ab).sqrt(), (1 / ab - 1).sqrt()
+        self.log_betas = betas.log()
         self.posterior_variance = betas * (1 - ab_prev) / (1 - ab)
         # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value (improved DDPM).
         self.posterior_log_variance_clipped = torch.log(
@@ -87,8 +90,8 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """A draw of x_t ~ q(x_t | x_0) with the given standard normal ``noise``."""
-        ab = self._at(self.alphas_cumprod, t, x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -101,14 +104,19 @@ class GaussianDiffusion:
         """log Σ from the model's values ``v`` in [-1, 1]: frac * log beta_t + (1 - frac) * log posterior variance,
         with frac = (v + 1) / 2."""
         frac = (v + 1) / 2
-        max_log = self._at(torch.log(self.betas), t, v)
+        max_log = self._at(self.log_betas, t, v)
         min_log = self._at(self.posterior_log_variance_clipped, t, v)
         return frac * max_log + (1 - frac) * min_log
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 implied by the noise prediction ``eps`` at x_t."""
-        ab = self._at(self.alphas_cumprod, t, xt)
-        return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+                - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+
+    def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise implied by the data estimate ``x0`` at x_t."""
+        recip = self._at(self.sqrt_recip_alphas_cumprod, t, xt)
+        return (recip * xt - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt)
 
     def p_mean_log_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean and log-variance of p(x_{t-1} | x_t) from the model's ``output`` [B, 2C, ...] (ε, v)."""

@@ -1,40 +1,42 @@
-"""DDPM and DDIM samplers for learned-variance ε-models, stepping with diffusers' schedulers.
+"""DDPM and DDIM samplers for learned-variance ε-models, as DiT's ``p_sample_loop`` and ``ddim_sample_loop``.
 
-Both carry pure noise x_T to data over ``num_steps`` respaced timesteps of the training schedule (T = 1000):
-- DDPM: ancestral sampling with the learned-range variance (``DDPMScheduler(variance_type="learned_range")``),
-  timesteps ``linspace(0, T-1, num_steps)`` rounded: the respacing of DiT's ``sample_ddp.py`` (250 steps).
-- DDIM: ``DDIMScheduler`` on ε alone (the variance channels are unused); ``eta`` = 0 is deterministic. Timesteps
-  are ``trailing`` (T-1, T-1-T/N, ...), so ``num_steps`` must divide T.
+Both carry pure noise x_T to data over ``num_steps`` kept timesteps of the training schedule (T = 1000), stepping
+the respaced diffusion (``reals.diffusion.respace``) whose coefficients are float64, cast at use:
+- DDPM: ancestral sampling with the learned-range variance; timesteps DiT's ``space_timesteps(T, N)`` for any N
+  (``create_diffusion(str(N))``; 250 in DiT's ``sample_ddp.py``).
+- DDIM: DiT's ``ddim_sample`` step on ε (the variance channels unused) with noise scale ``eta`` (0: deterministic);
+  timesteps ``spacing="dit"`` (DiT's, as DDPM) or ``"trailing"`` (diffusers' T-1, T-1-T/N, ...; N must divide T).
+Neither clips the x_0 estimate (DiT's sampling scripts pass ``clip_denoised=False``: latents are not in [-1, 1]).
 
 A sampler is called as ``sampler(x_T, model, generators=None, **model_kwargs)`` where ``model(x, t, **kwargs)``
-returns [B, 2C, ...] and ``t`` is a tensor [B] of timesteps; noise is drawn row by row from ``generators`` (one per
-sample) when given. ``sampler.nfe`` counts the batched model calls of the last run. Classifier-free guidance is a
-model wrapper (``reals.transport.guidance``) given ``noise_level=diffusion.noise_level``.
+returns [B, 2C, ...] and ``t`` is a tensor [B] of (original) timesteps; noise is drawn row by row from
+``generators`` (one per sample) when given, else from the global RNG. ``sampler.nfe`` counts the batched model
+calls of the last run. Classifier-free guidance is a model wrapper (``reals.transport.guidance``) given
+``noise_level=diffusion.noise_level``.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from reals import ReaLSError
 from reals.diffusion.gaussian import GaussianDiffusion
+from reals.diffusion.respace import respaced, space_timesteps, trailing_timesteps
+from reals.transport.sampling import randn_per_sample
 
-
-def _scheduler_kwargs(diffusion: GaussianDiffusion) -> dict:
-    return dict(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
-                prediction_type="epsilon", clip_sample=False)
+DDIM_SPACINGS = ("dit", "trailing")
 
 
 class _Sampler:
-    def __init__(self, diffusion: GaussianDiffusion, num_steps: int):
-        if not 1 <= num_steps <= diffusion.num_timesteps:
-            raise ReaLSError(f"num_steps must lie in [1, {diffusion.num_timesteps}], got {num_steps}")
-        self.diffusion, self.num_steps = diffusion, num_steps
+    def __init__(self, diffusion: GaussianDiffusion, timesteps: list[int]):
+        self.timesteps = torch.tensor(sorted(timesteps))
+        self.num_steps = len(timesteps)
+        self.spaced = respaced(diffusion, timesteps)
         self.nfe = 0
 
-    def step(self, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generators) -> torch.Tensor:
+    def step(self, output: torch.Tensor, i: torch.Tensor, x: torch.Tensor, noise: Callable) -> torch.Tensor:
+        """x at kept step i - 1 from x at step i [B] and the model's ``output`` there."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -42,42 +44,59 @@ class _Sampler:
                  **model_kwargs) -> torch.Tensor:
         if generators is not None and len(generators) != x.shape[0]:
             raise ReaLSError(f"{type(self).__name__}: {len(generators)} generators for a batch of {x.shape[0]}")
-        self.nfe = 0
         gens = list(generators) if generators is not None else None
-        for t in self.scheduler.timesteps:
-            output = model(x, t.to(x.device).expand(x.shape[0]), **model_kwargs)
+
+        def noise(like: torch.Tensor) -> torch.Tensor:
+            return randn_per_sample(gens, like.shape[1:], like.dtype, like.device) if gens else torch.randn_like(like)
+
+        self.nfe = 0
+        for i in reversed(range(self.num_steps)):
+            t = self.timesteps[i].to(x.device).expand(x.shape[0])
+            output = model(x, t, **model_kwargs)
             self.nfe += 1
-            x = self.step(output.float(), t, x, gens)
+            x = self.step(output.float(), torch.full_like(t, i), x, noise)
         return x
 
 
+def _check_steps(diffusion: GaussianDiffusion, num_steps: int) -> None:
+    if not 1 <= num_steps <= diffusion.num_timesteps:
+        raise ReaLSError(f"num_steps must lie in [1, {diffusion.num_timesteps}], got {num_steps}")
+
+
 class DDPMSampler(_Sampler):
-    """Ancestral DDPM with the model's learned-range variance, ``num_steps`` respaced timesteps."""
+    """Ancestral DDPM with the model's learned-range variance on DiT's ``num_steps`` respaced timesteps."""
 
     def __init__(self, diffusion: GaussianDiffusion, num_steps: int = 250):
-        super().__init__(diffusion, num_steps)
-        self.scheduler = DDPMScheduler(**_scheduler_kwargs(diffusion), variance_type="learned_range",
-                                       timestep_spacing="linspace")
-        self.scheduler.set_timesteps(num_steps)
+        _check_steps(diffusion, num_steps)
+        super().__init__(diffusion, space_timesteps(diffusion.num_timesteps, num_steps))
 
-    def step(self, output, t, x, generators):
-        return self.scheduler.step(output, t, x, generator=generators).prev_sample
+    def step(self, output, i, x, noise):
+        mean, log_var = self.spaced.p_mean_log_variance(output, x, i)
+        if int(i[0]) == 0:
+            return mean
+        return mean + (0.5 * log_var).exp() * noise(x)
 
 
 class DDIMSampler(_Sampler):
-    """DDIM on the model's ε with noise scale ``eta`` (0: deterministic)."""
+    """DDIM on the model's ε with noise scale ``eta`` (0: deterministic), DiT's or trailing timesteps."""
 
-    def __init__(self, diffusion: GaussianDiffusion, num_steps: int = 250, eta: float = 0.0):
-        super().__init__(diffusion, num_steps)
-        if diffusion.num_timesteps % num_steps:
-            raise ReaLSError(f"DDIM num_steps must divide the {diffusion.num_timesteps} training timesteps, "
-                             f"got {num_steps}")
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int = 250, eta: float = 0.0, spacing: str = "dit"):
+        _check_steps(diffusion, num_steps)
         if eta < 0:
             raise ReaLSError(f"DDIM eta must be non-negative, got {eta}")
-        self.eta = eta
-        self.scheduler = DDIMScheduler(**_scheduler_kwargs(diffusion), timestep_spacing="trailing")
-        self.scheduler.set_timesteps(num_steps)
+        if spacing not in DDIM_SPACINGS:
+            raise ReaLSError(f"unknown DDIM spacing {spacing!r}; choose one of: {', '.join(DDIM_SPACINGS)}")
+        spaced = space_timesteps if spacing == "dit" else trailing_timesteps
+        super().__init__(diffusion, spaced(diffusion.num_timesteps, num_steps))
+        self.eta, self.spacing = eta, spacing
 
-    def step(self, output, t, x, generators):
-        eps = output[:, : x.shape[1]]
-        return self.scheduler.step(eps, t, x, eta=self.eta, generator=generators).prev_sample
+    def step(self, output, i, x, noise):
+        d = self.spaced
+        x0 = d.predict_x0(x, i, output[:, : x.shape[1]])
+        eps = d.predict_eps(x, i, x0)
+        ab, ab_prev = d._at(d.alphas_cumprod, i, x), d._at(d.alphas_cumprod_prev, i, x)
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        x = x0 * ab_prev.sqrt() + (1 - ab_prev - sigma ** 2).sqrt() * eps
+        if self.eta > 0 and int(i[0]) > 0:
+            x = x + sigma * noise(x)
+        return x

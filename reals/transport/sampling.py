@@ -4,12 +4,14 @@ The flags mean what they mean in SiT's ``sample_ddp.py``:
 - ``num_steps`` N is the number of grid points ``linspace(t0, t1, N)``: N - 1 integration steps.
 - ODE: the probability-flow ODE dx = v(x, t) dt, by Euler, Heun (torchdiffeq's ``heun2``) or adaptive dopri5;
   ``heun-repa`` is REPA's variant (no corrector on the last step; the corrector's guidance is decided at the
-  step's current time). REPA's ``--num-steps N`` is ``num_steps = N + 1`` here.
-- SDE: dx = [v + D(t) * score] dt + sqrt(2 D(t)) dW with SiT's "sigma" diffusion D(t) = diffusion_norm * sigma_t,
-  by Euler-Maruyama (or SiT's stochastic Heun) on ``linspace(t0, 1 - last_step_size, N)``, then SiT's last step
-  (``mean``: one deterministic step along the SDE drift, the default; ``euler``: along the velocity;
-  ``tweedie``: the denoised estimate; ``none``: no last step, integrating to t1). Any D >= 0 keeps the
-  marginals of the path; D = 0 is the ODE. REPA's SDE sampler equals the defaults.
+  step's current time). REPA's ODE ``--num-steps N`` (``linspace(1, 0, N + 1)``) is ``num_steps = N + 1`` here.
+- SDE: dx = [v + D(t) * score] dt + sqrt(2 D(t)) dW by Euler-Maruyama (or SiT's stochastic Heun) on
+  ``linspace(t0, 1 - last_step_size, N)``, then SiT's last step (``mean``: one deterministic step along the SDE
+  drift, the default; ``euler``: along the velocity; ``tweedie``: the denoised estimate; ``none``: no last step,
+  integrating to t1). D(t) is SiT's ``diffusion_form``: ``sigma`` (D = diffusion_norm * sigma_t, SiT's default)
+  or ``linear`` (D = diffusion_norm * (1 - t): REPA's ``compute_diffusion`` 2t in its time, on both its paths).
+  Any D >= 0 keeps the marginals of the path; D = 0 is the ODE. REPA's SDE ``--num-steps N`` is ``num_steps = N``
+  here (``linspace(1, 0.04, N)`` then a mean step), with ``linear`` (on REPA's linear path ``sigma`` is the same).
 
 Each sampler is a callable ``sampler(x0, model, **model_kwargs)``, where ``model(x, t, **model_kwargs)`` returns
 the transport's prediction and ``t`` is a tensor [B]. Classifier-free guidance is a model wrapper
@@ -32,6 +34,7 @@ from reals.transport.transport import Transport
 ODE_METHODS = ("euler", "heun", "heun-repa", "dopri5")
 SDE_METHODS = ("euler", "heun")
 LAST_STEPS = ("mean", "euler", "tweedie", "none")
+DIFFUSION_FORMS = ("sigma", "linear")
 
 
 def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int],
@@ -95,9 +98,14 @@ class SDESampler:
     last step; Euler-Maruyama makes ``num_steps`` drift evaluations in all."""
 
     def __init__(self, transport: Transport, num_steps: int = 250, diffusion_norm: float = 1.0,
-                 last_step_size: float = 0.04, method: str = "euler", last_step: str = "mean"):
+                 last_step_size: float = 0.04, method: str = "euler", last_step: str = "mean",
+                 diffusion_form: str = "sigma"):
         _check_choice(method, SDE_METHODS, "SDE method")
         _check_choice(last_step, LAST_STEPS, "SDE last step")
+        _check_choice(diffusion_form, DIFFUSION_FORMS, "SDE diffusion form")
+        if method == "heun" and last_step == "none" and transport.sample_eps == 0:
+            raise ReaLSError("SDE heun with last step none evaluates the score at t = 1, where it is infinite "
+                             "(NaN samples, as in SiT): use another last step, or euler")
         if num_steps < 2:
             raise ReaLSError(f"SDE num_steps must be at least 2, got {num_steps}")
         if last_step != "none" and not 0 < last_step_size < 1 - transport.sample_eps:
@@ -105,13 +113,18 @@ class SDESampler:
         if diffusion_norm < 0:
             raise ReaLSError(f"SDE diffusion_norm must be non-negative, got {diffusion_norm}")
         self.transport, self.num_steps, self.method, self.last_step = transport, num_steps, method, last_step
-        self.diffusion_norm = diffusion_norm
+        self.diffusion_norm, self.diffusion_form = diffusion_norm, diffusion_form
         self.last_step_size = 0.0 if last_step == "none" else last_step_size
         self.nfe = 0
 
+    def diffusion_coefficient(self, t: torch.Tensor) -> torch.Tensor:
+        """D(t): diffusion_norm * sigma_t (``sigma``) or diffusion_norm * (1 - t) (``linear``)."""
+        base = self.transport.path.sigma(t)[0] if self.diffusion_form == "sigma" else 1 - t
+        return self.diffusion_norm * base
+
     def diffusion(self, t: float) -> float:
-        """SiT's "sigma" diffusion D(t) = diffusion_norm * sigma_t (the noise added is sqrt(2 D dt))."""
-        return self.diffusion_norm * float(self.transport.path.sigma(torch.tensor(t, dtype=torch.float64))[0])
+        """D(t) at one time (the noise added is sqrt(2 D dt))."""
+        return float(self.diffusion_coefficient(torch.tensor(t, dtype=torch.float64)))
 
     def _prediction_fn(self, model: Callable, model_kwargs: dict) -> Callable:
         def predict(x, t):
@@ -125,7 +138,7 @@ class SDESampler:
 
         def f(x, t):
             pred = predict(x, t)
-            d = self.diffusion_norm * self.transport.path.sigma(expand_t_like_x(t, x))[0]
+            d = self.diffusion_coefficient(expand_t_like_x(t, x))
             return self.transport.velocity(pred, x, t) + d * self.transport.score(pred, x, t)
         return f
 
