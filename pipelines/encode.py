@@ -5,7 +5,8 @@ VAE's fingerprint, and gives every source shard a fixed range of whole row chunk
 for new shards while no worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
 provenance once, then for a shard: decodes its images, encodes them and their horizontal flips to
 posterior mean/std, normalises them with ``mean_std.json`` (``z_norm = (z - mean) / std``, so the
-posterior std becomes ``std / std_c``), adds the teacher's global token, writes the shard's rows, and
+posterior std becomes ``std / std_c``), adds the teacher's global token (``--no-teacher``: latents only, no
+teacher loaded; the version's ``teacher_width`` is null), writes the shard's rows, and
 writes its done-marker last. A unit that fails (an S3 error, say) is retried, and its marker is only
 written once its rows are. A re-run encodes only shards without a valid marker; a different VAE gets a
 new version beside the old ones.
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import time
 from importlib import metadata
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
+from pipelines.config import Cli, OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
 from storage.fs import join, list_files, to_url
@@ -44,6 +45,9 @@ class EncodeConfig(StageConfig):
                                                         "0: encode in this process, without Ray)")
     batch_size: int = Field(32, ge=1, description="images per VAE forward pass")
     flip: bool = Field(True, description="also store the posterior of the horizontally flipped image")
+    teacher_features: Annotated[bool, Cli(negative="--no-teacher")] = Field(
+        True, description="store the teacher's global token (--no-teacher: latents only, no teacher is loaded, so a "
+                          "VAE dir that names none needs no --dino-model)")
     teacher_patch: bool = Field(False, description="also store the teacher's patch tokens (large)")
     teacher: OptionalTeacher = Field(None, description="teacher name (default: the one in the VAE's provenance)")
     teacher_input_size: TeacherInputSize = Field(None, ge=1, description="teacher input size (default: from the provenance)")
@@ -85,7 +89,7 @@ class EncodeSummary(BaseModel):
 class EncodeWorker:
     """Holds a VAE and a teacher; encodes whole source shards into their rows of the store."""
 
-    def __init__(self, vae_path: str, teacher: TeacherSpec, device: str, batch_size: int, retries: int = 3,
+    def __init__(self, vae_path: str, teacher: TeacherSpec | None, device: str, batch_size: int, retries: int = 3,
                  retry_delay: float = 1.0):
         self.vae, self.teacher = load_models(vae_path, teacher, device)
         self.batch_size = batch_size
@@ -93,9 +97,9 @@ class EncodeWorker:
         self.retry_delay = retry_delay
         self._stores: dict[str, LatentStore] = {}
 
-    def describe(self) -> dict:
-        """The teacher as the store's provenance records it."""
-        return self.teacher.describe()
+    def describe(self) -> dict | None:
+        """The teacher as the store's provenance records it (None without one)."""
+        return self.teacher.describe() if self.teacher is not None else None
 
     def _store(self, unit: dict) -> LatentStore:
         url = unit["group_url"]
@@ -195,10 +199,11 @@ def _check_store_fits(store: LatentStore, manifest: dict, config: EncodeConfig) 
     """Refuse to add to a version made from another split, class list or array layout."""
     a = store.attrs
     wanted = {"split": config.split, "classes": manifest["classes"], "flip": config.flip,
-              "teacher_patch": config.teacher_patch}
+              "teacher_features": config.teacher_features, "teacher_patch": config.teacher_patch}
+    have = {**a, "teacher_features": store.has_teacher}
     for key, value in wanted.items():
-        if a.get(key) != value:
-            raise StageError(f"latent store {store.url} has {key}={a.get(key)!r}, this run wants {value!r}; "
+        if have.get(key) != value:
+            raise StageError(f"latent store {store.url} has {key}={have.get(key)!r}, this run wants {value!r}; "
                              "use the same settings or another --output")
 
 
@@ -221,7 +226,7 @@ def _pending_units(store: LatentStore | None, shards: list[dict], shard_size: in
 class _Pool:
     """The encode workers of one run: Ray actors, or a single in-process worker when ``workers=0``."""
 
-    def __init__(self, config: EncodeConfig, teacher: TeacherSpec, n_units: int):
+    def __init__(self, config: EncodeConfig, teacher: TeacherSpec | None, n_units: int):
         self.config = config
         self.actors: list = []
         self.local: EncodeWorker | None = None
@@ -248,7 +253,7 @@ class _Pool:
         self.spawn = lambda: cls.remote(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
         self.actors = [self.spawn() for _ in range(n)]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict | None:
         import ray
 
         return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
@@ -293,7 +298,7 @@ def run(config: EncodeConfig) -> EncodeSummary:
                          "and the store's latent grid would not be the one its SiT and sampler use; re-shard at "
                          f"{vae.resolution} px, or pass --allow-resolution-mismatch")
     latent_shape = (vae.latent_channels, manifest["resolution"] // f, manifest["resolution"] // f)
-    teacher = teacher_spec(vae.provenance, config.teacher, config.teacher_input_size)
+    teacher = _teacher(config, vae.provenance)
     shard_size = int(manifest["splits"][config.split].get("shard_size") or max(s["count"] for s in shards))
     plan = [(s["name"], s["count"]) for s in shards]
     pool = None
@@ -316,7 +321,7 @@ def run(config: EncodeConfig) -> EncodeSummary:
             if store is None:
                 info = pool.describe()
                 store = LatentStore.create(
-                    output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info["width"],
+                    output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info and info["width"],
                     chunk_rows=config.chunk_rows or min(256, shard_size), flip=config.flip,
                     teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
                     provenance=_provenance(config, vae, manifest, info, latent_shape))
@@ -354,7 +359,21 @@ def run(config: EncodeConfig) -> EncodeSummary:
     )
 
 
-def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict, latent_shape) -> dict:
+def _teacher(config: EncodeConfig, provenance: dict) -> TeacherSpec | None:
+    """The teacher whose features the store gets, or None with ``--no-teacher``."""
+    if config.teacher_features:
+        try:
+            return teacher_spec(provenance, config.teacher, config.teacher_input_size)
+        except StageError as e:
+            raise StageError(f"{e}, or --no-teacher to store latents only") from None
+    for flag, value in (("--dino-model", config.teacher), ("--dino-input-size", config.teacher_input_size),
+                        ("--teacher-patch", config.teacher_patch)):
+        if value:
+            raise StageError(f"{flag} is for teacher features, and --no-teacher stores none: drop one of them")
+    return None
+
+
+def _provenance(config: EncodeConfig, vae, manifest: dict, teacher: dict | None, latent_shape) -> dict:
     return {
         "vae_path": to_url(config.vae_path), "vae_provenance": vae.provenance, "teacher": teacher,
         "latents_mean": vae.latents_mean.tolist(), "latents_std": vae.latents_std.tolist(),

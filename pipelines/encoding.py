@@ -57,17 +57,20 @@ def teacher_spec(provenance: dict, name: str | None = None, input_size: int | No
     return TeacherSpec(name, int(input_size) if input_size else None, int(layer) if layer else None)
 
 
-def load_models(vae_path: str, teacher: TeacherSpec, device: str):
-    """The ReaLS VAE and its frozen teacher, in eval mode on ``device``."""
+def load_models(vae_path: str, teacher: TeacherSpec | None, device: str):
+    """The ReaLS VAE and its frozen teacher (None without one), in eval mode on ``device``."""
     from reals.teachers import build_teacher
     from reals.vae import ReaLSVAE
 
     vae = ReaLSVAE.from_pretrained(vae_path).to(device).eval()
+    if teacher is None:
+        return vae, None
     return vae, build_teacher(teacher.name, input_size=teacher.input_size, layer=teacher.layer).to(device)
 
 
 def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: bool) -> dict[str, np.ndarray]:
-    """uint8 ``[B, H, W, 3]`` -> float16 rows: normalised posterior mean/std (+ flip), teacher features."""
+    """uint8 ``[B, H, W, 3]`` -> float16 rows: normalised posterior mean/std (+ flip), teacher features (none
+    when ``teacher`` is None)."""
     import torch
 
     from reals.images import to_unit_images
@@ -78,9 +81,11 @@ def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: b
         pixels = torch.cat([x, x.flip(-1)]) if flip else x
         mean, std = vae.encode(pixels * 2 - 1)
         mean, std = vae.normalize(mean), std / vae.latents_std.to(std).view(1, -1, 1, 1)
-        patch, global_token = teacher(x)
+        patch, global_token = teacher(x) if teacher is not None else (None, None)
     b = len(x)
-    rows = {"mean": mean[:b], "std": std[:b], "teacher_global": global_token}
+    rows = {"mean": mean[:b], "std": std[:b]}
+    if teacher is not None:
+        rows["teacher_global"] = global_token
     if flip:
         rows.update(mean_flip=mean[b:], std_flip=std[b:])
     if teacher_patch:

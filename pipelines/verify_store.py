@@ -60,6 +60,8 @@ def check_provenance(store: LatentStore, vae, resolution: int) -> list[str]:
     if list(a.get("latent_shape", [])) != shape:
         problems.append(f"latent shape {a.get('latent_shape')} differs from the VAE's {shape}")
     stored = a.get("teacher") or {}
+    if not store.has_teacher:
+        return problems  # encoded with --no-teacher: latents only
     try:
         name, size, layer = teacher_spec(vae.provenance)
     except StageError:
@@ -149,8 +151,9 @@ def run(config: VerifyStoreConfig) -> VerifyStoreSummary:
     resolution = int(store.attrs["resolution"])
     _, shards = source_shards(config.shards, store.attrs.get("split", "train"))
     teacher = store.attrs.get("teacher") or {}
-    vae, teacher_model = load_models(config.vae_path, TeacherSpec(teacher.get("name"), teacher.get("input_size"),
-                                                                  teacher.get("layer")), "cpu")
+    spec = (TeacherSpec(teacher.get("name"), teacher.get("input_size"), teacher.get("layer")) if store.has_teacher
+            else None)
+    vae, teacher_model = load_models(config.vae_path, spec, "cpu")
     problems = check_provenance(store, vae, resolution)
     markers_checked, marker_problems = check_markers(store)
     compared, row_problems = check_rows(store, {s["name"]: s["url"] for s in shards}, vae, teacher_model,

@@ -6,7 +6,8 @@ Layout under an output URL::
     <vae_fingerprint>/             Zarr v3 group; attrs hold provenance and the row map
         mean, std                  normalised posterior mean / std, float16 [N, C, h, w]
         mean_flip, std_flip        the same for the horizontally flipped image (optional)
-        labels (int32 [N]), keys (vlen utf-8 [N]), teacher_global (float16 [N, D])
+        labels (int32 [N]), keys (vlen utf-8 [N])
+        teacher_global             float16 [N, D] (absent from a latents-only version: teacher_width null)
         teacher_patch              float16 [N, D, gh, gw] (optional)
         markers/<shard>.json       done-marker of one source shard, written after its rows (an empty
                                    zarr group holds them, so plain zarr lists the hierarchy cleanly)
@@ -175,16 +176,17 @@ class LatentStore:
         return store
 
     @classmethod
-    def create(cls, url: str, *, fingerprint: str, latent_shape, teacher_width: int, chunk_rows: int,
+    def create(cls, url: str, *, fingerprint: str, latent_shape, teacher_width: int | None, chunk_rows: int,
                provenance: dict, flip: bool = True, teacher_grid: tuple[int, int] | None = None) -> "LatentStore":
-        """Create an empty version named by the VAE fingerprint under ``url`` and add it to versions.json."""
+        """Create an empty version named by the VAE fingerprint under ``url`` and add it to versions.json;
+        ``teacher_width`` None: latents only, no teacher arrays."""
         root = to_url(url).rstrip("/")
         group_url = child(root, fingerprint, "version name")
         if read_json(join(group_url, "zarr.json")) is not None:
             raise StorageError(f"latent store version {group_url} already exists")
         c, h, w = (int(x) for x in latent_shape)
         attrs = {**provenance, "vae_fingerprint": fingerprint, "latent_shape": [c, h, w], "chunk_rows": chunk_rows,
-                 "flip": flip, "teacher_width": teacher_width, "teacher_patch": teacher_grid is not None,
+                 "flip": flip, "teacher_width": teacher_width, "teacher_patch": teacher_width is not None and teacher_grid is not None,
                  "shards": [], "created": utc_now()}
         group = zarr.open_group(zarr_store(group_url), mode="w", zarr_format=3, attributes=attrs)
         group.create_group(MARKERS, attributes={"description": "done-marker JSON of each source shard"})
@@ -194,9 +196,10 @@ class LatentStore:
                                compressors=_float_codec(), fill_value=0.0)
         group.create_array("labels", shape=(0,), chunks=(chunk_rows,), dtype="int32", fill_value=-1)
         group.create_array("keys", shape=(0,), chunks=(chunk_rows,), dtype=str)
-        group.create_array("teacher_global", shape=(0, teacher_width), chunks=(chunk_rows, teacher_width),
-                           dtype="float16", compressors=_float_codec(), fill_value=0.0)
-        if teacher_grid is not None:
+        if teacher_width is not None:
+            group.create_array("teacher_global", shape=(0, teacher_width), chunks=(chunk_rows, teacher_width),
+                               dtype="float16", compressors=_float_codec(), fill_value=0.0)
+        if teacher_width is not None and teacher_grid is not None:
             gh, gw = teacher_grid
             group.create_array("teacher_patch", shape=(0, teacher_width, gh, gw),
                                chunks=(chunk_rows, teacher_width, gh, gw), dtype="float16",
@@ -225,9 +228,14 @@ class LatentStore:
     @property
     def array_names(self) -> list[str]:
         """Names of the per-row arrays this version holds."""
-        names = list(LATENT_ARRAYS) + (list(FLIP_ARRAYS) if self.has_flip else []) + ["labels", "keys",
-                                                                                      "teacher_global"]
+        names = list(LATENT_ARRAYS) + (list(FLIP_ARRAYS) if self.has_flip else []) + ["labels", "keys"]
+        names += ["teacher_global"] if self.has_teacher else []
         return names + (["teacher_patch"] if self.group.attrs.get("teacher_patch") else [])
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the version holds teacher features (``encode --no-teacher`` writes latents only)."""
+        return self.group.attrs.get("teacher_width") is not None
 
     @property
     def num_rows(self) -> int:

@@ -147,3 +147,36 @@ def test_vae_ckpt_takes_ldm_single_file_weights(tmp_path, name, prefix):
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ReaLSError, match="does not fit config"):
         build_vae("demo", path)
+
+
+def test_encode_no_teacher_stores_latents_of_a_stock_vae(stock, shards, tmp_path, capsys):
+    """fast-DiT style: a stock VAE dir names no teacher; --no-teacher stores latents only, verify-store checks them,
+    train-sit trains on them, and a teacher-feature run onto that store is refused by name."""
+    from pipelines.train_sit import TrainSiTConfig
+    from pipelines.train_sit import run as train
+    from pipelines.verify_store import VerifyStoreConfig
+    from pipelines.verify_store import run as verify
+    from storage.latent_store import LatentStore
+
+    vae_dir, store = str(tmp_path / "vae"), str(tmp_path / "store")
+    assert main(["convert", "--from-diffusers", str(stock), "--scaling-factor", "0.18215", "--resolution", "32",
+                 "--output-dir", vae_dir]) == 0
+    args = ["encode", "--data-path", shards, "--vae-path", vae_dir, "--output", store, "--workers", "0",
+            "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "pass --dino-model NAME, or --no-teacher to store latents only" in capsys.readouterr().err
+    assert main(args + ["--no-teacher", "--dino-model", "tiny-dinov2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dino-model is for teacher features") and err.count("\n") == 1
+    assert main(args + ["--no-teacher"]) == 0
+    latents = LatentStore.open(store)
+    assert not latents.has_teacher and "teacher_global" not in latents.array_names
+    assert latents.attrs["teacher"] is None and int(latents.done_rows().sum()) == 16
+    assert verify(VerifyStoreConfig(store=store, data_path=shards, vae_path=vae_dir, num_samples=4)).ok
+    assert main(args + ["--dino-model", "tiny-dinov2"]) == 2
+    assert "has teacher_features=False, this run wants True" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    summary = train(TrainSiTConfig(data_path=store, output=str(run_dir), model="SiT-T/4", global_batch_size=4,
+                                   max_steps=1, sample_every=0, show_progress=False))
+    assert summary.checkpoint

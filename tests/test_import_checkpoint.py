@@ -8,8 +8,8 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.import_checkpoint import load_recognised, recognise
-from pipelines.sample import SampleConfig, run
+from pipelines.import_checkpoint import load_recognised, recognise, sde_diffusion_form
+from pipelines.sample import SampleConfig, make_sampler, model_spec, run, sample_spec
 from reals.sit import create_sit
 
 NAME = "SiT-T/2"
@@ -124,3 +124,34 @@ def test_dit_checkpoints_are_never_sampled_as_sit(tmp_path, capsys):
     with pytest.raises(StageError, match="ODE samples a SiT, but the checkpoint holds DiT-T/2, a DiT"):
         run(config)
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_repa_imports_keep_repas_sde_diffusion_recorded_from_the_import(tmp_path):
+    """REPA samples its SDE with diffusion 2t (SiT's "linear" form) on both its paths; SiT's checkpoints with
+    sigma_t. The import's record decides, also for a file written by import-checkpoint and read back."""
+    state = {**random_sit().state_dict(), **projectors()}
+    src = save(train_py(state, model=NAME, path_type="cosine", prediction="v", enc_type="e"), tmp_path / "r.pt")
+    out = tmp_path / "imported.pt"
+    assert main(["import-checkpoint", src, "--output", str(out)]) == 0
+    imported = torch.load(out, weights_only=True)
+    assert sde_diffusion_form(imported) == sde_diffusion_form(recognise(state, "last.pt").checkpoint) == "linear"
+    sit = recognise(train_py(random_sit().state_dict(), model=NAME, path_type="GVP"), "s.pt").checkpoint
+    assert sde_diffusion_form(sit) == "sigma"
+    name, kw = model_spec(imported, ckpt_url=str(out))
+    config = dict(mode="SDE", ckpt=str(out), vae_path=str(tmp_path), output=str(tmp_path / "s.npz"))
+    spec = sample_spec(SampleConfig(**config), str(out), imported, name, kw, "fp")
+    assert (spec["path_type"], spec["diffusion_form"]) == ("GVP", "linear")
+    sampler = make_sampler(spec)
+    assert sampler.diffusion_form == "linear" and sampler.diffusion(0.5) == pytest.approx(0.5)
+    forced = sample_spec(SampleConfig(**config, diffusion_form="sigma"), str(out), imported, name, kw, "fp")
+    assert forced["diffusion_form"] == "sigma" and forced["run"] != spec["run"]
+
+
+def test_sde_heun_without_a_last_step_is_refused_in_one_line(tmp_path):
+    out = save(recognise(train_py(random_sit().state_dict(), model=NAME), "s.pt").checkpoint, tmp_path / "s.pt")
+    ckpt = torch.load(out, weights_only=True)
+    name, kw = model_spec(ckpt, ckpt_url=out)
+    config = SampleConfig(mode="SDE", ckpt=out, vae_path=str(tmp_path), output=str(tmp_path / "s.npz"),
+                          sampling_method="heun", last_step="none")
+    with pytest.raises(StageError, match=r"^SDE heun with last step none .* use another last step, or euler$"):
+        make_sampler(sample_spec(config, out, ckpt, name, kw, "fp"))
