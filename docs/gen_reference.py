@@ -19,7 +19,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CLI_PAGE, CONFIGS_PAGE = "reference/cli.md", "reference/configs.md"
-FLOW_COMMANDS = {"pipeline", "demo", "serve", "experiment", "cluster"}
 
 
 def reals_parser() -> argparse.ArgumentParser:
@@ -98,7 +97,7 @@ def cli_markdown() -> str:
              "`--x` and `--no-x`; `--config FILE` reads a YAML of the fields and flags override it. Errors you can "
              "act on print one line (`error: ...`) and exit 2.", "",
              "| command | what it does |", "|---|---|"]
-    for name, p in commands.items():
+    for name in commands:
         lines.append(f"| [`{name}`](#reals-{name}) | {cell(shorts[name])} |")
     lines.append("")
     for name, p in commands.items():
@@ -123,6 +122,7 @@ def type_name(annotation) -> str:
 
 def model_markdown(title: str, model, intro: str = "") -> str:
     """A table of a pydantic model's fields: name, type, default, description."""
+    from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
     lines = [f"## {title}", ""]
@@ -133,7 +133,8 @@ def model_markdown(title: str, model, intro: str = "") -> str:
         if field.is_required():
             default = "required"
         elif field.default_factory is not None:
-            default = "(section)" if isinstance(field.default_factory, type) else "[]"
+            made = field.default_factory()
+            default = "(section)" if isinstance(made, BaseModel) else f"`{made!r}`"
         else:
             default = f"`{field.default!r}`" if field.default is not PydanticUndefined else ""
         lines.append(f"| `{name}` | {cell(type_name(field.annotation))} | {cell(default)} | "
