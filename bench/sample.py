@@ -80,6 +80,7 @@ class Timed(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.num_classes, self.seconds = model, model.num_classes, 0.0
+        self.family, self.in_channels = model.family, model.in_channels  # what guided_model reads
 
     def forward(self, x, t, y):
         start = time.perf_counter()

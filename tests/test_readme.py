@@ -1,4 +1,5 @@
-"""README.md's examples for other projects run as written and agree with the pipeline's own encoding."""
+"""The docs' examples for other projects (docs/how-to/latent-dataset.md) run as written and agree with the
+pipeline's own encoding."""
 from __future__ import annotations
 
 import re
@@ -7,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "how-to" / "latent-dataset.md"
 
 
-def readme_block(containing: str) -> str:
-    """The README's fenced python block that contains ``containing``."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def page_block(containing: str) -> str:
+    """The page's fenced python block that contains ``containing``."""
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
     found = [b for b in blocks if containing in b]
-    assert len(found) == 1, f"expected one README python block with {containing!r}, found {len(found)}"
+    assert len(found) == 1, f"expected one python block with {containing!r} in {PAGE.name}, found {len(found)}"
     return found[0]
 
 
@@ -24,12 +25,12 @@ def test_plain_torch_example_reproduces_latents_and_semantic_features(tiny_vae_d
     from reals.teachers import build_teacher
     from reals.vae import ReaLSVAE
 
-    code = readme_block("align_net.safetensors")
+    code = page_block("align_net.safetensors")
     assert '"runs/demo/vae-dir"' in code
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     scope = {"images": images}
-    exec(compile(code.replace('"runs/demo/vae-dir"', repr(tiny_vae_dir)), "README.md", "exec"), scope)
+    exec(compile(code.replace('"runs/demo/vae-dir"', repr(tiny_vae_dir)), str(PAGE), "exec"), scope)
 
     vae = ReaLSVAE.from_pretrained(tiny_vae_dir)
     teacher = build_teacher(TINY_TEACHER["name"], input_size=TINY_TEACHER["input_size"])
@@ -49,10 +50,10 @@ def test_latent_dataset_example_runs_on_a_store(tiny_store, tiny_vae_dir):
     from reals.vae import ReaLSVAE
     from storage.latent_store import LatentStore
 
-    code = readme_block("LatentDataset(")
+    code = page_block("LatentDataset(")
     assert '"s3://bucket/run/latents"' in code
     scope: dict = {}
-    exec(compile(code.replace('"s3://bucket/run/latents"', repr(tiny_store.url)), "README.md", "exec"), scope)
+    exec(compile(code.replace('"s3://bucket/run/latents"', repr(tiny_store.url)), str(PAGE), "exec"), scope)
     store = LatentStore.open(tiny_store.url)
     assert len(scope["data"]) == int(store.done_rows().sum()) > 0
     z, y = scope["z"], scope["y"]
