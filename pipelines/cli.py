@@ -161,13 +161,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def _disk_full(e: BaseException) -> OSError | None:
-    """The disk-full error behind ``e`` (itself, its cause or context, or a Ray task's cause), or None."""
+def _fault(e: BaseException, resume: str) -> str | None:
+    """The line for a fault of the machine behind ``e`` (a full disk, an unreachable object store), or None."""
+    from storage.fs import unreachable
+
+    if (line := unreachable(e)) is not None:
+        return f"{line}; then {resume}"
     seen = set()
-    while e is not None and id(e) not in seen:
+    while e is not None and id(e) not in seen:  # itself, its cause or context, or a Ray task's cause
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return e
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"{e.strerror or 'disk full'}{where}: the disk is full or a file size limit (ulimit -f) was "
+                    f"reached; free space and {resume}")
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 
@@ -206,12 +212,10 @@ def main(argv: list[str] | None = None, commands: Iterable[Callable] = ()) -> in
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        full = _disk_full(e)
-        if full is None or os.environ.get("REALS_DEBUG"):
+        line = _fault(e, resume)
+        if line is None or os.environ.get("REALS_DEBUG"):
             raise
-        where = f" writing {full.filename}" if full.filename else ""
-        print(f"error: {full.strerror or 'disk full'}{where}: the disk is full or a file size limit (ulimit -f) "
-              f"was reached; free space and {resume}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import uuid
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -40,6 +41,26 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(url, **storage_options(url))
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open storage URL {url!r}: {e}") from e
+
+
+def unreachable(e: BaseException) -> str | None:
+    """One line naming the object-store endpoint that ``e`` (or an error behind it) could not reach, or None when
+    ``e`` is no such connection error."""
+    try:
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+    except ImportError:
+        return None
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (EndpointConnectionError, ConnectionClosedError)):
+            url = urlsplit(e.kwargs.get("endpoint_url") or "")
+            endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                        or f"{url.scheme}://{url.netloc}")
+            return (f"cannot reach the S3 endpoint {endpoint} ({type(e).__name__}): check that it is up and that "
+                    "AWS_ENDPOINT_URL names it")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
