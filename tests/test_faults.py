@@ -338,9 +338,9 @@ def temp_files(root) -> list[Path]:
     return [p for p in Path(root).rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
 
 
-def sit_args(store: str, output, *more) -> list:
-    return ["train-sit", "--data-path", store, "--output", output, "--model", "SiT-T/4", "--global-batch-size", "8",
-            "--sample-every", "0", "--no-progress", *more]
+def sit_args(store: str, output, *more) -> list[str]:
+    return [str(a) for a in ["train-sit", "--data-path", store, "--output", output, "--model", "SiT-T/4", "--global-batch-size", "8",
+            "--sample-every", "0", "--no-progress", *more]]
 
 
 @pytest.mark.parametrize("listener", ["silent", "http"])
