@@ -407,6 +407,24 @@ def test_a_bad_pipeline_config_is_one_line(text, expected, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_pipeline_keys_are_the_pipeline_configs_own_settings():
+    """What a stage leaves to the pipeline beside its section (``PIPELINE_KEYS``) is PipelineConfig's non-section
+    fields (and the former name of ``images``)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from flows.plan import PipelineConfig
+    from pipelines.config import PIPELINE_KEYS
+
+    def section(annotation) -> bool:
+        kinds = typing.get_args(annotation) or (annotation,)
+        return any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds)
+
+    own = {name for name, field in PipelineConfig.model_fields.items() if not section(field.annotation)}
+    assert own | {"data_path"} == PIPELINE_KEYS
+
+
 def test_a_split_without_image_files_is_refused(tmp_path, capsys):
     for cls, name in (("n01", ".DS_Store"), ("n02", "readme.txt"), ("n03", "labels.csv")):
         (tmp_path / "data" / "train" / cls).mkdir(parents=True)
