@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from flows.layout import Layout, filled_by_layout
 from flows.sections import (SECTION_STAGES, ConvertSection, DownstreamSection, EncodeSection, EvaluateSection,
                             MakeReferenceSection, SampleDiTSection, SampleSection, ShardSection, SyntheticSection,
                             TrainSiTSection, TrainVAESection)
 from pipelines import StageError
-from pipelines.config import OptionalImages, StageConfig, build
+from pipelines.config import OptionalImages, StageConfig, build, read_yaml
 from pipelines.registry import outputs_missing, stage
 from storage.fs import join, local_path, to_url
 from storage.markers import read_json, write_json
@@ -27,10 +27,8 @@ from storage.markers import read_json, write_json
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(StageConfig):
     """The whole chain: a run root, a data source, and per-stage settings (the fields of that stage's config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     output: str = Field("runs/demo", description="run root (local or s3://): every stage writes under it")
     local_dir: str | None = Field(None, description="local folder, shared by the Ray nodes, for what must be "
@@ -62,12 +60,12 @@ class PipelineConfig(BaseModel):
 
 def load_pipeline_config(path: str | os.PathLike | None = None, **overrides) -> PipelineConfig:
     """A PipelineConfig from YAML (default: the embedded demo config), with top-level overrides."""
-    import yaml
-
     path = Path(path or DEMO_CONFIG)
     if not path.is_file():
         raise StageError(f"pipeline config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise StageError(f"pipeline config {path}: expected a mapping, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build(PipelineConfig, data, f"pipeline config {path} ")
 

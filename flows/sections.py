@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field, create_model
 
 from flows.layout import Layout, filled_by_layout
+from pipelines.config import StageConfig
 from pipelines.registry import stage
 
 # The pipeline config's section of each stage.
@@ -22,10 +23,10 @@ SECTION_STAGES = {"synthetic": "synthetic", "shard": "shard", "train_vae": "trai
 FIXED = {"shard": {"split"}}
 
 
-class Section(BaseModel):
-    """A stage config as a pipeline section; ``given()`` is what it sets."""
+class Section(StageConfig):
+    """A stage config as a pipeline section (unknown keys and booleans for numbers refused, as in the stage's);
+    ``given()`` is what it sets."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
     filled: ClassVar[frozenset[str]] = frozenset()
 
     def given(self) -> dict:
@@ -77,10 +78,8 @@ EvaluateSection = section_model("evaluate", _FROM_LAYOUT["evaluate"])
 DownstreamSection = section_model("downstream", _FROM_LAYOUT["downstream"])
 
 
-class SampleDiTSection(BaseModel):
+class SampleDiTSection(StageConfig):
     """How a DiT generator samples: these replace the sample section's SiT sampler settings."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["DDPM", "DDIM"] = Field("DDPM", description="DDPM (ancestral, with the learned variance) or DDIM")
     num_sampling_steps: int = Field(250, ge=2, description="respaced timesteps of the 1000 (model evaluations), "

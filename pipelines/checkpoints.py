@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import posixpath
 import random
 import re
@@ -19,12 +20,14 @@ import torch
 from pydantic import AliasChoices
 
 from pipelines import StageError
-from storage.fs import filesystem, is_local, join, list_files, read_bytes, to_url, write_bytes_atomic
+from storage.fs import (filesystem, is_local, join, list_files, read_bytes, remove_stale_temps, to_url,
+                        write_bytes_atomic)
 from storage.markers import read_json, write_json
 
 LATEST = "latest.json"
 LOG = "log.jsonl"
 CHECKPOINT_RE = re.compile(r"^\d{7}\.pt$")
+LOGGER = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -91,7 +94,12 @@ def resolve_checkpoint(url: str) -> str:
 
 
 def checkpoint_to_resume(output: str, resume: bool) -> str | None:
-    """The checkpoint a run folder continues from (None when it holds none); refused unless ``resume``."""
+    """The checkpoint a run folder continues from (None when it holds none); refused unless ``resume``. The
+    temporary files of a write that a previous run did not finish (killed, disk full) are removed first."""
+    stale = remove_stale_temps(output) + remove_stale_temps(join(output, "samples"))
+    if stale:
+        LOGGER.warning("%s: removed %d temporary file(s) of an interrupted write (%s)", output, len(stale),
+                       ", ".join(stale[:3]))
     latest = latest_checkpoint(output)
     if latest is not None and not resume:
         raise StageError(f"{output} already holds checkpoints (latest: {latest}); pass --resume to continue "
@@ -158,8 +166,7 @@ class RunLog:
         self.local = is_local(url)
         self.lines: list[str] = []
         if keep_until is not None and fs.exists(self.path):
-            text = read_bytes(url).decode()
-            self.lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            self.lines = [json.dumps(e, sort_keys=True) for e in _entries(url) if e["step"] <= keep_until]
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -180,7 +187,22 @@ def read_log(url: str) -> list[dict]:
     fs, path = filesystem(url)
     if not fs.exists(path):
         return []
-    return [json.loads(ln) for ln in read_bytes(url).decode().splitlines() if ln.strip()]
+    return _entries(url)
+
+
+def _entries(url: str) -> list[dict]:
+    """The entries of a log; a torn last line (a run killed while appending it) is dropped with a warning."""
+    lines = [ln for ln in read_bytes(url).decode(errors="replace").splitlines() if ln.strip()]
+    entries = []
+    for i, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines):
+                raise StageError(f"{url}, line {i}: not a JSON log entry; remove that line") from None
+            LOGGER.warning("%s: dropped its torn last line (%d bytes), written by a run stopped mid-write",
+                           url, len(line))
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------------

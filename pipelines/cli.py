@@ -9,8 +9,11 @@ and exit 2; ``REALS_DEBUG=1`` shows the traceback. ``flows.cli`` adds the flow c
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -130,7 +133,7 @@ def add_stage_command(sub, record) -> None:
             return 0
         return int(record.show(summary) or 0)
 
-    p.set_defaults(handler=handle)
+    p.set_defaults(handler=handle, resumable="resume" in record.config.model_fields)
 
 
 def build_parser(commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
@@ -154,21 +157,69 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (StageError, ReaLSError, StorageError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+# What a full disk (or a file size limit, ``ulimit -f``) raises on a write.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _fault(e: BaseException, resume: str) -> str | None:
+    """The line for a fault of the machine behind ``e`` (a full disk, an unreachable object store), or None."""
+    from storage.fs import unreachable
+
+    if (line := unreachable(e)) is not None:
+        return f"{line}; then {resume}"
+    seen = set()
+    while e is not None and id(e) not in seen:  # itself, its cause or context, or a Ray task's cause
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"{e.strerror or 'disk full'}{where}: the disk is full or a file size limit (ulimit -f) was "
+                    f"reached; free space and {resume}")
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM as ``SystemExit(SIGTERM)``: what Ray's driver handler raises too, once Ray has started. The run's
+    ``finally`` blocks (leases, temp files, Ray actors) run on the way out."""
+    raise SystemExit(signum)
+
+
 def main(argv: list[str] | None = None, commands: Iterable[Callable] = ()) -> int:
-    """Run one ``reals`` command; the exit status (2: an error the user can act on, printed in one line)."""
+    """Run one ``reals`` command; the exit status (2: an error the user can act on, printed in one line;
+    128 + N: stopped by signal N, with a line saying how to resume)."""
     # Before torch loads: idle OpenMP threads sleep rather than spin (2 cores shared with Ray workers).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A driver's SIGTERM reaches Python (and ends the run cleanly) rather than Ray's C++ handler (a stack dump).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     args = build_parser(commands).parse_args(argv)
+    resume = ("re-run the same command with --resume to continue from the last checkpoint"
+              if getattr(args, "resumable", False) else "re-run the same command to resume")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        print(f"interrupted (SIGINT): {resume}", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        print(f"stopped by SIGTERM: {resume}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except user_errors() as e:
         if os.environ.get("REALS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        line = _fault(e, resume)
+        if line is None or os.environ.get("REALS_DEBUG"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,58 @@
 """Stage configs: pydantic models (Prefect renders them as forms; the CLI is generated from them)."""
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from pipelines import StageError
 
+# The top-level keys of a pipeline YAML besides its sections (flows/plan.py's PipelineConfig): a stage given such
+# a file with ``--config`` reads its own section and leaves these to the pipeline.
+PIPELINE_KEYS = frozenset({"output", "local_dir", "images", "data_path", "nproc_per_node", "family"})
+
+
+def _admits_bool(annotation) -> bool:
+    """Whether a field of this type may hold ``True``/``False``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (bool, typing.Any, object):
+        return True
+    if origin is typing.Annotated:
+        return _admits_bool(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_bool(a) for a in args)
+    if origin is typing.Literal:
+        return any(isinstance(a, bool) for a in args)
+    return False
+
 
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, not silently ignored."""
+    """Base of every stage config: unknown keys are errors, not silently ignored, and so is a boolean given for a
+    number (pydantic would read ``resolution: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info: ValidationInfo):
+        annotation = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and not _admits_bool(annotation) and not any(
+                _admits_bool(a) for a in typing.get_args(annotation)):
+            raise PydanticCustomError("bool_for_number", "expected {expected}, got the boolean {value}",
+                                      {"expected": _expected(annotation), "value": str(value).lower()})
+        return value
+
+
+def _expected(annotation) -> str:
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return {int: "an integer", float: "a number"}.get(kinds[0], getattr(kinds[0], "__name__", str(kinds[0])))
 
 
 class Cli:
@@ -88,20 +126,49 @@ def settings(values: dict, given: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise StageError(f"--set {item!r}: expected KEY=VALUE, e.g. train_sit.max_steps=1000")
-        values = override(values, key, yaml.safe_load(raw), f"--set {key}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise StageError(f"--set {key}: {' '.join(str(getattr(e, 'problem', None) or e).split())}") from None
+        values = override(values, key, value, f"--set {key}")
     return values
 
 
+def read_yaml(path: str | Path):
+    """The document of a YAML file (``safe_load``); a syntax error or a tag such as ``!!python/object`` is one
+    line naming the file and the line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        what = " ".join(" ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+                        .split()) or type(e).__name__
+        raise StageError(f"config {path}{where}: {what}") from None
+
+
 def load_yaml(path: str | None, section: str | None = None) -> dict:
-    """The mapping in a YAML file (or its ``section`` when it has one); ``{}`` when ``path`` is None."""
+    """The mapping in a YAML file (or its ``section`` when it has one); ``{}`` when ``path`` is None.
+
+    Beside a ``section``, the file is a pipeline YAML: a top-level setting other than the pipeline's own
+    (``PIPELINE_KEYS``) would be read by nothing, so it is refused.
+    """
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise StageError(f"config file not found: {path}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise StageError(f"config {path}: expected a mapping, got {type(data).__name__}")
     if section is not None and isinstance(data.get(section), dict):
+        for key, value in data.items():
+            if key in PIPELINE_KEYS or value is None or isinstance(value, dict):
+                continue
+            if key in data[section]:
+                raise StageError(f"config {path}: {key} is set both at the top level and in the {section}: section; "
+                                 f"remove one")
+            raise StageError(f"config {path}: top-level {key} is read by nothing beside the {section}: section; "
+                             f"move it into the section")
         data = data[section]
     return data

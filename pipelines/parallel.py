@@ -71,14 +71,29 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast on a ``host:port`` nobody answers (Ray itself retries for minutes)."""
+    """Fail fast on a ``host:port`` that is not a Ray head: nobody answers, or something that does not speak Ray's
+    GCS protocol (a silent listener, an HTTP port), on which Ray itself waits for minutes.
+
+    The check asks the GCS for its cluster id over gRPC and waits at most ``timeout`` seconds for the reply."""
     import socket
+
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or "://" in address:
         return
     with socket.create_connection((host, int(port)), timeout=timeout):
         pass
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL):
+                raise ConnectionError(f"{address} accepts connections but no Ray GCS answered on it within "
+                                      f"{timeout:g} s ({e.code().name})") from None
 
 
 LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``

@@ -27,7 +27,7 @@ import stat
 import unicodedata
 from typing import Literal, NamedTuple
 
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from pipelines import StageError
@@ -140,7 +140,25 @@ def list_split(images: str, split: str) -> tuple[list[str], list[list], list[str
     if not files:
         raise StageError(f"split {split!r} of {images} holds no files (empty class folders: "
                          f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})")
+    if not any(_may_be_image(os.path.join(os.path.dirname(split_dir), rel)) for rel, _, _ in files):
+        raise StageError(f"split {split!r} of {images} holds no image files, only {len(files)} other file(s) "
+                         f"such as {printable(files[0][0])}")
     return found, files, empty
+
+
+def _may_be_image(path: str) -> bool:
+    """Whether a listed file may be an image: an image file name, else a header PIL recognises (read only when
+    the name says otherwise, so a split of images costs one check)."""
+    name = os.path.basename(path)
+    if name.startswith("."):
+        return False
+    if os.path.splitext(name)[1].lower() in Image.registered_extensions():
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - unreadable or not an image: either way no image here
+        return False
 
 
 def _digest(rows, *settings) -> str:

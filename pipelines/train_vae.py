@@ -39,7 +39,7 @@ from reals.ema import update_ema
 from reals.images import to_model_images, to_uint8
 from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
 from reals.teachers import build_teacher
-from reals.vae import ReaLSVAE, build_vae, downsample_factor
+from reals.vae import ReaLSVAE, build_vae, downsample_factor, load_weights
 from storage.fs import join
 from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
@@ -238,7 +238,7 @@ def load_discriminator_state(path: str) -> dict:
     """Discriminator weights from a state_dict file or a train-vae checkpoint (its ``disc``)."""
     if not os.path.isfile(path):
         raise StageError(f"discriminator checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     return state.get("disc", state)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from functools import cached_property
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def vae_config(config: str | dict) -> dict:
     return cfg
 
 
+def load_weights(path: str | Path):
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not plain weights (a pickle that would
+    run code, or no pickle at all) is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else type(e).__name__)
+        raise ReaLSError(f"refusing {path}: not a plain weights file ({reason.rstrip('.')})") from None
+
+
 def load_state_dict_file(path: str | Path) -> dict:
     """A state_dict from ``.safetensors`` or a torch file (``weights_only``); a wrapping dict is unwrapped."""
     path = Path(path)
@@ -120,7 +132,7 @@ def load_state_dict_file(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     for key in ("state_dict", "vae"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -6,14 +6,20 @@ botocore reads the credentials itself, so they never pass through this code or i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import re
 import uuid
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from storage import StorageError
+
+TEMP_INFIX = ".tmp-"  # write_bytes_atomic's temporary sibling: <name>.tmp-<32 hex digits>
+STALE_TEMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
 def storage_options(url: str) -> dict:
@@ -35,6 +41,26 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(url, **storage_options(url))
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open storage URL {url!r}: {e}") from e
+
+
+def unreachable(e: BaseException) -> str | None:
+    """One line naming the object-store endpoint that ``e`` (or an error behind it) could not reach, or None when
+    ``e`` is no such connection error."""
+    try:
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+    except ImportError:
+        return None
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (EndpointConnectionError, ConnectionClosedError)):
+            url = urlsplit(e.kwargs.get("endpoint_url") or "")
+            endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                        or f"{url.scheme}://{url.netloc}")
+            return (f"cannot reach the S3 endpoint {endpoint} ({type(e).__name__}): check that it is up and that "
+                    "AWS_ENDPOINT_URL names it")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -115,21 +141,40 @@ def read_bytes(url: str) -> bytes:
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old object or the new one, never a torn file.
 
-    Local files go through a temporary sibling and ``os.replace``; an object-store PUT is atomic.
+    Local files go through a temporary sibling (``<name>.tmp-<hex>``, removed when the write fails, even on a
+    signal) and ``os.replace``; an object-store PUT is atomic.
     """
     fs, path = filesystem(url)
     if is_local_fs(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+def remove_stale_temps(url: str) -> list[str]:
+    """Remove the temporary files that ``write_bytes_atomic`` left directly under a local folder (a process killed
+    mid-write); returns their names. Call it where one run owns the folder, before it writes."""
+    path = local_path(url)
+    if path is None or not os.path.isdir(path):
+        return []
+    stale = sorted(n for n in os.listdir(path) if STALE_TEMP.search(n))
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, name))
+    return stale
 
 
 def current_umask() -> int:

@@ -303,3 +303,274 @@ def test_a_truncated_chunk_is_reported_redone_and_refused_by_name(tiny_store, ti
     assert (redone.shards_redone, redone.shards_skipped) == (1, 1)
     fixed = verify(VerifyStoreConfig(store=str(copy), data_path=tiny_shards, vae_path=tiny_vae_dir, num_samples=8))
     assert fixed.ok, fixed.problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults of the machine and of the input (issue 32): one line and exit 2, or a line naming the signal; no temp
+# file left behind; the same command resumes
+# ---------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reals(*args, env: dict | None = None, file_limit: int | None = None, timeout: float = 600):
+    """``python -m pipelines.cli ARGS`` in a subprocess (``file_limit``: the largest file it may write, as
+    ``ulimit -f`` sets it)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                          preexec_fn=limit if file_limit else None)
+
+
+def the_line(r: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a command that exited 2, and nothing else on stderr."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr[-3000:])
+    return lines[0]
+
+
+def temp_files(root) -> list[Path]:
+    """Temporary files of interrupted writes under ``root`` (ours: ``.tmp-<hex>``; zarr's: ``.partial``)."""
+    return [p for p in Path(root).rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
+
+
+def sit_args(store: str, output, *more) -> list[str]:
+    return [str(a) for a in ["train-sit", "--data-path", store, "--output", output, "--model", "SiT-T/4", "--global-batch-size", "8",
+            "--sample-every", "0", "--no-progress", *more]]
+
+
+@pytest.mark.parametrize("listener", ["silent", "http"])
+def test_a_ray_address_that_is_not_ray_is_one_line(listener, synthetic_root, tmp_path):
+    """A port that accepts TCP but never speaks Ray's protocol: the check gives up after its bounded wait."""
+    import http.server
+
+    server = None
+    if listener == "silent":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # connections complete in the backlog; nobody ever answers
+        port = sock.getsockname()[1]
+    else:
+        server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+    out = tmp_path / "shards"
+    try:
+        r = reals("shard", "--data-path", synthetic_root, "--output", out, "--resolution", "32",
+                  env={"RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=120)
+    finally:
+        sock.close() if server is None else server.shutdown()
+    line = the_line(r)
+    assert line.startswith(f"error: could not start the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}: ")
+    assert "accepts connections but no Ray GCS answered" in line
+    assert not (out / "manifest.json").exists() and temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("resolution: true\n", "invalid --resolution: expected an integer, got the boolean true"),
+    ("resolution: 7\nshard:\n  image_format: png\n", "top-level resolution is read by nothing beside the shard: "),
+    ("resolution: 7\nshard:\n  resolution: 32\n", "resolution is set both at the top level and in the shard: "),
+    ("shard:\n  resolution: [32\n  image_format: png\n", ", line 3: "),
+    ("resolution: !!python/object/apply:os.system ['touch {marker}']\n",
+     ", line 1: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+])
+def test_a_bad_stage_config_is_one_line(text, expected, synthetic_root, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    cfg = tmp_path / "shard.yaml"
+    cfg.write_text(text.format(marker=marker))
+    out = tmp_path / "shards"
+    assert cli_main(["shard", "--data-path", str(synthetic_root), "--output", str(out), "--config", str(cfg)]) == 2
+    line = one_error_line(capsys)
+    assert expected in line and (expected.startswith("invalid") or str(cfg) in line), line
+    assert not out.exists() and not marker.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("output: {out}\nshard: {{resolution: true}}\n", "shard.resolution: expected an integer, got the boolean true"),
+    ("output: {out}\nnproc_per_node: true\n", "nproc_per_node: expected an integer, got the boolean true"),
+    ("output: !!python/object/apply:os.system ['touch {out}']\n", ", line 1: could not determine a constructor"),
+    ("output: {out}\n  shard: x\n", ", line 2: mapping values are not allowed here"),
+])
+def test_a_bad_pipeline_config_is_one_line(text, expected, tmp_path, capsys):
+    from flows.cli import main as reals_main
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(text.format(out=out))
+    assert reals_main(["pipeline", "--config", str(cfg)]) == 2
+    line = one_error_line(capsys)
+    assert expected in line and str(cfg) in line, line
+    assert not out.exists()
+
+
+def test_pipeline_keys_are_the_pipeline_configs_own_settings():
+    """What a stage leaves to the pipeline beside its section (``PIPELINE_KEYS``) is PipelineConfig's non-section
+    fields (and the former name of ``images``)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from flows.plan import PipelineConfig
+    from pipelines.config import PIPELINE_KEYS
+
+    def section(annotation) -> bool:
+        kinds = typing.get_args(annotation) or (annotation,)
+        return any(isinstance(k, type) and issubclass(k, BaseModel) for k in kinds)
+
+    own = {name for name, field in PipelineConfig.model_fields.items() if not section(field.annotation)}
+    assert own | {"data_path"} == PIPELINE_KEYS
+
+
+def test_a_split_without_image_files_is_refused(tmp_path, capsys):
+    for cls, name in (("n01", ".DS_Store"), ("n02", "readme.txt"), ("n03", "labels.csv")):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        (tmp_path / "data" / "train" / cls / name).write_bytes(b"not an image\n")
+    out = tmp_path / "shards"
+    assert cli_main(["shard", "--data-path", str(tmp_path / "data"), "--output", str(out), "--resolution", "32"]) == 2
+    line = one_error_line(capsys)
+    assert "split 'train' of" in line and "holds no image files, only 3 other file(s)" in line
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+    (tmp_path / "data" / "train" / "n02" / "photo").write_bytes(_png())
+    from pipelines.shard import list_split
+
+    assert len(list_split(str(tmp_path / "data"), "train")[1]) == 4  # an image without an extension is one
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("flag", ["--vae-ckpt", "--disc-ckpt"])
+def test_a_malicious_weights_file_is_one_line(flag, tiny_shards, tmp_path, capsys):
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": Payload()}}, evil)
+    out = tmp_path / "vae"
+    assert cli_main(["train-vae", "--data-path", tiny_shards, "--output", str(out), "--vae-config", "tiny",
+                     "--dino-model", "tiny-dinov2", "--max-steps", "1", flag, str(evil), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: refusing {evil}: not a plain weights file (") and "system" in line
+    assert not marker.exists() and not out.exists()
+
+
+def test_an_s3_endpoint_down_at_start_is_one_line_naming_it(tiny_shards, tiny_vae_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    r = reals("encode", "--data-path", tiny_shards, "--vae-path", tiny_vae_dir, "--output", "s3://bucket/store",
+              "--workers", "0", "--no-progress",
+              env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"})
+    line = the_line(r)
+    assert line.startswith(f"error: cannot reach the S3 endpoint http://127.0.0.1:{port} ")
+    assert "re-run the same command to resume" in line
+
+
+def test_disk_full_during_encode_is_one_line_and_leaves_no_temp_file(tiny_shards, tiny_vae_dir, tmp_path):
+    out = tmp_path / "store"
+    r = reals("encode", "--data-path", tiny_shards, "--vae-path", tiny_vae_dir, "--output", out, "--workers", "0",
+              "--chunk-rows", "16", "--no-progress", file_limit=2048)
+    line = the_line(r)
+    assert line.startswith("error: File too large") and "re-run the same command to resume" in line
+    assert temp_files(tmp_path) == []
+    assert encode(tiny_shards, tiny_vae_dir, str(out)).rows_done == 48  # the same command, with room, completes
+
+
+def test_disk_full_during_train_sit_is_one_line_and_a_rerun_removes_stale_temps(tiny_store, tmp_path):
+    out = tmp_path / "sit"
+    args = sit_args(tiny_store.url, out, "--max-steps", "2", "--ckpt-every", "1")
+    r = reals(*args, file_limit=256 * 1024)  # the log and config fit; a checkpoint does not
+    line = the_line(r)
+    assert line.startswith("error: File too large") and "re-run the same command with --resume" in line
+    assert temp_files(tmp_path) == [] and not list(out.glob("*.pt"))
+    stale = out / f"0000010.pt.tmp-{'ab' * 16}"  # what a run killed mid-write leaves
+    stale.write_bytes(b"x" * 1000)
+    r = reals(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert temp_files(tmp_path) == [] and (out / "0000002.pt").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tiny_store, tmp_path):
+    out = tmp_path / "sit"
+    args = sit_args(tiny_store.url, out, "--log-every", "1", "--ckpt-every", "1")
+    assert cli_main(args + ["--max-steps", "2"]) == 0
+    log = out / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"epoch": 0, "loss": 0.5')  # a run killed while appending step 3
+    r = reals(*args, "--max-steps", "3", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped its torn last line" in r.stderr
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def _stopped_by_sigterm(p: subprocess.Popen, resume: str) -> None:
+    import signal
+
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert lines and lines[-1] == f"stopped by SIGTERM: {resume}", err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+
+
+def test_sigterm_stops_train_sit_cleanly_and_it_resumes(tiny_store, tmp_path):
+    out = tmp_path / "sit"
+    args = sit_args(tiny_store.url, out, "--log-every", "1", "--ckpt-every", "2")
+    p = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args), "--max-steps", "100000"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        poll(lambda: (out / "0000002.pt").exists(), "train-sit to write its first checkpoint")
+        _stopped_by_sigterm(p, "re-run the same command with --resume to continue from the last checkpoint")
+    finally:
+        p.kill()
+    assert temp_files(tmp_path) == []
+    done = json.loads((out / "latest.json").read_text())["step"]
+    r = reals(*args, "--max-steps", done + 1, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "latest.json").read_text())["step"] == done + 1
+
+
+def test_sigterm_stops_encode_on_ray_cleanly_and_it_resumes(tiny_shards, tiny_vae_dir, tmp_path):
+    from pipelines.ray_reaper import _stat, descendants
+
+    out = tmp_path / "store"
+    p = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", tiny_shards, "--vae-path",
+                          tiny_vae_dir, "--output", str(out), "--workers", "1", "--chunk-rows", "16", "--no-progress"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ray_workers() -> bool:
+        stat, names = _stat(p.pid), []
+        for child in descendants({p.pid: stat[1]}) if stat else []:
+            try:
+                names.append(Path(f"/proc/{child}/cmdline").read_text())
+            except OSError:
+                pass
+        return any(n.startswith("ray::") for n in names) or p.poll() is not None
+
+    try:
+        poll(ray_workers, "the driver to start Ray and its workers", every=0.2)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        _stopped_by_sigterm(p, "re-run the same command to resume")
+    finally:
+        p.kill()
+    assert temp_files(tmp_path) == []
+    assert encode(tiny_shards, tiny_vae_dir, str(out)).rows_done == 48
