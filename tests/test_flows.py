@@ -59,7 +59,7 @@ def _subflow_runs(client, parent_id) -> dict:
 
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
-    return {r.name: r for r in runs}
+    return {r.name.split(" ", 1)[0]: r for r in runs}  # named <step> <output> <start>
 
 
 def assert_cards_render_by_themselves(cards) -> None:
@@ -129,6 +129,9 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     assert summary.metrics["FD_effnet"] == pytest.approx(metrics["FD_effnet"]["value"])
     report = (out / "report" / "report.md").read_text()
     assert "FD_effnet" in report and "not FID" in report and "perceptual loss: none" in report
+    page = (out / "report" / "report.html").read_text()
+    assert "<table>" in page and "FD_effnet" in page and ".png" not in page
+    assert page.count('src="data:image/png;base64,') == len(IMAGE_REF.findall(report)) >= 4
     for png in ("loss_curves_vae.png", "loss_curves_sit.png", "samples_grid.png", "vae_reconstructions.png"):
         assert Image.open(out / "report" / png).size[0] > 0
 
@@ -136,6 +139,8 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     with _client() as client:
         subflows = _subflow_runs(client, run_id)
         assert sorted(subflows) == sorted(STAGES)
+        assert re.fullmatch(rf"shard-val {re.escape(str(out / 'shards'))} \d{{4}}-\d\d-\d\d \d\d:\d\d",
+                            subflows["shard-val"].name), subflows["shard-val"].name
         assert all(r.state.is_completed() for r in subflows.values())
         arts = _artifacts(client, [run_id, *(r.id for r in subflows.values())])
     assert {"pipeline-stages", "shard-train-counts", "shard-train-skipped-files", "encode-train-store",
