@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.layout import Layout, filled_by_layout
 from flows.sections import (SECTION_STAGES, ConvertSection, DownstreamSection, EncodeSection, EvaluateSection,
                             MakeReferenceSection, SampleDiTSection, SampleSection, ShardSection, SyntheticSection,
                             TrainSiTSection, TrainVAESection)
 from pipelines import StageError
-from pipelines.config import OptionalImages, StageConfig, build
+from pipelines.config import OptionalImages, StageConfig, build, former_names_win
 from pipelines.registry import outputs_missing, stage
 from storage.fs import join, local_path, to_url
 from storage.markers import read_json, write_json
@@ -31,6 +31,11 @@ class PipelineConfig(BaseModel):
     """The whole chain: a run root, a data source, and per-stage settings (the fields of that stage's config)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values):
+        return former_names_win(cls, values)
 
     output: str = Field("runs/demo", description="run root (local or s3://): every stage writes under it")
     local_dir: str | None = Field(None, description="local folder, shared by the Ray nodes, for what must be "

@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from flows.layout import Layout, filled_by_layout
+from pipelines.config import former_names_win
 from pipelines.registry import stage
 
 # The pipeline config's section of each stage.
@@ -27,6 +28,11 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
     filled: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values):
+        return former_names_win(cls, values)
 
     def given(self) -> dict:
         """Every field's value but those left empty for the layout to fill."""
@@ -85,3 +91,30 @@ class SampleDiTSection(BaseModel):
     mode: Literal["DDPM", "DDIM"] = Field("DDPM", description="DDPM (ancestral, with the learned variance) or DDIM")
     num_sampling_steps: int = Field(250, ge=2, description="respaced timesteps of the 1000 (model evaluations), "
                                                            "as in DiT's sample_ddp.py")
+
+
+class OptionalSection(BaseModel):
+    """Stage fields of which only those given are set (the experiment fills the rest per arm and seed)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values):
+        return former_names_win(cls, values)
+
+    def given(self) -> dict:
+        """The fields given (not empty)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def optional_section(name: str, *stage_names: str) -> type[OptionalSection]:
+    """A model of the fields of ``stage_names``' configs (the first's description of a shared field), each optional
+    and empty by default; empty means the stage's default or what the experiment sets."""
+    fields = {}
+    for stage_name in stage_names:
+        for field, info in stage(stage_name).config.model_fields.items():
+            fields.setdefault(field, (info.annotation | None, Field(
+                None, description=info.description or field, validation_alias=info.validation_alias)))
+    return create_model(name, __base__=OptionalSection, __doc__=f"fields of {', '.join(stage_names)}, all optional",
+                        **fields)

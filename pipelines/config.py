@@ -6,15 +6,32 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines import StageError
 
 
+def former_names_win(model: type[BaseModel], values):
+    """``values`` without the fields left empty (None) under their name that are given under a former name (a
+    form pre-filled with ``teacher: null`` and given ``dino_model``); a model's ``mode="before"`` validator."""
+    if not isinstance(values, dict):
+        return values
+    empty = {name for name, field in model.model_fields.items()
+             if isinstance(field.validation_alias, AliasChoices) and name in values and values[name] is None
+             and any(c in values for c in field.validation_alias.choices if c != name)}
+    return {k: v for k, v in values.items() if k not in empty} if empty else values
+
+
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, not silently ignored."""
+    """Base of every stage config: unknown keys are errors, not silently ignored; a field is also read under its
+    former name (``renamed``)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values):
+        return former_names_win(cls, values)
 
 
 class Cli:
