@@ -4,7 +4,8 @@ PostgreSQL stores the schema as JSONB, which reorders object keys (by length, th
 a form's fields by each property's ``position`` (fields without one keep the stored order). So every property
 of every model gets its declared position. A field read under a former name as well (an ``AliasChoices``
 validation alias, e.g. ``teacher`` / ``dino_model``) admits that name through ``patternProperties``, with the
-field's own schema: the API and the form's JSON accept what YAML accepts, and the form shows the field once.
+field's own schema, and is not ``required`` by the schema (its model still requires one of the names, at the
+run's start): the API and the form's JSON accept what YAML accepts, and the form shows the field once.
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def ordered(schema: dict, known: dict[str, type[BaseModel]]) -> dict:
                     prop.setdefault("position", i)
             model = known.get(node.get("title"))
             former = former_names(model) if model else {}
-            if former:
+            if former:  # a required field may come under its former name: the stage's model still requires one
+                required = [r for r in node.pop("required", []) if r not in former.values()]
+                if required:
+                    node["required"] = required
                 node.setdefault("patternProperties", {}).update({
                     f"^{re.escape(old)}$": {**{k: v for k, v in props[new].items() if k not in NOT_COPIED},
                                             "deprecated": True, "description": f"former name of {new}"}
