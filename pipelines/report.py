@@ -183,7 +183,8 @@ def page(title: str, text: str, pictures: dict[str, bytes]) -> str:
 
 
 def write_report(config: ReportConfig) -> ReportSummary:
-    """Write ``report.md`` and its PNGs under ``config.output``; parts whose inputs are absent are left out."""
+    """Write ``report.md``, its PNGs and ``report.html`` under ``config.output``; parts whose inputs are absent are
+    left out."""
     out = to_url(config.output)
     images: dict[str, str] = {}
     pictures: dict[str, bytes] = {}
