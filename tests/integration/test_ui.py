@@ -78,6 +78,8 @@ def test_a_served_shard_run_under_a_former_field_name_logs_its_units_done_line(c
 
 
 def test_the_report_link_opens_as_a_page_with_its_pictures_inside(cluster, tmp_path, monkeypatch):
+    import io
+
     import httpx
     import numpy as np
 
@@ -88,8 +90,6 @@ def test_the_report_link_opens_as_a_page_with_its_pictures_inside(cluster, tmp_p
 
     _s3_env(cluster, monkeypatch)
     samples = "s3://reals/it/ui-report/samples.npz"
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, arr_0=np.full((8, 16, 16, 3), 120, np.uint8), arr_1=np.arange(8) % 2)
     write_bytes_atomic(samples, buf.getvalue())
