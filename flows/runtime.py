@@ -248,6 +248,8 @@ def run_torchrun(stage: str, config, nproc_per_node: int) -> dict:
 
 # Lines of a Ray worker's stderr that say something went wrong.
 WORKER_TROUBLE = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL|Traceback|\w*Error|\w*Exception)\b")
+# A worker's console echo of a ``pipelines`` record: the worker sent the record to the run's log itself.
+RUN_LOGGED = re.compile(r"\| (?:WARNING|ERROR|CRITICAL) +\| pipelines[.\s]")
 
 
 def attach_stage_logs(name: str = "pipelines") -> None:
@@ -308,7 +310,8 @@ def deliver_now() -> None:
 
 @contextmanager
 def ray_worker_logs(logger) -> Iterator[None]:
-    """While inside, the Ray workers' stderr lines that report a warning or an error go to ``logger`` (a run logger).
+    """While inside, the Ray workers' stderr lines that report a warning or an error go to ``logger`` (a run logger),
+    but for the echo of a ``pipelines`` record (in the run's log already, ``attach_stage_logs``).
 
     Ray (started with ``log_to_driver``) hands the workers' output to the driver's stream dispatcher, which
     prints it on the terminal; this adds a second receiver for the lines worth a person's attention.
@@ -320,7 +323,7 @@ def ray_worker_logs(logger) -> Iterator[None]:
             return
         who = batch.get("task_name") or batch.get("actor_name") or f"pid {batch.get('pid')}"
         for line in batch.get("lines", []):
-            if WORKER_TROUBLE.search(line):
+            if WORKER_TROUBLE.search(line) and not RUN_LOGGED.search(line):
                 logger.warning("ray worker (%s): %s", who, line)
 
     name = f"reals-run-log-{id(logger)}"

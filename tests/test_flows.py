@@ -228,6 +228,30 @@ def test_batch_units_are_logged_with_rate(caplog):
     assert len(lines) <= 2  # the first unit (interval elapsed from the start) at most, and the end
 
 
+def test_ray_workers_trouble_lines_reach_the_run_log_once():
+    """A worker's warning goes to the run's log; the console echo of a stage's own record does not come again."""
+    import logging
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from flows.runtime import ray_worker_logs
+
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = logging.getLogger("test-run-log")
+    logger.addHandler(Keep())
+    lines = ["RuntimeError: something odd", "14:00:00.000 | WARNING | pipelines.parallel - unit 3 lost; re-submitting",
+             "all fine"]
+    with ray_worker_logs(logger):
+        dispatcher.emit({"is_err": True, "task_name": "encode_unit", "pid": 1, "lines": lines})
+    dispatcher.emit({"is_err": True, "task_name": "encode_unit", "pid": 1, "lines": lines})  # after: not forwarded
+    assert got == ["ray worker (encode_unit): RuntimeError: something odd"]
+
+
 def test_links_open_in_a_browser_presigned_on_s3_and_none_for_local_files(s3_bucket, tmp_path):
     import httpx
 
