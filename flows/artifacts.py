@@ -1,14 +1,15 @@
 """What a run shows in the Prefect UI: tables, markdown, links, images and live progress of the stages.
 
 Every card renders by itself in a browser: pictures are embedded (``data:`` URLs, in image cards and inside
-markdown), links are http(s) only (a presigned URL for a file on S3), and a local file is named in the text
-of its card, since a browser opens no ``file://`` link from a web page. One card per picture; every card has
-a description.
+markdown), links are http(s) only (a presigned URL for a file on S3, signed for the endpoint users reach:
+``$REALS_PUBLIC_S3_ENDPOINT`` when set), and a local file is named in the text of its card, since a browser
+opens no ``file://`` link from a web page. One card per picture; every card has a description.
 """
 from __future__ import annotations
 
 import base64
 import contextvars
+import os
 import posixpath
 import re
 import threading
@@ -28,6 +29,9 @@ from storage.fs import exists, filesystem, join, read_bytes, to_url, write_bytes
 
 MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
 LINK_EXPIRY = 7 * 24 * 3600  # presigned S3 links last a week (the longest SigV4 allows)
+# The S3 endpoint a user's browser reaches, where it differs from the one the pipeline uses (compose: the
+# services reach http://minio:9000, a browser on the host http://localhost:9000).
+PUBLIC_ENDPOINT_VAR = "REALS_PUBLIC_S3_ENDPOINT"
 IMAGE_REF = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target) in markdown
 
 
@@ -46,21 +50,26 @@ def table(key: str, rows: list[dict], description: str) -> None:
     create_table_artifact(rows or [{"note": "none"}], key=artifact_key(key), description=description)
 
 
-def browser_url(url: str) -> str | None:
-    """An address a browser opens for a stored file: a presigned https URL on S3, the URL itself if http(s),
-    else None (a local file, which a web page cannot link to)."""
+def browser_url(url: str, content_type: str | None = None) -> str | None:
+    """An address a browser opens for a stored file: a presigned URL on S3 (for ``$REALS_PUBLIC_S3_ENDPOINT``
+    when set; served as ``content_type`` when given), the URL itself if http(s), else None (a local file, which
+    a web page cannot link to)."""
     url = to_url(url)
     if url.startswith(("http://", "https://")):
         return url
     if url.startswith(("s3://", "s3a://")):
         fs, path = filesystem(url)
-        return fs.sign(path, expiration=LINK_EXPIRY)
+        public = os.environ.get(PUBLIC_ENDPOINT_VAR)
+        if public:  # a signature covers the host: sign for the address the browser will use
+            options = fs.storage_options
+            fs = type(fs)(**{**options, "client_kwargs": {**options.get("client_kwargs", {}), "endpoint_url": public}})
+        return fs.sign(path, expiration=LINK_EXPIRY, **({"ResponseContentType": content_type} if content_type else {}))
     return None
 
 
-def link(key: str, url: str, text: str, description: str) -> bool:
+def link(key: str, url: str, text: str, description: str, content_type: str | None = None) -> bool:
     """A link card to a stored file when a browser can open it (see ``browser_url``); whether one was made."""
-    href = browser_url(url)
+    href = browser_url(url, content_type)
     if href:
         create_link_artifact(href, link_text=text, key=artifact_key(key), description=description)
     return href is not None

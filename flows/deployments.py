@@ -12,6 +12,7 @@ from flows.pipeline import reals_pipeline, reencode
 from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from flows.runtime import local_server, wait_for_api
 from flows.experiment import experiment_flow
+from flows.forms import form_schema
 from flows.stages import STAGE_FLOWS
 from pipelines import StageError
 from pipelines.experiment import load_experiment_config
@@ -25,8 +26,12 @@ TAGS = ["reals"]
 def deployment(flow_, name: str, tags: tuple[str, ...] = (), **kwargs):
     """``flow_`` as a deployment whose entrypoint is its module path (``flows.stages.shard_flow``): a worker
     imports it as part of the package, so Ray workers can unpickle its tasks (a file path would load it as
-    a top-level module they cannot import)."""
-    return flow_.to_deployment(name, tags=[*TAGS, *tags], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+    a top-level module they cannot import). Its form keeps the declared field order on any database and takes
+    the former field names (``flows.forms``)."""
+    d = flow_.to_deployment(name, tags=[*TAGS, *tags], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+    schema = d._parameter_openapi_schema  # Prefect keeps the schema it sends in this attribute
+    form_schema(flow_, {"properties": schema.properties, "definitions": schema.definitions})
+    return d
 
 
 def check_cron(cron: str) -> None:

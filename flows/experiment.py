@@ -9,15 +9,18 @@ refuses to start when a step was recorded with other settings, and every stage s
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows import artifacts
 from flows.plan import Step, record_url, recorded, same_config, write_record
+from flows.sections import OptionalSection, optional_section
 from pipelines import StageError
 from pipelines.config import build
 from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
@@ -341,9 +344,47 @@ def write_sweep(p: Plan, results: dict) -> tuple[str, list[str]]:
     return table, plots
 
 
+# ---------------------------------------------------------------------------------------------------
+# The Run form: the experiment config with typed sections
+# ---------------------------------------------------------------------------------------------------
+
+# Each section of the experiment config and the stages whose fields it holds.
+FORM_SECTIONS = {"synthetic": ("synthetic",), "shard": ("shard",), "reference": ("make-reference",),
+                 "evaluator": ("train-evaluator",), "train_vae": ("train-vae",), "pretrain_vae": ("train-vae",),
+                 "convert": ("convert",), "encode": ("encode",), "train_sit": ("train-sit", "train-dit"),
+                 "sample": ("sample",), "sample_dit": ("sample",), "evaluate": ("evaluate",), "assess": ("assess",),
+                 "downstream": ("downstream",)}
+
+
+def _form_model() -> type[BaseModel]:
+    """ExperimentConfig with each dict section a typed model of its stage's fields, all optional."""
+    fields = {}
+    for name, info in ExperimentConfig.model_fields.items():
+        if name not in FORM_SECTIONS:
+            fields[name] = (info.annotation, copy.copy(info))
+            continue
+        section = optional_section(f"Experiment{name.title().replace('_', '')}Section", *FORM_SECTIONS[name])
+        default = info.get_default(call_default_factory=True)
+        annotation = section | None if default is None else section
+        fields[name] = (annotation, Field(None, description=info.description) if default is None else
+                        Field(default_factory=lambda s=section, d=default: s(**d), description=info.description))
+    return create_model("ExperimentForm", __base__=BaseModel, __doc__=ExperimentConfig.__doc__,
+                        __config__=ConfigDict(extra="forbid", protected_namespaces=()), **fields)
+
+
+ExperimentForm = _form_model()
+
+
+def from_form(form: BaseModel) -> ExperimentConfig:
+    """The experiment config of a filled form: each section holds the fields given."""
+    values = {name: getattr(form, name) for name in type(form).model_fields}
+    values = {name: v.given() if isinstance(v, OptionalSection) else v for name, v in values.items()}
+    return build(ExperimentConfig, values, "experiment config ")
+
+
 @flow(name="experiment", log_prints=True)
-def experiment_flow(config: ExperimentConfig) -> ExperimentSummary:
+def experiment_flow(config: ExperimentForm) -> ExperimentSummary:
     """SiT on ReaLS latents vs on a plain VAE's latents over seeds (the driver here; its steps on Ray)."""
-    summary = run(config)
+    summary = run(from_form(config) if isinstance(config, ExperimentForm) else config)
     artifacts.experiment_artifacts(summary)
     return summary

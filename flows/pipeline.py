@@ -28,6 +28,7 @@ class PipelineSummary(BaseModel):
     output: str
     stages: list[dict]
     report: str
+    page: str
     metrics: dict[str, float]
 
 
@@ -48,21 +49,33 @@ def root_tag(root: str) -> str:
     return f"root:{root}"
 
 
-def run_step(step: Step, nproc_per_node: int):
-    """Start the stage flow of ``step`` as a subflow named after the step, tagged with its stage."""
-    stage_flow = STAGE_FLOWS[step.stage].with_options(flow_run_name=step.name)
+def output_of(fields: dict) -> str:
+    """Where a stage config writes (its ``output`` or ``output_dir``)."""
+    return fields.get("output") or fields.get("output_dir") or ""
+
+
+def run_step(step: Step, nproc_per_node: int, name: str | None = None):
+    """Start the stage flow of ``step`` as a subflow tagged with its stage, named ``name`` or
+    ``<step> <output> <start>`` (the step is the stage, or ``shard-train`` / ``shard-val``)."""
+    stage_flow = STAGE_FLOWS[step.stage].with_options(
+        flow_run_name=name or run_name(lambda c: f"{step.name} {output_of(c)}".rstrip()))
     with tags(f"stage:{step.stage}"):
         if stage(step.stage).runs_on == "train":
             return stage_flow(step.config, nproc_per_node=nproc_per_node)
         return stage_flow(step.config)
 
 
+HTML = "text/html; charset=utf-8"
+
+
 def publish_report(summary: ReportSummary) -> None:
-    """The report as one markdown card with its pictures inside (and a link to the file where one works)."""
+    """The report as one markdown card with its pictures inside, and a link to its page (``report.html``, pictures
+    inside, opened by the browser) where one works."""
     folder = posixpath.dirname(summary.report)
     artifacts.markdown("reals-report", artifacts.embed_images(summary.markdown, folder),
-                       f"run report, pictures included; written to {summary.report}")
-    artifacts.link("reals-report-file", summary.report, "report.md", "the run report's markdown file")
+                       f"run report, pictures included; written to {summary.report} and {summary.page}")
+    artifacts.link("reals-report-page", summary.page, "report.html", "the run report as a page, pictures inside",
+                   content_type=HTML)
 
 
 @flow(name="reals-pipeline", flow_run_name=run_name(lambda c: f"pipeline {c['output']}"), log_prints=True)
@@ -102,7 +115,8 @@ def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSumma
         metrics=configs["evaluate"].output,
         downstream=configs["downstream"].output if "downstream" in configs else None, stages=rows))
     publish_report(report)
-    return PipelineSummary(output=at.root, stages=rows, report=report.report, metrics=report.metrics)
+    return PipelineSummary(output=at.root, stages=rows, report=report.report, page=report.page,
+                           metrics=report.metrics)
 
 
 @flow(name="reencode", flow_run_name=lambda: f"reencode {started()}", log_prints=True)
@@ -130,6 +144,6 @@ def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list
                 continue
             version = provenance.get("fingerprint") or posixpath.basename(vae.rstrip("/"))  # saved, not converted
             name = f"encode {posixpath.basename(to_url(base.output).rstrip('/'))} {version[:8]}"
-            step = Step(name, "encode", base.model_copy(update={"vae_path": vae}), ())
-            summaries.append(run_step(step, config.nproc_per_node))
+            step = Step("encode", "encode", base.model_copy(update={"vae_path": vae}), ())
+            summaries.append(run_step(step, config.nproc_per_node, name))
     return summaries

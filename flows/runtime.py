@@ -248,6 +248,8 @@ def run_torchrun(stage: str, config, nproc_per_node: int) -> dict:
 
 # Lines of a Ray worker's stderr that say something went wrong.
 WORKER_TROUBLE = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL|Traceback|\w*Error|\w*Exception)\b")
+# A worker's console echo of a ``pipelines`` record: the worker sent the record to the run's log itself.
+RUN_LOGGED = re.compile(r"\| (?:WARNING|ERROR|CRITICAL) +\| pipelines[.\s]")
 
 
 def attach_stage_logs(name: str = "pipelines") -> None:
@@ -255,6 +257,7 @@ def attach_stage_logs(name: str = "pipelines") -> None:
 
     ``pipelines`` logs with the standard library only (training steps and losses, units done); outside a
     run (the plain ``reals`` commands) its records go wherever logging is configured, not to Prefect.
+    In a Ray worker, run logs are sent as they are emitted (``deliver_now``).
     """
     from prefect.context import FlowRunContext, TaskRunContext
     from prefect.logging.handlers import APILogHandler
@@ -269,11 +272,46 @@ def attach_stage_logs(name: str = "pipelines") -> None:
         logger.addHandler(RunLogHandler())
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
+    if in_ray_worker():
+        deliver_now()
+
+
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (not a driver)."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def send_log(log: dict) -> None:
+    """POST one run log (a ``LogCreate`` dict) to the Prefect API now; a failure is one line on stderr."""
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_logs([{k: v for k, v in log.items() if k != "__payload_size__"}])
+    except Exception as e:  # noqa: BLE001 - a log that cannot be sent must not fail the stage
+        sys.stderr.write(f"--- Error logging to API --- {type(e).__name__}: {e}\n")
+
+
+def deliver_now() -> None:
+    """Send this process's run logs (the stage's and Prefect's own) to the API as they are emitted.
+
+    Prefect batches run logs in a background thread every couple of seconds. A Ray worker is stopped as soon as
+    its job ends, which is when the flow run that started it ends: the lines of a stage that ends its flow run
+    (its last "units done" line above all) were still queued then, and lost.
+    """
+    from prefect.logging.handlers import set_api_log_sink
+
+    set_api_log_sink(send_log)
 
 
 @contextmanager
 def ray_worker_logs(logger) -> Iterator[None]:
-    """While inside, the Ray workers' stderr lines that report a warning or an error go to ``logger`` (a run logger).
+    """While inside, the Ray workers' stderr lines that report a warning or an error go to ``logger`` (a run logger),
+    but for the echo of a ``pipelines`` record (in the run's log already, ``attach_stage_logs``).
 
     Ray (started with ``log_to_driver``) hands the workers' output to the driver's stream dispatcher, which
     prints it on the terminal; this adds a second receiver for the lines worth a person's attention.
@@ -285,7 +323,7 @@ def ray_worker_logs(logger) -> Iterator[None]:
             return
         who = batch.get("task_name") or batch.get("actor_name") or f"pid {batch.get('pid')}"
         for line in batch.get("lines", []):
-            if WORKER_TROUBLE.search(line):
+            if WORKER_TROUBLE.search(line) and not RUN_LOGGED.search(line):
                 logger.warning("ray worker (%s): %s", who, line)
 
     name = f"reals-run-log-{id(logger)}"

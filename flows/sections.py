@@ -84,3 +84,23 @@ class SampleDiTSection(StageConfig):
     mode: Literal["DDPM", "DDIM"] = Field("DDPM", description="DDPM (ancestral, with the learned variance) or DDIM")
     num_sampling_steps: int = Field(250, ge=2, description="respaced timesteps of the 1000 (model evaluations), "
                                                            "as in DiT's sample_ddp.py")
+
+
+class OptionalSection(StageConfig):
+    """Stage fields of which only those given are set (the experiment fills the rest per arm and seed)."""
+
+    def given(self) -> dict:
+        """The fields given (not empty)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def optional_section(name: str, *stage_names: str) -> type[OptionalSection]:
+    """A model of the fields of ``stage_names``' configs (the first's description of a shared field), each optional
+    and empty by default; empty means the stage's default or what the experiment sets."""
+    fields = {}
+    for stage_name in stage_names:
+        for field, info in stage(stage_name).config.model_fields.items():
+            fields.setdefault(field, (info.annotation | None, Field(
+                None, description=info.description or field, validation_alias=info.validation_alias)))
+    return create_model(name, __base__=OptionalSection, __doc__=f"fields of {', '.join(stage_names)}, all optional",
+                        **fields)

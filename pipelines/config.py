@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from pipelines import StageError
@@ -32,9 +33,20 @@ def _admits_bool(annotation) -> bool:
     return False
 
 
+def former_names_win(model: type[BaseModel], values):
+    """``values`` without the fields left empty (None) under their name that are given under a former name (a
+    form pre-filled with ``teacher: null`` and given ``dino_model``); a model's ``mode="before"`` validator."""
+    if not isinstance(values, dict):
+        return values
+    empty = {name for name, field in model.model_fields.items()
+             if isinstance(field.validation_alias, AliasChoices) and name in values and values[name] is None
+             and any(c in values for c in field.validation_alias.choices if c != name)}
+    return {k: v for k, v in values.items() if k not in empty} if empty else values
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, not silently ignored, and so is a boolean given for a
-    number (pydantic would read ``resolution: true`` as 1)."""
+    number (pydantic would read ``resolution: true`` as 1); a field is also read under its former name."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
@@ -48,6 +60,12 @@ class StageConfig(BaseModel):
             raise PydanticCustomError("bool_for_number", "expected {expected}, got the boolean {value}",
                                       {"expected": _expected(annotation), "value": str(value).lower()})
         return value
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values):
+        return former_names_win(cls, values)
 
 
 def _expected(annotation) -> str:

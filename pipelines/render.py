@@ -40,16 +40,13 @@ def image_grid(images: np.ndarray, cols: int) -> bytes:
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: int, per_class: int) -> bytes:
-    """One row per class (the lowest class ids present), up to ``per_class`` images each, small ones enlarged."""
+    """One row per class (the lowest class ids present), small images enlarged; every row as long as the fewest
+    samples a shown class has (at most ``per_class``), so the grid holds samples only."""
     scale = max(1, 64 // images.shape[1])  # nearest neighbour
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    rows = []
-    for k in sorted(set(labels.tolist()))[:classes]:
-        picked = images[labels == k][:per_class]
-        row = np.zeros((per_class, *images.shape[1:]), np.uint8)
-        row[:len(picked)] = picked
-        rows.append(row)
-    return image_grid(np.concatenate(rows), per_class)
+    shown = sorted(set(labels.tolist()))[:classes]
+    cols = min([per_class, *(int((labels == k).sum()) for k in shown)])
+    return image_grid(np.concatenate([images[labels == k][:cols] for k in shown]), cols)
 
 
 def loss_curves(entries: list[dict], title: str) -> bytes | None:

@@ -3,13 +3,17 @@
 ``write_report`` reads only what the stages left on storage (manifest, provenance, store attributes,
 ``log.jsonl`` files, the samples ``.npz`` and ``metrics.json``), so it describes a run whether its stages
 ran now or earlier. It writes ``report.md`` with, beside it, ``loss_curves_vae.png``, ``loss_curves_sit.png``
-(matplotlib, from the logs), ``samples_grid.png`` (one row per class) and ``vae_reconstructions.png``.
+(matplotlib, from the logs), ``samples_grid.png`` (one row per class) and ``vae_reconstructions.png``, and
+``report.html``: the same report as one page a browser opens by itself, its pictures inside (``data:`` URLs).
 Every metric is listed with the feature space it was measured in: ``FD_effnet`` is a Frechet distance in
 EfficientNet-Lite0 features, never FID.
 """
 from __future__ import annotations
 
+import base64
+import html
 import posixpath
+import re
 import time
 
 import numpy as np
@@ -44,6 +48,7 @@ class ReportConfig(StageConfig):
 
 class ReportSummary(BaseModel):
     report: str
+    page: str = Field(description="report.html: the report as a self-contained page")
     images: dict[str, str] = Field(description="image name -> URL")
     metrics: dict[str, float]
     markdown: str
@@ -157,16 +162,39 @@ def _downstream_section(folder: str, save) -> list[str]:
     return lines + [""]
 
 
+IMAGE_REF = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)")  # ![alt](name.png): a picture beside the report
+PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+              "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em}"
+              "th{background:#f3f3f3}img{max-width:100%;image-rendering:pixelated}code{background:#f3f3f3}")
+
+
+def page(title: str, text: str, pictures: dict[str, bytes]) -> str:
+    """The markdown ``text`` as one HTML page; its ``![alt](name.png)`` pictures (``pictures``: name -> PNG)
+    inside it as ``data:`` URLs."""
+    from markdown_it import MarkdownIt
+
+    def embed(m: re.Match) -> str:
+        data = pictures.get(m.group(2))
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode()})" if data else m.group(0)
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(IMAGE_REF.sub(embed, text))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
+
+
 def write_report(config: ReportConfig) -> ReportSummary:
-    """Write ``report.md`` and its PNGs under ``config.output``; parts whose inputs are absent are left out."""
+    """Write ``report.md``, its PNGs and ``report.html`` under ``config.output``; parts whose inputs are absent are
+    left out."""
     out = to_url(config.output)
     images: dict[str, str] = {}
+    pictures: dict[str, bytes] = {}
 
     def save(name: str, data: bytes | None) -> str | None:
         if data is None:
             return None
         write_bytes_atomic(join(out, name), data)
         images[name.removesuffix(".png")] = join(out, name)
+        pictures[name] = data
         return name
 
     lines = [f"# {config.title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
@@ -207,6 +235,7 @@ def write_report(config: ReportConfig) -> ReportSummary:
     if config.downstream and exists(join(to_url(config.downstream), "report.md")):
         lines += _downstream_section(to_url(config.downstream), save)
     text = "\n".join(lines).rstrip() + "\n"
-    report = join(out, "report.md")
+    report, html_page = join(out, "report.md"), join(out, "report.html")
     write_bytes_atomic(report, text.encode())
-    return ReportSummary(report=report, images=images, metrics=values, markdown=text)
+    write_bytes_atomic(html_page, page(config.title, text, pictures).encode())
+    return ReportSummary(report=report, page=html_page, images=images, metrics=values, markdown=text)

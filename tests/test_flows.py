@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 import re
 import shutil
 import time
@@ -59,7 +60,7 @@ def _subflow_runs(client, parent_id) -> dict:
 
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
-    return {r.name: r for r in runs}
+    return {r.name.split(" ", 1)[0]: r for r in runs}  # named <step> <output> <start>
 
 
 def assert_cards_render_by_themselves(cards) -> None:
@@ -129,6 +130,9 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     assert summary.metrics["FD_effnet"] == pytest.approx(metrics["FD_effnet"]["value"])
     report = (out / "report" / "report.md").read_text()
     assert "FD_effnet" in report and "not FID" in report and "perceptual loss: none" in report
+    page = (out / "report" / "report.html").read_text()
+    assert "<table>" in page and "FD_effnet" in page and ".png" not in page
+    assert page.count('src="data:image/png;base64,') == len(IMAGE_REF.findall(report)) >= 4
     for png in ("loss_curves_vae.png", "loss_curves_sit.png", "samples_grid.png", "vae_reconstructions.png"):
         assert Image.open(out / "report" / png).size[0] > 0
 
@@ -136,6 +140,8 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     with _client() as client:
         subflows = _subflow_runs(client, run_id)
         assert sorted(subflows) == sorted(STAGES)
+        assert re.fullmatch(rf"shard-val {re.escape(str(out / 'shards'))} \d{{4}}-\d\d-\d\d \d\d:\d\d",
+                            subflows["shard-val"].name), subflows["shard-val"].name
         assert all(r.state.is_completed() for r in subflows.values())
         arts = _artifacts(client, [run_id, *(r.id for r in subflows.values())])
     assert {"pipeline-stages", "shard-train-counts", "shard-train-skipped-files", "encode-train-store",
@@ -222,6 +228,30 @@ def test_batch_units_are_logged_with_rate(caplog):
     assert len(lines) <= 2  # the first unit (interval elapsed from the start) at most, and the end
 
 
+def test_ray_workers_trouble_lines_reach_the_run_log_once():
+    """A worker's warning goes to the run's log; the console echo of a stage's own record does not come again."""
+    import logging
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from flows.runtime import ray_worker_logs
+
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = logging.getLogger("test-run-log")
+    logger.addHandler(Keep())
+    lines = ["RuntimeError: something odd", "14:00:00.000 | WARNING | pipelines.parallel - unit 3 lost; re-submitting",
+             "all fine"]
+    with ray_worker_logs(logger):
+        dispatcher.emit({"is_err": True, "task_name": "encode_unit", "pid": 1, "lines": lines})
+    dispatcher.emit({"is_err": True, "task_name": "encode_unit", "pid": 1, "lines": lines})  # after: not forwarded
+    assert got == ["ray worker (encode_unit): RuntimeError: something odd"]
+
+
 def test_links_open_in_a_browser_presigned_on_s3_and_none_for_local_files(s3_bucket, tmp_path):
     import httpx
 
@@ -234,6 +264,76 @@ def test_links_open_in_a_browser_presigned_on_s3_and_none_for_local_files(s3_buc
     assert href.startswith("http://127.0.0.1:") and "Signature=" in href
     assert httpx.get(href).content == b"# report"
     assert browser_url(str(tmp_path / "report.md")) is None
+    # signed for the address a browser reaches (the same moto server under another name), served as a page
+    write_bytes_atomic(join(s3_bucket, "report", "report.html"), b"<p>report</p>")
+    public = os.environ["AWS_ENDPOINT_URL"].replace("127.0.0.1", "localhost")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REALS_PUBLIC_S3_ENDPOINT", public)
+        href = browser_url(join(s3_bucket, "report", "report.html"), "text/html; charset=utf-8")
+    assert href.startswith(public + "/")
+    got = httpx.get(href)
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/html")
+
+
+def _jsonb(value):
+    """``value`` as PostgreSQL's JSONB gives it back: object keys by length, then bytes."""
+    if isinstance(value, dict):
+        return {k: _jsonb(value[k]) for k in sorted(value, key=lambda k: (len(k.encode()), k.encode()))}
+    return [_jsonb(v) for v in value] if isinstance(value, list) else value
+
+
+def _form_order(properties: dict) -> list[str]:
+    """The field order of Prefect's UI form: by ``position`` (none: last), ties in stored order."""
+    return [k for k, _ in sorted(properties.items(), key=lambda kv: kv[1].get("position", float("inf")))]
+
+
+def test_pipeline_form_keeps_the_declared_order_through_jsonb_and_takes_former_names():
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployments import build_deployments
+
+    pipeline = next(d for d in build_deployments(load_pipeline_config()) if d.name == "reals-pipeline")
+    declared = pipeline._parameter_openapi_schema.model_dump()
+    schema = _jsonb(declared)
+    defs = schema["definitions"]
+    assert list(defs["PipelineConfig"]["properties"])[:3] == ["shard", "encode", "family"]  # what JSONB does to it
+    assert _form_order(defs["PipelineConfig"]["properties"]) == list(PipelineConfig.model_fields)
+    for name, definition in defs.items():
+        assert _form_order(definition["properties"]) == list(declared["definitions"][name]["properties"]), name
+
+    params = copy.deepcopy(pipeline.parameters)
+    params["config"]["train_vae"]["dino_model"] = params["config"]["train_vae"].pop("teacher")
+    params["config"]["shard"]["data_path"] = "/data/imagenet"
+    params["config"]["data_path"] = params["config"].pop("images")
+    assert validate(params, schema) == []
+    config = PipelineConfig.model_validate({**params["config"], "images": None})
+    assert (config.train_vae.teacher, config.shard.images) == (pipeline.parameters["config"]["train_vae"]["teacher"],
+                                                               "/data/imagenet")  # beside an empty new name
+    params["config"]["train_vae"]["dino_modle"] = "tiny-dinov2"
+    assert validate(params, schema)
+
+
+def test_experiment_form_has_typed_optional_sections_that_give_back_the_config():
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployments import build_deployments
+    from flows.experiment import ExperimentForm, from_form
+    from pipelines.experiment import load_experiment_config
+
+    experiment = next(d for d in build_deployments(load_pipeline_config()) if d.name == "experiment")
+    schema = experiment._parameter_openapi_schema.model_dump()
+    form = schema["definitions"]["ExperimentForm"]["properties"]
+    train_vae = schema["definitions"][form["train_vae"]["$ref"].rsplit("/", 1)[1]]
+    assert {"teacher", "max_steps", "perceptual"} <= set(train_vae["properties"]) and not train_vae.get("required")
+    assert validate(experiment.parameters, schema) == []
+    bad = copy.deepcopy(experiment.parameters)
+    bad["config"]["encode"]["batch_sise"] = 8
+    assert validate(bad, schema)
+
+    quick = load_experiment_config(None, quick=True)
+    assert from_form(ExperimentForm.model_validate(quick.model_dump(mode="json"))) == quick
+    given = from_form(ExperimentForm.model_validate({"train_vae": {"dino_model": "tiny-dinov2"}}))
+    assert given.train_vae == {"teacher": "tiny-dinov2"} and given.pretrain_vae is None
 
 
 # ---------------------------------------------------------------------------------------------------
