@@ -185,17 +185,19 @@ def scaling(config: RayTrainSettings, gpu: bool):
 
 
 def failure_line(stage_name: str, config: RayTrainSettings, error: BaseException) -> str:
-    """One line naming why Ray Train gave up: the first failed rank's error, or the controller's."""
+    """One line naming why Ray Train gave up: the first failed rank's error, or why the workers could not start."""
     failures = getattr(error, "worker_failures", None) or {}
+    workers = (f"{config.num_workers} worker(s) ({config.placement_strategy}, {config.cpus_per_worker:g} CPU "
+               f"each)")
     if failures:
         rank, cause = sorted(failures.items())[0]
-        what = f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}"
-    else:
-        cause = getattr(error, "controller_failure", None) or error
-        what = f"{type(cause).__name__}: {_first_line(cause)}"
-    return (f"{stage_name}: Ray Train gave up after {config.max_failures} restart(s) of {config.num_workers} "
-            f"worker(s) ({config.placement_strategy}, {config.cpus_per_worker:g} CPU each): {what}; re-run with "
-            "--resume to continue from the last checkpoint")
+        return (f"{stage_name}: Ray Train gave up after {config.max_failures} restart(s) of {workers}: rank {rank}: "
+                f"{type(cause).__name__}: {_first_line(cause)}; re-run with --resume to continue from the last "
+                "checkpoint")
+    cause = getattr(error, "controller_failure", None) or error
+    return (f"{stage_name}: Ray Train gave up: could not start {workers} in {START_ATTEMPTS + 1} tries: "
+            f"{type(cause).__name__}: {_first_line(cause)}; check the cluster's free resources or lower "
+            "--num-workers")
 
 
 def _first_line(e: BaseException) -> str:
