@@ -103,14 +103,12 @@ def flow_name(stage_name: str) -> str:
 def build_flow(record: Stage):
     """The Prefect flow of one stage: run it where it runs, then publish its summary."""
     def stage_flow(config, nproc_per_node: int = 1):
-        if record.runs_on in ("ray", "task"):
-            with ray_worker_logs(get_run_logger()):
-                summary = (on_ray if record.runs_on == "ray" else as_ray_task)(record.name, config)
-        elif record.runs_on == "train":
-            with ray_worker_logs(get_run_logger()):
-                summary = local_stage(record.name, config, nproc_per_node)
-        else:
+        if record.runs_on == "local":
             summary = local_stage(record.name, config, nproc_per_node)
+        else:  # on Ray: its workers' warnings and errors in the run's log
+            with ray_worker_logs(get_run_logger()):
+                placed = {"ray": on_ray, "task": as_ray_task}.get(record.runs_on)
+                summary = placed(record.name, config) if placed else local_stage(record.name, config, nproc_per_node)
         artifacts.publish(record, config, summary)
         return summary
 
