@@ -76,10 +76,18 @@ def wanted(config: BaseModel, under_flow: bool = False) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 class LogRelay:
-    """Holds rank 0's log records until the driver takes them (a Ray actor on the driver's node)."""
+    """Holds rank 0's log records until the driver takes them, and the first user error any rank met (a Ray actor
+    on the driver's node)."""
 
     def __init__(self):
         self.records: list[tuple[str, int, str]] = []
+        self.error: str | None = None
+
+    def fail(self, message: str) -> None:
+        self.error = self.error or message
+
+    def failure(self) -> str | None:
+        return self.error
 
     def add(self, name: str, level: int, message: str) -> None:
         self.records.append((name, level, message))
@@ -124,7 +132,13 @@ def _pump(relay, stop: threading.Event) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def train_worker(params: dict) -> dict:
-    """One Ray Train worker: the stage's ``run`` as one rank; rank 0 returns the summary (or the user error)."""
+    """One Ray Train worker: the stage's ``run`` as one rank; rank 0 returns the summary (or the user error).
+
+    A user error (a ``StageError``, a missing file...) on any rank is recorded in the relay and raised, so Ray
+    Train tears the group down (the other ranks may wait in a collective); the restarted group then finds it
+    there and every rank returns it at once, never training again.
+    """
+    import ray
     import ray.train
 
     from pipelines.cli import user_errors
@@ -132,17 +146,22 @@ def train_worker(params: dict) -> dict:
 
     if os.path.isdir(params["cwd"]):  # relative paths mean what they mean to the driver (as under torchrun)
         os.chdir(params["cwd"])
+    relay = params["relay"]
+    failed = ray.get(relay.failure.remote())
+    if failed:
+        return {"error": failed}
     record = stage(params["stage"])
     config = record.config.model_validate_json(params["config"])
     logger = logging.getLogger("pipelines")
-    handler = RelayHandler(params["relay"]) if ray.train.get_context().get_world_rank() == 0 else None
+    handler = RelayHandler(relay) if ray.train.get_context().get_world_rank() == 0 else None
     if handler:
         logger.addHandler(handler)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     try:
         return {"summary": record.run(config).model_dump_json()}
-    except user_errors() as e:  # the same on every rank: the stage's one-line error, not a crash to retry
-        return {"error": str(e)}
+    except user_errors() as e:
+        ray.get(relay.fail.remote(str(e)))
+        raise
     finally:
         if handler:
             logger.removeHandler(handler)
@@ -200,6 +219,15 @@ def failure_line(stage_name: str, config: RayTrainSettings, error: BaseException
             "--num-workers")
 
 
+def _user_error(relay) -> str | None:
+    import ray
+
+    try:
+        return ray.get(relay.failure.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the relay is gone: Ray Train's own error says what happened
+        return None
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -242,7 +270,7 @@ def fit(stage_name: str, config: RayTrainSettings) -> BaseModel:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise StageError(failure_line(stage_name, config, e)) from None
+        raise StageError(_user_error(relay) or failure_line(stage_name, config, e)) from None
     finally:
         stop.set()
         pump.join(timeout=60)

@@ -131,6 +131,14 @@ def test_a_run_that_cannot_be_placed_ends_in_one_line(cluster, data, tmp_path):
     assert line.startswith("error: train-sit: Ray Train gave up") and "STRICT_SPREAD" in line, r.stderr[-3000:]
 
 
+def test_a_ranks_error_is_the_stages_one_line_error(cluster, data, tmp_path):
+    r = reals(["train-sit", "--data-path", str(data / "store"), "--max-steps", "2", *SIT, "--output",
+               str(tmp_path / "sit"), "--num-workers", "2", "--global-batch-size", "7"], driver_env(cluster))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: --global-batch-size 7 is not divisible by 2 ranks", \
+        r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def _wait_for_checkpoint(run: str, proc, timeout: float = 900) -> None:
