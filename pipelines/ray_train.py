@@ -82,6 +82,13 @@ class LogRelay:
     def __init__(self):
         self.records: list[tuple[str, int, str]] = []
         self.error: str | None = None
+        self.ranks: dict[int, dict] = {}
+
+    def joined(self, rank: int, where: dict) -> None:
+        self.ranks[rank] = where
+
+    def placement(self) -> list[dict]:
+        return [self.ranks[r] for r in sorted(self.ranks)]
 
     def fail(self, message: str) -> None:
         self.error = self.error or message
@@ -142,6 +149,7 @@ def train_worker(params: dict) -> dict:
     import ray.train
 
     from pipelines.cli import user_errors
+    from pipelines.placement import where_this_runs
     from pipelines.registry import stage
 
     if os.path.isdir(params["cwd"]):  # relative paths mean what they mean to the driver (as under torchrun)
@@ -150,10 +158,12 @@ def train_worker(params: dict) -> dict:
     failed = ray.get(relay.failure.remote())
     if failed:
         return {"error": failed}
+    rank = ray.train.get_context().get_world_rank()
+    relay.joined.remote(rank, where_this_runs())
     record = stage(params["stage"])
     config = record.config.model_validate_json(params["config"])
     logger = logging.getLogger("pipelines")
-    handler = RelayHandler(relay) if ray.train.get_context().get_world_rank() == 0 else None
+    handler = RelayHandler(relay) if rank == 0 else None
     if handler:
         logger.addHandler(handler)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
@@ -269,6 +279,7 @@ def fit(stage_name: str, config: RayTrainSettings) -> BaseModel:
                 "GPU (NCCL)" if gpu else "CPU (gloo)", config.placement_strategy)
     try:
         result = trainer.fit()
+        workers = ray.get(relay.placement.remote())
     except ray.train.TrainingFailedError as e:
         raise StageError(_user_error(relay) or failure_line(stage_name, config, e)) from None
     finally:
@@ -279,4 +290,9 @@ def fit(stage_name: str, config: RayTrainSettings) -> BaseModel:
     out = result.return_value or {}
     if "error" in out:
         raise StageError(out["error"])
-    return record.summary.model_validate_json(out["summary"])
+    summary = record.summary.model_validate_json(out["summary"])
+    print(f"{stage_name}: Ray Train workers: " + ", ".join(
+        f"rank {r} on node {w['node']} (host {w['host']}, pid {w['pid']})" for r, w in enumerate(workers)))
+    if "ran_on" in type(summary).model_fields:
+        summary.ran_on = {**summary.ran_on, "workers": workers}
+    return summary
