@@ -185,9 +185,10 @@ def resolve_gpu(config: RayTrainSettings) -> bool:
     """Whether the workers use GPUs: ``use_gpu``, or with auto whether the cluster has a GPU per worker."""
     import ray
 
+    on_cpu = getattr(config, "device", "auto") == "cpu"
     if config.use_gpu == "auto":
-        return getattr(config, "device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) >= config.gpus_per_worker
-    if config.use_gpu and getattr(config, "device", "auto") == "cpu":
+        return not on_cpu and ray.cluster_resources().get("GPU", 0) >= config.gpus_per_worker
+    if config.use_gpu and on_cpu:
         raise StageError("--use-gpu true with --device cpu: choose one")
     return bool(config.use_gpu)
 
