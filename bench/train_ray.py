@@ -11,6 +11,7 @@ with the ratios to the bare loop (goal on a 2-core machine: >= 0.9 with 1 worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -73,7 +74,8 @@ def main() -> None:
             config = TrainSiTConfig(output=f"{root}/{name}", launcher="local" if ray_settings is None else "ray",
                                     **base, **(ray_settings or {}))
             t0 = time.perf_counter()
-            summary = run(config) if ray_settings is None else ray_train.fit("train-sit", config)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON document alone
+                summary = run(config) if ray_settings is None else ray_train.fit("train-sit", config)
             results[name] = {"samples_per_sec": round(steady_samples_per_sec(config.output), 2),
                              "wall_s": round(time.perf_counter() - t0, 1), "world_size": summary.world_size,
                              **(ray_settings or {"torch_threads": torch.get_num_threads()})}
