@@ -2,8 +2,11 @@
 
 The flows are built from ``pipelines.registry``: a stage that ``runs_on`` Ray runs its driver as a task on
 the ``SharedRayTaskRunner`` (zero CPUs reserved: the driver fans its units out to Ray itself), retried on a
-transient storage error (the stage skips the units already done); a training stage runs in the flow's
-process, or under torchrun when ``nproc_per_node > 1``; the others run in the flow's process. Every flow
+transient storage error (the stage skips the units already done); a measurement stage (``task``) runs as one
+Ray task with the resources it declares (a GPU when the cluster has one); a training stage runs on Ray Train
+(``pipelines.ray_train``: its ``num_workers``, ``use_gpu``, ... fields), or under torchrun on this host when
+``nproc_per_node > 1``, or in the flow's process with ``launcher: local``; the others run in the flow's
+process, which itself holds no training or measurement. Every flow
 publishes its summary as artifacts. Each flow is a module attribute named ``<stage>_flow`` (``train_vae_flow``),
 so that a deployment's entrypoint ``flows.stages:<stage>_flow`` loads it.
 """
@@ -25,6 +28,7 @@ from flows.runtime import (
     run_name,
     run_torchrun,
 )
+from pipelines import ray_train
 from pipelines.config import StageConfig
 from pipelines.registry import Stage, stage, stages
 
@@ -58,11 +62,14 @@ def batch_stage(stage: str, config: StageConfig):
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
 def local_stage(stage: str, config: StageConfig, nproc_per_node: int = 1):
-    """A stage in this process, or under torchrun with ``nproc_per_node`` processes (training stages)."""
+    """A stage in this process; a training stage on Ray Train, or under torchrun with ``nproc_per_node``
+    processes on this host."""
     probe = progress_probe(stage, config)
     with artifacts.progress(stage, f"{stage}: steps done", probe) if probe else nullcontext():
         if nproc_per_node > 1:
             return stages()[stage].summary.model_validate(run_torchrun(stage, config, nproc_per_node))
+        if ray_train.wanted(config, under_flow=True):
+            return ray_train.fit(stage, config)
         return stage_function(stage)(config)
 
 
@@ -77,6 +84,13 @@ def on_ray(stage: str, config: StageConfig):
         return batch_stage.submit(stage, config).result()
 
 
+def as_ray_task(name: str, config: StageConfig):
+    """Run a measurement stage as one Ray task with the resources it declares (wherever Ray finds them)."""
+    resources = stage(name).resources
+    with remote_options(**(resources(config) if resources else {"num_cpus": 1})):
+        return batch_stage.submit(name, config).result()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Flows
 # ---------------------------------------------------------------------------------------------------
@@ -89,11 +103,12 @@ def flow_name(stage_name: str) -> str:
 def build_flow(record: Stage):
     """The Prefect flow of one stage: run it where it runs, then publish its summary."""
     def stage_flow(config, nproc_per_node: int = 1):
-        if record.runs_on == "ray":
-            with ray_worker_logs(get_run_logger()):
-                summary = on_ray(record.name, config)
-        else:
+        if record.runs_on == "local":
             summary = local_stage(record.name, config, nproc_per_node)
+        else:  # on Ray: its workers' warnings and errors in the run's log
+            with ray_worker_logs(get_run_logger()):
+                placed = {"ray": on_ray, "task": as_ray_task}.get(record.runs_on)
+                summary = placed(record.name, config) if placed else local_stage(record.name, config, nproc_per_node)
         artifacts.publish(record, config, summary)
         return summary
 
@@ -105,7 +120,7 @@ def build_flow(record: Stage):
     stage_flow.__annotations__ = {**{p.name: p.annotation for p in params}, "return": record.summary}
     stage_flow.__name__ = stage_flow.__qualname__ = flow_name(record.name)
     stage_flow.__doc__ = record.description or record.help
-    runner = SharedRayTaskRunner() if record.runs_on == "ray" else None
+    runner = SharedRayTaskRunner() if record.runs_on in ("ray", "task") else None
     return flow(stage_flow, name=record.name, task_runner=runner, log_prints=True, description=record.help,
                 flow_run_name=run_name(lambda c: " ".join(filter(None, [record.name, c.get("output") or c.get("output_dir")]))))
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipelines import StageError
 from pipelines.config import StageConfig
+from pipelines.placement import Placed, task_resources
 from pipelines.registry import Stage
 from storage.fs import read_bytes, to_url
 from storage.markers import read_json, write_json
@@ -29,7 +30,7 @@ class AssessConfig(StageConfig):
     reconstruction_images: int | None = Field(None, ge=1, description="reference images to reconstruct (default: all)")
 
 
-class AssessSummary(BaseModel):
+class AssessSummary(Placed):
     output: str
     metrics: dict[str, float]
     vae_parameters: int
@@ -122,6 +123,7 @@ def complete(config: AssessConfig) -> str | None:
     return None if done.get("config") == config.model_dump(mode="json") else "assessed with other settings"
 
 
-STAGES = [Stage("assess", AssessConfig, AssessSummary, assess, complete=complete,
+STAGES = [Stage("assess", AssessConfig, AssessSummary, assess, complete=complete, runs_on="task",
+                resources=lambda c: task_resources("cpu"),
                 help="domain-space metrics of samples and reconstruction quality of a VAE",
                 description=__doc__.split("\n\n")[0])]

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from pipelines import ray_train
 from pipelines.config import Cli, build, load_yaml
 
 DESCRIPTION = "ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID."
@@ -127,7 +128,11 @@ def add_stage_command(sub, record) -> None:
                                     f"`{section}:` section (flags override it)")
 
     def handle(args: argparse.Namespace) -> int:
-        summary = record.run(config_from_args(record.config, args, p, section))
+        config = config_from_args(record.config, args, p, section)
+        if record.runs_on == "train" and ray_train.wanted(config):
+            summary = ray_train.fit(record.name, config)
+        else:
+            summary = record.run(config)
         if record.show is None:
             print(f"{record.name}: {summary.model_dump_json(indent=2)}")
             return 0

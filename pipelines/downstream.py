@@ -39,11 +39,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipelines import StageError
 from pipelines.config import Cli, Images, OptionalTeacher, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.devices import torch_device
+from pipelines.placement import Placed, task_resources
 from pipelines.downstream_data import DEPTH_RATIO, Dataset, depth_from_order, load_generated, truth_tensor
 from pipelines.parallel import progress_bar
 from pipelines.registry import Stage
@@ -88,7 +89,7 @@ class DownstreamConfig(StageConfig):
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
-class DownstreamSummary(BaseModel):
+class DownstreamSummary(Placed):
     """What ``reals downstream`` measured (``metrics[task][source]``)."""
 
     output: str
@@ -457,5 +458,6 @@ def show(s: DownstreamSummary) -> None:
     console.print(f"-> {s.output}/report.md", markup=False, highlight=False)
 
 
-STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete, show=show,
+STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete, show=show, runs_on="task",
+                resources=lambda c: task_resources(c.device),
                 help="training-free segmentation/depth from ReaLS latents", description=__doc__.splitlines()[0])]

@@ -13,13 +13,14 @@ import os
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
 from pipelines import StageError
 from pipelines.config import Cli, Shards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
+from pipelines.placement import Placed, task_resources
 from pipelines.npz import open_npz, write_npz
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
@@ -60,7 +61,7 @@ class EvaluateConfig(StageConfig):
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
-class EvaluateSummary(BaseModel):
+class EvaluateSummary(Placed):
     output: str
     num_reference: int
     num_samples: int
@@ -85,7 +86,7 @@ class MakeReferenceConfig(StageConfig):
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
-class MakeReferenceSummary(BaseModel):
+class MakeReferenceSummary(Placed):
     output: str
     count: int
     resolution: list[int]
@@ -364,11 +365,12 @@ def show_reference(s: MakeReferenceSummary) -> None:
 
 STAGES = [
     Stage("make-reference", MakeReferenceConfig, MakeReferenceSummary, make_reference, complete=reference_complete,
-          show=show_reference,
+          show=show_reference, runs_on="task", resources=lambda c: task_resources(c.device),
           help="write an ADM-layout reference .npz from dataset shards",
           description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
                       "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist)."),
-    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete, show=show,
+    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete, show=show, runs_on="task",
+          resources=lambda c: task_resources(c.device),
           help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
           description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature "
                       "space: FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) "

@@ -39,7 +39,8 @@ class Stage:
     """One stage: its config and summary models, what runs it, and how to tell it is done.
 
     ``runs_on``: ``ray`` (a driver that fans its units out to Ray itself, reserving no CPU), ``train`` (a
-    training loop that torchrun can spread over processes), ``local`` (one process).
+    training loop: Ray Train workers or torchrun's processes), ``task`` (one Ray task with the Ray options
+    ``resources(config)`` declares, e.g. a GPU when the cluster has one), ``local`` (one process).
     ``complete(config)`` says what is missing from the stage's outputs, or None when they are complete;
     ``progress(config)`` gives a function returning the fraction done of a running stage, or None.
     ``show(summary)`` prints the summary for ``reals <stage>`` and may return an exit status.
@@ -51,10 +52,11 @@ class Stage:
     run: Callable[[StageConfig], BaseModel]
     help: str
     description: str = ""
-    runs_on: Literal["ray", "train", "local"] = "local"
+    runs_on: Literal["ray", "train", "task", "local"] = "local"
     complete: Callable[[StageConfig], str | None] | None = None
     progress: Callable[[StageConfig], Callable[[], float | None] | None] | None = None
     show: Callable[[BaseModel], int | None] | None = None
+    resources: Callable[[StageConfig], dict] | None = None
     epilog: str | None = None
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipelines import StageError
-from pipelines.config import Shards, ShowProgress, StageConfig
+from pipelines.config import Shards, ShowProgress
 from pipelines.devices import torch_device
+from pipelines.placement import Placed
+from pipelines.ray_train import RayTrainSettings, under_torchrun
 from pipelines.registry import Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
@@ -37,7 +39,7 @@ TRAINING_KEYS = ("split", "val_split", "steps", "batch_size", "lr", "weight_deca
                  "seed")
 
 
-class TrainEvaluatorConfig(StageConfig):
+class TrainEvaluatorConfig(RayTrainSettings):
     """Inputs of `reals train-evaluator`."""
 
     shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
@@ -54,9 +56,10 @@ class TrainEvaluatorConfig(StageConfig):
     seed: int = Field(0, ge=0, description="seed of the weights, batches and augmentation")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
+    num_workers: int = Field(1, ge=1, le=1, description="Ray Train workers: one (the evaluator trains in one process)")
 
 
-class TrainEvaluatorSummary(BaseModel):
+class TrainEvaluatorSummary(Placed):
     """What `reals train-evaluator` did."""
 
     output: str
@@ -136,6 +139,8 @@ def _summary(out: Path, info: dict, skipped: bool) -> TrainEvaluatorSummary:
 
 def run(config: TrainEvaluatorConfig) -> TrainEvaluatorSummary:
     """Train the evaluator and save it with its held-out accuracy (skipped when already trained the same way)."""
+    if under_torchrun():
+        raise StageError("train-evaluator trains in one process: run it without torchrun (--nproc-per-node 1)")
     out = _local_dir(config.output)
     manifest = read_manifest(config.shards)
     training = {k: getattr(config, k) for k in TRAINING_KEYS}
@@ -206,5 +211,5 @@ def show(s: TrainEvaluatorSummary) -> None:
           f"train {s.train_accuracy:.3f} on {s.train_images}")
 
 
-STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run, show=show,
+STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run, show=show, runs_on="train",
                 help="train the domain evaluator (CNN classifier) for FD_domain", description=__doc__.split("\n\n")[0])]

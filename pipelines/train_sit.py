@@ -31,12 +31,14 @@ from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import Cli, ShowProgress, StageConfig, Store
+from pipelines.config import Cli, ShowProgress, Store
 from pipelines.distributed import Dist, distributed, wrap_ddp
+from pipelines.placement import Placed
+from pipelines.ray_train import RayTrainSettings
 from pipelines.registry import Stage
 from pipelines.render import image_grid
 from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators
@@ -63,7 +65,7 @@ RESUME_KEYS = ("model", "global_batch_size", "seed", "path_type", "prediction", 
 # Config and summary
 # ---------------------------------------------------------------------------------------------------
 
-class TrainSiTConfig(StageConfig):
+class TrainSiTConfig(RayTrainSettings):
     """Inputs of `reals train-sit`."""
 
     family: ClassVar[str] = "SiT"
@@ -117,7 +119,7 @@ class TrainDiTConfig(TrainSiTConfig):
     model: str = Field("DiT-XL/2", description="DiT model: " + ", ".join(n for n in MODELS if n.startswith("DiT")))
 
 
-class TrainSiTSummary(BaseModel):
+class TrainSiTSummary(Placed):
     """What `reals train-sit` did (rank 0's view)."""
 
     output: str

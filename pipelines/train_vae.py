@@ -24,12 +24,14 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipelines import StageError
 from pipelines.checkpoints import check_resumable, training_missing, training_progress
-from pipelines.config import Cli, Shards, ShowProgress, StageConfig, Teacher, TeacherInputSize
+from pipelines.config import Cli, Shards, ShowProgress, Teacher, TeacherInputSize
 from pipelines.distributed import Dist, distributed, wrap_ddp
+from pipelines.placement import Placed
+from pipelines.ray_train import RayTrainSettings
 from pipelines.registry import Stage
 from pipelines.render import image_grid
 from pipelines.training import Schedule, TrainingLoop, ema_copy
@@ -53,7 +55,7 @@ RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size",
 # Config and summary
 # ---------------------------------------------------------------------------------------------------
 
-class TrainVAEConfig(StageConfig):
+class TrainVAEConfig(RayTrainSettings):
     """Inputs of `reals train-vae`."""
 
     shards: Shards = Field(description="shards URL (a folder with manifest.json, from `reals shard`)")
@@ -115,7 +117,7 @@ class TrainVAEConfig(StageConfig):
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
-class TrainVAESummary(BaseModel):
+class TrainVAESummary(Placed):
     output: str
     checkpoint: str | None = Field(description="URL of the last checkpoint written")
     steps: int
