@@ -169,6 +169,7 @@ class LatentStore:
         self.root_url = root_url
         self.version = posixpath.basename(url.rstrip("/"))
         self._committed: dict[str, dict] | None = None  # shard -> latest commit, as last read
+        self._visible_cache: tuple[list, np.ndarray] | None = None
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._staged: dict[int, str] = {}  # row_start -> segment written by this writer, not committed yet
         self._next_slot: int | None = None
@@ -428,12 +429,13 @@ class LatentStore:
                else np.asarray(rows, dtype=np.int64))
         spec = self.spec(name)
         out = np.full((len(idx), *spec.row_shape), spec.fill, dtype=spec.dtype)
-        committed = self._committed if self._committed is not None else self.markers()
-        for e in self.shard_map:
-            lo, hi = np.searchsorted(idx, [e["row_start"], e["row_start"] + e["capacity"]])
-            marker = committed.get(e["name"])
-            if lo == hi or not self.marker_agrees(marker, e):
+        entries, starts = self._visible()
+        touched = np.unique(np.searchsorted(starts, idx, side="right") - 1) if len(starts) else []
+        for k in touched:
+            if k < 0:
                 continue
+            e, marker = entries[k]
+            lo, hi = np.searchsorted(idx, [e["row_start"], e["row_start"] + e["capacity"]])
             array = self._segment_array(marker["segment"], name)
             local = idx[lo:hi] - e["row_start"]
             local = local[local < array.shape[0]]
@@ -446,6 +448,16 @@ class LatentStore:
                 raise self._corrupt(e, marker["segment"], name, local, err) from err
             out[lo:lo + len(local)] = values
         return out
+
+    def _visible(self) -> tuple[list[tuple[dict, dict]], np.ndarray]:
+        """The row map entries with an agreeing commit, with that commit, and their ``row_start``s (cached
+        until ``markers`` reads the log again)."""
+        if self._visible_cache is None:
+            committed = self._committed if self._committed is not None else self.markers()
+            entries = sorted(((e, committed[e["name"]]) for e in self.shard_map
+                              if self.marker_agrees(committed.get(e["name"]), e)), key=lambda x: x[0]["row_start"])
+            self._visible_cache = entries, np.array([e["row_start"] for e, _ in entries], dtype=np.int64)
+        return self._visible_cache
 
     def _segment_array(self, segment: str, name: str) -> zarr.Array:
         key = (segment, name)
@@ -473,6 +485,7 @@ class LatentStore:
     def markers(self) -> dict[str, dict]:
         """Every shard's committed done-marker (its latest commit), by source shard name; read afresh."""
         self._committed = committed_shards(commit_log(self.url))
+        self._visible_cache = None
         return dict(self._committed)
 
     def marker_agrees(self, marker: dict | None, entry: dict, source_sha256: str | None = None) -> bool:

@@ -19,7 +19,7 @@ from pipelines.verify_store import VerifyStoreConfig
 from pipelines.verify_store import run as verify
 from storage import StorageError
 from storage.fs import join
-from storage.latent_store import LatentStore
+from storage.latent_store import LatentStore, commit_log, committed_shards
 from storage.lease import Lease
 from storage.markers import read_json
 from storage.shards import iter_shard
@@ -47,7 +47,7 @@ def arrays(version_url):
 
 def segment(version_url, shard):
     """The Zarr group of a shard's committed rows (plain zarr, writable: for tampering)."""
-    name = LatentStore.open(version_url).markers()[shard]["segment"]
+    name = committed_shards(commit_log(version_url))[shard]["segment"]
     return zarr.open_group(join(version_url, "segments", name), mode="r+")
 
 
