@@ -436,7 +436,13 @@ class LatentStore:
                 continue
             e, marker = entries[k]
             lo, hi = np.searchsorted(idx, [e["row_start"], e["row_start"] + e["capacity"]])
-            array = self._segment_array(marker["segment"], name)
+            try:
+                array = self._segment_array(marker["segment"], name)
+            except FileNotFoundError as err:  # zarr's ArrayNotFoundError too
+                raise CorruptChunk(f"latent store {self.url}: shard {e['name']}: its committed segment "
+                                   f"{marker['segment']} has no array {name}; `reals encode --verify` redoes the "
+                                   "shard", shard=e["name"], rows=(e["row_start"], e["row_start"] + marker["count"]),
+                                   array=name) from err
             local = idx[lo:hi] - e["row_start"]
             local = local[local < array.shape[0]]
             if not len(local):

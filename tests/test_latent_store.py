@@ -278,3 +278,17 @@ def test_layout1_store_is_refused_until_migrated_by_one_command(storage_root, ca
         zarr.open_group(join(storage_root, "vae-old"), mode="r").keys())
     assert cli_main(["migrate-store", storage_root]) == 0
     assert "already in the committed layout" in capsys.readouterr().out
+
+
+def test_a_commit_whose_segment_is_gone_reads_as_a_damaged_shard(tmp_path):
+    import shutil
+
+    from storage.latent_store import CorruptChunk
+
+    store, (e0, _) = make_store(str(tmp_path / "s"))
+    fill(store, e0)
+    marker = store.markers()["s-0.tar"]
+    shutil.rmtree(join(store.url, "segments", marker["segment"], "std"))
+    with pytest.raises(CorruptChunk, match="shard s-0.tar: its committed segment .* has no array std") as caught:
+        store.stored_checksum(marker)
+    assert (caught.value.shard, caught.value.rows) == ("s-0.tar", (0, 10))
