@@ -1,8 +1,8 @@
 """Shards + ReaLS VAE dir -> Zarr latent store (``reals encode``), one Ray actor per worker, a source shard per unit.
 
 The driver takes the store's lease, reads the manifest, opens (or creates) the version named by the
-VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (extending the arrays
-for new shards while no worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
+VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (the row map, extended
+for new shards before any worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
 provenance once, then for a shard: decodes its images, encodes them and their horizontal flips to
 posterior mean/std, normalises them with ``mean_std.json`` (``z_norm = (z - mean) / std``, so the
 posterior std becomes ``std / std_c``), adds the teacher's global token, writes the shard's rows into a

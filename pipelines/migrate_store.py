@@ -38,8 +38,7 @@ def run(config: MigrateStoreConfig) -> MigrateStoreSummary:
     """Migrate every layout-1 version of the store, holding its lease."""
     root = to_url(config.store).rstrip("/")
     with Lease(join(root, LEASE_FILE)).hold(wait=config.lease_wait) as lease:
-        done = migrate_layout(root)
-        lease.check()
+        done = migrate_layout(root, lease.owner, fence=lease.check)
     return MigrateStoreSummary(store=root, **done)
 
 

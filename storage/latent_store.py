@@ -8,7 +8,7 @@ Layout under an output URL (layout 2)::
                                    mean, std (float16 [n, C, h, w]), mean_flip, std_flip (optional),
                                    labels (int32 [n]), keys (vlen utf-8 [n]), teacher_global (float16 [n, D]),
                                    teacher_patch (float16 [n, D, gh, gw], optional)
-        commits/<seq:012d>.json    the commit log: each entry a shard's done-marker naming its segment,
+        commits/<slot:012d>.json   the commit log: each entry a shard's done-marker naming its segment,
                                    or a writer's takeover; the latest entry of a shard wins
 
 A writer puts a shard's rows into a segment of its own (a fresh token per attempt), then commits: it claims
@@ -50,7 +50,7 @@ MARKERS = "markers"  # layout 1 only
 LAYOUT = 2
 LATENT_ARRAYS = ("mean", "std")
 FLIP_ARRAYS = ("mean_flip", "std_flip")
-_SLOT = re.compile(r"^(\d{12})\.json$")
+_SLOT = re.compile(r"^\d{12}\.json$")
 
 
 # What zarr's codecs raise for a chunk whose bytes cannot be decoded (storage errors are OSErrors and pass).
@@ -148,7 +148,8 @@ def committed_shards(entries: list[dict]) -> dict[str, dict]:
     out = {}
     for doc in entries:
         try:
-            check_name(doc.get("shard"), "shard name"), check_name(doc.get("segment"), "segment name")
+            check_name(doc.get("shard"), "shard name")
+            check_name(doc.get("segment"), "segment name")
         except StorageError:
             continue
         out[doc["shard"]] = doc
@@ -559,12 +560,13 @@ def set_latest(root: str, name: str) -> None:
 # Layout 1 -> 2
 # ---------------------------------------------------------------------------------------------------
 
-def migrate_layout(url: str) -> dict:
+def migrate_layout(url: str, owner: str = "migrate-store", fence=None) -> dict:
     """Convert every layout-1 version under a store root in place; ``{"versions", "shards", "left"}``.
 
     Each marked shard whose rows match its checksum is copied into a segment and committed; a shard whose
     rows do not is left for ``reals encode`` to redo. Then the old arrays and markers are removed and the
     version is marked layout 2. Interrupted, it resumes: shards already committed are not copied again.
+    The caller holds the store's lease as ``owner``; ``fence()`` runs before each commit (see ``commit``).
     """
     root = to_url(url).rstrip("/")
     index = read_json(join(root, VERSIONS))
@@ -576,14 +578,14 @@ def migrate_layout(url: str) -> dict:
         group = zarr.open_group(zarr_store(group_url), mode="r+", zarr_format=3)
         if group.attrs.get("layout") == LAYOUT:
             continue
-        copied, left = _migrate_version(group, group_url, root)
+        copied, left = _migrate_version(group, group_url, root, owner, fence)
         done["versions"].append(v["name"])
         done["shards"] += copied
         done["left"] += left
     return done
 
 
-def _migrate_version(group: zarr.Group, group_url: str, root: str) -> tuple[int, list[str]]:
+def _migrate_version(group: zarr.Group, group_url: str, root: str, owner: str, fence) -> tuple[int, list[str]]:
     attrs = dict(group.attrs)
     old_names = [n for n in (*LATENT_ARRAYS, *FLIP_ARRAYS, "labels", "keys", "teacher_global", "teacher_patch")
                  if n in group.array_keys()]
@@ -597,6 +599,7 @@ def _migrate_version(group: zarr.Group, group_url: str, root: str) -> tuple[int,
         if isinstance(m, dict) and "shard" in m:
             old_markers[m["shard"]] = m
     committed = store.markers()
+    store.takeover(owner)
     copied, left = 0, []
     for e in store.shard_map:
         m = old_markers.get(e["name"])
@@ -613,7 +616,7 @@ def _migrate_version(group: zarr.Group, group_url: str, root: str) -> tuple[int,
             left.append(e["name"])
             continue
         store.write_rows(e["row_start"], rows)
-        store.commit({k: v for k, v in m.items() if k != "segment"})
+        store.commit({k: v for k, v in m.items() if k != "segment"}, fence=fence)
         copied += 1
     for name in (*old_names, MARKERS):
         remove(join(group_url, name))
