@@ -390,7 +390,7 @@ class LatentStore:
         self._staged.pop(marker.get("row_start"), None)
         return slot
 
-    write_marker = commit
+    write_marker = commit  # the name writers of layout 1 used
 
     def takeover(self, owner: str) -> int:
         """Record that ``owner`` now writes this version: every commit still in flight from an earlier
