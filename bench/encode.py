@@ -2,7 +2,7 @@
 
 The bare forward (``encode_images`` on decoded images in memory: VAE posterior of the image and its flip,
 teacher global token) at the same batch size is the limit one worker can reach. Store rates are whole
-runs (shard decode, Zarr writes, markers, lease) in this process (``workers=0``) and on Ray with 1 and 2
+runs (shard decode, Zarr writes into segments, commits, lease) in this process (``workers=0``) and on Ray with 1 and 2
 actors; the Ray rates include the actors' start (imports, model load). Everything runs on one torch
 thread per worker, as a Ray actor with ``num_cpus=1`` does (more threads thrash a shared 2-core machine).
 CPU case: demo-size VAE (f4, 4x8x8 latents at 32 px), EfficientNet-Lite0 teacher at 128 px. With CUDA, also

@@ -30,7 +30,7 @@ def rss_mib() -> float:
 
 
 def add_shard(store: LatentStore, name: str, seed: int) -> None:
-    """Append one source shard of random rows (and its marker), as ``reals encode`` would."""
+    """Append one source shard of random rows (a segment and its commit), as ``reals encode`` would."""
     (entry,) = [e for e in store.plan_shards([(name, SHARD_ROWS)]) if e["name"] == name]
     rng = np.random.default_rng(seed)
     rows = {n: rng.standard_normal((SHARD_ROWS, *SHAPE), dtype=np.float32).astype(np.float16)

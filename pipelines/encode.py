@@ -1,15 +1,16 @@
 """Shards + ReaLS VAE dir -> Zarr latent store (``reals encode``), one Ray actor per worker, a source shard per unit.
 
 The driver takes the store's lease, reads the manifest, opens (or creates) the version named by the
-VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (extending the arrays
-for new shards while no worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
+VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (the row map, extended
+for new shards before any worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
 provenance once, then for a shard: decodes its images, encodes them and their horizontal flips to
 posterior mean/std, normalises them with ``mean_std.json`` (``z_norm = (z - mean) / std``, so the
 posterior std becomes ``std / std_c``), adds the teacher's global token (``--no-teacher``: latents only, no
-teacher loaded; the version's ``teacher_width`` is null), writes the shard's rows, and
-writes its done-marker last. A unit that fails (an S3 error, say) is retried, and its marker is only
-written once its rows are. A re-run encodes only shards without a valid marker; a different VAE gets a
-new version beside the old ones.
+teacher loaded; the version's ``teacher_width`` is null), writes the shard's rows into a
+segment of its own, and commits them last (its done-marker, in the store's commit log, checked against the
+lease; the driver records its takeover there first, so no commit of a run that lost the lease can land).
+A unit that fails (an S3 error, say) is retried into a fresh segment. A re-run encodes only shards without
+a valid commit; a different VAE gets a new version beside the old ones.
 """
 from __future__ import annotations
 
@@ -24,13 +25,12 @@ from pipelines import StageError
 from pipelines.config import Cli, OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
-from storage.fs import join, list_files, to_url
-from storage.latent_store import MARKERS, CorruptChunk, LatentStore, rows_checksum, set_latest, utc_now
+from storage.fs import child, join, to_url
+from storage.latent_store import (LEASE_FILE, CorruptChunk, LatentStore, commit_log, committed_shards,
+                                  rows_checksum, set_latest, utc_now)
 from storage.lease import Lease, LeaseLost, fence
 from storage.markers import read_json
 from storage.shards import iter_shard
-
-LEASE_FILE = "encode.lease.json"
 
 
 class EncodeConfig(StageConfig):
@@ -146,13 +146,13 @@ class EncodeWorker:
         rows = {n: self._padded(store, n, parts[n], unit["capacity"]) for n in names}
         checksum = rows_checksum({n: a[:count] for n, a in rows.items()})
         self._fence(unit)
-        store.write_rows(unit["row_start"], rows)
-        self._fence(unit)
-        store.write_marker({
+        segment = store.write_rows(unit["row_start"], rows)
+        store.commit({
             "shard": unit["name"], "row_start": unit["row_start"], "count": count, "capacity": unit["capacity"],
             "source_sha256": unit["source_sha256"], "vae_fingerprint": store.attrs["vae_fingerprint"],
             "arrays": names, "checksum": checksum, "skipped": [list(s) for s in skipped], "created": utc_now(),
-        })
+            "segment": segment, "writer": unit.get("lease_owner"),
+        }, fence=lambda: self._fence(unit))
         return {"shard": unit["name"], "status": status, "count": count,
                 "skipped": [f"{unit['name']}/{k}: {r}" for k, r in skipped]}
 
@@ -173,11 +173,11 @@ class EncodeWorker:
     @staticmethod
     def _padded(store: LatentStore, name: str, parts: list, capacity: int) -> np.ndarray:
         """The shard's rows of one array, padded to its whole chunks with the array's fill value."""
-        arr = store.array(name)
+        spec = store.spec(name)
         if name == "keys":
             data = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
             return np.concatenate([data, np.full(capacity - len(data), "", dtype=object)])
-        out = np.full((capacity, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+        out = np.full((capacity, *spec.row_shape), spec.fill, dtype=spec.dtype)
         if parts:
             data = np.concatenate(parts)
             out[:len(data)] = data
@@ -326,6 +326,8 @@ def run(config: EncodeConfig) -> EncodeSummary:
                     teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
                     provenance=_provenance(config, vae, manifest, info, latent_shape))
             rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
+            if units:
+                store.takeover(lease.owner)  # fails every commit still in flight from an earlier holder
             for u in units:
                 u.update(group_url=store.url, vae_fingerprint=fp, latent_shape=list(latent_shape),
                          row_start=rows[u["name"]]["row_start"], capacity=rows[u["name"]]["capacity"],
@@ -424,8 +426,8 @@ def progress(config: EncodeConfig):
     if not fp:
         return None
     total = max(1, len(source_shards(config.shards, config.split)[1]))
-    markers = join(to_url(config.output), fp, MARKERS)
-    return lambda: len(list_files(markers, ".json")) / total
+    version = child(to_url(config.output), fp, "version name")
+    return lambda: len(committed_shards(commit_log(version))) / total
 
 
 def show(summary: EncodeSummary, shown: int = 10) -> None:

@@ -24,6 +24,7 @@ STAGE_MODULES = [
     "pipelines.convert",
     "pipelines.encode",
     "pipelines.verify_store",
+    "pipelines.migrate_store",
     "pipelines.train_sit",
     "pipelines.import_checkpoint",
     "pipelines.sample",

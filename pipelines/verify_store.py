@@ -1,7 +1,8 @@
 """Check a latent store against its sources (``reals verify-store``): provenance, checksums, re-encoded rows.
 
 Three checks, each reported: the store's provenance matches the VAE dir (fingerprint, latent statistics,
-latent shape, teacher); every done-marker's checksum matches the rows stored now; and a seeded random
+latent shape, teacher); every committed done-marker's checksum matches the rows of the segment it names
+(a segment that is gone or does not decode is reported by shard and rows); and a seeded random
 sample of done rows, re-encoded from the source shards, matches the stored values within float16
 tolerance (labels and keys exactly). Prints a verdict; the exit code is 1 when any check fails.
 """

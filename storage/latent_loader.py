@@ -96,7 +96,7 @@ class LatentLoader:
     def _fits(self, in_memory: bool | str, memory_limit: int | None) -> bool:
         if in_memory != "auto":
             return bool(in_memory)
-        per_row = sum(self.store.array(n).dtype.itemsize * int(np.prod(self.store.array(n).shape[1:]))
+        per_row = sum(self.store.spec(n).dtype.itemsize * int(np.prod(self.store.spec(n).row_shape))
                       for n in self._names)
         return per_row * len(self._rows) <= (memory_limit if memory_limit is not None else default_memory_limit())
 

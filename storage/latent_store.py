@@ -1,19 +1,26 @@
 """The Zarr v3 latent store: normalised posteriors per image, one group per (dataset, VAE fingerprint).
 
-Layout under an output URL::
+Layout under an output URL (layout 2)::
 
     versions.json                  index of versions, newest last ("latest" names it)
-    <vae_fingerprint>/             Zarr v3 group; attrs hold provenance and the row map
-        mean, std                  normalised posterior mean / std, float16 [N, C, h, w]
-        mean_flip, std_flip        the same for the horizontally flipped image (optional)
-        labels (int32 [N]), keys (vlen utf-8 [N])
-        teacher_global             float16 [N, D] (absent from a latents-only version: teacher_width null)
-        teacher_patch              float16 [N, D, gh, gw] (optional)
-        markers/<shard>.json       done-marker of one source shard, written after its rows (an empty
-                                   zarr group holds them, so plain zarr lists the hierarchy cleanly)
+    <vae_fingerprint>/             Zarr v3 group; attrs hold provenance, the row map and "layout": 2
+        segments/<shard>-<token>/  one writer's rows of one source shard, a Zarr group of arrays
+                                   mean, std (float16 [n, C, h, w]), mean_flip, std_flip (optional),
+                                   labels (int32 [n]), keys (vlen utf-8 [n]), teacher_global (float16 [n, D];
+                                   absent from a latents-only version: teacher_width null),
+                                   teacher_patch (float16 [n, D, gh, gw], optional)
+        commits/<slot:012d>.json   the commit log: each entry a shard's done-marker naming its segment,
+                                   or a writer's takeover; the latest entry of a shard wins
 
-Each source shard owns a fixed range of whole row chunks (its row map entry), so every writer owns
-whole chunks and padding rows are never marked done. Only the driver creates, resizes or edits attrs.
+A writer puts a shard's rows into a segment of its own (a fresh token per attempt), then commits: it claims
+the next free slot of the log with an exclusive create (an S3 conditional PUT), after checking its lease.
+A run that takes the lease over first claims a slot itself. Slots are claimed in order, each only after the
+one before it was seen taken, so any commit still in flight from the former holder targets a slot at or
+below the takeover's and fails: rows become visible only through a commit, and a writer that lost its lease
+cannot commit however late its bytes arrive. A segment no commit names is never read. Readers list the log,
+keep each shard's latest entry and read that entry's segment. The row map (global row numbers: each source
+shard a fixed range of whole chunks) is kept so readers address rows as before. Stores of layout 1 (arrays
+at the version's root, ``markers/``) are converted by ``migrate_layout`` (``reals migrate-store``).
 """
 from __future__ import annotations
 
@@ -21,20 +28,30 @@ import datetime as _dt
 import hashlib
 import json
 import posixpath
+import re
+import uuid
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import zarr
 import zarr.codecs as zc
 
 from storage import StorageError
-from storage.fs import check_name, child, filesystem, is_local_fs, join, storage_options, to_url, within
+from storage.fs import (check_name, child, filesystem, is_local_fs, join, list_files, remove, storage_options, to_url,
+                        within)
+from storage.lease import create_exclusive
 from storage.markers import read_json, write_json
 
 VERSIONS = "versions.json"
-MARKERS = "markers"
+LEASE_FILE = "encode.lease.json"  # the lease every writer of a store root takes (encode, migrate-store)
+SEGMENTS = "segments"
+COMMITS = "commits"
+MARKERS = "markers"  # layout 1 only
+LAYOUT = 2
 LATENT_ARRAYS = ("mean", "std")
 FLIP_ARRAYS = ("mean_flip", "std_flip")
+_SLOT = re.compile(r"^\d{12}\.json$")
 
 
 # What zarr's codecs raise for a chunk whose bytes cannot be decoded (storage errors are OSErrors and pass).
@@ -87,6 +104,66 @@ def _float_codec():
 # The store
 # ---------------------------------------------------------------------------------------------------
 
+class ArraySpec(NamedTuple):
+    """What one row array holds: its dtype, the shape of a row, the value of a padding row."""
+
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    fill: object
+
+
+def array_specs(attrs: dict) -> dict[str, ArraySpec]:
+    """The row arrays a version holds (from its attrs), in the order markers list them."""
+    c, h, w = (int(x) for x in attrs["latent_shape"])
+    f16 = np.dtype("float16")
+    specs = {n: ArraySpec(f16, (c, h, w), 0.0) for n in LATENT_ARRAYS + (FLIP_ARRAYS if attrs["flip"] else ())}
+    specs.update(labels=ArraySpec(np.dtype("int32"), (), -1), keys=ArraySpec(np.dtype(object), (), ""))
+    if attrs.get("teacher_width") is None:  # encode --no-teacher: latents only
+        return specs
+    d = int(attrs["teacher_width"])
+    specs["teacher_global"] = ArraySpec(f16, (d,), 0.0)
+    if attrs.get("teacher_patch"):
+        specs["teacher_patch"] = ArraySpec(f16, (d, *(int(x) for x in attrs["teacher_grid"])), 0.0)
+    return specs
+
+
+def commit_log(group_url: str) -> list[dict]:
+    """The commit log of a version, in slot order (entries that are not JSON objects are skipped)."""
+    fs, path = filesystem(join(group_url, COMMITS))
+    fs.invalidate_cache(path)  # writers in other processes append
+    if not fs.exists(path):
+        return []
+    paths = sorted(p for p in fs.ls(path, detail=False) if _SLOT.match(posixpath.basename(p)))
+    blobs = fs.cat(paths, on_error="omit") if paths else {}
+    out = []
+    for p in paths:
+        try:
+            doc = json.loads(blobs[p]) if p in blobs else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
+def committed_shards(entries: list[dict]) -> dict[str, dict]:
+    """Each shard's latest commit (its done-marker) among commit log ``entries``; takeovers are skipped."""
+    out = {}
+    for doc in entries:
+        try:
+            check_name(doc.get("shard"), "shard name")
+            check_name(doc.get("segment"), "segment name")
+        except StorageError:
+            continue
+        out[doc["shard"]] = doc
+    return out
+
+
+def _layout_error(group_url: str, root: str) -> StorageError:
+    return StorageError(f"latent store version {group_url} has layout 1 (rows written in place, before commits): "
+                        f"run `reals migrate-store {root}` once to convert it")
+
+
 class LatentStore:
     """One version (Zarr group) of a latent store; open it with ``open``, ``create`` or ``open_for_vae``."""
 
@@ -95,6 +172,11 @@ class LatentStore:
         self.url = url
         self.root_url = root_url
         self.version = posixpath.basename(url.rstrip("/"))
+        self._committed: dict[str, dict] | None = None  # shard -> latest commit, as last read
+        self._visible_cache: tuple[list, np.ndarray] | None = None
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._staged: dict[int, str] = {}  # row_start -> segment written by this writer, not committed yet
+        self._next_slot: int | None = None
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -134,7 +216,7 @@ class LatentStore:
     def open(cls, url: str, version: str | None = None) -> "LatentStore":
         """Open a store for reading; warns when some rows are not encoded yet (only done rows are served)."""
         root, group_url = cls.resolve(url, version)
-        store = cls(cls._read_group(group_url), group_url, root)
+        store = cls(cls._read_group(group_url, root), group_url, root)
         markers = store.markers()
         missing = sum(e["count"] for e in store.shard_map if not store.marker_agrees(markers.get(e["name"]), e))
         if missing:
@@ -143,15 +225,20 @@ class LatentStore:
         return store
 
     @staticmethod
-    def _read_group(group_url: str) -> zarr.Group:
+    def _read_group(group_url: str, root: str) -> zarr.Group:
         try:
-            return zarr.open_group(zarr_store(group_url, read_only=True), mode="r", zarr_format=3)
+            group = zarr.open_group(zarr_store(group_url, read_only=True), mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StorageError(f"no latent store group at {group_url}") from e
+        if group.attrs.get("layout") != LAYOUT:
+            raise _layout_error(group_url, root)
+        return group
 
     def reopened(self) -> "LatentStore":
         """This version opened again for reading, with fresh storage clients (e.g. in a forked process)."""
-        return type(self)(self._read_group(self.url), self.url, self.root_url)
+        store = type(self)(self._read_group(self.url, self.root_url), self.url, self.root_url)
+        store._committed = self._committed
+        return store
 
     @staticmethod
     def has_version(url: str, fingerprint: str) -> bool:
@@ -173,6 +260,8 @@ class LatentStore:
         if have_shape != list(latent_shape):
             raise StorageError(f"latent store {group_url} holds latents of shape {have_shape}, "
                                f"VAE {fingerprint} makes {list(latent_shape)}")
+        if store.attrs.get("layout") != LAYOUT:
+            raise _layout_error(group_url, root)
         return store
 
     @classmethod
@@ -187,23 +276,10 @@ class LatentStore:
         c, h, w = (int(x) for x in latent_shape)
         attrs = {**provenance, "vae_fingerprint": fingerprint, "latent_shape": [c, h, w], "chunk_rows": chunk_rows,
                  "flip": flip, "teacher_width": teacher_width, "teacher_patch": teacher_width is not None and teacher_grid is not None,
-                 "shards": [], "created": utc_now()}
+                 "teacher_grid": list(teacher_grid) if teacher_grid is not None else None,
+                 "layout": LAYOUT, "shards": [], "created": utc_now()}
         group = zarr.open_group(zarr_store(group_url), mode="w", zarr_format=3, attributes=attrs)
-        group.create_group(MARKERS, attributes={"description": "done-marker JSON of each source shard"})
-        names = LATENT_ARRAYS + (FLIP_ARRAYS if flip else ())
-        for name in names:
-            group.create_array(name, shape=(0, c, h, w), chunks=(chunk_rows, c, h, w), dtype="float16",
-                               compressors=_float_codec(), fill_value=0.0)
-        group.create_array("labels", shape=(0,), chunks=(chunk_rows,), dtype="int32", fill_value=-1)
-        group.create_array("keys", shape=(0,), chunks=(chunk_rows,), dtype=str)
-        if teacher_width is not None:
-            group.create_array("teacher_global", shape=(0, teacher_width), chunks=(chunk_rows, teacher_width),
-                               dtype="float16", compressors=_float_codec(), fill_value=0.0)
-        if teacher_width is not None and teacher_grid is not None:
-            gh, gw = teacher_grid
-            group.create_array("teacher_patch", shape=(0, teacher_width, gh, gw),
-                               chunks=(chunk_rows, teacher_width, gh, gw), dtype="float16",
-                               compressors=_float_codec(), fill_value=0.0)
+        _add_layout_groups(group)
         _add_version(root, fingerprint, provenance)
         return cls(group, group_url, root)
 
@@ -228,9 +304,11 @@ class LatentStore:
     @property
     def array_names(self) -> list[str]:
         """Names of the per-row arrays this version holds."""
-        names = list(LATENT_ARRAYS) + (list(FLIP_ARRAYS) if self.has_flip else []) + ["labels", "keys"]
-        names += ["teacher_global"] if self.has_teacher else []
-        return names + (["teacher_patch"] if self.group.attrs.get("teacher_patch") else [])
+        return list(array_specs(self.attrs))
+
+    def spec(self, name: str) -> ArraySpec:
+        """dtype, row shape and padding value of one row array."""
+        return array_specs(self.attrs)[name]
 
     @property
     def has_teacher(self) -> bool:
@@ -239,8 +317,8 @@ class LatentStore:
 
     @property
     def num_rows(self) -> int:
-        """Rows of the arrays, padding included (a multiple of ``chunk_rows``)."""
-        return int(self.group["labels"].shape[0])
+        """Rows of the row map, padding included (a multiple of ``chunk_rows``)."""
+        return max((e["row_start"] + e["capacity"] for e in self.shard_map), default=0)
 
     @property
     def shard_map(self) -> list[dict]:
@@ -251,9 +329,6 @@ class LatentStore:
     def num_samples(self) -> int:
         """Rows the source shards should fill (manifest counts, padding excluded)."""
         return sum(s["count"] for s in self.shard_map)
-
-    def array(self, name: str) -> zarr.Array:
-        return self.group[name]
 
     # -- growth (driver only) ---------------------------------------------------------------------
 
@@ -280,25 +355,72 @@ class LatentStore:
             entries.append(e)
             by_name[name] = e
             end += capacity
-        self.group.attrs["shards"] = entries
-        if end > self.num_rows:
-            self.extend(end)
+        if entries != self.shard_map:
+            self.group.attrs["shards"] = entries
         return [by_name[name] for name, _ in shards]
 
-    def extend(self, n_rows: int) -> None:
-        """Resize every row array to ``n_rows`` (a multiple of ``chunk_rows``); never while workers write."""
-        if n_rows % self.chunk_rows or n_rows < self.num_rows:
-            raise StorageError(f"cannot resize {self.url} from {self.num_rows} to {n_rows} rows")
-        for name in self.array_names:
-            a = self.group[name]
-            a.resize((n_rows,) + a.shape[1:])
+    # -- writing: segments, then a commit ---------------------------------------------------------
 
-    # -- rows and markers -------------------------------------------------------------------------
+    def write_rows(self, row_start: int, rows: dict[str, np.ndarray]) -> str:
+        """Write one shard's rows (from its row map entry's ``row_start``) into a new segment; returns its name.
 
-    def write_rows(self, row_start: int, rows: dict[str, np.ndarray]) -> None:
-        """Write whole chunks starting at ``row_start`` (the caller pads to its shard's capacity)."""
+        Nothing reads the segment until ``commit`` names it.
+        """
+        entry = next((e for e in self.shard_map if e["row_start"] == row_start), None)
+        if entry is None:
+            raise StorageError(f"latent store {self.url}: no source shard starts at row {row_start}")
+        stem = posixpath.splitext(check_name(entry["name"], "shard name"))[0]
+        segment = f"{stem}-{uuid.uuid4().hex[:12]}"
+        group = zarr.open_group(self.group.store, path=f"{SEGMENTS}/{segment}", mode="w", zarr_format=3)
+        specs = array_specs(self.attrs)
         for name, values in rows.items():
-            self.group[name][row_start:row_start + len(values)] = values
+            spec = specs[name]
+            kind = {"dtype": str} if name == "keys" else {"dtype": spec.dtype, "fill_value": spec.fill}
+            if spec.dtype == np.float16:
+                kind["compressors"] = _float_codec()
+            a = group.create_array(name, shape=(len(values), *spec.row_shape),
+                                   chunks=(self.chunk_rows, *spec.row_shape), **kind)
+            a[:] = values
+        self._staged[row_start] = segment
+        return segment
+
+    def commit(self, marker: dict, fence=None) -> int:
+        """Make a shard's rows visible: append its done-marker, naming its segment, to the commit log.
+
+        ``marker`` names its ``segment``, or the one this object last wrote at its ``row_start``.
+        ``fence()`` runs before each claim of a slot (it raises when the writer's lease is gone).
+        Returns the slot.
+        """
+        check_name(marker.get("shard"), "shard name")
+        segment = marker.get("segment") or self._staged.get(marker.get("row_start"))
+        if segment is None:
+            raise StorageError(f"latent store {self.url}: no rows written for shard {marker['shard']} to commit")
+        slot = self._append({**marker, "segment": check_name(segment, "segment name")}, fence)
+        self._staged.pop(marker.get("row_start"), None)
+        return slot
+
+    write_marker = commit  # the name writers of layout 1 used
+
+    def takeover(self, owner: str) -> int:
+        """Record that ``owner`` now writes this version: every commit still in flight from an earlier
+        writer targets this slot or one before it, and fails."""
+        return self._append({"takeover": owner}, None)
+
+    def _append(self, doc: dict, fence) -> int:
+        if self._next_slot is None:
+            self._next_slot = len(commit_log_slots(self.url))
+        slot = self._next_slot
+        while True:
+            if fence is not None:
+                fence()
+            entry = {**doc, "slot": slot, "committed": utc_now()}
+            url = within(self.url, join(self.url, COMMITS, f"{slot:012d}.json"))
+            if create_exclusive(url, (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode()):
+                self._next_slot = slot + 1
+                return slot
+            slot += 1  # taken: the next one, only after this one was seen taken
+
+    # -- reading ----------------------------------------------------------------------------------
 
     def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
         """Arrays of rows ``[start, stop)`` (keys as an object array of str)."""
@@ -309,54 +431,78 @@ class LatentStore:
         return out
 
     def read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
-        """Rows of one array (a slice or sorted row indices); an undecodable chunk raises ``CorruptChunk``."""
-        a = self.group[name]
-        try:
-            return a[rows] if isinstance(rows, slice) else a.oindex[rows]
-        except DECODE_ERRORS as e:
-            raise self._corrupt(name, rows, e) from e
+        """Rows of one array (a slice or sorted row indices); rows without a commit read as padding.
 
-    def _corrupt(self, name: str, rows: slice | np.ndarray, error: Exception) -> CorruptChunk:
-        """The first chunk of ``rows`` that does not decode, named by its source shard, rows and array."""
-        idx = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
-        start, stop = int(idx.min()), int(idx.max()) + 1
-        for c in np.unique(idx // self.chunk_rows):
-            lo, hi = int(c) * self.chunk_rows, min(int(c + 1) * self.chunk_rows, self.num_rows)
+        An undecodable chunk raises ``CorruptChunk``.
+        """
+        idx = (np.arange(*rows.indices(max(self.num_rows, rows.stop or 0))) if isinstance(rows, slice)
+               else np.asarray(rows, dtype=np.int64))
+        spec = self.spec(name)
+        out = np.full((len(idx), *spec.row_shape), spec.fill, dtype=spec.dtype)
+        entries, starts = self._visible()
+        touched = np.unique(np.searchsorted(starts, idx, side="right") - 1) if len(starts) else []
+        for k in touched:
+            if k < 0:
+                continue
+            e, marker = entries[k]
+            lo, hi = np.searchsorted(idx, [e["row_start"], e["row_start"] + e["capacity"]])
             try:
-                self.group[name][lo:hi]
+                array = self._segment_array(marker["segment"], name)
+            except FileNotFoundError as err:  # zarr's ArrayNotFoundError too
+                raise CorruptChunk(f"latent store {self.url}: shard {e['name']}: its committed segment "
+                                   f"{marker['segment']} has no array {name}; `reals encode --verify` redoes the "
+                                   "shard", shard=e["name"], rows=(e["row_start"], e["row_start"] + marker["count"]),
+                                   array=name) from err
+            local = idx[lo:hi] - e["row_start"]
+            local = local[local < array.shape[0]]
+            if not len(local):
+                continue
+            try:
+                contiguous = local[-1] - local[0] + 1 == len(local)
+                values = array[local[0]:local[-1] + 1] if contiguous else array.oindex[local]
+            except DECODE_ERRORS as err:
+                raise self._corrupt(e, marker["segment"], name, local, err) from err
+            out[lo:lo + len(local)] = values
+        return out
+
+    def _visible(self) -> tuple[list[tuple[dict, dict]], np.ndarray]:
+        """The row map entries with an agreeing commit, with that commit, and their ``row_start``s (cached
+        until ``markers`` reads the log again)."""
+        if self._visible_cache is None:
+            committed = self._committed if self._committed is not None else self.markers()
+            entries = sorted(((e, committed[e["name"]]) for e in self.shard_map
+                              if self.marker_agrees(committed.get(e["name"]), e)), key=lambda x: x[0]["row_start"])
+            self._visible_cache = entries, np.array([e["row_start"] for e, _ in entries], dtype=np.int64)
+        return self._visible_cache
+
+    def _segment_array(self, segment: str, name: str) -> zarr.Array:
+        key = (segment, name)
+        if key not in self._arrays:
+            self._arrays[key] = zarr.open_array(self.group.store, path=f"{SEGMENTS}/{segment}/{name}", mode="r",
+                                                zarr_format=3)
+        return self._arrays[key]
+
+    def _corrupt(self, entry: dict, segment: str, name: str, local: np.ndarray, error: Exception) -> CorruptChunk:
+        """The first chunk of ``local`` rows that does not decode, named by its source shard, rows and array."""
+        array, cr = self._segment_array(segment, name), self.chunk_rows
+        start, stop = int(local.min()), int(local.max()) + 1
+        for c in np.unique(local // cr):
+            lo, hi = int(c) * cr, min(int(c + 1) * cr, array.shape[0])
+            try:
+                array[lo:hi]
             except DECODE_ERRORS as e:
                 start, stop, error = lo, hi, e
                 break
-        shard = next((x["name"] for x in self.shard_map if x["row_start"] <= start < x["row_start"] + x["capacity"]),
-                     "(no shard)")
-        return CorruptChunk(f"latent store {self.url}: shard {shard}, rows {start}..{stop - 1} of array {name} "
-                            f"cannot be decoded ({type(error).__name__}: {error}); `reals encode --verify` redoes "
-                            "the shard", shard=shard, rows=(start, stop), array=name)
-
-    def marker_url(self, shard_name: str) -> str:
-        name = check_name(shard_name, "shard name")
-        return join(self.url, MARKERS, posixpath.splitext(name)[0] + ".json")
-
-    def write_marker(self, marker: dict) -> None:
-        write_json(within(self.url, self.marker_url(marker["shard"])), marker)
+        r0, shard = entry["row_start"], entry["name"]
+        return CorruptChunk(f"latent store {self.url}: shard {shard}, rows {r0 + start}..{r0 + stop - 1} of array "
+                            f"{name} cannot be decoded ({type(error).__name__}: {error}); `reals encode --verify` "
+                            "redoes the shard", shard=shard, rows=(r0 + start, r0 + stop), array=name)
 
     def markers(self) -> dict[str, dict]:
-        """Every done-marker of this version, by source shard name (fetched concurrently)."""
-        fs, path = filesystem(join(self.url, MARKERS))
-        fs.invalidate_cache(path)  # workers in other processes add markers
-        if not fs.exists(path):
-            return {}
-        paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
-        blobs = fs.cat(paths, on_error="omit") if paths else {}
-        out = {}
-        for blob in blobs.values():
-            try:
-                m = json.loads(blob)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(m, dict) and "shard" in m:
-                out[m["shard"]] = m
-        return out
+        """Every shard's committed done-marker (its latest commit), by source shard name; read afresh."""
+        self._committed = committed_shards(commit_log(self.url))
+        self._visible_cache = None
+        return dict(self._committed)
 
     def marker_agrees(self, marker: dict | None, entry: dict, source_sha256: str | None = None) -> bool:
         """Whether a marker belongs to this version's row map entry (and to the same source shard bytes)."""
@@ -384,6 +530,24 @@ class LatentStore:
         return rows_checksum(self.read_rows(start, start + marker["count"]))
 
 
+def commit_log_slots(group_url: str) -> list[str]:
+    """The taken slots of a version's commit log (a prefix 0, 1, ...: each is claimed only after the one before)."""
+    fs, path = filesystem(join(group_url, COMMITS))
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(n for p in fs.ls(path, detail=False) if _SLOT.match(n := posixpath.basename(p)))
+
+
+def _add_layout_groups(group: zarr.Group) -> None:
+    """The two folders of a layout-2 version, as empty Zarr groups so plain zarr lists the hierarchy cleanly."""
+    about = {SEGMENTS: "rows of source shards, one group per writer; read only those the commit log names",
+             COMMITS: "commit log: <slot>.json, each shard's latest entry wins"}
+    for name, description in about.items():
+        if name not in group:
+            group.create_group(name, attributes={"description": description})
+
+
 def _add_version(root: str, name: str, provenance: dict) -> None:
     index = read_json(join(root, VERSIONS)) or {"versions": []}
     index["versions"] = [v for v in index["versions"] if v["name"] != name]
@@ -399,3 +563,71 @@ def set_latest(root: str, name: str) -> None:
     if index is not None and index.get("latest") != name:
         index["latest"] = name
         write_json(join(root, VERSIONS), index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout 1 -> 2
+# ---------------------------------------------------------------------------------------------------
+
+def migrate_layout(url: str, owner: str = "migrate-store", fence=None) -> dict:
+    """Convert every layout-1 version under a store root in place; ``{"versions", "shards", "left"}``.
+
+    Each marked shard whose rows match its checksum is copied into a segment and committed; a shard whose
+    rows do not is left for ``reals encode`` to redo. Then the old arrays and markers are removed and the
+    version is marked layout 2. Interrupted, it resumes: shards already committed are not copied again.
+    The caller holds the store's lease as ``owner``; ``fence()`` runs before each commit (see ``commit``).
+    """
+    root = to_url(url).rstrip("/")
+    index = read_json(join(root, VERSIONS))
+    if index is None:
+        raise StorageError(f"no latent store at {root} (no {VERSIONS})")
+    done = {"versions": [], "shards": 0, "left": []}
+    for v in index["versions"]:
+        group_url = child(root, v["name"], "version name")
+        group = zarr.open_group(zarr_store(group_url), mode="r+", zarr_format=3)
+        if group.attrs.get("layout") == LAYOUT:
+            continue
+        copied, left = _migrate_version(group, group_url, root, owner, fence)
+        done["versions"].append(v["name"])
+        done["shards"] += copied
+        done["left"] += left
+    return done
+
+
+def _migrate_version(group: zarr.Group, group_url: str, root: str, owner: str, fence) -> tuple[int, list[str]]:
+    attrs = dict(group.attrs)
+    old_names = [n for n in (*LATENT_ARRAYS, *FLIP_ARRAYS, "labels", "keys", "teacher_global", "teacher_patch")
+                 if n in group.array_keys()]
+    if attrs.get("teacher_patch") and not attrs.get("teacher_grid"):
+        group.attrs["teacher_grid"] = list(group["teacher_patch"].shape[2:])
+    _add_layout_groups(group)
+    store = LatentStore(group, group_url, root)
+    old_markers = {}
+    for p in list_files(join(group_url, MARKERS), ".json"):
+        m = read_json(p)
+        if isinstance(m, dict) and "shard" in m:
+            old_markers[m["shard"]] = m
+    committed = store.markers()
+    store.takeover(owner)
+    copied, left = 0, []
+    for e in store.shard_map:
+        m = old_markers.get(e["name"])
+        if store.marker_agrees(committed.get(e["name"]), e) or not store.marker_agrees(m, e):
+            continue
+        stop = e["row_start"] + m["count"]
+        try:
+            rows = {n: group[n][e["row_start"]:stop] for n in store.array_names}
+        except DECODE_ERRORS:
+            left.append(e["name"])
+            continue
+        rows["keys"] = rows["keys"].astype(object)
+        if rows_checksum(rows) != m.get("checksum"):
+            left.append(e["name"])
+            continue
+        store.write_rows(e["row_start"], rows)
+        store.commit({k: v for k, v in m.items() if k != "segment"}, fence=fence)
+        copied += 1
+    for name in (*old_names, MARKERS):
+        remove(join(group_url, name))
+    group.attrs["layout"] = LAYOUT
+    return copied, left

@@ -1,4 +1,4 @@
-"""A lease kept in the store, so two runs never write one store at the same time.
+"""A lease kept in the store, so two runs never write one store at the same time; exclusive creates.
 
 The lease is a JSON object ``{"owner", "expires_at", "expires"}``. It is taken or renewed only by a
 compare-and-swap: on S3 a conditional PUT (``If-None-Match: *`` to create, ``If-Match: <etag>`` to replace),
@@ -162,6 +162,31 @@ def _backend(url: str, timeout: float | None = None):
     if "s3" in protocols(fs):
         return _S3Backend(fs, path)
     return _GenericBackend(fs, path)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; False when the object exists.
+
+    The store's commit log claims its slots with this (``storage.latent_store``): on S3 a conditional PUT,
+    locally a hard link of a written temporary file, so two writers never both create one slot, however late
+    a PUT lands.
+    """
+    fs, path = filesystem(url)
+    if not is_local_fs(fs):
+        return _backend(url).swap(None, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------

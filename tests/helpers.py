@@ -1,4 +1,4 @@
-"""Builders shared by the tests: a converted tiny ReaLS VAE directory, a TCP proxy to cut S3 with."""
+"""Builders shared by the tests: a converted tiny ReaLS VAE directory, TCP proxies to cut or hold S3 with."""
 from __future__ import annotations
 
 import socket
@@ -22,6 +22,86 @@ def make_vae_dir(path, seed: int = 0, resolution: int = 32) -> str:
     vae.save_pretrained(path, {"teacher": TINY_TEACHER, "resolution": resolution, "run": f"test-{seed}"})
     return str(path)
 
+
+
+
+class HoldingProxy:
+    """A TCP relay on loopback to ``127.0.0.1:target_port`` that turns into a black hole, then delivers late.
+
+    From the first request containing ``hold_on`` on, every byte any client sends is held: nothing is refused
+    and nothing answered. ``release()`` delivers what was held, in order, even for clients that gave up
+    meanwhile (their requests still reach the target), and relays normally from then on.
+    """
+
+    def __init__(self, target_port: int, hold_on: bytes):
+        self.target_port, self.hold_on = target_port, hold_on
+        self.held_at: float | None = None
+        self.released = False
+        self.delivered_late = 0
+        self._held: list = []  # (upstream socket, bytes, or None for "the client closed")
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        with self._lock:
+            self.released = True
+            for upstream, data in self._held:
+                try:
+                    if data is None:
+                        upstream.shutdown(socket.SHUT_WR)
+                    else:
+                        upstream.sendall(data)
+                        self.delivered_late += 1
+                except OSError:
+                    pass
+            self._held = []
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            except OSError:
+                continue
+            upstream.settimeout(None)
+            threading.Thread(target=self._send, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._answer, args=(upstream, client), daemon=True).start()
+
+    def _holding(self) -> bool:
+        return self.held_at is not None and not self.released
+
+    def _send(self, client, upstream) -> None:
+        try:
+            while data := client.recv(65536):
+                with self._lock:
+                    if self.held_at is None and self.hold_on in data:
+                        self.held_at = time.time()
+                    if self._holding():
+                        self._held.append((upstream, data))
+                        continue
+                upstream.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            if self._holding():
+                self._held.append((upstream, None))
+                return
+        try:
+            upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _answer(upstream, client) -> None:
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, upstream):
+            s.close()
 
 
 def random_sit(input_size: int, std: float, seed: int = 0):

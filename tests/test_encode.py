@@ -1,6 +1,7 @@
 """reals encode and verify-store on the tiny shards with a real (tiny) converted ReaLS VAE, on 2 Ray workers."""
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import threading
@@ -17,8 +18,8 @@ from pipelines.encoding import TeacherSpec
 from pipelines.verify_store import VerifyStoreConfig
 from pipelines.verify_store import run as verify
 from storage import StorageError
-from storage.fs import join, remove
-from storage.latent_store import LatentStore
+from storage.fs import join
+from storage.latent_store import LatentStore, commit_log, committed_shards
 from storage.lease import Lease
 from storage.markers import read_json
 from storage.shards import iter_shard
@@ -39,8 +40,25 @@ def encode(data_path, vae_path, output, **kw):
 
 
 def arrays(version_url):
-    group = zarr.open_group(version_url, mode="r")
-    return {name: np.asarray(a[:]) for name, a in group.arrays()}
+    """Every row of every array of a version, padding included, as readers see them (committed rows only)."""
+    store = LatentStore.open(version_url)
+    return store.read_rows(0, store.num_rows)
+
+
+def segment(version_url, shard):
+    """The Zarr group of a shard's committed rows (plain zarr, writable: for tampering)."""
+    name = committed_shards(commit_log(version_url))[shard]["segment"]
+    return zarr.open_group(join(version_url, "segments", name), mode="r+")
+
+
+def uncommit(version_url, shard):
+    """Turn a shard's commits into no-op entries, as if its writer had died before committing."""
+    for path in sorted(glob.glob(join(version_url, "commits", "*.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("shard") == shard:
+            with open(path, "w") as f:
+                json.dump({"takeover": "test"}, f)
 
 
 def assert_same_arrays(a, b):
@@ -64,22 +82,24 @@ def test_encode_writes_a_complete_store(tiny_store, tiny_shards):
     assert (summary.shards, summary.shards_encoded, summary.rows_encoded, summary.rows_done) == (2, 2, 48, 48)
     group = zarr.open_group(join(out, summary.version), mode="r")  # plain zarr, no project code
     attrs = dict(group.attrs)
+    rows = arrays(join(out, summary.version))
     for key in ("vae_fingerprint", "vae_path", "teacher", "latents_mean", "latents_std", "resolution", "latent_shape",
                 "num_classes", "classes", "source_fingerprint", "source_shards", "code_version", "created"):
         assert attrs.get(key) not in (None, "", []), key
     assert attrs["latent_shape"] == [4, 8, 8] and attrs["teacher"]["name"] == "tiny-dinov2"
     assert attrs["source_shards"] == ["train-000000.tar", "train-000001.tar"]
-    assert group["mean"].shape == (64, 4, 8, 8) and group["teacher_global"].shape == (64, 32)
+    assert rows["mean"].shape == (64, 4, 8, 8) and rows["teacher_global"].shape == (64, 32)
     # rows of a shard are its samples in order; the pad rows of each 32-row range stay unlabelled
     for entry, url in zip(attrs["shards"], sorted(f"{tiny_shards}/{s}" for s in attrs["source_shards"])):
         samples = list(iter_shard(url))
         start = entry["row_start"]
-        assert list(group["keys"][start:start + len(samples)]) == [s["__key__"] for s in samples]
-        assert group["labels"][start:start + len(samples)].tolist() == [s["cls"] for s in samples]
-        assert (group["labels"][start + len(samples):start + entry["capacity"]] == -1).all()
-    mean, flipped = group["mean"][:24].astype(np.float32), group["mean_flip"][:24].astype(np.float32)
+        assert list(rows["keys"][start:start + len(samples)]) == [s["__key__"] for s in samples]
+        assert rows["labels"][start:start + len(samples)].tolist() == [s["cls"] for s in samples]
+        assert (rows["labels"][start + len(samples):start + entry["capacity"]] == -1).all()
+        assert segment(join(out, summary.version), entry["name"])["mean"].shape == (entry["capacity"], 4, 8, 8)
+    mean, flipped = rows["mean"][:24].astype(np.float32), rows["mean_flip"][:24].astype(np.float32)
     assert np.isfinite(mean).all() and not np.allclose(mean, flipped)
-    assert (group["std"][:24] > 0).all()
+    assert (rows["std"][:24] > 0).all()
     assert read_json(join(out, "versions.json"))["latest"] == summary.version
 
 
@@ -101,12 +121,11 @@ def test_interrupted_run_resumes_to_the_same_arrays(tiny_store, tiny_shards, vae
     out, summary = tiny_store
     copy = copy_store(out, tmp_path)
     version = join(copy, summary.version)
-    group = zarr.open_group(version, mode="r+")
-    # a run killed while writing shard 1: half its rows garbage, no marker ...
-    (tmp_path / "copy" / summary.version / "markers" / "train-000001.json").unlink()
-    group["mean"][32:40] = np.full((8, 4, 8, 8), 7, np.float16)
-    # ... and rows of shard 0 damaged after its marker (found by --verify)
-    group["std"][0:16] = np.zeros((16, 4, 8, 8), np.float16)
+    # a run killed while writing shard 1: half its rows garbage, no commit ...
+    segment(version, "train-000001.tar")["mean"][0:8] = np.full((8, 4, 8, 8), 7, np.float16)
+    uncommit(version, "train-000001.tar")
+    # ... and rows of shard 0 damaged after its commit (found by --verify)
+    segment(version, "train-000000.tar")["std"][0:16] = np.zeros((16, 4, 8, 8), np.float16)
     assert LatentStore.open_for_vae(copy, summary.vae_fingerprint, (4, 8, 8)).done_rows().sum() == 24
     resumed = encode(tiny_shards, vae_dirs[0], copy, verify=True)
     assert (resumed.shards_encoded, resumed.shards_redone, resumed.shards_skipped) == (1, 1, 0)
@@ -165,8 +184,7 @@ def test_a_failing_unit_is_retried_before_its_marker(tiny_store, tiny_shards, va
     copy = copy_store(out, tmp_path)
     store = LatentStore.open_for_vae(copy, summary.vae_fingerprint, (4, 8, 8))
     entry = store.shard_map[1]
-    marker_url = store.marker_url(entry["name"])
-    store.array("mean")[32:40] = np.zeros((8, 4, 8, 8), np.float16)
+    checksum = store.markers()[entry["name"]]["checksum"]
     unit = {"name": entry["name"], "url": f"{tiny_shards}/{entry['name']}", "source_sha256": None, "marker": None,
             "group_url": store.url, "vae_fingerprint": summary.vae_fingerprint, "latent_shape": [4, 8, 8],
             "row_start": entry["row_start"], "capacity": entry["capacity"]}
@@ -185,17 +203,16 @@ def test_a_failing_unit_is_retried_before_its_marker(tiny_store, tiny_shards, va
         raise OSError("S3 is down")
 
     monkeypatch.setattr(LatentStore, "write_rows", flaky_write)
-    remove(marker_url)
+    uncommit(store.url, entry["name"])
     result = worker.encode_shard(unit)
     assert (result["status"], result["attempts"], len(calls)) == ("encoded", 2, 2)
-    assert read_json(marker_url)["checksum"] == read_json(join(out, summary.version, "markers",
-                                                               "train-000001.json"))["checksum"]
+    assert store.markers()[entry["name"]]["checksum"] == checksum
     assert_same_arrays(arrays(store.url), arrays(join(out, summary.version)))
-    remove(marker_url)
+    uncommit(store.url, entry["name"])
     monkeypatch.setattr(LatentStore, "write_rows", broken_write)
     failed = worker.encode_shard(unit)
     assert failed["status"] == "failed" and "S3 is down" in failed["error"]
-    assert read_json(marker_url) is None
+    assert entry["name"] not in store.markers()
 
 
 def test_bad_inputs_are_clear_errors(tiny_shards, vae_dirs, tmp_path, tiny_store):
@@ -223,8 +240,8 @@ def test_verify_store_accepts_a_good_store(tiny_store, tiny_shards, vae_dirs):
 def test_verify_store_rejects_tampering_and_another_vae(tiny_store, tiny_shards, vae_dirs, tmp_path):
     out, summary = tiny_store
     copy = copy_store(out, tmp_path)
-    group = zarr.open_group(join(copy, summary.version), mode="r+")
-    group["teacher_global"][40] = group["teacher_global"][40] + np.float16(1)
+    group = segment(join(copy, summary.version), "train-000001.tar")  # rows 32.. of the store
+    group["teacher_global"][8] = group["teacher_global"][8] + np.float16(1)
     result = verify(VerifyStoreConfig(store=copy, data_path=tiny_shards, vae_path=vae_dirs[0], num_samples=48))
     assert not result.ok
     assert any("train-000001.tar do not match their marker's checksum" in p for p in result.problems)

@@ -220,12 +220,12 @@ def test_fence_refuses_once_another_run_holds_the_lease(tmp_path):
 
 def test_an_s3_outage_longer_than_the_lease_ttl_hands_the_store_to_the_waiting_run(
         tiny_shards, tiny_vae_dir, s3_server, s3_bucket):
-    """Run A reaches S3 through a proxy that is cut at A's first done-marker, for longer than the lease TTL;
+    """Run A reaches S3 through a proxy that is cut at A's first shard commit, for longer than the lease TTL;
     run B waits for the lease. B takes the store over and finishes it; A exits with one line and never
     writes again, not even once S3 answers again."""
     from pipelines.verify_store import check_markers
 
-    proxy = TCPProxy(int(s3_server.rsplit(":", 1)[1]), cut_on=b"/markers/train-")
+    proxy = TCPProxy(int(s3_server.rsplit(":", 1)[1]), cut_on=b"/commits/000000000001.json")
     store = f"{s3_bucket}/store"
     lease_url = join(store, "encode.lease.json")
     # A 10 s TTL: short, yet beyond the stalls a loaded 2-core machine gives a renewal thread. A retries its
@@ -240,7 +240,7 @@ def test_an_s3_outage_longer_than_the_lease_ttl_hands_the_store_to_the_waiting_r
         a_owner = poll(lambda: (Lease(lease_url).holder() or {}).get("owner"), "run A to take the lease")
         b = subprocess.Popen(cmd + ["--lease-wait", "300"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-        poll(lambda: proxy.cut_at or a.poll() is not None, "run A to write its first done-marker")
+        poll(lambda: proxy.cut_at or a.poll() is not None, "run A to commit its first shard")
         assert a.poll() is None, f"run A ended before the outage: {a.communicate()[1][-3000:]}"
         poll(lambda: (Lease(lease_url).holder() or {}).get("owner") not in (None, a_owner), "run B to take over")
         proxy.restore()  # S3 answers run A again, now that B holds the lease
@@ -283,7 +283,8 @@ def test_a_truncated_chunk_is_reported_redone_and_refused_by_name(tiny_store, ti
     root, summary = tiny_store
     copy = tmp_path / "store"
     shutil.copytree(root, copy)
-    chunk = copy / summary.version / "mean" / "c" / "2" / "0" / "0" / "0"  # rows 32..47: shard train-000001
+    segment = LatentStore.open(str(copy)).markers()["train-000001.tar"]["segment"]
+    chunk = copy / summary.version / "segments" / segment / "mean" / "c" / "0" / "0" / "0" / "0"  # rows 32..47
     chunk.write_bytes(chunk.read_bytes()[:10])
     line = "shard train-000001.tar, rows 32..47 of array mean: a chunk that cannot be decoded"
 
