@@ -27,6 +27,58 @@ def test_forwarded_env_carries_storage_and_project_settings_only(monkeypatch):
     assert "UNRELATED_TOKEN" not in env and "PATH" not in env
 
 
+def test_credentials_travel_in_the_setup_hook_never_in_env_vars(monkeypatch):
+    """runtime_env["env_vars"] is logged by Ray's runtime-env agent: only plain settings go there."""
+    import json
+
+    from pipelines.parallel import job_runtime_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
+    monkeypatch.setenv("REALS_RUNS_URL", "s3://b/runs")
+    monkeypatch.setenv("REALS_API_TOKEN", "token-value")
+    runtime_env = job_runtime_env()
+    assert runtime_env["env_vars"]["REALS_RUNS_URL"] == "s3://b/runs"
+    assert not {"s3cret-value", "key-id-value", "token-value"} & set(json.dumps(runtime_env["env_vars"]).split('"'))
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "REALS_API_TOKEN"):
+        monkeypatch.delenv(name)
+    runtime_env["worker_process_setup_hook"]()  # what each worker runs before its first task
+    assert (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["REALS_API_TOKEN"]) == ("s3cret-value", "token-value")
+    for name in [n for n in os.environ if n.startswith(("AWS_", "REALS_"))]:
+        monkeypatch.delenv(name)
+    assert "worker_process_setup_hook" not in job_runtime_env()  # no credentials, no hook
+
+
+SECRET = "reals-test-secret-7f3b9c2e1d"
+HOOK_PROBE = f"""
+import os, ray
+from pipelines.parallel import ensure_ray
+ensure_ray(num_cpus=1)
+print("seen" if ray.get(ray.remote(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).remote()) == "{SECRET}" else "not seen")
+"""
+
+
+def test_a_local_rays_workers_get_the_secret_and_its_files_never_hold_it():
+    """A driver with a secret in its environment: its tasks read it; no file of Ray's session holds it."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rs-")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "RAY_TMPDIR": temp,
+               "AWS_SECRET_ACCESS_KEY": SECRET}
+        r = subprocess.run([sys.executable, "-c", HOOK_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == "seen"
+        assert SECRET not in r.stdout + r.stderr
+        files = [p for p in Path(temp).rglob("*") if p.is_file() and not p.is_socket()]
+        assert any(p.name.startswith("runtime_env_agent") for p in files)  # the agent that logs env_vars ran
+        assert [str(p) for p in files if SECRET.encode() in p.read_bytes()] == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def _crash_once(marker_dir: str):
     """A task that kills its own worker process the first time it sees a unit (as a lost node would)."""
     def run(unit):
