@@ -297,7 +297,7 @@ class Cluster:
                     self._spawn("watchdog", [sys.executable, "-m", "flows.cluster", "watch", str(self.root)], base,
                                 cwd=Path(__file__).resolve().parents[1])
                 if serve and not self.alive("serve"):
-                    self.serve(config)
+                    self._serve(config)
             except BaseException:
                 if fresh:
                     self._stop_all()
@@ -307,6 +307,10 @@ class Cluster:
     def serve(self, config: str | None = None) -> subprocess.Popen:
         """``reals serve`` on this cluster (runs under ``$REALS_RUNS_URL``, local files under ``local``), with this
         shell's S3 credentials (or the local placeholders) in its environment only."""
+        with self._locked():
+            return self._serve(config)
+
+    def _serve(self, config: str | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "flows.cli", "serve", "--local-dir", str(self.root / "local")]
         if config:
             cmd += ["--config", config]
@@ -320,6 +324,7 @@ class Cluster:
 
     def status(self) -> list[tuple[str, bool, str]]:
         """``(component, alive, detail)`` for each component."""
+        self.state = self._load()
         ports, env = self.state.get("ports", {}), self.env
         pg = self.state.get("postgres") or {}
         details = {"postgres": f"127.0.0.1:{pg.get('port')}, data {pg.get('data')}" if pg else "SQLite or not started",

@@ -195,23 +195,33 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
 NODE_ID = re.compile(r"\b[0-9a-f]{56}\b")  # a Ray node id, as Ray's errors print it
 
 
-def _dead_nodes() -> dict[str, dict]:
+def _nodes() -> dict[str, dict]:
     import ray
 
-    return {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
+    return {n["NodeID"]: n for n in ray.nodes()}
+
+
+def _actor_node(error: BaseException) -> list[str]:
+    """The node id of the actor an actor error names (from the GCS's actor table), if any."""
+    actor_id = getattr(error, "actor_id", None)
+    if not actor_id:
+        return []
+    from ray._private.state import actors
+
+    return [actors(actor_id=actor_id)["Address"]["NodeID"]]
 
 
 def lost_with(error: BaseException, dead_before: set[str]) -> str:
-    """What a unit was lost with: ``node <ip> (<id>)`` when Ray names its node or one node died since
-    ``dead_before``, else ``its worker``."""
+    """What a unit was lost with: ``node <ip> (<id>)`` (the actor's node, a node Ray's error names, or the one node
+    that died since ``dead_before``), else ``its worker``."""
     try:
-        dead = _dead_nodes()
+        nodes = _nodes()
+        named = _actor_node(error) + NODE_ID.findall(str(error))
     except Exception:  # noqa: BLE001 - the GCS itself may be gone; the message then names no node
         return "its worker"
-    named = [dead[i] for i in NODE_ID.findall(str(error)) if i in dead]
-    new = [n for i, n in dead.items() if i not in dead_before]
-    node = (named or (new if len(new) == 1 else [None]))[0]
-    return f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})" if node else "its worker"
+    new = [i for i, n in nodes.items() if not n.get("Alive") and i not in dead_before]
+    ids = [i for i in named if i in nodes] or (new if len(new) == 1 else [])
+    return f"node {nodes[ids[0]]['NodeManagerAddress']} ({ids[0][:8]})" if ids else "its worker"
 
 
 class _Attempts:
@@ -221,7 +231,7 @@ class _Attempts:
     def __init__(self, description: str):
         self.description, self.lost = description, {}
         try:
-            self.dead_before = set(_dead_nodes())
+            self.dead_before = {i for i, n in _nodes().items() if not n.get("Alive")}
         except Exception:  # noqa: BLE001
             self.dead_before = set()
 

@@ -79,6 +79,19 @@ def test_a_local_rays_workers_get_the_secret_and_its_files_never_hold_it():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_rays_own_lines_stay_off_the_drivers_output():
+    """Lines tailed from a raylet's log and Ray's C++ log lines in a worker's stderr are dropped; a worker's own stay."""
+    from pipelines.parallel import ray_worker_lines
+
+    assert ray_worker_lines({"pid": "raylet", "ip": "127.0.0.1", "lines": ["[state-dump] NodeManager:"]}) is None
+    banner = "[2026-12-06 14:00:00,123 E 4242 4243] core_worker.cc:501: Raylet is terminated. Termination is unexpected."
+    kept = ray_worker_lines({"pid": 4242, "ip": "127.0.0.1", "is_err": True, "lines": [banner, "my own line"]})
+    assert kept["lines"] == ["my own line"] and kept["pid"] == 4242
+    assert ray_worker_lines({"pid": 4242, "ip": "127.0.0.1", "lines": [banner]}) is None
+    pushed = {"pid": "raylet", "lines": ["A worker died or was killed while executing a task."]}  # an error Ray pushes
+    assert ray_worker_lines(pushed) == pushed
+
+
 def _crash_once(marker_dir: str):
     """A task that kills its own worker process the first time it sees a unit (as a lost node would)."""
     def run(unit):
@@ -119,7 +132,9 @@ def _worker_class():
     return Worker
 
 
-def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path):
+def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path, caplog):
+    import re
+
     from pipelines.parallel import map_actors
 
     cls = ray_session.remote(_worker_class()).options(num_cpus=1, max_restarts=0, max_task_retries=0)
@@ -135,6 +150,8 @@ def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_ses
     assert [name for name, _ in results] == ["u0", "u1", "u2", "u3"]  # every unit, in unit order
     assert len(list(tmp_path.glob("*.seen"))) == 4  # every unit was first lost once
     assert spawned and actors == spawned[-1:]  # both first actors died; the pool ends on a replacement
+    lost = [r.getMessage() for r in caplog.records if "re-submitting" in r.getMessage()]
+    assert len(lost) == 4 and all(re.match(r"test: unit u\d lost with node \S+ \([0-9a-f]{8}\) \(", m) for m in lost)
     for a in actors:
         ray_session.kill(a)
 
