@@ -219,22 +219,25 @@ class Cluster:
         print("Ray worker node joined")
 
     def _ray_node(self, name: str, args: list[str], env: dict, attempts: int = 3) -> None:
-        """``ray start --block`` until its node is up; Ray gives a node a fixed 30 s to register, which a busy
-        machine can miss, so a start that timed out is tried again."""
-        cmd = [str(Path(sys.executable).with_name("ray")), *args, "--node-ip-address", "127.0.0.1",
-               "--dashboard-agent-listen-port", str(free_port()), "--block", "--num-cpus", "1",
-               "--disable-usage-stats"]
+        """``ray start --block`` until its node is up. Ray gives a node a fixed 30 s to register, which a busy
+        machine can miss, and a helper's port can be taken meanwhile: a failed start is tried again (new ports
+        for the agents), saying why."""
         for attempt in range(1, attempts + 1):
+            cmd = [str(Path(sys.executable).with_name("ray")), *args, "--node-ip-address", "127.0.0.1",
+                   "--dashboard-agent-listen-port", str(free_port()), "--block", "--num-cpus", "1",
+                   "--disable-usage-stats"]
             offset = self.log(name).stat().st_size if self.log(name).is_file() else 0
             proc = self._spawn(name, cmd, env)
             try:
                 _wait(f"the Ray node {name}", lambda: "Ray runtime started" in self._log_since(name, offset), 300,
                       proc, self.log(name))
                 return
-            except StageError:
-                if attempt == attempts or "timed out during startup" not in self._log_since(name, offset):
+            except StageError as e:
+                self._stop([name])
+                if attempt == attempts:
                     raise
-                print(f"{name}: Ray timed out during startup (busy machine); starting it again")
+                lines = [line for line in self._log_since(name, offset).splitlines() if line.strip()]
+                print(f"{name}: {lines[-1] if lines else e}; starting it again", flush=True)
 
     def _log_since(self, name: str, offset: int) -> str:
         with open(self.log(name), "rb") as f:
