@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def test_the_secret_stays_off_disk_and_a_lost_node_comes_back(cluster, inputs):
     assert proc.returncode == 0, err[-3000:]
     # the loss is one line naming the unit and the node; Ray's banners and state dumps stay in Ray's logs
     lost = [line for line in (out + err).splitlines() if "lost with" in line]
-    assert lost and all("node 127.0.0.1 (" in line for line in lost), lost
+    assert lost and all(re.search(r"unit \S+ lost with node \S+ \([0-9a-f]{8}\)", line) for line in lost), lost
     assert "Raylet is terminated" not in out + err and "[state-dump]" not in out + err
 
     # The watchdog starts the worker node again; a later stage's units run on both nodes and use S3.
