@@ -99,16 +99,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         watch_driver()
 
 
-# A line of Ray's own C++ logs ("[2026-12-06 14:00:00,123 E 123 456] core_worker.cc:...") or a raylet's state dump.
-RAY_INTERNAL_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]|\[state-dump\]")
+# A line of Ray's own C++ logs ("[2026-12-06 14:00:00,123 E 123 456] core_worker.cc:..."), a raylet's state dump, or
+# the banner Ray pushes to every driver when a node's raylet dies (it quotes the raylet's last log lines).
+RAY_INTERNAL_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]|\[state-dump\]|"
+                               r"Raylet is terminated")
 
 
 def ray_worker_lines(data: dict) -> dict | None:
-    """What of one batch of forwarded Ray output the driver prints: the workers' own lines, not Ray's.
+    """What of one batch of Ray output for the driver it prints: the workers' own lines, not Ray's.
 
-    Lines tailed from a raylet's or the GCS's log and Ray's internal log lines in a worker's stderr (the
-    "Raylet is terminated" banner, ``[state-dump]``) are already in Ray's log folder; a lost node is said
-    once, by the stage, naming the unit and the node.
+    Lines tailed from a raylet's or the GCS's log, Ray's internal log lines in a worker's stderr and the
+    "Raylet is terminated" banner (with its ``[state-dump]`` lines) are in Ray's log folder already; a lost node
+    is said once, by the stage, naming the unit and the node.
     """
     if data.get("pid") in ("raylet", "gcs_server") and data.get("ip") is not None:
         return None
@@ -117,19 +119,24 @@ def ray_worker_lines(data: dict) -> dict | None:
 
 
 def quiet_ray_logs() -> None:
-    """Print the workers' forwarded output through ``ray_worker_lines`` (a no-op without ``log_to_driver``)."""
+    """Everything Ray prints for the driver (the workers' output and the errors Ray pushes) goes through
+    ``ray_worker_lines``."""
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "quiet", False):
         return
-    dispatcher.remove_handler("ray_print_logs")
-    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
 
-    def print_logs(data: dict) -> None:
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
         if (kept := ray_worker_lines(data)) is not None:
-            ray_worker.print_to_stdstream(kept, ignore_prefix=ignore_prefix)
-    dispatcher.add_handler("ray_print_logs", print_logs)
+            original(kept, ignore_prefix=ignore_prefix)
+    print_to_stdstream.quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream  # pushed errors look it up here at each call
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # the workers' output (log_to_driver)
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", lambda data: print_to_stdstream(data, ignore_prefix))
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

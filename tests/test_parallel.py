@@ -90,6 +90,19 @@ def test_rays_own_lines_stay_off_the_drivers_output():
     assert ray_worker_lines({"pid": 4242, "ip": "127.0.0.1", "lines": [banner]}) is None
     pushed = {"pid": "raylet", "lines": ["A worker died or was killed while executing a task."]}  # an error Ray pushes
     assert ray_worker_lines(pushed) == pushed
+    dead = "Raylet is terminated. Termination is unexpected. Last 20 lines of the Raylet logs:\n    [state-dump] x"
+    assert ray_worker_lines({"pid": "raylet", "lines": [dead]}) is None
+
+
+def test_a_driver_prints_rays_pushed_errors_through_the_filter(ray_session, capsys):
+    from ray._private import worker as ray_worker
+
+    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": ["Raylet is terminated. [state-dump]"]},
+                                  ignore_prefix=False)
+    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": ["a worker's own error"]},
+                                  ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "Raylet is terminated" not in out and "a worker's own error" in out
 
 
 def _crash_once(marker_dir: str):
