@@ -155,6 +155,7 @@ class Cluster:
         pg = postgres_bin()
         if pg is None:
             print("PostgreSQL not found (/usr/lib/postgresql/*/bin): the Prefect server uses SQLite")
+            self.state["database"] = "sqlite"
             return f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
         if self.alive("postgres"):
             return self._database_url()
@@ -336,7 +337,8 @@ class Cluster:
                    "ray-head": f"127.0.0.1:{ports.get('ray-head')}, dashboard http://127.0.0.1:{ports.get('ray-dashboard')}",
                    "ray-worker": "one CPU", "watchdog": f"starts a lost Ray node again (log {self.log('watchdog')})",
                    "serve": f"the deployments (log {self.log('serve')})"}
-        return [(name, self.alive(name), details[name]) for name in COMPONENTS]
+        sqlite = self.state.get("database") == "sqlite"  # no PostgreSQL to report: the database is a file
+        return [(name, self.alive(name), details[name]) for name in COMPONENTS if not (sqlite and name == "postgres")]
 
     def heal(self) -> list[str]:
         """Start the Ray nodes that were lost (the watchdog's round); the names started."""
