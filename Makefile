@@ -43,11 +43,13 @@ docs: $(STAMP)
 server: $(STAMP)
 	.venv/bin/reals serve --with-server
 
+# The production topology in DIR (default runs/cluster); S3 credentials from this shell's AWS_* variables.
+DIR ?= runs/cluster
 cluster: $(STAMP)
-	.venv/bin/reals cluster up
+	.venv/bin/reals cluster up --dir $(DIR)
 
 cluster-down: $(STAMP)
-	.venv/bin/reals cluster down
+	.venv/bin/reals cluster down --dir $(DIR)
 
 clean:
 	rm -rf runs site

@@ -192,29 +192,43 @@ def add_flow_commands(sub) -> None:
 
 
 def cluster(args: argparse.Namespace) -> int:
-    """``reals cluster up|down``."""
+    """``reals cluster up|status|down``."""
     from flows.cluster import Cluster
 
     c = Cluster(args.dir)
     if args.action == "down":
-        c.down()
+        notes = c.down(purge=args.purge)
         print(f"stopped the cluster of {c.root}")
+        for note in notes:
+            print(f"  {note}")
         return 0
+    if args.action == "status":
+        rows = c.status()
+        for name, alive, detail in rows:
+            print(f"{name:<15} {'alive' if alive else 'DOWN':<6} {detail}")
+        return 0 if all(alive for name, alive, _ in rows if name != "serve") else 1
     env = c.up(serve=not args.no_serve, config=args.config)
-    print(f"UI: {env['PREFECT_API_URL'].removesuffix('/api')}; stop it with `reals cluster down --dir {args.dir}`")
+    print(f"UI: {env['PREFECT_API_URL'].removesuffix('/api')}; Ray dashboard: {env['RAY_API_SERVER_ADDRESS']}; "
+          f"`reals cluster status --dir {args.dir}`; stop it with `reals cluster down --dir {args.dir}`")
     return 0
 
 
 def add_cluster_command(sub) -> None:
-    """Register ``reals cluster up|down``."""
-    p = sub.add_parser("cluster", help="start or stop the production topology on this machine (no Docker)",
-                       description="up: PostgreSQL (or SQLite), a Prefect server on it, a Ray head and one worker "
-                                   "node, an S3 endpoint (MinIO or moto) and the served deployments, on free ports; "
-                                   "down: stop exactly what up started.")
-    p.add_argument("action", choices=["up", "down"], help="start or stop")
+    """Register ``reals cluster up|status|down``."""
+    p = sub.add_parser("cluster", help="start, check or stop the production topology on this machine (no Docker)",
+                       description="up: PostgreSQL (or SQLite), a Prefect server on it, a Ray head (dashboard on "
+                                   "127.0.0.1) and one worker node, an S3 endpoint (MinIO or moto), a watchdog that "
+                                   "starts a lost Ray node again, and the served deployments, on free ports; on a "
+                                   "running cluster it starts only what is not alive. status: each component and "
+                                   "whether it is alive. down: stop exactly what up started, keeping the run history "
+                                   "unless --purge. S3 credentials come from this shell's AWS_ACCESS_KEY_ID and "
+                                   "AWS_SECRET_ACCESS_KEY and are never written to the folder.")
+    p.add_argument("action", choices=["up", "status", "down"], help="start, check or stop")
     p.add_argument("--dir", default="runs/cluster", help="the cluster's folder: state, logs, data (default runs/cluster)")
     p.add_argument("--config", help="pipeline YAML that pre-fills the deployments (default configs/demo.yaml)")
     p.add_argument("--no-serve", action="store_true", help="start the services but not `reals serve`")
+    p.add_argument("--purge", action="store_true", help="down: also delete the run history (PostgreSQL's data) and "
+                                                        "MinIO's folder")
     p.set_defaults(handler=lambda args: _flow(cluster, args))
 
 

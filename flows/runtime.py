@@ -318,8 +318,11 @@ def ray_worker_logs(logger) -> Iterator[None]:
     """
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    from pipelines.parallel import ray_worker_lines
+
     def forward(batch: dict) -> None:
-        if not batch.get("is_err"):
+        batch = ray_worker_lines(batch)  # Ray's own node banners and state dumps stay in Ray's logs
+        if batch is None or not batch.get("is_err"):
             return
         who = batch.get("task_name") or batch.get("actor_name") or f"pid {batch.get('pid')}"
         for line in batch.get("lines", []):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -13,6 +14,10 @@ from pipelines import StageError
 # Variables the driver passes to every Ray task and actor (a cluster's raylets have their own environment).
 FORWARDED_PREFIXES = ("AWS_", "REALS_")
 FORWARDED_NAMES = ("HF_HUB_OFFLINE", "OMP_WAIT_POLICY", "PREFECT_API_URL")
+# Of those, the ones that never travel in ``runtime_env["env_vars"]`` (Ray's runtime-env agent logs that dict,
+# values included, on every node): every ``AWS_*`` and any name that says it holds a secret.
+SECRET_PREFIXES = ("AWS_",)
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "KEY")
 # Starts of a local Ray before giving up (a busy machine can miss Ray's fixed 30 s registration window).
 LOCAL_START_ATTEMPTS = 3
 # How often one unit may be lost with its worker or node before the stage gives up.
@@ -20,18 +25,42 @@ UNIT_ATTEMPTS = 2
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's storage and project settings (``AWS_*``, ``REALS_*``, a few others) for ``runtime_env``.
-
-    The values travel only inside Ray's job config; they are never printed.
-    """
+    """The driver's storage and project settings (``AWS_*``, ``REALS_*``, a few others) its Ray workers need."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
+
+
+def is_secret(name: str) -> bool:
+    return name.startswith(SECRET_PREFIXES) or any(w in name for w in SECRET_WORDS)
+
+
+def worker_environment(env: dict[str, str]) -> Callable[[], None]:
+    """A Ray ``worker_process_setup_hook`` that sets ``env`` in each worker process.
+
+    Ray pickles the hook into the GCS's in-memory key-value store (its ``runtime_env`` then holds only the
+    key), and every worker of the job runs it before its first task: the values reach the workers in memory,
+    never in a log or a file. Train workers and actors of the job get them alike.
+    """
+    def set_worker_environment() -> None:
+        os.environ.update(env)
+    return set_worker_environment
+
+
+def job_runtime_env() -> dict:
+    """The job's ``runtime_env``: plain settings as ``env_vars``; credentials only through the setup hook."""
+    env = forwarded_env()
+    secrets = {k: v for k, v in env.items() if is_secret(k)}
+    runtime_env: dict = {"env_vars": {k: v for k, v in env.items() if k not in secrets}}
+    if secrets:
+        runtime_env["worker_process_setup_hook"] = worker_environment(secrets)
+    return runtime_env
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster at ``RAY_ADDRESS`` or start a local Ray once; reuse one that is running.
 
-    Tasks and actors get the driver's storage settings through ``runtime_env``. A Ray that fails to
-    start or to answer is one line (a ``StageError``) with a hint.
+    Tasks and actors get the driver's settings and credentials (``job_runtime_env``). Ray's own node
+    banners and state dumps stay in Ray's logs (``quiet_ray_logs``). A Ray that fails to start or to
+    answer is one line (a ``StageError``) with a hint.
     """
     import ray
 
@@ -40,16 +69,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": forwarded_env()}
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=job_runtime_env(), log_to_driver=True)
         else:
             for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
                 try:
                     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                             configure_logging=False, runtime_env=runtime_env)
+                             configure_logging=False, runtime_env=job_runtime_env())
                     break
                 except Exception as e:  # noqa: BLE001 - Ray gives its node a fixed 30 s to register
                     if attempt == LOCAL_START_ATTEMPTS or "timed out during startup" not in str(e):
@@ -64,10 +92,51 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         ray.shutdown()
         raise StageError(f"could not start {where}: {reason}; {hint}") from None
+    quiet_ray_logs()
     if not address:
         from pipelines.ray_reaper import watch_driver
 
         watch_driver()
+
+
+# A line of Ray's own C++ logs ("[2026-12-06 14:00:00,123 E 123 456] core_worker.cc:..."), a raylet's state dump, or
+# the banner Ray pushes to every driver when a node's raylet dies (it quotes the raylet's last log lines).
+RAY_INTERNAL_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]|\[state-dump\]|"
+                               r"Raylet is terminated")
+
+
+def ray_worker_lines(data: dict) -> dict | None:
+    """What of one batch of Ray output for the driver it prints: the workers' own lines, not Ray's.
+
+    Lines tailed from a raylet's or the GCS's log, Ray's internal log lines in a worker's stderr and the
+    "Raylet is terminated" banner (with its ``[state-dump]`` lines) are in Ray's log folder already; a lost node
+    is said once, by the stage, naming the unit and the node.
+    """
+    if data.get("pid") in ("raylet", "gcs_server") and data.get("ip") is not None:
+        return None
+    lines = [line for line in data.get("lines", []) if not RAY_INTERNAL_LINE.search(line)]
+    return {**data, "lines": lines} if lines else None
+
+
+def quiet_ray_logs() -> None:
+    """Everything Ray prints for the driver (the workers' output and the errors Ray pushes) goes through
+    ``ray_worker_lines``."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "quiet", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if (kept := ray_worker_lines(data)) is not None:
+            original(kept, ignore_prefix=ignore_prefix)
+    print_to_stdstream.quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream  # pushed errors look it up here at each call
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # the workers' output (log_to_driver)
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", lambda data: print_to_stdstream(data, ignore_prefix))
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -145,20 +214,58 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
             rx.LocalRayletDiedError)
 
 
+NODE_ID = re.compile(r"\b[0-9a-f]{56}\b")  # a Ray node id, as Ray's errors print it
+
+
+def _nodes() -> dict[str, dict]:
+    import ray
+
+    return {n["NodeID"]: n for n in ray.nodes()}
+
+
+def _actor_node(error: BaseException) -> list[str]:
+    """The node id of the actor an actor error names (from the GCS's actor table), if any."""
+    actor_id = getattr(error, "actor_id", None)
+    if not actor_id:
+        return []
+    from ray._private.state import actors
+
+    return [actors(actor_id=actor_id)["Address"]["NodeID"]]
+
+
+def lost_with(error: BaseException, dead_before: set[str]) -> str:
+    """What a unit was lost with: ``node <ip> (<id>)`` (the actor's node, a node Ray's error names, or the one node
+    that died since ``dead_before``), else ``its worker``."""
+    try:
+        nodes = _nodes()
+        named = _actor_node(error) + NODE_ID.findall(str(error))
+    except Exception:  # noqa: BLE001 - the GCS itself may be gone; the message then names no node
+        return "its worker"
+    new = [i for i, n in nodes.items() if not n.get("Alive") and i not in dead_before]
+    ids = [i for i in named if i in nodes] or (new if len(new) == 1 else [])
+    return f"node {nodes[ids[0]]['NodeManagerAddress']} ({ids[0][:8]})" if ids else "its worker"
+
+
 class _Attempts:
-    """Counts the losses of each unit; the second loss of one unit ends the stage in one line."""
+    """Counts the losses of each unit; a loss is one line naming the unit and its node, the second loss of one
+    unit ends the stage in one line."""
 
     def __init__(self, description: str):
         self.description, self.lost = description, {}
+        try:
+            self.dead_before = {i for i, n in _nodes().items() if not n.get("Alive")}
+        except Exception:  # noqa: BLE001
+            self.dead_before = set()
 
     def lost_again(self, i: int, unit, error: BaseException) -> None:
         self.lost[i] = self.lost.get(i, 0) + 1
+        what = lost_with(error, self.dead_before)
         if self.lost[i] >= UNIT_ATTEMPTS:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise StageError(f"{self.description}: unit {unit_name(unit)} was lost {self.lost[i]} times with its "
-                             f"worker or node ({type(error).__name__}: {reason}); re-run to resume")
-        LOGGER.warning("%s: unit %s lost with its worker or node (%s); re-submitting it",
-                       self.description, unit_name(unit), type(error).__name__)
+            raise StageError(f"{self.description}: unit {unit_name(unit)} was lost {self.lost[i]} times with {what} "
+                             f"({type(error).__name__}: {reason}); re-run to resume")
+        LOGGER.warning("%s: unit %s lost with %s (%s); re-submitting it",
+                       self.description, unit_name(unit), what, type(error).__name__)
 
 
 def map_units(remote_fn, units: Sequence, description: str, on_result: Callable | None = None,

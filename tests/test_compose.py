@@ -140,3 +140,44 @@ def test_services_wait_for_what_they_need_and_restart():
     long_running = [n for n in services if n != "minio-init"]
     assert {services[n].get("restart") for n in long_running} == {"unless-stopped"}
     assert services["minio-init"]["restart"] == "no"
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    return env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+
+
+def test_the_s3_secret_goes_only_to_the_services_that_hold_s3_and_the_driver():
+    """The Ray nodes get no credentials: the driver hands its own to the Ray workers in memory."""
+    services = compose()["services"]
+    holders = {name for name, service in services.items()
+               if any("${AWS_SECRET_ACCESS_KEY" in str(v) for v in _environment(service).values())}
+    assert holders == {"minio", "minio-init", "pipeline-worker"}
+    for name in ("ray-head", "ray-worker"):
+        assert not [k for k in _environment(services[name]) if k.startswith("AWS_") and "ENDPOINT" not in k], name
+    assert "AWS_SECRET_ACCESS_KEY" not in (ROOT / "docker-compose.yml").read_text().split("x-project-env")[1] \
+        .split("services:")[0]  # the block every project service shares carries no secret
+
+
+def test_the_ray_dashboard_is_published_on_the_hosts_loopback_only():
+    services = compose()["services"]
+    published = {name: port for name, s in services.items() for port in s.get("ports", []) if "8265" in str(port)}
+    assert published == {"ray-head": "127.0.0.1:8265:8265"}
+
+
+def test_the_pipeline_worker_stops_and_turns_unhealthy_when_its_ray_node_is_gone():
+    import subprocess
+
+    worker = compose()["services"]["pipeline-worker"]
+    command = " ".join(worker["command"]) if isinstance(worker["command"], list) else worker["command"]
+    # both the node (`--block`: it exits when its raylet dies) and the server in the foreground; either ending
+    # ends the container, and `restart: unless-stopped` starts it again
+    assert "--num-cpus=0 --block &" in command and "wait -n; exit 1" in command
+    assert worker["restart"] == "unless-stopped"
+    kind, check = worker["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    # the check itself, run here: it fails without a process named raylet, and passes beside one (this one)
+    assert "raylet" in check
+    assert subprocess.run(["sh", "-c", check.replace("raylet", "no-such-raylet-process")]).returncode != 0
+    me = Path("/proc/self/comm").read_text().strip()
+    assert subprocess.run(["sh", "-c", check.replace("raylet", me)]).returncode == 0

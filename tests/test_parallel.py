@@ -27,6 +27,84 @@ def test_forwarded_env_carries_storage_and_project_settings_only(monkeypatch):
     assert "UNRELATED_TOKEN" not in env and "PATH" not in env
 
 
+def test_credentials_travel_in_the_setup_hook_never_in_env_vars(monkeypatch):
+    """runtime_env["env_vars"] is logged by Ray's runtime-env agent: only plain settings go there."""
+    import json
+
+    from pipelines.parallel import job_runtime_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
+    monkeypatch.setenv("REALS_RUNS_URL", "s3://b/runs")
+    monkeypatch.setenv("REALS_API_TOKEN", "token-value")
+    runtime_env = job_runtime_env()
+    assert runtime_env["env_vars"]["REALS_RUNS_URL"] == "s3://b/runs"
+    assert not {"s3cret-value", "key-id-value", "token-value"} & set(json.dumps(runtime_env["env_vars"]).split('"'))
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "REALS_API_TOKEN"):
+        monkeypatch.delenv(name)
+    runtime_env["worker_process_setup_hook"]()  # what each worker runs before its first task
+    assert (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["REALS_API_TOKEN"]) == ("s3cret-value", "token-value")
+    for name in [n for n in os.environ if n.startswith(("AWS_", "REALS_"))]:
+        monkeypatch.delenv(name)
+    assert "worker_process_setup_hook" not in job_runtime_env()  # no credentials, no hook
+
+
+SECRET = "reals-test-secret-7f3b9c2e1d"
+HOOK_PROBE = f"""
+import os, ray
+from pipelines.parallel import ensure_ray
+ensure_ray(num_cpus=1)
+print("seen" if ray.get(ray.remote(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).remote()) == "{SECRET}" else "not seen")
+"""
+
+
+def test_a_local_rays_workers_get_the_secret_and_its_files_never_hold_it():
+    """A driver with a secret in its environment: its tasks read it; no file of Ray's session holds it."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rs-")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "RAY_TMPDIR": temp,
+               "AWS_SECRET_ACCESS_KEY": SECRET}
+        r = subprocess.run([sys.executable, "-c", HOOK_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == "seen"
+        assert SECRET not in r.stdout + r.stderr
+        files = [p for p in Path(temp).rglob("*") if p.is_file() and not p.is_socket()]
+        assert any(p.name.startswith("runtime_env_agent") for p in files)  # the agent that logs env_vars ran
+        assert [str(p) for p in files if SECRET.encode() in p.read_bytes()] == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_rays_own_lines_stay_off_the_drivers_output():
+    """Lines tailed from a raylet's log and Ray's C++ log lines in a worker's stderr are dropped; a worker's own stay."""
+    from pipelines.parallel import ray_worker_lines
+
+    assert ray_worker_lines({"pid": "raylet", "ip": "127.0.0.1", "lines": ["[state-dump] NodeManager:"]}) is None
+    banner = "[2026-12-06 14:00:00,123 E 4242 4243] core_worker.cc:501: Raylet is terminated. Termination is unexpected."
+    kept = ray_worker_lines({"pid": 4242, "ip": "127.0.0.1", "is_err": True, "lines": [banner, "my own line"]})
+    assert kept["lines"] == ["my own line"] and kept["pid"] == 4242
+    assert ray_worker_lines({"pid": 4242, "ip": "127.0.0.1", "lines": [banner]}) is None
+    pushed = {"pid": "raylet", "lines": ["A worker died or was killed while executing a task."]}  # an error Ray pushes
+    assert ray_worker_lines(pushed) == pushed
+    dead = "Raylet is terminated. Termination is unexpected. Last 20 lines of the Raylet logs:\n    [state-dump] x"
+    assert ray_worker_lines({"pid": "raylet", "lines": [dead]}) is None
+
+
+def test_a_driver_prints_rays_pushed_errors_through_the_filter(ray_session, capsys):
+    from ray._private import worker as ray_worker
+
+    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": ["Raylet is terminated. [state-dump]"]},
+                                  ignore_prefix=False)
+    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": ["a worker's own error"]},
+                                  ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "Raylet is terminated" not in out and "a worker's own error" in out
+
+
 def _crash_once(marker_dir: str):
     """A task that kills its own worker process the first time it sees a unit (as a lost node would)."""
     def run(unit):
@@ -67,7 +145,9 @@ def _worker_class():
     return Worker
 
 
-def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path):
+def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path, caplog):
+    import re
+
     from pipelines.parallel import map_actors
 
     cls = ray_session.remote(_worker_class()).options(num_cpus=1, max_restarts=0, max_task_retries=0)
@@ -83,6 +163,8 @@ def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_ses
     assert [name for name, _ in results] == ["u0", "u1", "u2", "u3"]  # every unit, in unit order
     assert len(list(tmp_path.glob("*.seen"))) == 4  # every unit was first lost once
     assert spawned and actors == spawned[-1:]  # both first actors died; the pool ends on a replacement
+    lost = [r.getMessage() for r in caplog.records if "re-submitting" in r.getMessage()]
+    assert len(lost) == 4 and all(re.match(r"test: unit u\d lost with node \S+ \([0-9a-f]{8}\) \(", m) for m in lost)
     for a in actors:
         ray_session.kill(a)
 

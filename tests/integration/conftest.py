@@ -7,14 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topology import MICRO
+from topology import CREDENTIALS, MICRO
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """``reals cluster up --no-serve`` in a temp folder; ``down`` at the end stops exactly its processes."""
+    """``reals cluster up --no-serve`` in a temp folder; ``down`` at the end stops exactly its processes.
+
+    This process is a driver: it holds the S3 credentials (``up`` passes none to the services)."""
+    import os
+
     from flows.cluster import Cluster
 
+    os.environ.update(CREDENTIALS)
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     c.up(serve=False)
     yield c

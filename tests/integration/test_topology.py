@@ -16,7 +16,7 @@ import pytest
 
 from helpers import TCPProxy
 from test_experiment import MICRO as EXPERIMENT_MICRO
-from topology import MICRO, ROOT, driver_env, reals
+from topology import CREDENTIALS, MICRO, ROOT, driver_env, freeze_mid_unit, process_title, reals
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,7 +87,7 @@ def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentia
     r = reals(["shard", "--data-path", str(data / "images"), "--output", "s3://reals/it/shards", "--resolution",
                "32", "--shard-size", "4"], env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "AWS_SECRET_ACCESS_KEY" not in r.stdout + r.stderr and cluster.env["AWS_SECRET_ACCESS_KEY"] not in \
+    assert "AWS_SECRET_ACCESS_KEY" not in r.stdout + r.stderr and CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in \
         r.stdout + r.stderr
 
 
@@ -146,11 +146,12 @@ def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800, **
 
 
 def _s3_env(cluster, monkeypatch) -> None:
-    """This process's own S3 reads go to the cluster's endpoint with its credentials."""
+    """This process's own S3 reads go to the cluster's endpoint with the drivers' credentials."""
     import s3fs
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, cluster.env[name])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cluster.env["AWS_ENDPOINT_URL"])
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -238,39 +239,6 @@ def _assert_same_store(store: str, reference: str) -> None:
                                       err_msg=name)
 
 
-def _title(pid: int) -> bytes:
-    """A process's title (Ray retitles a worker ``ray::Class.method`` while it runs that method)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return b""
-
-
-def _freeze_mid_unit(root: dict, title: bytes, proc, timeout: float = 600) -> int:
-    """SIGSTOP the Ray worker below ``root`` while its title is ``title``; its pid.
-
-    Checked again once stopped: a unit only returns after its worker drops the title, so the driver is
-    then surely waiting on a unit held by this node.
-    """
-    import os
-    import signal
-
-    from pipelines.ray_reaper import descendants
-
-    deadline, pid = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the encode ended before a unit ran on the worker node"
-        if pid is None:
-            pid = next((p for p in descendants(root) if _title(p).startswith(title.split(b".")[0])), None)
-        elif _title(pid) == title:
-            os.kill(pid, signal.SIGSTOP)
-            if _title(pid) == title:
-                return pid
-            os.kill(pid, signal.SIGCONT)
-        time.sleep(0.001 if pid else 0.05)
-    raise AssertionError(f"no worker on the worker node ran {title!r} within {timeout:.0f} s")
-
-
 def test_losing_the_worker_node_mid_encode_still_completes_the_store(cluster, data, vae_dir, reference_store,
                                                                      tmp_path):
     """The worker node's actor is frozen mid-unit, then the node (raylet and actor) is killed."""
@@ -281,14 +249,14 @@ def test_losing_the_worker_node_mid_encode_still_completes_the_store(cluster, da
 
     node = cluster.state["processes"]["ray-worker"]
     root = {node["pid"]: node["start"]}
-    raylets = [pid for pid in descendants(root) if _title(pid).endswith(b"/raylet")]
+    raylets = [pid for pid in descendants(root) if process_title(pid).endswith(b"/raylet")]
     assert len(raylets) == 1
     store = str(tmp_path / "store")
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "encode", "--data-path", str(data / "shards"),
                              "--vae-path", vae_dir, "--output", store, "--workers", "2"], env=driver_env(cluster),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        actor = _freeze_mid_unit(root, b"ray::EncodeWorker.encode_shard", proc)
+        actor = freeze_mid_unit(root, b"ray::EncodeWorker.encode_shard", proc)
         os.kill(raylets[0], signal.SIGKILL)
         os.kill(actor, signal.SIGKILL)
         out, err = proc.communicate(timeout=900)

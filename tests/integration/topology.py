@@ -1,9 +1,11 @@
-"""Helpers of the integration suite: the micro pipeline config, a driver's environment, `reals` as a process."""
+"""Helpers of the integration suite: the micro pipeline config, a driver's environment (the only place that holds
+the S3 credentials), `reals` as a process, a Ray worker frozen mid-unit."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from test_flows import MICRO as _FLOWS_MICRO
@@ -18,12 +20,51 @@ MICRO = {**_FLOWS_MICRO, "synthetic": {"classes": 2, "per_class": 8, "val_per_cl
          "downstream": {"num_fit": 8, "num_eval": 4, "show_progress": False}}
 
 
+# The drivers' S3 credentials (moto accepts any): the cluster's services never get them, and no file, log, record
+# or object may ever hold the secret, a value distinctive enough to search for.
+SECRET = "it-secret-9c41e7d2b8a35f06"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "it-driver-key", "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
 def driver_env(cluster, **extra) -> dict[str, str]:
-    """A driver's environment: this process's, the cluster's (credentials included), the worktree importable."""
-    return {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT), **extra}
+    """A driver's environment: this process's, the cluster's, the drivers' credentials, the worktree importable."""
+    return {**os.environ, **cluster.env, **CREDENTIALS, "PYTHONPATH": str(ROOT), **extra}
 
 
 def reals(args: list[str], env: dict, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
     """Run ``reals ARGS`` in its own process (a driver), output captured."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
+
+
+def process_title(pid: int) -> bytes:
+    """A process's title (Ray retitles a worker ``ray::Class.method`` while it runs that method)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
+def freeze_mid_unit(root: dict, title: bytes, proc, timeout: float = 600) -> int:
+    """SIGSTOP the Ray worker below ``root`` while its title is ``title``; its pid.
+
+    Checked again once stopped: a unit only returns after its worker drops the title, so the driver is
+    then surely waiting on a unit held by this node.
+    """
+    import os
+    import signal
+
+    from pipelines.ray_reaper import descendants
+
+    deadline, pid = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the encode ended before a unit ran on the worker node"
+        if pid is None:
+            pid = next((p for p in descendants(root) if process_title(p).startswith(title.split(b".")[0])), None)
+        elif process_title(pid) == title:
+            os.kill(pid, signal.SIGSTOP)
+            if process_title(pid) == title:
+                return pid
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001 if pid else 0.05)
+    raise AssertionError(f"no worker on the worker node ran {title!r} within {timeout:.0f} s")
