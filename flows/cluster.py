@@ -216,7 +216,9 @@ class Cluster:
         print(f"Ray head at 127.0.0.1:{port} (temp dir {self.root / 'ray'}), dashboard at http://127.0.0.1:{dashboard}")
 
     def _ray_worker(self, env: dict) -> None:
-        self._ray_node("ray-worker", ["start", "--address", f"127.0.0.1:{self.state['ports']['ray-head']}"], env)
+        # A temp dir of its own: nodes sharing one session folder each forward every worker's log lines (twice).
+        self._ray_node("ray-worker", ["start", "--address", f"127.0.0.1:{self.state['ports']['ray-head']}",
+                                      "--temp-dir", str(self.root / "ray1")], env)
         print("Ray worker node joined")
 
     def _ray_node(self, name: str, args: list[str], env: dict, attempts: int = 3) -> None:

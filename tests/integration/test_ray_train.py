@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from topology import ROOT, driver_env, reals
+from topology import ROOT, driver_env, process_title, reals, wait_for_worker_node
 
 SIT = ["--model", "SiT-T/4", "--global-batch-size", "8", "--log-every", "20", "--ckpt-every", "20",
        "--sample-every", "0", "--no-progress"]
@@ -160,13 +159,12 @@ def _wait_for_checkpoint(run: str, proc, timeout: float = 900) -> None:
 
 
 def _lose_and_restore_worker_node(cluster) -> None:
-    """Kill the worker node's raylet by PID, then the rest of that node, then start the node again as ``up`` did."""
-    from flows.cluster import QUIET
+    """Kill the worker node's raylet by PID, then the rest of that node; the cluster's watchdog starts it again."""
     from pipelines.ray_reaper import descendants
 
     node = cluster.state["processes"]["ray-worker"]
     root = {node["pid"]: node["start"]}
-    raylets = [pid for pid in descendants(root) if _title(pid).endswith(b"/raylet")]
+    raylets = [pid for pid in descendants(root) if process_title(pid).endswith(b"/raylet")]
     assert len(raylets) == 1
     os.kill(raylets[0], signal.SIGKILL)
     time.sleep(3)
@@ -175,27 +173,7 @@ def _lose_and_restore_worker_node(cluster) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    log = cluster.log("ray-worker")
-    started = log.read_text(errors="replace").count("Ray runtime started")
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REALS_", "PREFECT_API_URL",
-                                                                      "RAY_ADDRESS"))} | QUIET
-    from flows.cluster import free_port
-
-    cluster._spawn("ray-worker", [ray_bin, "start", "--address", cluster.env["RAY_ADDRESS"], "--node-ip-address",
-                                  "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()), "--block",
-                                  "--num-cpus", "1", "--disable-usage-stats"], base)
-    deadline = time.monotonic() + 300
-    while log.read_text(errors="replace").count("Ray runtime started") == started:
-        assert time.monotonic() < deadline, "the worker node did not come back"
-        time.sleep(0.5)
-
-
-def _title(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return b""
+    wait_for_worker_node(cluster, node["pid"])
 
 
 @pytest.mark.timeout(2400)

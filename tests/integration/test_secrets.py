@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from topology import CREDENTIALS, ROOT, SECRET, driver_env, freeze_mid_unit, process_title, reals
+from topology import (CREDENTIALS, ROOT, SECRET, cluster_status, driver_env, freeze_mid_unit, process_title,
+                      wait_for_worker_node)
 
 SHARD_FLOW = """
 import sys
@@ -63,11 +64,6 @@ def _descendants(info: dict) -> dict[int, str]:
     from pipelines.ray_reaper import descendants
 
     return descendants({info["pid"]: info["start"]})
-
-
-def _status(cluster) -> dict[str, str]:
-    r = reals(["cluster", "status", "--dir", str(cluster.root)], os.environ, timeout=120)
-    return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
 
 
 def _files_with_secret(roots: list[Path], since: float) -> list[str]:
@@ -145,12 +141,7 @@ def test_the_secret_stays_off_disk_and_a_lost_node_comes_back(cluster, inputs):
     assert "Raylet is terminated" not in out + err and "[state-dump]" not in out + err
 
     # The watchdog starts the worker node again; a later stage's units run on both nodes and use S3.
-    deadline = time.monotonic() + 600
-    while cluster._load()["processes"]["ray-worker"]["pid"] == worker["pid"] or \
-            _status(cluster).get("ray-worker") != "alive":
-        assert time.monotonic() < deadline, _status(cluster)
-        time.sleep(5)
-    cluster.state = cluster._load()
+    wait_for_worker_node(cluster, worker["pid"])
     r = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     outputs.append(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -178,6 +169,6 @@ def test_the_secret_stays_off_disk_and_a_lost_node_comes_back(cluster, inputs):
     assert any("kept the run history" in n for n in notes) or not cluster.state.get("postgres")
     cluster.up(serve=False)
     assert runs <= _flow_runs(cluster)
-    status = _status(cluster)
+    status = cluster_status(cluster)
     assert status.pop("serve") == "DOWN" and set(status.values()) == {"alive"}, status  # serve was not asked for
 

@@ -68,3 +68,21 @@ def freeze_mid_unit(root: dict, title: bytes, proc, timeout: float = 600) -> int
             os.kill(pid, signal.SIGCONT)
         time.sleep(0.001 if pid else 0.05)
     raise AssertionError(f"no worker on the worker node ran {title!r} within {timeout:.0f} s")
+
+
+def cluster_status(cluster) -> dict[str, str]:
+    """``reals cluster status`` as component -> alive/DOWN."""
+    import os
+
+    r = reals(["cluster", "status", "--dir", str(cluster.root)], dict(os.environ), timeout=120)
+    return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
+
+
+def wait_for_worker_node(cluster, lost_pid: int, timeout: float = 600) -> None:
+    """Wait until the cluster's watchdog has started the worker node again (a new process, reported alive)."""
+    deadline = time.monotonic() + timeout
+    while cluster._load()["processes"]["ray-worker"]["pid"] == lost_pid or \
+            cluster_status(cluster).get("ray-worker") != "alive":
+        assert time.monotonic() < deadline, cluster_status(cluster)
+        time.sleep(5)
+    cluster.state = cluster._load()
