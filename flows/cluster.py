@@ -210,15 +210,24 @@ class Cluster:
 
     def _ray_head(self, env: dict) -> None:
         port, dashboard = self._port("ray-head"), self._port("ray-dashboard")
-        self._ray_node("ray-head", ["start", "--head", "--port", str(port), "--temp-dir", str(self.root / "ray"),
+        self._ray_node("ray-head", ["start", "--head", "--port", str(port), "--temp-dir", str(self.ray_temp / "head"),
                                     "--ray-client-server-port", str(free_port()), "--include-dashboard", "true",
                                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)], env)
-        print(f"Ray head at 127.0.0.1:{port} (temp dir {self.root / 'ray'}), dashboard at http://127.0.0.1:{dashboard}")
+        print(f"Ray head at 127.0.0.1:{port} (temp dir {self.ray_temp / 'head'}), dashboard at http://127.0.0.1:{dashboard}")
 
     def _ray_worker(self, env: dict) -> None:
         # A temp dir of its own: nodes sharing one session folder each forward every worker's log lines (twice).
         self._ray_node("ray-worker", ["start", "--address", f"127.0.0.1:{self.state['ports']['ray-head']}",
-                                      "--temp-dir", str(self.root / "ray1")], env)
+                                      "--temp-dir", str(self.ray_temp / "worker")], env)
+
+    @property
+    def ray_temp(self) -> Path:
+        """The Ray nodes' temp dirs' parent: a short path under the system temp dir, since Ray's Unix sockets
+        (``<temp>/session_<40 chars>/sockets/<name>``) must stay within 107 bytes whatever the cluster folder."""
+        if "ray_temp" not in self.state:
+            self.state["ray_temp"] = tempfile.mkdtemp(prefix="reals-ray-")
+            self._save()
+        return Path(self.state["ray_temp"])
         print("Ray worker node joined")
 
     def _ray_node(self, name: str, args: list[str], env: dict, attempts: int = 3) -> None:
@@ -414,6 +423,8 @@ class Cluster:
                 notes.append(f"deleted the run history (PostgreSQL data {pg['data']})")
             elif pg:
                 notes.append(f"kept the run history (PostgreSQL data {pg['data']}); `down --purge` deletes it")
+            if purge and self.state.get("ray_temp"):
+                shutil.rmtree(self.state.pop("ray_temp"), ignore_errors=True)
             if self.state.get("s3") == "moto":
                 notes.append("moto's S3 server kept its bucket in memory: its objects are gone")
             elif self.state.get("s3") == "minio":

@@ -23,7 +23,7 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     c.up(serve=False)
     yield c
-    c.down()
+    c.down(purge=True)  # the database and Ray temp dirs live under the system temp dir
 
 
 @pytest.fixture(scope="session")

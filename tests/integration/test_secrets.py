@@ -151,7 +151,7 @@ def test_the_secret_stays_off_disk_and_a_lost_node_comes_back(cluster, inputs):
 
     # No file of the cluster (logs of every process it started, Ray's temp dir), the database folder, Ray's
     # default temp dir, the Prefect database, any object in the bucket, or any driver's output holds the secret.
-    roots = [cluster.root, Path(tempfile.gettempdir(), "ray")]
+    roots = [cluster.root, Path(cluster.state["ray_temp"]), Path(tempfile.gettempdir(), "ray")]
     if cluster.state.get("postgres"):
         roots.append(Path(cluster.state["postgres"]["root"]))
     assert _files_with_secret([r for r in roots if r.is_dir()], since) == []
