@@ -43,11 +43,10 @@ def data(cluster, tmp_path_factory):
 
 @pytest.fixture()
 def s3(cluster, monkeypatch):
-    """This process reads the cluster's S3 with its credentials."""
+    """This process reads the cluster's S3 (with the drivers' credentials, which the cluster fixture set)."""
     import s3fs
 
-    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, cluster.env[name])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cluster.env["AWS_ENDPOINT_URL"])
     s3fs.S3FileSystem.clear_instance_cache()
 
 
