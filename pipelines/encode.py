@@ -9,6 +9,11 @@ posterior std becomes ``std / std_c``), adds the teacher's global token, writes 
 writes its done-marker last. A unit that fails (an S3 error, say) is retried, and its marker is only
 written once its rows are. A re-run encodes only shards without a valid marker; a different VAE gets a
 new version beside the old ones.
+
+The store's bits do not depend on how encode ran (in process, 1 actor, N actors): a shard's batches are cut
+the same way in every mode, and every worker computes on ``ENCODE_THREADS`` torch intra-op threads (a CPU
+convolution's float rounding depends on how many threads split it; a Ray actor gets one, and the driver
+would otherwise use all its cores). The store's provenance records that number as ``torch_threads``.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from storage.markers import read_json
 from storage.shards import iter_shard
 
 LEASE_FILE = "encode.lease.json"
+ENCODE_THREADS = 1  # torch intra-op threads of every encode worker, in process or a Ray actor (num_cpus=1)
 
 
 class EncodeConfig(StageConfig):
@@ -87,6 +93,9 @@ class EncodeWorker:
 
     def __init__(self, vae_path: str, teacher: TeacherSpec, device: str, batch_size: int, retries: int = 3,
                  retry_delay: float = 1.0):
+        import torch
+
+        torch.set_num_threads(ENCODE_THREADS)
         self.vae, self.teacher = load_models(vae_path, teacher, device)
         self.batch_size = batch_size
         self.retries = retries
@@ -96,6 +105,13 @@ class EncodeWorker:
     def describe(self) -> dict:
         """The teacher as the store's provenance records it."""
         return self.teacher.describe()
+
+    @staticmethod
+    def torch_threads() -> int:
+        """The torch intra-op threads this worker computes on."""
+        import torch
+
+        return torch.get_num_threads()
 
     def _store(self, unit: dict) -> LatentStore:
         url = unit["group_url"]
@@ -228,6 +244,7 @@ class _Pool:
         if config.workers == 0:
             import torch
 
+            self.driver_threads = torch.get_num_threads()  # given back on close
             cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
             device = "cuda" if cuda else "cpu"
             self.local = EncodeWorker(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
@@ -253,6 +270,11 @@ class _Pool:
 
         return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
 
+    def torch_threads(self) -> int:
+        import ray
+
+        return self.local.torch_threads() if self.local else ray.get(self.actors[0].torch_threads.remote())
+
     def encode(self, units: list[dict], check=lambda: None) -> list[dict]:
         """Every unit's result, in unit order, with a progress bar; ``check()`` runs before each local unit."""
         from pipelines.parallel import map_actors, progress_bar
@@ -271,6 +293,10 @@ class _Pool:
         return results
 
     def close(self) -> None:
+        if self.local:
+            import torch
+
+            torch.set_num_threads(self.driver_threads)
         if self.actors:
             import ray
 
@@ -319,7 +345,8 @@ def run(config: EncodeConfig) -> EncodeSummary:
                     output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info["width"],
                     chunk_rows=config.chunk_rows or min(256, shard_size), flip=config.flip,
                     teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
-                    provenance=_provenance(config, vae, manifest, info, latent_shape))
+                    provenance={**_provenance(config, vae, manifest, info, latent_shape),
+                                "torch_threads": pool.torch_threads()})
             rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
             for u in units:
                 u.update(group_url=store.url, vae_fingerprint=fp, latent_shape=list(latent_shape),

@@ -27,8 +27,8 @@ import zarr
 import zarr.codecs as zc
 
 from storage import StorageError
-from storage.fs import check_name, child, filesystem, is_local_fs, join, storage_options, to_url, within
-from storage.markers import read_json, write_json
+from storage.fs import check_name, child, filesystem, is_local_fs, join, resolved, storage_options, to_url, within
+from storage.markers import DamagedRecord, read_json, write_json
 
 VERSIONS = "versions.json"
 MARKERS = "markers"
@@ -114,8 +114,9 @@ class LatentStore:
 
     @staticmethod
     def check_root(url: str) -> None:
-        """Refuse a store root that is a version group itself, or that lies inside another store."""
-        url = to_url(url).rstrip("/")
+        """Refuse a store root that is a version group itself, or that lies inside another store (symbolic links
+        resolved: a link into a store version names a folder inside that store)."""
+        url = resolved(url).rstrip("/")
         if read_json(join(url, "zarr.json")) is not None:
             parent = posixpath.dirname(url)
             raise StorageError(f"{url} is a Zarr group (a version of the latent store {parent}), not a store "
@@ -341,11 +342,12 @@ class LatentStore:
         paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
         blobs = fs.cat(paths, on_error="omit") if paths else {}
         out = {}
-        for blob in blobs.values():
+        for p, blob in blobs.items():
             try:
                 m = json.loads(blob)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DamagedRecord(f"done-marker {p} of latent store {self.url} is damaged (not valid JSON): "
+                                    "delete it, and the next `reals encode` re-encodes its shard") from e
             if isinstance(m, dict) and "shard" in m:
                 out[m["shard"]] = m
         return out
