@@ -41,10 +41,9 @@ from pipelines.registry import Stage
 from storage import fs as sfs
 from storage.lease import Lease, fence
 from storage.markers import fingerprint, read_json, sha256_url, write_json
-from storage.shards import write_shard
+from storage.shards import MANIFEST_REMEDY, write_shard
 
 LEASE_FILE = "shard.lease.json"
-MANIFEST_REMEDY = "restore it from a copy, or delete it and re-run `reals shard` for each split it listed"
 FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone
 LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``
 

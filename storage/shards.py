@@ -22,6 +22,7 @@ from storage.markers import read_json
 
 FSSPEC_SCHEMES = ("s3", "s3a", "memory", "gs", "gcs", "az", "abfs", "file")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MANIFEST_REMEDY = "restore it from a copy, or delete it and re-run `reals shard` for each split it listed"
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_):
@@ -99,7 +100,7 @@ def _sha256_file(path: str) -> str:
 
 def read_manifest(dataset_url: str) -> dict:
     """The dataset's manifest.json; a clear error when the folder holds no shards."""
-    manifest = read_json(join(dataset_url, "manifest.json"))
+    manifest = read_json(join(dataset_url, "manifest.json"), remedy=MANIFEST_REMEDY)
     if manifest is None:
         raise StorageError(f"no manifest.json under {dataset_url}: run `reals shard` first")
     return manifest
