@@ -84,9 +84,11 @@ def child(url: str, name: str, what: str = "name") -> str:
 
 
 def within(root: str, url: str) -> str:
-    """``url`` if it lies under ``root`` once ``.``, ``..`` and (on local disk) symbolic links are resolved."""
+    """``url`` if it lies under ``root`` once ``.`` and ``..`` are resolved (local paths and URLs alike), for a
+    path built from a document's value (reads and writes alike). Symbolic links inside ``root`` are followed as
+    the user laid them out (a dataset of links is legitimate)."""
     def parts(u: str) -> tuple[str, str]:
-        u = resolved(u)
+        u = to_url(u)
         scheme, sep, rest = u.partition("://")
         return (scheme, posixpath.normpath("/" + rest)) if sep else ("", os.path.normpath(u))
 
