@@ -53,7 +53,8 @@ def _recorded(output: str, split: str, manifest: dict | None, files: list[str],
               listing_fingerprint: str) -> tuple[dict | None, bool]:
     """``(record, on_disk)``: the record, the adopted pre-record manifest, or None (nothing sharded yet)."""
     url = join(output, record_name(split))
-    record = read_json(url)
+    record = read_json(url, remedy="restore it from a copy (it fixes which files each shard holds); deleting it "
+                                   "re-derives it from manifest.json only while the folder is as it was sharded")
     if record is not None:
         _check_sources(record, split, url)
         return record, True

@@ -20,7 +20,7 @@ import torch
 from pydantic import AliasChoices
 
 from pipelines import StageError
-from storage.fs import (filesystem, is_local, join, list_files, read_bytes, remove_stale_temps, to_url,
+from storage.fs import (child, filesystem, is_local, join, list_files, read_bytes, remove_stale_temps, to_url,
                         write_bytes_atomic)
 from storage.markers import read_json, write_json
 
@@ -77,7 +77,7 @@ def latest_checkpoint(output: str) -> str | None:
     """URL of the newest checkpoint of a run folder: ``latest.json``, else the highest ``{step:07d}.pt``."""
     latest = read_json(join(output, LATEST))
     if latest is not None:
-        return join(output, latest["checkpoint"])
+        return child(output, latest["checkpoint"], "latest.json checkpoint name")
     found = [u for u in list_files(output, ".pt") if CHECKPOINT_RE.match(posixpath.basename(u))]
     return found[-1] if found else None
 

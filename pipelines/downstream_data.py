@@ -127,7 +127,8 @@ class Dataset:
 
     def truth_url(self, task: str, source: str) -> str:
         """Where the ground truth of ``task`` for the image at ``source`` (relative path) lies."""
-        return sfs.join(self.truth_root, TRUTH_DIRS[task], posixpath.splitext(source)[0] + ".png")
+        root = sfs.join(self.truth_root, TRUTH_DIRS[task])
+        return sfs.within(root, sfs.join(root, posixpath.splitext(source)[0] + ".png"))  # ``source`` is read from a shard
 
     def examples(self, split: str, n: int, size: int, tasks: list[str], skipped: list[str]) -> list[dict]:
         """Up to ``n`` images ``{image, cls, source, truth: {task: map}}`` cropped to ``size``."""

@@ -11,6 +11,11 @@ segment of its own, and commits them last (its done-marker, in the store's commi
 lease; the driver records its takeover there first, so no commit of a run that lost the lease can land).
 A unit that fails (an S3 error, say) is retried into a fresh segment. A re-run encodes only shards without
 a valid commit; a different VAE gets a new version beside the old ones.
+
+The store's bits do not depend on how encode ran (in process, 1 actor, N actors): a shard's batches are cut
+the same way in every mode, and every worker computes on ``ENCODE_THREADS`` torch intra-op threads (a CPU
+convolution's float rounding depends on how many threads split it; a Ray actor gets one, and the driver
+would otherwise use all its cores). The store's provenance records that number as ``torch_threads``.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from storage.latent_store import (LEASE_FILE, CorruptChunk, LatentStore, commit_
 from storage.lease import Lease, LeaseLost, fence
 from storage.markers import read_json
 from storage.shards import iter_shard
+
+ENCODE_THREADS = 1  # torch intra-op threads of every encode worker, in process or a Ray actor (num_cpus=1)
 
 
 class EncodeConfig(StageConfig):
@@ -91,6 +98,9 @@ class EncodeWorker:
 
     def __init__(self, vae_path: str, teacher: TeacherSpec | None, device: str, batch_size: int, retries: int = 3,
                  retry_delay: float = 1.0):
+        import torch
+
+        torch.set_num_threads(ENCODE_THREADS)
         self.vae, self.teacher = load_models(vae_path, teacher, device)
         self.batch_size = batch_size
         self.retries = retries
@@ -100,6 +110,13 @@ class EncodeWorker:
     def describe(self) -> dict | None:
         """The teacher as the store's provenance records it (None without one)."""
         return self.teacher.describe() if self.teacher is not None else None
+
+    @staticmethod
+    def torch_threads() -> int:
+        """The torch intra-op threads this worker computes on."""
+        import torch
+
+        return torch.get_num_threads()
 
     def _store(self, unit: dict) -> LatentStore:
         url = unit["group_url"]
@@ -233,6 +250,7 @@ class _Pool:
         if config.workers == 0:
             import torch
 
+            self.driver_threads = torch.get_num_threads()  # given back on close
             cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
             device = "cuda" if cuda else "cpu"
             self.local = EncodeWorker(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
@@ -258,6 +276,11 @@ class _Pool:
 
         return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
 
+    def torch_threads(self) -> int:
+        import ray
+
+        return self.local.torch_threads() if self.local else ray.get(self.actors[0].torch_threads.remote())
+
     def encode(self, units: list[dict], check=lambda: None) -> list[dict]:
         """Every unit's result, in unit order, with a progress bar; ``check()`` runs before each local unit."""
         from pipelines.parallel import map_actors, progress_bar
@@ -276,6 +299,10 @@ class _Pool:
         return results
 
     def close(self) -> None:
+        if self.local:
+            import torch
+
+            torch.set_num_threads(self.driver_threads)
         if self.actors:
             import ray
 
@@ -324,7 +351,8 @@ def run(config: EncodeConfig) -> EncodeSummary:
                     output, fingerprint=fp, latent_shape=latent_shape, teacher_width=info and info["width"],
                     chunk_rows=config.chunk_rows or min(256, shard_size), flip=config.flip,
                     teacher_grid=tuple(info["grid"]) if config.teacher_patch else None,
-                    provenance=_provenance(config, vae, manifest, info, latent_shape))
+                    provenance={**_provenance(config, vae, manifest, info, latent_shape),
+                                "torch_threads": pool.torch_threads()})
             rows = {e["name"]: e for e in store.plan_shards(plan, shard_size)}
             if units:
                 store.takeover(lease.owner)  # fails every commit still in flight from an earlier holder

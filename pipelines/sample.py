@@ -12,7 +12,9 @@ units of ``--unit-size`` indices; each Ray actor loads the model and the VAE onc
 ``latents``) followed by its done-marker ``.json``. A re-run skips units whose marker agrees with the
 settings and the part's bytes. The driver then merges the parts into ``<output>`` in the ADM layout that the
 ADM evaluator reads (``arr_0`` uint8 NHWC, ``arr_1`` int64 labels; ``latents`` float32 normalised latents
-with ``--save-latents``) and writes a PNG grid of the first 64 samples next to it.
+with ``--save-latents``) and writes a PNG grid of the first 64 samples next to it. Once the merged file reads
+back whole (every member's CRC and shape), the parts are removed (``--keep-parts`` keeps them, so that a later
+run with a larger ``--num-fid-samples`` or a re-run reuses them).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import io
 import math
 import posixpath
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -41,7 +44,7 @@ from reals.models import create_model, model_family
 from reals.transport import ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
-from storage.fs import filesystem, join, list_files, read_bytes, to_url, write_bytes_atomic
+from storage.fs import filesystem, join, list_files, read_bytes, remove, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
 
 GRID_SAMPLES = 64
@@ -107,6 +110,8 @@ class SampleConfig(StageConfig):
     global_seed: int = Field(0, ge=0, description="seed; sample i uses the seeds (global_seed, i)")
     use_ema: Annotated[bool, Cli(negative="--no-ema")] = Field(True, description="use the checkpoint's EMA weights")
     save_latents: bool = Field(False, description="also store the normalised latents as `latents` in the .npz")
+    keep_parts: bool = Field(False, description="keep <output>.parts/ after the merge (removed by default once the "
+                                                "merged file is verified)")
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else one per CPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the workers run the models")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
@@ -430,6 +435,23 @@ def merge_parts(parts: str, units: list[dict], save_latents: bool) -> dict[str, 
     return arrays
 
 
+def verify_merged(url: str, arrays: dict[str, np.ndarray]) -> None:
+    """Read the merged ``.npz`` back from storage: every member's CRC holds and each array has its shape."""
+    from reals.metrics.reference import array_shape
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        with zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+            names = sorted(n.removesuffix(".npy") for n in z.namelist())
+        if bad is not None or names != sorted(arrays):
+            raise StageError(f"{url} did not read back whole ({f'member {bad} fails its CRC' if bad else names}); "
+                             f"its parts are kept: re-run the same command")
+        for name, a in arrays.items():
+            if tuple(array_shape(f, name)) != a.shape:
+                raise StageError(f"{url}: {name} reads back with another shape; its parts are kept: re-run")
+
+
 def run(config: SampleConfig) -> SampleSummary:
     """Draw ``num_fid_samples`` samples (skipping units already done), merge them, write a grid."""
     import ray
@@ -473,6 +495,9 @@ def run(config: SampleConfig) -> SampleSummary:
     seconds = time.perf_counter() - t0
     arrays = merge_parts(parts, units, config.save_latents)
     write_npz(output, lambda f: np.savez(f, **arrays))
+    verify_merged(output, arrays)
+    if not config.keep_parts:
+        remove(parts)
     grid = output[: -len(".npz")] + ".png"
     shown = arrays["arr_0"][:GRID_SAMPLES]
     write_bytes_atomic(grid, image_grid(shown, math.ceil(math.sqrt(len(shown)))))

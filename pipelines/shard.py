@@ -14,7 +14,10 @@ dots. Its marker ``{split}-{i:06d}.json`` (counts, skipped files with reasons, s
 fingerprint of the shard's inputs and settings) is written last; a re-run skips a shard whose marker
 agrees with its inputs (or, for a shard that lost source files since, with its settings) and tar, and
 rewrites it otherwise. Files that cannot be read or decoded are skipped and reported, never fatal.
-``manifest.json`` is written after all shards and merges the splits already in it.
+``manifest.json`` is written after all shards and merges the splits already in it. One run at a time
+writes an output: a run holds ``shard.lease.json`` there (``storage.lease``) and its tasks write only while
+it holds; another run waits ``--lease-wait`` seconds for it, then stops with one line. A record that exists
+but does not parse (the assignment, the manifest, a marker) stops the run; it is never taken as absent.
 """
 from __future__ import annotations
 
@@ -36,9 +39,11 @@ from pipelines.config import Images, ShowProgress, StageConfig
 from pipelines.imaging import prepare
 from pipelines.registry import Stage
 from storage import fs as sfs
+from storage.lease import Lease, fence
 from storage.markers import fingerprint, read_json, sha256_url, write_json
-from storage.shards import write_shard
+from storage.shards import MANIFEST_REMEDY, write_shard
 
+LEASE_FILE = "shard.lease.json"
 FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone
 LOGGER = logging.getLogger(__name__)  # a Prefect flow attaches its run log to ``pipelines``
 
@@ -53,6 +58,8 @@ class ShardConfig(StageConfig):
     shard_size: int = Field(1000, ge=1, description="images per shard")
     image_format: Literal["png", "jpg"] = Field("png", description="member encoding: png (lossless) or jpg (q95)")
     workers: int | None = Field(None, ge=1, description="most shards processed at once (default: all CPUs)")
+    lease_wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease on the output")
+    lease_ttl: float = Field(120.0, gt=0, description="lease lifetime in seconds; renewed every third of it")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
 
 
@@ -223,6 +230,12 @@ def _agrees(marker: dict | None, unit: dict, tar_url: str) -> bool:
     return sha256_url(tar_url) == marker.get("sha256")
 
 
+def _fence(unit: dict) -> None:
+    """Write only while the driver's lease on the output holds (see ``storage.lease.fence``)."""
+    if unit.get("lease_url"):
+        fence(unit["lease_url"], unit["lease_owner"], unit["lease_margin"])
+
+
 def process_unit(unit: dict) -> dict:
     """Write (or verify and skip) one shard; returns its marker plus ``status`` (or ``error``)."""
     name = shard_name(unit["split"], unit["index"])
@@ -234,9 +247,10 @@ def process_unit(unit: dict) -> dict:
             if _agrees(marker, unit, tar_url):
                 return {**marker, "status": "skipped"}
             status = "redone"
+            _fence(unit)
             sfs.remove(marker_url)
         skipped, upsampled = [], []
-        written = write_shard(tar_url, _samples(unit, skipped, upsampled))
+        written = write_shard(tar_url, _samples(unit, skipped, upsampled), before_publish=lambda: _fence(unit))
         fs, path = sfs.filesystem(tar_url)
         marker = {
             "shard": f"{name}.tar", "split": unit["split"], "index": unit["index"], "count": written["count"],
@@ -244,6 +258,7 @@ def process_unit(unit: dict) -> dict:
             "unit": unit["fingerprint"], "resolution": unit["resolution"], "image_format": unit["image_format"],
             "format_version": FORMAT_VERSION,
         }
+        _fence(unit)
         write_json(marker_url, marker)
         return {**marker, "status": status}
     except Exception as e:  # noqa: BLE001 - reported per shard by the driver; the other shards go on
@@ -298,7 +313,7 @@ class Plan(NamedTuple):
 def plan(config: ShardConfig) -> Plan:
     """The recorded shards (and new ones for unassigned files) as units, with the split's classes."""
     output = sfs.to_url(config.output)
-    manifest = read_json(sfs.join(output, "manifest.json"))
+    manifest = read_json(sfs.join(output, "manifest.json"), remedy=MANIFEST_REMEDY)
     folders, files, empty = list_split(config.images, config.split)
     found = [printable(c) for c in folders]
     listing_fingerprint = _digest(files)
@@ -328,7 +343,7 @@ def plan(config: ShardConfig) -> Plan:
 def _write_manifest(config: ShardConfig, output: str, classes: list[str], results: list[dict],
                     split_fingerprint: str, removed: list[str]) -> None:
     url = sfs.join(output, "manifest.json")
-    previous = read_json(url) or {}
+    previous = read_json(url, remedy=MANIFEST_REMEDY) or {}
     splits = {s: v for s, v in previous.get("splits", {}).items() if s != config.split}
     splits[config.split] = {
         "count": sum(r["count"] for r in results),
@@ -353,14 +368,23 @@ def _write_manifest(config: ShardConfig, output: str, classes: list[str], result
 
 
 def run(config: ShardConfig) -> ShardSummary:
-    """Shard one split: one Ray task per shard, markers last, then the merged manifest."""
+    """Shard one split under the output's lease: one Ray task per shard, markers last, then the merged manifest."""
+    output = sfs.to_url(config.output)
+    lease = Lease(sfs.join(output, LEASE_FILE), ttl=config.lease_ttl)
+    with lease.hold(wait=config.lease_wait):
+        return _run(config, output, lease)
+
+
+def _run(config: ShardConfig, output: str, lease: Lease) -> ShardSummary:
     import ray
 
     from pipelines.parallel import ensure_ray, map_units
 
-    output = sfs.to_url(config.output)
     p = plan(config)
     classes, units, a = p.classes, p.units, p.assignment
+    for u in units:
+        u.update(lease_url=lease.url, lease_owner=lease.owner, lease_margin=lease.margin)
+    lease.check()
     if not a.recorded:  # before any shard, so that a killed run resumes into the same shards
         write_json(sfs.join(output, record_name(config.split)), to_record(config.split, a))
     if a.removed:
@@ -375,6 +399,7 @@ def run(config: ShardConfig) -> ShardSummary:
         task = ray.remote(num_cpus=1, max_retries=0)(process_unit)  # map_units re-submits lost units
         results = map_units(task, units, f"shard {config.split}", max_in_flight=config.workers,
                             show_progress=config.show_progress)
+    lease.check()  # a lost lease is the cause of whatever failed after it
     failed = [r for r in results if r["status"] == "failed"]
     if failed:
         raise StageError(f"{len(failed)} of {len(units)} shards failed (first: {failed[0]['shard']}: "
@@ -393,7 +418,7 @@ def run(config: ShardConfig) -> ShardSummary:
 
 def complete(config: ShardConfig) -> str | None:
     """What the split's shards lack (a manifest entry, current markers), or None when they match the input."""
-    manifest = read_json(sfs.join(sfs.to_url(config.output), "manifest.json"))
+    manifest = read_json(sfs.join(sfs.to_url(config.output), "manifest.json"), remedy=MANIFEST_REMEDY)
     info = (manifest or {}).get("splits", {}).get(config.split)
     if not info:
         return f"no split {config.split!r} in manifest.json"

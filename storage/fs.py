@@ -104,12 +104,15 @@ def check_name(name, what: str = "name") -> str:
 
 
 def child(url: str, name: str, what: str = "name") -> str:
-    """``url/name`` for one checked name: the result always lies directly under ``url``."""
+    """``url/name`` for one name read from a document (a manifest, a marker, a version list), for reading or
+    writing alike: the name is checked (``check_name``) and the result always lies directly under ``url``."""
     return join(url, check_name(name, what))
 
 
 def within(root: str, url: str) -> str:
-    """``url`` if it lies under ``root`` once ``.`` and ``..`` are resolved (local paths and URLs alike)."""
+    """``url`` if it lies under ``root`` once ``.`` and ``..`` are resolved (local paths and URLs alike), for a
+    path built from a document's value (reads and writes alike). Symbolic links inside ``root`` are followed as
+    the user laid them out (a dataset of links is legitimate)."""
     def parts(u: str) -> tuple[str, str]:
         u = to_url(u)
         scheme, sep, rest = u.partition("://")
@@ -117,8 +120,14 @@ def within(root: str, url: str) -> str:
 
     (rs, rp), (us, up) = parts(root), parts(url)
     if rs != us or (up != rp and not up.startswith(rp.rstrip("/") + "/")):
-        raise StorageError(f"refusing to write {url}: it lies outside {root}")
+        raise StorageError(f"refusing {url}: it lies outside {root}")
     return url
+
+
+def resolved(url: str) -> str:
+    """``to_url(url)`` with local symbolic links resolved (what the path really names); URLs unchanged."""
+    path = local_path(url)
+    return to_url(url) if path is None else os.path.realpath(path)
 
 
 def to_url(url: str) -> str:

@@ -38,10 +38,10 @@ import zarr
 import zarr.codecs as zc
 
 from storage import StorageError
-from storage.fs import (check_name, child, filesystem, is_local_fs, join, list_files, remove, storage_options, to_url,
-                        within)
+from storage.fs import (check_name, child, filesystem, is_local_fs, join, list_files, remove, resolved,
+                        storage_options, to_url, within)
 from storage.lease import create_exclusive
-from storage.markers import read_json, write_json
+from storage.markers import DamagedRecord, read_json, write_json
 
 VERSIONS = "versions.json"
 LEASE_FILE = "encode.lease.json"  # the lease every writer of a store root takes (encode, migrate-store)
@@ -128,7 +128,8 @@ def array_specs(attrs: dict) -> dict[str, ArraySpec]:
 
 
 def commit_log(group_url: str) -> list[dict]:
-    """The commit log of a version, in slot order (entries that are not JSON objects are skipped)."""
+    """The commit log of a version, in slot order (entries that are not JSON objects are skipped; one that does
+    not parse is refused)."""
     fs, path = filesystem(join(group_url, COMMITS))
     fs.invalidate_cache(path)  # writers in other processes append
     if not fs.exists(path):
@@ -139,8 +140,10 @@ def commit_log(group_url: str) -> list[dict]:
     for p in paths:
         try:
             doc = json.loads(blobs[p]) if p in blobs else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            doc = None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a commit is created whole, never torn
+            raise DamagedRecord(f"commit {p} of latent store {group_url} is damaged (not valid JSON): replace its "
+                                "content with {} (an empty entry), and `reals encode` re-encodes the shards it "
+                                "committed") from e
         if isinstance(doc, dict):
             out.append(doc)
     return out
@@ -197,8 +200,9 @@ class LatentStore:
 
     @staticmethod
     def check_root(url: str) -> None:
-        """Refuse a store root that is a version group itself, or that lies inside another store."""
-        url = to_url(url).rstrip("/")
+        """Refuse a store root that is a version group itself, or that lies inside another store (symbolic links
+        resolved: a link into a store version names a folder inside that store)."""
+        url = resolved(url).rstrip("/")
         if read_json(join(url, "zarr.json")) is not None:
             parent = posixpath.dirname(url)
             raise StorageError(f"{url} is a Zarr group (a version of the latent store {parent}), not a store "

@@ -1,4 +1,5 @@
-"""A lease kept in the store, so two runs never write one store at the same time; exclusive creates.
+"""A lease kept beside what it guards (a latent store, a shards folder), so two runs never write it at once;
+exclusive creates.
 
 The lease is a JSON object ``{"owner", "expires_at", "expires"}``. It is taken or renewed only by a
 compare-and-swap: on S3 a conditional PUT (``If-None-Match: *`` to create, ``If-Match: <etag>`` to replace),
@@ -270,7 +271,8 @@ class Lease:
             if not free and time.monotonic() >= deadline:
                 raise StorageError(
                     f"{self.url} is leased by {doc.get('owner')} until {_iso(float(doc.get('expires_at', 0)))}: "
-                    f"another run is writing this store; wait for it, or for the lease to expire if it crashed")
+                    f"another run is writing there; wait for it (--lease-wait S), or for the lease to expire if it "
+                    "crashed")
             if not free:
                 time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
 

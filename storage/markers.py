@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from storage import StorageError
 from storage.fs import filesystem, read_bytes, write_bytes_atomic
 
 
@@ -12,15 +13,23 @@ def write_json(url: str, obj) -> None:
     write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(url: str):
-    """The JSON document at ``url``, or ``None`` when it is absent or unreadable (a torn write)."""
+class DamagedRecord(StorageError):
+    """A JSON record that exists but does not parse: never taken as absent, since redoing its work from
+    scratch could change what it records (a shard assignment, a manifest, a done-marker)."""
+
+
+def read_json(url: str, remedy: str = "delete it to redo what it records, or restore it from a copy"):
+    """The JSON document at ``url``, or ``None`` when it is absent; ``DamagedRecord`` (saying ``remedy``) when it
+    exists but does not parse (our writes are atomic, so something else damaged it)."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         return None
+    data = read_bytes(url)
     try:
-        return json.loads(read_bytes(url))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedRecord(f"{url} is damaged ({len(data)} bytes, not valid JSON: "
+                            f"{getattr(e, 'msg', None) or e.reason}): {remedy}") from e
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -11,17 +11,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
 
 from storage import StorageError
-from storage.fs import apply_umask, filesystem, is_local_fs, join
+from storage.fs import apply_umask, child, filesystem, is_local_fs, join
 from storage.markers import read_json
 
 FSSPEC_SCHEMES = ("s3", "s3a", "memory", "gs", "gcs", "az", "abfs", "file")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MANIFEST_REMEDY = "restore it from a copy, or delete it and re-run `reals shard` for each split it listed"
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_):
@@ -38,11 +39,12 @@ def register_gopen() -> None:
 register_gopen()
 
 
-def write_shard(url: str, samples: Iterable[dict]) -> dict:
+def write_shard(url: str, samples: Iterable[dict], before_publish: Callable[[], None] | None = None) -> dict:
     """Write one tar of samples (``{"__key__", ext: bytes|str|int|dict}``) byte-deterministically.
 
     The tar is built in a local temporary file, then moved (local) or uploaded (object store) in one
-    piece, so a reader never sees a half-written shard under its final name. Returns count and sha256.
+    piece, so a reader never sees a half-written shard under its final name; ``before_publish`` runs just
+    before that (a writer's lease check). Returns count and sha256.
     """
     count = 0
     with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as tmp:
@@ -53,6 +55,8 @@ def write_shard(url: str, samples: Iterable[dict]) -> dict:
         tmp_path = tmp.name
     try:
         digest = _sha256_file(tmp_path)
+        if before_publish is not None:
+            before_publish()
         fs, path = filesystem(url)
         if is_local_fs(fs):
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -96,18 +100,18 @@ def _sha256_file(path: str) -> str:
 
 def read_manifest(dataset_url: str) -> dict:
     """The dataset's manifest.json; a clear error when the folder holds no shards."""
-    manifest = read_json(join(dataset_url, "manifest.json"))
+    manifest = read_json(join(dataset_url, "manifest.json"), remedy=MANIFEST_REMEDY)
     if manifest is None:
         raise StorageError(f"no manifest.json under {dataset_url}: run `reals shard` first")
     return manifest
 
 
 def shard_urls(dataset_url: str, split: str = "train") -> list[str]:
-    """URLs of a split's shards, in manifest order."""
+    """URLs of a split's shards, in manifest order; a shard name that is not a plain file name is refused."""
     manifest = read_manifest(dataset_url)
     if split not in manifest["splits"]:
         raise StorageError(f"split {split!r} not in {dataset_url} (has {sorted(manifest['splits'])})")
-    return [join(dataset_url, name) for name in manifest["splits"][split]["shards"]]
+    return [child(dataset_url, name, "manifest.json shard name") for name in manifest["splits"][split]["shards"]]
 
 
 def decode_image(data: bytes) -> np.ndarray:

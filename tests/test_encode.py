@@ -13,7 +13,7 @@ import zarr
 
 from pipelines import StageError
 from pipelines.cli import main as cli_main
-from pipelines.encode import EncodeConfig, EncodeWorker, run
+from pipelines.encode import ENCODE_THREADS, EncodeConfig, EncodeWorker, run
 from pipelines.encoding import TeacherSpec
 from pipelines.verify_store import VerifyStoreConfig
 from pipelines.verify_store import run as verify
@@ -108,6 +108,24 @@ def test_rerun_skips_done_shards(tiny_store, tiny_shards, vae_dirs, capsys):
     again = encode(tiny_shards, vae_dirs[0], out)
     assert (again.shards_encoded, again.shards_skipped, again.rows_done) == (0, 2, 48)
     assert "skipping 2 of 2 shards" in capsys.readouterr().out
+
+
+def test_encode_writes_the_same_bits_in_process_and_on_one_or_two_actors(tiny_shards, vae_dirs, tmp_path,
+                                                                        ray_session):
+    """A driver computes on all its cores by default (2 here), a Ray actor on one: the workers pin theirs."""
+    import torch
+
+    torch.set_num_threads(2)
+    try:
+        stores = {w: encode(tiny_shards, vae_dirs[0], str(tmp_path / f"w{w}"), workers=w) for w in (0, 1, 2)}
+        assert torch.get_num_threads() == 2  # the driver's own setting is given back
+    finally:
+        torch.set_num_threads(1)
+    got = {w: arrays(join(str(tmp_path / f"w{w}"), s.version)) for w, s in stores.items()}
+    for w in (1, 2):
+        assert_same_arrays(got[0], got[w])
+    threads = {w: LatentStore.open(str(tmp_path / f"w{w}")).attrs["torch_threads"] for w in stores}
+    assert set(threads.values()) == {ENCODE_THREADS}
 
 
 def test_encode_on_s3_with_two_ray_workers(tiny_shards, vae_dirs, s3_bucket, tiny_store, ray_session):

@@ -284,3 +284,18 @@ def test_a_commit_whose_segment_is_gone_reads_as_a_damaged_shard(tmp_path):
     with pytest.raises(CorruptChunk, match="shard s-0.tar: its committed segment .* has no array std") as caught:
         store.stored_checksum(marker)
     assert (caught.value.shard, caught.value.rows) == ("s-0.tar", (0, 10))
+
+
+def test_a_commit_that_does_not_parse_is_refused_with_its_remedy(tmp_path):
+    from pathlib import Path
+
+    from storage.markers import DamagedRecord
+
+    store, (e0, _) = make_store(str(tmp_path / "s"))
+    fill(store, e0)
+    slot = sorted(Path(store.url, "commits").glob("[0-9]*.json"))[-1]
+    slot.write_text('{"shard": "s-0.t')
+    with pytest.raises(DamagedRecord, match=r"commit .* is damaged .* replace its content with \{\}"):
+        store.markers()
+    slot.write_text("{}")
+    assert "s-0.tar" not in store.markers()

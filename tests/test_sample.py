@@ -42,13 +42,15 @@ def sample_config(trained, output, **kw) -> SampleConfig:
 @pytest.fixture(scope="module")
 def two_workers(trained, ray_session):
     out = trained["root"] / "two" / "samples.npz"
-    return run(sample_config(trained, out, workers=2)), out
+    return run(sample_config(trained, out, workers=2, keep_parts=True)), out
 
 
 def test_two_workers_draw_exactly_what_one_draws(trained, two_workers):
     summary, out2 = two_workers
     one = run(sample_config(trained, trained["root"] / "one" / "samples.npz", workers=1))
     assert (summary.workers, one.workers, summary.parts, summary.parts_sampled) == (2, 1, 4, 4)
+    assert len(os.listdir(f"{out2}.parts")) == 8  # kept: --keep-parts
+    assert not os.path.exists(f"{one.output}.parts")  # removed once the merged file read back whole
     with np.load(out2) as a, np.load(one.output) as b:
         assert sorted(a.files) == sorted(b.files) == ["arr_0", "arr_1", "latents"]
         for key in a.files:

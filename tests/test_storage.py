@@ -12,7 +12,7 @@ from PIL import Image
 
 from storage import StorageError
 from storage import fs as sfs
-from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
+from storage.markers import DamagedRecord, fingerprint, read_json, sha256_bytes, sha256_url, write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls, write_shard
 
 
@@ -85,7 +85,8 @@ def test_json_markers_and_checksums(root):
     write_json(url, {"b": [1, 2], "a": "é"})
     assert read_json(url) == {"a": "é", "b": [1, 2]}
     sfs.write_bytes_atomic(url, b'{"torn": ')
-    assert read_json(url) is None
+    with pytest.raises(DamagedRecord, match="marker.json is damaged .9 bytes.*: delete it to redo"):
+        read_json(url)  # damaged is not absent
     payload = os.urandom(3 * 1024 + 5)
     data_url = sfs.join(root, "m", "payload.bin")
     sfs.write_bytes_atomic(data_url, payload)
