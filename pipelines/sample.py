@@ -110,8 +110,8 @@ class SampleConfig(StageConfig):
     global_seed: int = Field(0, ge=0, description="seed; sample i uses the seeds (global_seed, i)")
     use_ema: Annotated[bool, Cli(negative="--no-ema")] = Field(True, description="use the checkpoint's EMA weights")
     save_latents: bool = Field(False, description="also store the normalised latents as `latents` in the .npz")
-    keep_parts: bool = Field(False, description="keep <output>.parts/ after the merge (removed by default once the "
-                                                "merged file is verified)")
+    keep_parts: bool = Field(False, description="keep the parts folder (the output's name + .parts) after the merge "
+                                                "(removed by default once the merged file is verified)")
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else one per CPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the workers run the models")
     show_progress: ShowProgress = Field(True, description="show a progress bar")
