@@ -4,6 +4,7 @@ and the demo entry with a slow Prefect API start-up. Tests run in file order; th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def _s3_env(cluster, monkeypatch) -> None:
 def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_and_its_row(
         cluster, micro_config, vae_dir, tmp_path, monkeypatch):
     """The nightly deployment through the API, twice: after one image arrives in the first class, written shard
-    tars and store chunks and markers are byte-identical, and one new shard with one row is added."""
+    tars, store chunks and commits are byte-identical, and one new shard with one row is added."""
     from pipelines.synthetic import SyntheticConfig, run as synthetic
     from storage.fs import filesystem
 
@@ -170,10 +171,10 @@ def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_a
               "encode": {**MICRO["encode"], "vae_path": vae_dir}}
     fs, _ = filesystem(root)
 
-    def written() -> dict[str, bytes]:  # shard tars, store chunks and done-markers
+    def written() -> dict[str, bytes]:  # shard tars, store chunks and commits
         fs.invalidate_cache()
         return {p: fs.cat_file(p) for p in fs.find(root)
-                if p.endswith(".tar") or ("/latents/" in p and ("/c/" in p or "/markers/" in p))}
+                if p.endswith(".tar") or ("/latents/" in p and ("/c/" in p or re.search(r"/commits/\d{12}\.json$", p)))}
 
     with _serving(cluster, micro_config) as (serve, run_deployment):
         first = _run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
@@ -187,21 +188,29 @@ def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_a
     assert {p: after[p] for p in before} == before
     added = sorted(set(after) - set(before))
     assert [p.rsplit("/", 1)[-1] for p in added if p.endswith(".tar")] == ["train-000004.tar"]
-    [marker] = [json.loads(after[p]) for p in added if "/markers/" in p and not p.endswith("zarr.json")]
+    [marker] = [m for m in (json.loads(after[p]) for p in added if "/commits/" in p) if "shard" in m]
     assert (marker["shard"], marker["count"]) == ("train-000004.tar", 1)
 
 
-def _wait_for_markers(store: str, n: int, proc, timeout: float = 900) -> None:
-    """Until at least ``n`` shard markers exist in the store (the encode is under way)."""
+def committed_shards_in(store: str) -> list[dict]:
+    """The shard commits (done-markers) of every version of ``store``, read from its commit logs."""
     from storage.fs import filesystem
 
+    fs, path = filesystem(store)
+    fs.invalidate_cache()
+    slots = [p for p in fs.find(path) if re.search(r"/commits/\d{12}\.json$", p)]
+    return [doc for doc in (json.loads(fs.cat_file(p)) for p in slots) if "shard" in doc]
+
+
+def _wait_for_commits(store: str, n: int, proc, timeout: float = 900) -> None:
+    """Until at least ``n`` shards are committed in the store (the encode is under way)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        fs, path = filesystem(store)
-        fs.invalidate_cache()
-        if len([p for p in fs.find(path) if "/markers/" in p and not p.endswith("zarr.json")]) >= n:
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the encode ended before the fault could be injected"
+        if len(committed_shards_in(store)) >= n:
             return
         time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} shards committed within {timeout:.0f} s")
 
 
 def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, reference_store, monkeypatch):
@@ -215,7 +224,7 @@ def test_a_10s_s3_outage_during_encode_is_retried(cluster, data, vae_dir, refere
                              "--vae-path", vae_dir, "--output", store, "--workers", "2"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_markers(store, 1, proc)
+        _wait_for_commits(store, 1, proc)
         proxy.cut()
         time.sleep(10)
         proxy.restore()
