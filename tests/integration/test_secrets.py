@@ -3,7 +3,6 @@ with S3 credentials only in the driver, the worker node's raylet killed mid-enco
 back, then a search for the secret everywhere the cluster writes; `down` then `up` keeps the flow runs."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from topology import (CREDENTIALS, ROOT, SECRET, cluster_status, driver_env, freeze_mid_unit, process_title,
-                      wait_for_worker_node)
+                      s3_probe, wait_for_worker_node)
 
 SHARD_FLOW = """
 import sys
@@ -25,24 +24,6 @@ from pipelines.shard import ShardConfig
 shard_flow(ShardConfig(data_path=sys.argv[1], output=sys.argv[2], resolution=32, shard_size=4, workers=2,
                        show_progress=False))
 """
-
-PROBE = """
-import json, os, ray
-from pipelines.parallel import ensure_ray, map_units
-from storage.fs import read_bytes, write_bytes_atomic
-
-ensure_ray()
-
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def probe(unit):
-    import time
-    url = f"s3://reals/secret-it/probe/{unit}.txt"
-    write_bytes_atomic(url, b"ok")
-    time.sleep(2)
-    return ray.get_runtime_context().get_node_id(), read_bytes(url).decode()
-print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False)))
-"""
-
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -142,11 +123,9 @@ def test_the_secret_stays_off_disk_and_a_lost_node_comes_back(cluster, inputs):
 
     # The watchdog starts the worker node again; a later stage's units run on both nodes and use S3.
     wait_for_worker_node(cluster, worker["pid"])
-    r = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    outputs.append(r.stdout + r.stderr)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len({node for node, _ in results}) == 2 and all(text == "ok" for _, text in results)
+    results, output = s3_probe(env, "s3://reals/secret-it/probe")
+    outputs.append(output)
+    assert len({node for node, _, _ in results}) == 2 and all(text == "ok" for _, text, _ in results)
     assert "watchdog: the Ray worker node is gone" in cluster.log("watchdog").read_text()
 
     # No file of the cluster (logs of every process it started, Ray's temp dir), the database folder, Ray's

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import TCPProxy
 from test_experiment import MICRO as EXPERIMENT_MICRO
-from topology import CREDENTIALS, MICRO, ROOT, driver_env, freeze_mid_unit, process_title, reals
+from topology import CREDENTIALS, MICRO, ROOT, driver_env, freeze_mid_unit, process_title, reals, s3_probe
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,29 +55,9 @@ def reference_store(data, vae_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------
 
-PROBE = """
-import json, ray
-from pipelines.parallel import ensure_ray, map_units
-from storage.fs import read_bytes, write_bytes_atomic
-
-ensure_ray()
-
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def probe(unit):
-    import os, time
-    url = f"s3://reals/probe/{unit}.txt"
-    write_bytes_atomic(url, b"ok")
-    time.sleep(2)
-    return ray.get_runtime_context().get_node_id(), read_bytes(url).decode(), "AWS_SECRET_ACCESS_KEY" in os.environ
-print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False)))
-"""
-
-
 def test_a_driver_with_ray_address_uses_both_nodes_and_s3_with_its_own_credentials(cluster, data):
     env = driver_env(cluster)
-    r = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results, _ = s3_probe(env, "s3://reals/probe")
     assert len({node for node, _, _ in results}) == 2  # both nodes ran units
     assert all(text == "ok" and has_key for _, text, has_key in results)
     # the nodes themselves were started without any credentials

@@ -2,6 +2,7 @@
 the S3 credentials), `reals` as a process, a Ray worker frozen mid-unit."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,30 @@ def wait_for_worker_node(cluster, lost_pid: int, timeout: float = 600) -> None:
         assert time.monotonic() < deadline, cluster_status(cluster)
         time.sleep(5)
     cluster.state = cluster._load()
+
+
+S3_PROBE = """
+import json, ray, sys
+from pipelines.parallel import ensure_ray, map_units
+from storage.fs import read_bytes, write_bytes_atomic
+
+ensure_ray()
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def probe(unit):
+    import os, time
+    url = f"{sys.argv[1]}/{unit}.txt"
+    write_bytes_atomic(url, b"ok")
+    time.sleep(2)
+    return ray.get_runtime_context().get_node_id(), read_bytes(url).decode(), "AWS_SECRET_ACCESS_KEY" in os.environ
+print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False)))
+"""
+
+
+def s3_probe(env: dict, prefix: str) -> tuple[list, str]:
+    """Four Ray units spread over the nodes, each writing and reading ``prefix/<unit>.txt``: their
+    ``(node, text read, whether the worker saw AWS_SECRET_ACCESS_KEY)``, and the driver's output."""
+    r = subprocess.run([sys.executable, "-c", S3_PROBE, prefix], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout + r.stderr
