@@ -93,10 +93,11 @@ def resolve_checkpoint(url: str) -> str:
     return found
 
 
-def checkpoint_to_resume(output: str, resume: bool) -> str | None:
+def checkpoint_to_resume(output: str, resume: bool, owner: bool = True) -> str | None:
     """The checkpoint a run folder continues from (None when it holds none); refused unless ``resume``. The
-    temporary files of a write that a previous run did not finish (killed, disk full) are removed first."""
-    stale = remove_stale_temps(output) + remove_stale_temps(join(output, "samples"))
+    ``owner`` (rank 0 of a run) first removes the temporary files of a write that a previous run did not finish
+    (killed, disk full); the other ranks leave them, since rank 0 may already be writing."""
+    stale = remove_stale_temps(output) + remove_stale_temps(join(output, "samples")) if owner else []
     if stale:
         LOGGER.warning("%s: removed %d temporary file(s) of an interrupted write (%s)", output, len(stale),
                        ", ".join(stale[:3]))

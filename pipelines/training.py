@@ -127,7 +127,8 @@ class TrainingLoop:
     def begin(self, seed: int, resume: bool) -> None:
         """Seed the RNGs, continue from the run folder's latest checkpoint (``resume`` required) and open the log."""
         checkpoints.seed_rngs(seed)
-        latest = checkpoint_to_resume(self.output, resume)
+        latest = checkpoint_to_resume(self.output, resume, owner=self.d.main)
+        barrier(self.d)  # rank 0 has removed stale temporary files before anyone writes
         if latest is not None:
             ckpt = load_checkpoint(latest)
             self.restore(ckpt)

@@ -507,6 +507,15 @@ def test_disk_full_during_train_sit_is_one_line_and_a_rerun_removes_stale_temps(
     assert temp_files(tmp_path) == [] and (out / "0000002.pt").exists()
 
 
+def test_only_the_owning_rank_removes_stale_temps(tmp_path):
+    from pipelines.checkpoints import checkpoint_to_resume
+
+    temp = tmp_path / f"log.jsonl.tmp-{'cd' * 16}"  # rank 0 may be writing it while rank 1 starts
+    temp.write_bytes(b"{}")
+    assert checkpoint_to_resume(str(tmp_path), False, owner=False) is None and temp.exists()
+    assert checkpoint_to_resume(str(tmp_path), False, owner=True) is None and not temp.exists()
+
+
 def test_a_torn_last_log_line_is_dropped_on_resume(tiny_store, tmp_path):
     out = tmp_path / "sit"
     args = sit_args(tiny_store.url, out, "--log-every", "1", "--ckpt-every", "1")
