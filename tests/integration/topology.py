@@ -99,11 +99,15 @@ ensure_ray()
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def probe(unit):
     import os, time
-    url = f"{sys.argv[1]}/{unit}.txt"
+    prefix, i = unit
+    url = f"{prefix}/{i}.txt"
     write_bytes_atomic(url, b"ok")
     time.sleep(2)
     return ray.get_runtime_context().get_node_id(), read_bytes(url).decode(), "AWS_SECRET_ACCESS_KEY" in os.environ
-print(json.dumps(map_units(probe, list(range(4)), "probe", show_progress=False)))
+prefix = sys.argv[1]  # read here: a worker's sys.argv is its own
+results = map_units(probe, [(prefix, i) for i in range(4)], "probe", show_progress=False)
+assert all(read_bytes(f"{prefix}/{i}.txt") == b"ok" for i in range(4)), "the workers' objects are not under " + prefix
+print(json.dumps(results))
 """
 
 
