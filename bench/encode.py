@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from pipelines.encode import EncodeConfig, EncodeWorker, encode_images, load_models, run
+from pipelines.stages.encode import EncodeConfig, EncodeWorker, encode_images, load_models, run
 from pipelines.encoding import TeacherSpec
 from pipelines.parallel import ensure_ray
 from storage.markers import write_json

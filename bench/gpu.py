@@ -150,7 +150,7 @@ def random_store(url: str, sizes: dict) -> None:
 def train_rates(case: dict, store: str, root: str, sizes: dict, batch: int) -> dict:
     """Steps/s of one model's training step fed three ways, at ``batch``."""
     from bench.train_sit import endless
-    from pipelines.train_sit import Dist, StoreSource, TrainDiTConfig, Trainer, TrainSiTConfig
+    from pipelines.stages.train_sit import Dist, StoreSource, TrainDiTConfig, Trainer, TrainSiTConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = Dist(device=device)

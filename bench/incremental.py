@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from encode import CPU_CASE, random_vae  # bench/encode.py: the demo-size VAE dir with random weights
 
-from pipelines.encode import EncodeConfig
-from pipelines.encode import run as encode
+from pipelines.stages.encode import EncodeConfig
+from pipelines.stages.encode import run as encode
 from pipelines.parallel import ensure_ray
-from pipelines.shard import ShardConfig
-from pipelines.shard import run as shard
-from pipelines.synthetic import SyntheticConfig
-from pipelines.synthetic import run as synthesize
+from pipelines.stages.shard import ShardConfig
+from pipelines.stages.shard import run as shard
+from pipelines.stages.synthetic import SyntheticConfig
+from pipelines.stages.synthetic import run as synthesize
 
 CLASSES, PER_CLASS, SHARD_SIZE, RESOLUTION = 4, 48, 32, 32
 

@@ -66,7 +66,7 @@ def demo_setup(demo: str) -> dict | None:
 def make_worker(setup: dict, output: str, **settings):
     """An in-process SampleWorker for ``settings`` (SampleConfig fields)."""
     from pipelines.checkpoints import load_checkpoint
-    from pipelines.sample import SampleConfig, SampleWorker, sample_spec, model_spec
+    from pipelines.stages.sample import SampleConfig, SampleWorker, sample_spec, model_spec
 
     config = SampleConfig(ckpt=setup["ckpt"], vae_path=setup["vae"], output=output, model=setup["model"], **settings)
     ckpt = load_checkpoint(setup["ckpt"])
@@ -93,9 +93,9 @@ class Timed(torch.nn.Module):
 
 def timings(setup: dict, root: str, batches: int, stage_samples: int, workers: int) -> dict:
     """Samples/s: forward-only limit, in-process worker, and the stage on Ray."""
-    from pipelines.sample import SampleConfig
+    from pipelines.stages.sample import SampleConfig
     from pipelines.sampling import guided_model
-    from pipelines.sample import run as sample
+    from pipelines.stages.sample import run as sample
 
     worker, _ = make_worker(setup, f"{root}/t.npz", **TIMING)
     timed = Timed(worker.model)

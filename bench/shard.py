@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pipelines.imaging import prepare
 from pipelines.parallel import ensure_ray
-from pipelines.shard import ShardConfig, plan, process_unit, run
-from pipelines.synthetic import SyntheticConfig
-from pipelines.synthetic import run as synthesize
+from pipelines.stages.shard import ShardConfig, plan, process_unit, run
+from pipelines.stages.synthetic import SyntheticConfig
+from pipelines.stages.synthetic import run as synthesize
 
 CLASSES, PER_CLASS, SOURCE_SIZE = 8, 48, 256
 RESOLUTION, SHARD_SIZE, FORMAT = 128, 24, "png"

@@ -27,9 +27,9 @@ def build_store(root: str, images: int) -> str:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from helpers import make_vae_dir
 
-    from pipelines.encode import EncodeConfig, run as encode
-    from pipelines.shard import ShardConfig, run as shard
-    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from pipelines.stages.encode import EncodeConfig, run as encode
+    from pipelines.stages.shard import ShardConfig, run as shard
+    from pipelines.stages.synthetic import SyntheticConfig, run as synthetic
 
     synthetic(SyntheticConfig(output=f"{root}/images", classes=10, per_class=images // 10, size=32, seed=0))
     shard(ShardConfig(images=f"{root}/images", output=f"{root}/shards", resolution=32, shard_size=256,
@@ -58,7 +58,7 @@ def main() -> None:
 
     from pipelines import ray_train
     from pipelines.parallel import ensure_ray
-    from pipelines.train_sit import TrainSiTConfig, run
+    from pipelines.stages.train_sit import TrainSiTConfig, run
 
     cpus = os.cpu_count() or 2
     ensure_ray(num_cpus=cpus)

@@ -37,12 +37,12 @@ def device_note() -> dict:
 
 def build_data(case: dict, root: str) -> dict:
     """Shards, a ReaLS VAE dir and its latent store for ``case``, made by the stages."""
-    from pipelines.encode import EncodeConfig
-    from pipelines.encode import run as encode
-    from pipelines.shard import ShardConfig
-    from pipelines.shard import run as shard
-    from pipelines.synthetic import SyntheticConfig
-    from pipelines.synthetic import run as synthetic
+    from pipelines.stages.encode import EncodeConfig
+    from pipelines.stages.encode import run as encode
+    from pipelines.stages.shard import ShardConfig
+    from pipelines.stages.shard import run as shard
+    from pipelines.stages.synthetic import SyntheticConfig
+    from pipelines.stages.synthetic import run as synthetic
     from reals.align import AlignNet
     from reals.vae import ReaLSVAE, build_vae
 
@@ -81,7 +81,7 @@ def steps_per_sec(trainer, batches, steps: int, warmup: int) -> float:
 
 
 def bench_case(case: dict, steps: int, warmup: int) -> dict:
-    from pipelines.train_sit import Dist, ShardSource, StoreSource, TrainSiTConfig, Trainer
+    from pipelines.stages.train_sit import Dist, ShardSource, StoreSource, TrainSiTConfig, Trainer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = Dist(device=dev)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.distributed import Dist
-from pipelines.train_vae import Trainer, TrainVAEConfig
+from pipelines.stages.train_vae import Trainer, TrainVAEConfig
 from reals.images import to_model_images
 from storage.markers import write_json
 from storage.shards import write_shard

@@ -13,7 +13,7 @@ from flows import artifacts
 from flows.plan import PipelineConfig, Step, layout, missing, plan_steps, write_record
 from flows.runtime import add_tags, run_name, started
 from flows.stages import STAGE_FLOWS
-from pipelines.encode import EncodeSummary
+from pipelines.stages.encode import EncodeSummary
 from pipelines.registry import stage
 from pipelines.report import ReportConfig, ReportSummary, write_report
 from storage.fs import exists, join, to_url

@@ -18,20 +18,20 @@ from pipelines.config import StageConfig
 
 # Stage modules in pipeline order.
 STAGE_MODULES = [
-    "pipelines.synthetic",
-    "pipelines.shard",
-    "pipelines.train_vae",
-    "pipelines.convert",
-    "pipelines.encode",
-    "pipelines.verify_store",
-    "pipelines.migrate_store",
-    "pipelines.train_sit",
-    "pipelines.import_checkpoint",
-    "pipelines.sample",
-    "pipelines.evaluate",
-    "pipelines.train_evaluator",
-    "pipelines.assess",
-    "pipelines.downstream",
+    "pipelines.stages.synthetic",
+    "pipelines.stages.shard",
+    "pipelines.stages.train_vae",
+    "pipelines.stages.convert",
+    "pipelines.stages.encode",
+    "pipelines.stages.verify_store",
+    "pipelines.stages.migrate_store",
+    "pipelines.stages.train_sit",
+    "pipelines.stages.import_checkpoint",
+    "pipelines.stages.sample",
+    "pipelines.stages.evaluate",
+    "pipelines.stages.train_evaluator",
+    "pipelines.stages.assess",
+    "pipelines.stages.downstream",
 ]
 
 

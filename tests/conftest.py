@@ -11,7 +11,7 @@ import pytest
 from helpers import make_vae_dir
 
 if TYPE_CHECKING:
-    from pipelines.encode import EncodeSummary
+    from pipelines.stages.encode import EncodeSummary
 
 # The integration suite (tests/integration: a real cluster, minutes) runs as its own step: `make test-integration`.
 collect_ignore = [] if os.environ.get("REALS_INTEGRATION") == "1" else ["integration"]
@@ -102,7 +102,7 @@ def storage_root(request, tmp_path):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A tiny synthetic ImageNet-layout folder: 4 classes x 12 train images (+ 3 val) at 48 px."""
-    from pipelines.synthetic import SyntheticConfig, run
+    from pipelines.stages.synthetic import SyntheticConfig, run
 
     out = tmp_path_factory.mktemp("synthetic")
     run(SyntheticConfig(output=str(out), classes=4, per_class=12, val_per_class=3, size=48, seed=0))
@@ -112,7 +112,7 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_shards(synthetic_root, tmp_path_factory, ray_session):
     """Shards of the synthetic folder at 32 px (train: 2 shards of <= 24, val: 1), on local disk."""
-    from pipelines.shard import ShardConfig, run
+    from pipelines.stages.shard import ShardConfig, run
 
     out = tmp_path_factory.mktemp("shards")
     for split in ("train", "val"):
@@ -137,7 +137,7 @@ class EncodedStore(NamedTuple):
 @pytest.fixture(scope="session")
 def tiny_store(tiny_shards, tiny_vae_dir, tmp_path_factory):
     """The tiny train shards encoded in-process with ``tiny_vae_dir`` into a local store of 16-row chunks."""
-    from pipelines.encode import EncodeConfig, run
+    from pipelines.stages.encode import EncodeConfig, run
 
     url = str(tmp_path_factory.mktemp("latents") / "store")
     summary = run(EncodeConfig(data_path=tiny_shards, vae_path=tiny_vae_dir, output=url, chunk_rows=16, workers=0,

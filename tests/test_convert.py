@@ -12,10 +12,10 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.convert import ConvertConfig, ExtractEMAConfig, complete, model_from_checkpoint, run, run_extract_ema
+from pipelines.stages.convert import ConvertConfig, ExtractEMAConfig, complete, model_from_checkpoint, run, run_extract_ema
 from pipelines.checkpoints import load_checkpoint
-from pipelines.train_vae import TrainVAEConfig
-from pipelines.train_vae import run as train
+from pipelines.stages.train_vae import TrainVAEConfig
+from pipelines.stages.train_vae import run as train
 from reals.vae import ReaLSVAE, build_vae
 from storage.shards import iter_shards, shard_urls
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.downstream import DownstreamConfig, run
+from pipelines.stages.downstream import DownstreamConfig, run
 from pipelines.downstream_data import depth_from_order
 from reals import ReaLSError
 from reals.downstream import (DepthHead, DepthMeter, HeadFitter, RidgeAccumulator, SegmentationHead,

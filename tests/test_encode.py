@@ -13,10 +13,10 @@ import zarr
 
 from pipelines import StageError
 from pipelines.cli import main as cli_main
-from pipelines.encode import ENCODE_THREADS, EncodeConfig, EncodeWorker, run
+from pipelines.stages.encode import ENCODE_THREADS, EncodeConfig, EncodeWorker, run
 from pipelines.encoding import TeacherSpec
-from pipelines.verify_store import VerifyStoreConfig
-from pipelines.verify_store import run as verify
+from pipelines.stages.verify_store import VerifyStoreConfig
+from pipelines.stages.verify_store import run as verify
 from storage import StorageError
 from storage.fs import join
 from storage.latent_store import LatentStore, commit_log, committed_shards

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.train_evaluator import TrainEvaluatorConfig, load_split, run
+from pipelines.stages.train_evaluator import TrainEvaluatorConfig, load_split, run
 from reals import ReaLSError
 from reals.evaluator import DomainClassifier, DomainFeatures, conditional_accuracy, domain_metrics, extract
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from pipelines.encode import EncodeConfig, run as encode_run
+from pipelines.stages.encode import EncodeConfig, run as encode_run
 from storage import StorageError
 from storage.fs import check_name, join, within
 from storage.latent_store import LatentStore
@@ -223,7 +223,7 @@ def test_an_s3_outage_longer_than_the_lease_ttl_hands_the_store_to_the_waiting_r
     """Run A reaches S3 through a proxy that is cut at A's first shard commit, for longer than the lease TTL;
     run B waits for the lease. B takes the store over and finishes it; A exits with one line and never
     writes again, not even once S3 answers again."""
-    from pipelines.verify_store import check_markers
+    from pipelines.stages.verify_store import check_markers
 
     proxy = TCPProxy(int(s3_server.rsplit(":", 1)[1]), cut_on=b"/commits/000000000001.json")
     store = f"{s3_bucket}/store"
@@ -276,7 +276,7 @@ def poll(value, what: str, timeout: float = 240.0, every: float = 0.05):
 
 def test_a_truncated_chunk_is_reported_redone_and_refused_by_name(tiny_store, tiny_shards, tiny_vae_dir, tmp_path,
                                                                    capsys):
-    from pipelines.verify_store import VerifyStoreConfig, run as verify
+    from pipelines.stages.verify_store import VerifyStoreConfig, run as verify
     from storage.latent_loader import LatentLoader
     from storage.latent_store import CorruptChunk
 
@@ -436,7 +436,7 @@ def test_a_split_without_image_files_is_refused(tmp_path, capsys):
     assert "split 'train' of" in line and "holds no image files, only 3 other file(s)" in line
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
     (tmp_path / "data" / "train" / "n02" / "photo").write_bytes(_png())
-    from pipelines.shard import list_split
+    from pipelines.stages.shard import list_split
 
     assert len(list_split(str(tmp_path / "data"), "train")[1]) == 4  # an image without an extension is one
 

@@ -115,8 +115,8 @@ def test_pipeline_runs_end_to_end_then_skips_complete_stages(prefect_api, ray_se
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     from flows.pipeline import reals_pipeline, reencode
-    from pipelines.convert import ConvertConfig
-    from pipelines.convert import run as convert_run
+    from pipelines.stages.convert import ConvertConfig
+    from pipelines.stages.convert import run as convert_run
 
     out = tmp_path / "run"
     config = PipelineConfig(output=str(out), **MICRO)
@@ -202,7 +202,7 @@ def test_shard_flow_reports_skipped_files(prefect_api, ray_session, synthetic_ro
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.stages import shard_flow
-    from pipelines.shard import ShardConfig
+    from pipelines.stages.shard import ShardConfig
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root / "train", data / "train")
@@ -394,7 +394,7 @@ def test_transient_errors_are_found_through_causes():
 
 def test_training_flow_launches_torchrun_with_several_processes(prefect_api, tiny_shards, tmp_path):
     from flows.stages import train_vae_flow
-    from pipelines.train_vae import TrainVAEConfig
+    from pipelines.stages.train_vae import TrainVAEConfig
 
     config = TrainVAEConfig(data_path=tiny_shards, output=str(tmp_path / "vae"), **{
         **MICRO["train_vae"], "max_steps": 2, "batch_size": 4, "sample_every": 100})

@@ -11,7 +11,7 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.convert import ConvertConfig, run
+from pipelines.stages.convert import ConvertConfig, run
 from reals import ReaLSError
 from reals.vae import ReaLSVAE, build_vae
 from storage.markers import write_json
@@ -152,10 +152,10 @@ def test_vae_ckpt_takes_ldm_single_file_weights(tmp_path, name, prefix):
 def test_encode_no_teacher_stores_latents_of_a_stock_vae(stock, shards, tmp_path, capsys):
     """fast-DiT style: a stock VAE dir names no teacher; --no-teacher stores latents only, verify-store checks them,
     train-sit trains on them, and a teacher-feature run onto that store is refused by name."""
-    from pipelines.train_sit import TrainSiTConfig
-    from pipelines.train_sit import run as train
-    from pipelines.verify_store import VerifyStoreConfig
-    from pipelines.verify_store import run as verify
+    from pipelines.stages.train_sit import TrainSiTConfig
+    from pipelines.stages.train_sit import run as train
+    from pipelines.stages.verify_store import VerifyStoreConfig
+    from pipelines.stages.verify_store import run as verify
     from storage.latent_store import LatentStore
 
     vae_dir, store = str(tmp_path / "vae"), str(tmp_path / "store")

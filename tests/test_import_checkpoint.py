@@ -8,8 +8,8 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.import_checkpoint import load_recognised, recognise, sde_diffusion_form
-from pipelines.sample import SampleConfig, make_sampler, model_spec, run, sample_spec
+from pipelines.stages.import_checkpoint import load_recognised, recognise, sde_diffusion_form
+from pipelines.stages.sample import SampleConfig, make_sampler, model_spec, run, sample_spec
 from reals.sit import create_sit
 
 NAME = "SiT-T/2"

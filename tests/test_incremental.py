@@ -11,10 +11,10 @@ import pytest
 import webdataset as wds
 
 from pipelines import StageError
-from pipelines.encode import EncodeConfig
-from pipelines.encode import run as encode
-from pipelines.shard import ShardConfig, complete
-from pipelines.shard import run as shard
+from pipelines.stages.encode import EncodeConfig
+from pipelines.stages.encode import run as encode
+from pipelines.stages.shard import ShardConfig, complete
+from pipelines.stages.shard import run as shard
 from storage.shards import read_manifest, shard_urls
 
 SHARD = dict(resolution=32, shard_size=24, workers=2, show_progress=False)
@@ -89,7 +89,7 @@ def test_removed_file_is_listed_and_logged_and_keeps_its_samples(synthetic_root,
     gone = sorted((data / "train").glob("*/*.JPEG"))[30]
     gone.unlink()
     rel = str(gone.relative_to(data))
-    with caplog.at_level(logging.WARNING, logger="pipelines.shard"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.stages.shard"):
         summary = shard(config)
     assert (summary.removed, summary.shards_skipped, summary.shards_written, summary.images) == ([rel], 2, 0, 48)
     [line] = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]

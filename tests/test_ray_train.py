@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipelines import ray_train
-from pipelines.train_sit import TrainSiTConfig
-from pipelines.train_vae import TrainVAEConfig
+from pipelines.stages.train_sit import TrainSiTConfig
+from pipelines.stages.train_vae import TrainVAEConfig
 
 
 def sit(**kw) -> TrainSiTConfig:
@@ -84,7 +84,7 @@ def test_a_folder_with_checkpoints_still_needs_resume_before_anything_starts(tmp
 def test_measurement_stages_declare_ray_task_resources_and_summaries_say_where_they_ran():
     from pipelines.placement import where_this_runs
     from pipelines.registry import stage
-    from pipelines.train_sit import TrainSiTSummary
+    from pipelines.stages.train_sit import TrainSiTSummary
 
     assert {stage(n).runs_on for n in ("make-reference", "evaluate", "assess", "downstream")} == {"task"}
     assert all(stage(n).resources is not None for n in ("make-reference", "evaluate", "assess", "downstream"))

@@ -11,9 +11,9 @@ import torch
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint
 from pipelines.cli import main
-from pipelines.sample import SampleConfig, SampleWorker, model_spec, run, sample_labels, sample_spec
-from pipelines.train_sit import TrainDiTConfig, TrainSiTConfig
-from pipelines.train_sit import run as train
+from pipelines.stages.sample import SampleConfig, SampleWorker, model_spec, run, sample_labels, sample_spec
+from pipelines.stages.train_sit import TrainDiTConfig, TrainSiTConfig
+from pipelines.stages.train_sit import run as train
 
 from helpers import make_vae_dir
 

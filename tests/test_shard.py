@@ -16,7 +16,7 @@ from PIL import Image
 from pipelines import StageError
 from pipelines.cli import main
 from pipelines.imaging import center_crop, to_rgb
-from pipelines.shard import ShardConfig, plan, run
+from pipelines.stages.shard import ShardConfig, plan, run
 from storage import fs as sfs
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.encode import EncodeConfig, run as encode
-from pipelines.verify_store import VerifyStoreConfig, run as verify
+from pipelines.stages.encode import EncodeConfig, run as encode
+from pipelines.stages.verify_store import VerifyStoreConfig, run as verify
 from storage.fs import join
 from storage.latent_store import LatentStore, commit_log
 

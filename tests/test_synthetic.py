@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipelines.cli import main
-from pipelines.synthetic import SyntheticConfig, class_id, class_spec, run
+from pipelines.stages.synthetic import SyntheticConfig, class_id, class_spec, run
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint, read_log
 from pipelines.cli import main
-from pipelines.train_sit import TrainDiTConfig, TrainSiTConfig, load_vae, run
+from pipelines.stages.train_sit import TrainDiTConfig, TrainSiTConfig, load_vae, run
 from storage.latent_store import LatentStore
 
 K = 4  # classes
@@ -205,7 +205,7 @@ def test_shards_encoded_on_the_fly(tiny_shards, tiny_vae_dir, tmp_path):
 
 def _ddp_rank(rank: int, world: int, port: int, store: str, output: str, dump: str) -> None:
     """One rank: train as torchrun would start it, recording the rows it was fed and its final weights."""
-    import pipelines.train_sit as ts
+    import pipelines.stages.train_sit as ts
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

@@ -9,7 +9,7 @@ import torch
 from pipelines import StageError
 from pipelines.cli import main
 from pipelines.checkpoints import LOG, check_resumable, load_checkpoint, read_log
-from pipelines.train_vae import RESUME_KEYS, TrainVAEConfig, run
+from pipelines.stages.train_vae import RESUME_KEYS, TrainVAEConfig, run
 from reals import ReaLSError
 from reals.losses import AutoencoderLoss
 from reals.teachers import Teacher
@@ -85,7 +85,7 @@ def test_cached_teacher_features_train_as_the_teacher_does(tiny_shards, tmp_path
 
 
 def test_teacher_cache_too_large_for_memory_is_refused(tiny_shards, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipelines.train_vae.os.sysconf", lambda name: 256)  # a 64 KiB machine
+    monkeypatch.setattr("pipelines.stages.train_vae.os.sysconf", lambda name: 256)  # a 64 KiB machine
     with pytest.raises(StageError, match=r"--cache-teacher needs .* GiB for 48 images.*train without it"):
         run(tiny_config(tiny_shards, str(tmp_path / "run"), max_steps=2, cache_teacher=True))
 

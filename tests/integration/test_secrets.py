@@ -20,7 +20,7 @@ from topology import (CREDENTIALS, ROOT, SECRET, cluster_status, driver_env, fre
 SHARD_FLOW = """
 import sys
 from flows.stages import shard_flow
-from pipelines.shard import ShardConfig
+from pipelines.stages.shard import ShardConfig
 shard_flow(ShardConfig(data_path=sys.argv[1], output=sys.argv[2], resolution=32, shard_size=4, workers=2,
                        show_progress=False))
 """
@@ -28,7 +28,7 @@ shard_flow(ShardConfig(data_path=sys.argv[1], output=sys.argv[2], resolution=32,
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     from helpers import make_vae_dir
-    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from pipelines.stages.synthetic import SyntheticConfig, run as synthetic
 
     root = tmp_path_factory.mktemp("secret-data")
     synthetic(SyntheticConfig(output=str(root / "images"), classes=2, per_class=16, size=32, seed=0))

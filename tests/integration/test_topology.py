@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A synthetic folder of 2 classes and its shards on local disk (8 shards of 4)."""
-    from pipelines.shard import ShardConfig, run as shard
-    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from pipelines.stages.shard import ShardConfig, run as shard
+    from pipelines.stages.synthetic import SyntheticConfig, run as synthetic
 
     root = tmp_path_factory.mktemp("data")
     synthetic(SyntheticConfig(output=str(root / "images"), classes=2, per_class=16, size=32, seed=0))
@@ -45,7 +45,7 @@ def vae_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_store(data, vae_dir, tmp_path_factory):
     """The undisturbed encode (in this process, no Ray) every disturbed run must equal value for value."""
-    from pipelines.encode import EncodeConfig, run
+    from pipelines.stages.encode import EncodeConfig, run
 
     out = tmp_path_factory.mktemp("ref") / "store"
     run(EncodeConfig(data_path=str(data / "shards"), vae_path=vae_dir, output=str(out), workers=0,
@@ -140,7 +140,7 @@ def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_a
         cluster, micro_config, vae_dir, tmp_path, monkeypatch):
     """The nightly deployment through the API, twice: after one image arrives in the first class, written shard
     tars, store chunks and commits are byte-identical, and one new shard with one row is added."""
-    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from pipelines.stages.synthetic import SyntheticConfig, run as synthetic
     from storage.fs import filesystem
 
     _s3_env(cluster, monkeypatch)

@@ -62,7 +62,7 @@ def test_a_served_shard_run_under_a_former_field_name_logs_its_units_done_line(c
     """The shard deployment alone (its flow run ends with the stage), its input given as ``data_path``."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from pipelines.synthetic import SyntheticConfig, run as synthetic
+    from pipelines.stages.synthetic import SyntheticConfig, run as synthetic
 
     serve, run_deployment, client = served
     images = tmp_path / "images"

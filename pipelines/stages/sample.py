@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import StageError
 from pipelines.checkpoints import resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
-from pipelines.import_checkpoint import load_recognised, sde_diffusion_form
+from pipelines.stages.import_checkpoint import load_recognised, sde_diffusion_form
 from pipelines.npz import write_npz
 from pipelines.registry import Stage
 from pipelines.render import image_grid

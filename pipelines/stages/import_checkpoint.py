@@ -210,7 +210,7 @@ class ImportCheckpointSummary(BaseModel):
 def run(config: ImportCheckpointConfig) -> ImportCheckpointSummary:
     """Recognise ``src``, check its tensors against its model, write it in this project's layout."""
     from pipelines.checkpoints import resolve_checkpoint
-    from pipelines.sample import check_weights_fit, checkpoint_weights, model_spec
+    from pipelines.stages.sample import check_weights_fit, checkpoint_weights, model_spec
     from storage.fs import to_url, write_bytes_atomic
 
     url = resolve_checkpoint(config.src)
