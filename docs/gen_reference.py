@@ -144,7 +144,7 @@ def model_markdown(title: str, model, intro: str = "") -> str:
 
 def configs_markdown() -> str:
     """The page of every config's fields: each stage's, the pipeline's and the experiment's."""
-    from flows.plan import PipelineConfig
+    from pipelines.pipeline_config import PipelineConfig
     from pipelines.experiment import ExperimentConfig
     from pipelines.registry import stages
 

@@ -25,6 +25,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from pipelines.report_parts import Card
 from storage.fs import exists, filesystem, join, read_bytes, to_url, write_bytes_atomic
 
 MAX_INLINE_IMAGE = 2 << 20  # PNGs up to 2 MiB are embedded in the artifact itself (data: URL)
@@ -141,77 +142,22 @@ def progress(key: str, description: str, probe: Callable[[], float | None], ever
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per stage
+# A stage's cards
 # ---------------------------------------------------------------------------------------------------
 
-def shard_artifacts(summary) -> None:
-    """Shard counts and the files left out, with their reasons."""
-    split = summary.split
-    table(f"shard-{split}-counts", [{
-        "split": split, "classes": summary.classes, "shards": summary.shards, "written": summary.shards_written,
-        "already done": summary.shards_skipped, "redone": summary.shards_redone, "images": summary.images,
-        "upsampled": summary.upsampled, "skipped files": summary.skipped_files,
-        "empty classes": len(summary.empty_classes), "new files": summary.new_files,
-        "removed since sharded": len(summary.removed), "output": summary.output,
-    }], f"WebDataset shards of split {split!r} (removed files keep their samples in their shards)")
-    table(f"shard-{split}-skipped-files", [s.model_dump() for s in summary.skipped],
-          f"input files of split {split!r} left out of the shards, and why")
-
-
-def encode_artifacts(summary) -> None:
-    """Rows of the latent store version: done and total."""
-    table(f"encode-{summary.split}-store", [{
-        "store": summary.store, "version (VAE fingerprint)": summary.version, "shards": summary.shards,
-        "encoded": summary.shards_encoded, "already done": summary.shards_skipped, "redone": summary.shards_redone,
-        "rows encoded now": summary.rows_encoded, "rows done": summary.rows_done, "rows total": summary.rows_total,
-        "undecodable samples": summary.samples_skipped,
-    }], "latent store rows done")
-
-
-def sample_artifacts(summary) -> None:
-    table("sample-summary", [{
-        "samples": summary.num_samples, "image shape": "x".join(map(str, summary.image_shape)),
-        "model": summary.model, "weights": summary.weights, "parts drawn": summary.parts_sampled,
-        "parts reused": summary.parts_reused, "samples/s": summary.samples_per_sec, "output": summary.output,
-    }], "samples drawn")
-    image("sample-grid", summary.grid, f"the first samples of {summary.output}")
-
-
-def metric_rows(metrics: dict) -> list[dict]:
-    """One row per number, each naming its feature space, extractor and weights."""
-    return [{"metric": name, "value": round(float(m["value"]), 4), "feature space": m.get("feature_space"),
-             "extractor": m.get("extractor"), "weights": m.get("weights"), "samples": m.get("num_samples"),
-             "reference images": m.get("num_reference")} for name, m in metrics.items()]
-
-
-def evaluate_artifacts(summary) -> None:
-    table("evaluate-metrics", metric_rows(summary.metrics),
-          "sample quality; FD_<space> is a Frechet distance in that teacher's feature space, not FID")
-    if summary.notes or summary.skipped:
-        lines = [f"- **{space} skipped**: {why}" for space, why in summary.skipped.items()]
-        lines += [f"- {note}" for note in summary.notes]
-        markdown("evaluate-notes", "\n".join(lines), "what was not computed and why")
-
-
-def downstream_artifacts(summary) -> None:
-    """The three-way segmentation/depth table and the overlays of real and generated images."""
-    report = join(summary.output, "report.md")
-    if exists(report):
-        markdown("downstream-report", read_bytes(report).decode(), "training-free segmentation and depth")
-    for name in ("overlays_real", "overlays_generated"):
-        url = join(summary.output, f"{name}.png")
-        if exists(url):
-            image(f"downstream-{name.replace('_', '-')}", url, name.replace("_", " "))
+def draw(card: Card) -> None:
+    """One card a stage declared (``pipelines.report_parts``)."""
+    if card.kind == "table":
+        table(card.key, card.rows, card.description)
+    elif card.kind == "markdown":
+        markdown(card.key, card.text, card.description)
+    else:
+        image(card.key, card.url, card.description)
 
 
 def experiment_artifacts(summary) -> None:
     markdown("experiment-results", summary.markdown, "ReaLS vs plain VAE: metrics over seeds")
     image("experiment-loss-curves", summary.loss_curves, "loss curves of both arms")
-
-
-# Stages whose summary has its own artifacts; any other stage shows its summary as a table.
-STAGE_ARTIFACTS = {"shard": shard_artifacts, "encode": encode_artifacts, "sample": sample_artifacts,
-                   "evaluate": evaluate_artifacts, "downstream": downstream_artifacts}
 
 
 def summary_rows(summary) -> list[dict]:
@@ -234,8 +180,11 @@ def loss_curve(stage: str, run_url: str) -> str | None:
 
 
 def publish(record, config, summary) -> None:
-    """The artifacts of a finished stage run: its own, or its summary as a table; a training run's loss curves."""
-    STAGE_ARTIFACTS.get(record.name, lambda s: table(record.name, summary_rows(s), record.help))(summary)
+    """The cards of a finished stage run: those it declares, or its summary as a table; a training run's loss
+    curves."""
+    for card in record.cards(summary) if record.cards else [Card("table", record.name, record.help,
+                                                                  rows=summary_rows(summary))]:
+        draw(card)
     if record.runs_on == "train":
         curve = loss_curve(record.name, config.output)
         if curve:

@@ -82,11 +82,11 @@ def _run_pipeline(config) -> int:
     from rich.table import Table
 
     from flows.pipeline import reals_pipeline
-    from flows.plan import plan_steps
+    from pipelines.pipeline_config import pipeline_steps
     from flows.runtime import prefect_api
 
     t0 = time.perf_counter()
-    plan_steps(config)  # a bad config fails here, before any server starts
+    pipeline_steps(config)  # a bad config fails here, before any server starts
     with prefect_api() as api:
         summary = reals_pipeline(config)
     console = Console()
@@ -111,13 +111,13 @@ def _run_pipeline(config) -> int:
 
 
 def pipeline(cmd: PipelineCommand) -> int:
-    from flows.plan import load_pipeline_config
+    from pipelines.pipeline_config import load_pipeline_config
 
     return _run_pipeline(load_pipeline_config(cmd.config, output=cmd.output, local_dir=cmd.local_dir))
 
 
 def demo(cmd: DemoCommand) -> int:
-    from flows.plan import load_pipeline_config
+    from pipelines.pipeline_config import load_pipeline_config
 
     return _run_pipeline(load_pipeline_config(None, output=cmd.output))
 

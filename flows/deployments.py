@@ -9,14 +9,14 @@ from prefect.deployments.runner import EntrypointType
 from pydantic import ValidationError
 
 from flows.pipeline import reals_pipeline, reencode
-from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
 from flows.runtime import local_server, wait_for_api
 from flows.experiment import experiment_flow
 from flows.forms import form_schema
 from flows.stages import STAGE_FLOWS
 from pipelines import StageError
 from pipelines.experiment import load_experiment_config
-from pipelines.registry import stage
+from pipelines.pipeline_config import PipelineConfig, load_pipeline_config, pipeline_steps
+from pipelines.registry import stages
 from storage.fs import join
 
 DEFAULT_REENCODE_CRON = "0 3 * * *"  # nightly at 03:00 UTC
@@ -45,23 +45,23 @@ def check_cron(cron: str) -> None:
 
 
 def build_deployments(config: PipelineConfig, reencode_cron: str = DEFAULT_REENCODE_CRON) -> list:
-    """The deployments ``serve`` runs; stage forms are pre-filled with the pipeline config's stage settings."""
+    """The deployments ``serve`` runs: the pipeline, reencode, every registered stage (the forms of those in the
+    pipeline's plan pre-filled with its settings) and the experiment."""
     check_cron(reencode_cron)
     params = {"config": config.model_dump(mode="json")}
     deployments = [deployment(reals_pipeline, "reals-pipeline", ("pipeline",), parameters=params,
                               description="the whole chain; complete stages are skipped"),
                    deployment(reencode, "reencode", ("reencode",), cron=reencode_cron, parameters=params,
                               description="incremental encode: new shards and new VAE versions")]
-    seen = set()
-    for step in plan_steps(config):
-        if step.stage in seen:
-            continue
-        seen.add(step.stage)
-        stage_params = {"config": step.config.model_dump(mode="json")}
-        if stage(step.stage).runs_on == "train":
+    planned = {}
+    for step in pipeline_steps(config):
+        planned.setdefault(step.stage, step.config)
+    for name, record in stages().items():  # every stage; those in the plan pre-filled with its settings
+        stage_params = {"config": planned[name].model_dump(mode="json")} if name in planned else {}
+        if record.runs_on == "train":
             stage_params["nproc_per_node"] = config.nproc_per_node
-        deployments.append(deployment(STAGE_FLOWS[step.stage], step.stage, (f"stage:{step.stage}",),
-                                      parameters=stage_params))
+        deployments.append(deployment(STAGE_FLOWS[name], name, (f"stage:{name}",), parameters=stage_params,
+                                      description=record.help))
     deployments.append(deployment(
         experiment_flow, "experiment", ("experiment",),
         parameters={"config": load_experiment_config(None, quick=True).model_dump(mode="json")},
@@ -86,7 +86,7 @@ def serve_deployments(config: PipelineConfig, with_server: bool = False,
     default 4200 or a free port when that is taken; one already answering there is used)."""
     from prefect.settings import PREFECT_API_URL
 
-    plan_steps(config)  # a bad config fails before anything is served
+    pipeline_steps(config)  # a bad config fails before anything is served
     if with_server:
         with local_server(port=port):
             serve(*build_deployments(config, reencode_cron))

@@ -19,8 +19,9 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flows import artifacts
-from flows.plan import Step, record_url, recorded, same_config, write_record
-from flows.sections import OptionalSection, optional_section
+from flows.records import record_url, recorded, same_config, write_record
+from pipelines.chain import Step
+from pipelines.sections import OptionalSection, optional_section
 from pipelines import StageError
 from pipelines.config import build
 from pipelines.experiment import (ARMS, ExperimentConfig, ExperimentSummary, check_arms, collect, config_differences,
@@ -363,7 +364,8 @@ def _form_model() -> type[BaseModel]:
         if name not in FORM_SECTIONS:
             fields[name] = (info.annotation, copy.copy(info))
             continue
-        section = optional_section(f"Experiment{name.title().replace('_', '')}Section", *FORM_SECTIONS[name])
+        section = optional_section(f"Experiment{name.title().replace('_', '')}Section",
+                                   *(stage(n) for n in FORM_SECTIONS[name]))
         default = info.get_default(call_default_factory=True)
         annotation = section | None if default is None else section
         fields[name] = (annotation, Field(None, description=info.description) if default is None else

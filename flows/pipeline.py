@@ -10,13 +10,15 @@ from prefect.states import Completed
 from pydantic import BaseModel
 
 from flows import artifacts
-from flows.plan import PipelineConfig, Step, layout, missing, plan_steps, write_record
+from flows.records import missing, write_record
 from flows.runtime import add_tags, run_name, started
 from flows.stages import STAGE_FLOWS
-from pipelines.stages.encode import EncodeSummary
+from pipelines import StageError
+from pipelines.chain import Step, check_inputs, produced, reading
+from pipelines.pipeline_config import PipelineConfig, layout, pipeline_steps
 from pipelines.registry import stage
-from pipelines.report import ReportConfig, ReportSummary, write_report
-from storage.fs import exists, join, to_url
+from pipelines.report import ReportConfig, ReportStep, ReportSummary, write_report
+from storage.fs import join
 from storage.markers import read_json
 
 SKIPPED = "skipped (complete)"
@@ -56,7 +58,7 @@ def output_of(fields: dict) -> str:
 
 def run_step(step: Step, nproc_per_node: int, name: str | None = None):
     """Start the stage flow of ``step`` as a subflow tagged with its stage, named ``name`` or
-    ``<step> <output> <start>`` (the step is the stage, or ``shard-train`` / ``shard-val``)."""
+    ``<step> <output> <start>`` (the step is the stage, or the stage and its split: ``shard-val``)."""
     stage_flow = STAGE_FLOWS[step.stage].with_options(
         flow_run_name=name or run_name(lambda c: f"{step.name} {output_of(c)}".rstrip()))
     with tags(f"stage:{step.stage}"):
@@ -81,14 +83,14 @@ def publish_report(summary: ReportSummary) -> None:
 @flow(name="reals-pipeline", flow_run_name=run_name(lambda c: f"pipeline {c['output']}"), log_prints=True)
 def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
     """From a dataset folder to metrics: every stage in order, those already complete skipped."""
-    steps = plan_steps(config)
-    at = layout(config)
-    add_tags(root_tag(at.root))
-    with tags(root_tag(at.root)):
-        return run_pipeline(config, steps, at)
+    steps = pipeline_steps(config)
+    root = layout(config).root
+    add_tags(root_tag(root))
+    with tags(root_tag(root)):
+        return run_pipeline(config, steps, root)
 
 
-def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSummary:
+def run_pipeline(config: PipelineConfig, steps: list[Step], root: str) -> PipelineSummary:
     ran: set[str] = set()
     rows: list[dict] = []
     for step in steps:
@@ -107,43 +109,44 @@ def run_pipeline(config: PipelineConfig, steps: list[Step], at) -> PipelineSumma
         ran.add(step.name)
         rows.append({"stage": step.name, "status": "ran", "seconds": round(seconds, 1), "reason": why})
     artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")
-    configs = {s.name: s.config for s in steps}
     report = report_task(ReportConfig(
-        output=at.report, title=f"ReaLS run report: {at.root}", shards=at.shards,
-        vae_run=configs["train-vae"].output, vae_dir=configs["convert"].output_dir, store=configs["encode"].output,
-        sit_run=configs["train-sit"].output, model=configs["train-sit"].model, samples=configs["sample"].output,
-        metrics=configs["evaluate"].output,
-        downstream=configs["downstream"].output if "downstream" in configs else None, stages=rows))
+        output=join(root, "report"), title=f"ReaLS run report: {root}", stages=rows,
+        steps=[ReportStep(stage=s.stage, config=s.config.model_dump(mode="json")) for s in steps]))
     publish_report(report)
-    return PipelineSummary(output=at.root, stages=rows, report=report.report, page=report.page,
+    return PipelineSummary(output=root, stages=rows, report=report.report, page=report.page,
                            metrics=report.metrics)
 
 
 @flow(name="reencode", flow_run_name=lambda: f"reencode {started()}", log_prints=True)
-def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list[EncodeSummary]:
+def reencode(config: PipelineConfig, vae_paths: list[str] | None = None) -> list[BaseModel]:
     """Nightly: shard new training images, then encode what the store lacks for every VAE version.
 
-    Shards whose inputs did not change and store rows already encoded are skipped by the stages; a VAE
-    directory with new weights (a new fingerprint) gets its own store version.
+    The plan's steps towards the latent store, from the VAE directory that is there: shards whose inputs did not
+    change and store rows already encoded are skipped by the stages; a VAE directory with new weights (a new
+    fingerprint) gets its own store version.
     """
-    steps = {s.name: s for s in plan_steps(config)}
-    root = root_tag(layout(config).root)
-    add_tags(root)
-    shard = steps["shard-train"].config
+    at = layout(config)
+    vae_dir = next(produced(s)["vae_dir"] for s in pipeline_steps(config) if "vae_dir" in produced(s))
+    add_tags(root_tag(at.root))
     summaries = []
-    with tags(root):
-        if exists(join(shard.images, "train")):
-            run_step(steps["shard-train"], config.nproc_per_node)
-        else:
-            print(f"shard-train: no {join(shard.images, 'train')} folder; encoding the shards there are")
-        base = steps["encode"].config
-        for vae in [base.vae_path, *(vae_paths or [])]:
-            provenance = read_json(join(vae, "provenance.json"))
-            if not provenance:
-                print(f"encode: {vae} is not a converted VAE directory yet; skipped")
+    with tags(root_tag(at.root)):
+        for step in pipeline_steps(config, provided={"vae_dir": vae_dir}, ends={"store"}):
+            field = reading(step, "vae_dir")
+            if field is None:
+                try:
+                    check_inputs(step)
+                except StageError as e:
+                    print(f"{step.name}: {e}; encoding the shards there are")
+                    continue
+                run_step(step, config.nproc_per_node)
                 continue
-            version = provenance.get("fingerprint") or posixpath.basename(vae.rstrip("/"))  # saved, not converted
-            name = f"encode {posixpath.basename(to_url(base.output).rstrip('/'))} {version[:8]}"
-            step = Step("encode", "encode", base.model_copy(update={"vae_path": vae}), ())
-            summaries.append(run_step(step, config.nproc_per_node, name))
+            for vae in [getattr(step.config, field), *(vae_paths or [])]:
+                provenance = read_json(join(vae, "provenance.json"))
+                if not provenance:
+                    print(f"{step.name}: {vae} is not a converted VAE directory yet; skipped")
+                    continue
+                version = provenance.get("fingerprint") or posixpath.basename(vae.rstrip("/"))  # saved, not converted
+                store = posixpath.basename(produced(step)["store"].rstrip("/"))
+                summaries.append(run_step(Step(step.name, step.stage, step.config.model_copy(update={field: vae})),
+                                          config.nproc_per_node, f"{step.name} {store} {version[:8]}"))
     return summaries

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from pipelines import ray_train
+from pipelines.chain import FORMER_SECTIONS
 from pipelines.config import Cli, build, load_yaml
 
 DESCRIPTION = "ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID."
@@ -103,7 +104,7 @@ def flag_values(cls: type[BaseModel], args: argparse.Namespace) -> dict:
 
 
 def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: argparse.ArgumentParser,
-                     section: str | None = None):
+                     section: str | tuple[str, ...] | None = None):
     """``cls`` from the YAML of ``--config`` (or its ``section``), overridden by the flags given."""
     values = {**load_yaml(getattr(args, "config", None), section), **flag_values(cls, args)}
     fields = cls.model_fields
@@ -123,12 +124,13 @@ def add_stage_command(sub, record) -> None:
     p = sub.add_parser(record.name, help=record.help, description=record.description or record.help,
                        epilog=record.epilog)
     add_config_arguments(p, record.config)
-    section = record.name.replace("-", "_")
+    section = record.chain.section if record.chain else record.name.replace("-", "_")
     p.add_argument("--config", help=f"YAML file of {record.config.__name__} fields, or a pipeline YAML with a "
                                     f"`{section}:` section (flags override it)")
+    names = (section, *FORMER_SECTIONS.get(section, ()))
 
     def handle(args: argparse.Namespace) -> int:
-        config = config_from_args(record.config, args, p, section)
+        config = config_from_args(record.config, args, p, names)
         if record.runs_on == "train" and ray_train.wanted(config):
             summary = ray_train.fit(record.name, config)
         else:

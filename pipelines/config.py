@@ -14,8 +14,8 @@ from pydantic_core import PydanticCustomError
 
 from pipelines import StageError
 
-# The top-level keys of a pipeline YAML besides its sections (flows/plan.py's PipelineConfig): a stage given such
-# a file with ``--config`` reads its own section and leaves these to the pipeline.
+# The top-level keys of a pipeline YAML besides its sections (``pipelines.pipeline_config.PipelineConfig``): a stage
+# given such a file with ``--config`` reads its own section and leaves these to the pipeline.
 PIPELINE_KEYS = frozenset({"output", "local_dir", "images", "data_path", "nproc_per_node", "family"})
 
 
@@ -165,8 +165,9 @@ def read_yaml(path: str | Path):
         raise StageError(f"config {path}{where}: {what}") from None
 
 
-def load_yaml(path: str | None, section: str | None = None) -> dict:
-    """The mapping in a YAML file (or its ``section`` when it has one); ``{}`` when ``path`` is None.
+def load_yaml(path: str | None, section: str | tuple[str, ...] | None = None) -> dict:
+    """The mapping in a YAML file (or its ``section`` when it has one; of several names, the first it has); ``{}``
+    when ``path`` is None.
 
     Beside a ``section``, the file is a pipeline YAML: a top-level setting other than the pipeline's own
     (``PIPELINE_KEYS``) would be read by nothing, so it is refused.
@@ -179,6 +180,8 @@ def load_yaml(path: str | None, section: str | None = None) -> dict:
     data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise StageError(f"config {path}: expected a mapping, got {type(data).__name__}")
+    if isinstance(section, tuple):
+        section = next((name for name in section if isinstance(data.get(name), dict)), section[0])
     if section is not None and isinstance(data.get(section), dict):
         for key, value in data.items():
             if key in PIPELINE_KEYS or value is None or isinstance(value, dict):

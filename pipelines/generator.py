@@ -1,7 +1,12 @@
 """The generator of a chain (the pipeline, the experiment): a SiT or a DiT, with its training stage and sampler."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from pipelines import StageError
+from pipelines.config import StageConfig
 from reals import ReaLSError
 from reals.models import model_family
 
@@ -29,3 +34,11 @@ def generator_sections(train_sit: dict, sample: dict, sample_dit: dict, model: s
         return "train-sit", train_sit, sample
     kept = {k: v for k, v in sample.items() if k not in SIT_SAMPLER_KEYS}
     return "train-dit", train_sit, {**kept, **sample_dit}
+
+
+class SampleDiTSection(StageConfig):
+    """How a DiT generator samples: these replace the sample section's SiT sampler settings."""
+
+    mode: Literal["DDPM", "DDIM"] = Field("DDPM", description="DDPM (ancestral, with the learned variance) or DDIM")
+    num_sampling_steps: int = Field(250, ge=2, description="respaced timesteps of the 1000 (model evaluations), "
+                                                           "as in DiT's sample_ddp.py")

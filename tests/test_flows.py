@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from flows.artifacts import IMAGE_REF
-from flows.plan import PipelineConfig, load_pipeline_config, plan_steps
+from pipelines.pipeline_config import PipelineConfig, load_pipeline_config, pipeline_steps as plan_steps
 from pipelines import StageError
 from storage.markers import read_json
 
@@ -296,7 +296,7 @@ def test_pipeline_form_keeps_the_declared_order_through_jsonb_and_takes_former_n
     declared = pipeline._parameter_openapi_schema.model_dump()
     schema = _jsonb(declared)
     defs = schema["definitions"]
-    assert list(defs["PipelineConfig"]["properties"])[:3] == ["shard", "encode", "family"]  # what JSONB does to it
+    assert list(defs["PipelineConfig"]["properties"])[:3] == ["shard", "assess", "encode"]  # what JSONB does to it
     assert _form_order(defs["PipelineConfig"]["properties"]) == list(PipelineConfig.model_fields)
     for name, definition in defs.items():
         assert _form_order(definition["properties"]) == list(declared["definitions"][name]["properties"]), name

@@ -12,7 +12,7 @@ from pydantic import Field
 from pipelines import StageError
 from pipelines.config import StageConfig
 from pipelines.placement import Placed, task_resources
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from storage.fs import read_bytes, to_url
 from storage.markers import read_json, write_json
 
@@ -115,7 +115,7 @@ def assess(config: AssessConfig) -> AssessSummary:
     return summary
 
 
-def complete(config: AssessConfig) -> str | None:
+def missing_outputs(config: AssessConfig) -> str | None:
     """Whether the assessment .json was written with this config."""
     done = read_json(config.output)
     if not done:
@@ -123,7 +123,12 @@ def complete(config: AssessConfig) -> str | None:
     return None if done.get("config") == config.model_dump(mode="json") else "assessed with other settings"
 
 
-STAGES = [Stage("assess", AssessConfig, AssessSummary, assess, complete=complete, runs_on="task",
+STAGES = [Stage("assess", AssessConfig, AssessSummary, assess, missing=missing_outputs, runs_on="task",
                 resources=lambda c: task_resources("cpu"),
+                reads={"evaluator": "evaluator", "ref_batch": "reference", "sample_batch": "samples",
+                       "vae_path": "vae_dir"},
+                writes={"output": Output("assessment", "assessment.json")},
+                chain=Chain("assess", "when set, domain-space metrics and reconstruction quality (trains the domain "
+                                      "evaluator first)", optional=True, target=True),
                 help="domain-space metrics of samples and reconstruction quality of a VAE",
                 description=__doc__.split("\n\n")[0])]

@@ -31,15 +31,16 @@ from pydantic import BaseModel, Field, model_validator
 from pipelines import StageError
 from pipelines.config import OptionalShards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from reals.align import AlignNet
 from reals.images import to_model_images
 from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor, stored_statistics
-from storage.fs import apply_umask, local_path, to_url, write_bytes_atomic
-from storage.markers import sha256_url
+from storage.fs import apply_umask, join, local_path, to_url, write_bytes_atomic
+from storage.markers import read_json, sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
+from pipelines.report_parts import ReportPart, Save
 
 STATS_FORMULA = "mean_c = E[z_c], std_c = sqrt(E[(z_c - mean_c)^2]) over posterior means, all images and positions"
 
@@ -284,7 +285,7 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
                           skipped=False)
 
 
-def complete(config: ConvertConfig) -> str | None:
+def missing_outputs(config: ConvertConfig) -> str | None:
     """What the VAE directory lacks to be this checkpoint's conversion with these settings, or None."""
     out = Path(local_path(config.output_dir) or config.output_dir)
     if not (out / PROVENANCE_FILE).is_file() or not (out / MEAN_STD_FILE).is_file():
@@ -348,11 +349,37 @@ def show_extract_ema(s: ExtractEMASummary) -> None:
           f"-> {s.output}")
 
 
+def report(config: ConvertConfig, save: Save) -> ReportPart | None:
+    """The VAE: architecture, teacher, alignment weight, perceptual loss, training and latent statistics."""
+    prov = read_json(join(to_url(config.output_dir), "provenance.json"))
+    if not prov:
+        return None
+    teacher = prov.get("teacher") or {}
+    perceptual = prov.get("perceptual") or "unknown"
+    lines = ["## VAE", "",
+             f"- architecture: {prov.get('vae_config')}, latents {'x'.join(map(str, prov.get('latent_shape', [])))} "
+             f"(downsampling x{prov.get('downsample_factor')}), fingerprint `{prov.get('fingerprint')}`",
+             f"- teacher: {teacher.get('description', teacher) if isinstance(teacher, dict) else teacher}",
+             f"- alignment weight: {prov.get('align_weight')}",
+             f"- perceptual loss: {perceptual}"]
+    if not perceptual.startswith("LPIPS"):
+        lines.append("  (LPIPS was not used: its ImageNet backbone weights cannot be downloaded offline)")
+    training = prov.get("training") or {}
+    stats = prov.get("latent_statistics") or {}
+    lines += [f"- trained for {training.get('step')} steps (`{training.get('run')}`)",
+              f"- latent statistics over {stats.get('num_images')} images: {stats.get('normalisation')}", ""]
+    return ReportPart(lines)
+
+
 STAGES = [
-    Stage("convert", ConvertConfig, ConvertSummary, run, complete=complete, show=show,
+    Stage("convert", ConvertConfig, ConvertSummary, run, missing=missing_outputs, show=show, report=report,
+          reads={"ckpt": "vae_run", "shards": "shards/{split}"},
+          writes={"output_dir": Output("vae_dir", "vae-dir", local=True)},
+          chain=Chain("convert", "checkpoint to ReaLS VAE directory"),
           help="checkpoint -> ReaLS VAE dir (diffusers AutoencoderKL + align_net + mean_std.json)",
           description=__doc__.split("\n\n")[0]),
     Stage("extract-ema", ExtractEMAConfig, ExtractEMASummary, run_extract_ema, show=show_extract_ema,
+          reads={"ckpt": "vae_run"}, writes={"output": Output("vae_weights", "vae-ema.safetensors")},
           help="write a checkpoint's EMA VAE weights as a state_dict",
           description="Write the EMA VAE weights of a train-vae checkpoint as a state_dict (usable as train-vae "
                       "--vae-ckpt with the same --vae-config)."),

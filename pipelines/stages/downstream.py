@@ -47,11 +47,12 @@ from pipelines.devices import torch_device
 from pipelines.placement import Placed, task_resources
 from pipelines.downstream_data import DEPTH_RATIO, Dataset, depth_from_order, load_generated, truth_tensor
 from pipelines.parallel import progress_bar
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.render import compose, overlay_rows
 from reals.images import to_uint8, to_unit_images
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
+from pipelines.report_parts import Card, ReportPart, Save, image, markdown
 
 TASKS = ("seg", "depth")
 SOURCES = ("teacher", "reals", "baseline")
@@ -430,7 +431,7 @@ def run(config: DownstreamConfig) -> DownstreamSummary:
     return summary
 
 
-def complete(config: DownstreamConfig) -> str | None:
+def missing_outputs(config: DownstreamConfig) -> str | None:
     """Whether the downstream metrics.json is written."""
     return None if read_json(sfs.join(sfs.to_url(config.output), "metrics.json")) else "no downstream metrics.json"
 
@@ -458,6 +459,42 @@ def show(s: DownstreamSummary) -> None:
     console.print(f"-> {s.output}/report.md", markup=False, highlight=False)
 
 
-STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, complete=complete, show=show, runs_on="task",
-                resources=lambda c: task_resources(c.device),
+OVERLAYS = ("overlays_real", "overlays_generated")
+
+
+def cards(summary: DownstreamSummary) -> list[Card]:
+    """The three-way segmentation/depth table and the overlays of real and generated images."""
+    out = []
+    report_md = sfs.join(summary.output, "report.md")
+    if sfs.exists(report_md):
+        out.append(markdown("downstream-report", sfs.read_bytes(report_md).decode(),
+                            "training-free segmentation and depth"))
+    for name in OVERLAYS:
+        url = sfs.join(summary.output, f"{name}.png")
+        if sfs.exists(url):
+            out.append(image(f"downstream-{name.replace('_', '-')}", url, name.replace("_", " ")))
+    return out
+
+
+def report(config: DownstreamConfig, save: Save) -> ReportPart | None:
+    """Its own report, headings demoted one level, with its overlays."""
+    folder = sfs.to_url(config.output)
+    if not sfs.exists(sfs.join(folder, "report.md")):
+        return None
+    body = sfs.read_bytes(sfs.join(folder, "report.md")).decode().splitlines()
+    lines = ["## Downstream (training-free segmentation and depth)", ""]
+    lines += ["#" + line if line.startswith("#") else line for line in body if not line.startswith("# ")]
+    for name in OVERLAYS:
+        png = sfs.join(folder, f"{name}.png")
+        if sfs.exists(png):
+            lines += ["", f"![{name.replace('_', ' ')}]({save(f'downstream_{name}.png', sfs.read_bytes(png))})"]
+    return ReportPart(lines + [""])
+
+
+STAGES = [Stage("downstream", DownstreamConfig, DownstreamSummary, run, missing=missing_outputs, show=show, cards=cards,
+                report=report, runs_on="task", resources=lambda c: task_resources(c.device),
+                reads={"images": "images", "vae_path": "vae_dir", "samples": "sample_latents"},
+                writes={"output": Output("downstream", "downstream")},
+                chain=Chain("downstream", "when set (and the data has masks and depth), segmentation and depth run "
+                                          "last", sets={"tasks": ["seg", "depth"]}, optional=True, target=True),
                 help="training-free segmentation/depth from ReaLS latents", description=__doc__.splitlines()[0])]

@@ -29,13 +29,14 @@ from pydantic import BaseModel, Field
 from pipelines import StageError
 from pipelines.config import Cli, OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from storage.fs import child, join, to_url
 from storage.latent_store import (LEASE_FILE, CorruptChunk, LatentStore, commit_log, committed_shards,
                                   rows_checksum, set_latest, utc_now)
 from storage.lease import Lease, LeaseLost, fence
 from storage.markers import read_json
 from storage.shards import iter_shard
+from pipelines.report_parts import Card, ReportPart, Save, table
 
 ENCODE_THREADS = 1  # torch intra-op threads of every encode worker, in process or a Ray actor (num_cpus=1)
 
@@ -433,7 +434,7 @@ def _store_version(config: EncodeConfig):
         return LatentStore.open(config.output, version=fp)
 
 
-def complete(config: EncodeConfig) -> str | None:
+def missing_outputs(config: EncodeConfig) -> str | None:
     """The first source shard without an agreeing marker in this VAE's store version, or None."""
     store = _store_version(config)
     if store is None:
@@ -474,5 +475,29 @@ def show(summary: EncodeSummary, shown: int = 10) -> None:
         console.print(f"skipped sample {s}", markup=False, highlight=False)
 
 
-STAGES = [Stage("encode", EncodeConfig, EncodeSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
+def cards(summary: EncodeSummary) -> list[Card]:
+    """Rows of the latent store version: done and total."""
+    return [table(f"encode-{summary.split}-store", [{
+        "store": summary.store, "version (VAE fingerprint)": summary.version, "shards": summary.shards,
+        "encoded": summary.shards_encoded, "already done": summary.shards_skipped, "redone": summary.shards_redone,
+        "rows encoded now": summary.rows_encoded, "rows done": summary.rows_done, "rows total": summary.rows_total,
+        "undecodable samples": summary.samples_skipped,
+    }], "latent store rows done")]
+
+
+def report(config: EncodeConfig, save: Save) -> ReportPart | None:
+    """The store's rows done and its latent shape."""
+    try:
+        s = LatentStore.open(config.output)
+    except Exception:  # noqa: BLE001 - a missing or half-written store is left out of the report
+        return None
+    done = int(s.done_rows().sum())
+    return ReportPart(["## Latent store", "", f"`{s.url}`: {done} of {s.num_samples} rows encoded, latents "
+                       f"{'x'.join(map(str, s.latent_shape))}, horizontal flips "
+                       f"{'stored' if s.has_flip else 'not stored'}.", ""])
+
+
+STAGES = [Stage("encode", EncodeConfig, EncodeSummary, run, runs_on="ray", missing=missing_outputs, progress=progress,
+                show=show, cards=cards, report=report, reads={"shards": "shards/{split}", "vae_path": "vae_dir"},
+                writes={"output": Output("store", "latents")}, chain=Chain("encode", "latent store"),
                 help="encode shards into a Zarr latent store with a ReaLS VAE", description=__doc__.splitlines()[0])]

@@ -22,11 +22,12 @@ from pipelines.config import Cli, Shards, ShowProgress, StageConfig
 from pipelines.devices import torch_device
 from pipelines.placement import Placed, task_resources
 from pipelines.npz import open_npz, write_npz
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from storage.fs import exists, to_url
 from storage.markers import fingerprint, write_json
+from pipelines.report_parts import Card, ReportPart, Save, markdown, table, table_lines
 
 FeatureSpace = Literal["inception", "effnet", "dinov2"]
 DEFAULT_SPACES: tuple[str, ...] = ("inception", "effnet", "dinov2")
@@ -336,7 +337,7 @@ def make_reference(config: MakeReferenceConfig) -> MakeReferenceSummary:
 # Stage records
 # ---------------------------------------------------------------------------------------------------
 
-def complete(config: EvaluateConfig) -> str | None:
+def missing_outputs(config: EvaluateConfig) -> str | None:
     """Whether metrics.json exists and was computed with this config."""
     from storage.markers import read_json
 
@@ -346,7 +347,7 @@ def complete(config: EvaluateConfig) -> str | None:
     return None if report.get("config") == config.model_dump(mode="json") else "metrics.json was computed with other settings"
 
 
-def reference_complete(config: MakeReferenceConfig) -> str | None:
+def reference_missing(config: MakeReferenceConfig) -> str | None:
     """Whether the reference file exists."""
     from pipelines.npz import npz_shape
 
@@ -363,14 +364,61 @@ def show_reference(s: MakeReferenceSummary) -> None:
         print(s.note)
 
 
+def metric_rows(metrics: dict) -> list[dict]:
+    """One row per number, each naming its feature space, extractor and weights."""
+    return [{"metric": name, "value": round(float(m["value"]), 4), "feature space": m.get("feature_space"),
+             "extractor": m.get("extractor"), "weights": m.get("weights"), "samples": m.get("num_samples"),
+             "reference images": m.get("num_reference")} for name, m in metrics.items()]
+
+
+def cards(summary: EvaluateSummary) -> list[Card]:
+    """The metrics, and what was not computed and why."""
+    out = [table("evaluate-metrics", metric_rows(summary.metrics),
+                 "sample quality; FD_<space> is a Frechet distance in that teacher's feature space, not FID")]
+    if summary.notes or summary.skipped:
+        lines = [f"- **{space} skipped**: {why}" for space, why in summary.skipped.items()]
+        lines += [f"- {note}" for note in summary.notes]
+        out.append(markdown("evaluate-notes", "\n".join(lines), "what was not computed and why"))
+    return out
+
+
+def report(config: EvaluateConfig, save: Save) -> ReportPart | None:
+    """Every metric with its feature space, extractor and weights; what was skipped and why."""
+    from storage.markers import read_json
+
+    metrics = read_json(to_url(config.output))
+    if not metrics:
+        return None
+    rows, values = [], {}
+    for name, m in metrics["metrics"].items():
+        values[name] = float(m["value"])
+        rows.append([name, float(m["value"]), m.get("feature_space"), m.get("extractor"), m.get("weights"),
+                     m.get("num_samples"), m.get("num_reference")])
+    lines = ["## Metrics", "", f"{metrics.get('num_samples')} samples against {metrics.get('num_reference')} "
+             f"reference images (`{metrics.get('ref_batch')}`). Each number names the feature space it was measured "
+             "in; `FD_<space>` is a Frechet distance in that network's features, not FID, and is not comparable "
+             "with published FID.", "",
+             *table_lines(["metric", "value", "feature space", "extractor", "weights", "samples", "reference"], rows)]
+    for space, info in metrics.get("feature_spaces", {}).items():
+        if info.get("status") == "skipped":
+            lines.append(f"- {space} not computed: {info.get('reason')}")
+    lines += [f"- note: {n}" for n in metrics.get("notes", [])]
+    return ReportPart(lines + [""], values)
+
+
 STAGES = [
-    Stage("make-reference", MakeReferenceConfig, MakeReferenceSummary, make_reference, complete=reference_complete,
+    Stage("make-reference", MakeReferenceConfig, MakeReferenceSummary, make_reference, missing=reference_missing,
           show=show_reference, runs_on="task", resources=lambda c: task_resources(c.device),
+          reads={"shards": "shards/{split}"}, writes={"output": Output("reference", "reference/{split}.npz")},
+          chain=Chain("make_reference", "reference batch from the val split", sets={"split": "val"}),
           help="write an ADM-layout reference .npz from dataset shards",
           description="Draw a seeded uniform subset of a split's shards into an ADM-layout reference .npz (arr_0 "
                       "images, arr_1 labels, mu/sigma/mu_s/sigma_s when the FID-Inception weights exist)."),
-    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, complete=complete, show=show, runs_on="task",
-          resources=lambda c: task_resources(c.device),
+    Stage("evaluate", EvaluateConfig, EvaluateSummary, run, missing=missing_outputs, show=show, cards=cards,
+          report=report, runs_on="task", resources=lambda c: task_resources(c.device),
+          reads={"ref_batch": "reference", "sample_batch": "samples"},
+          writes={"output": Output("metrics", "metrics.json")},
+          chain=Chain("evaluate", "metrics; set ref_batch to use a reference .npz of your own", target=True),
           help="FID, sFID, IS, precision/recall and teacher-space FDs of a samples .npz",
           description="Compare a samples .npz with a reference .npz (both ADM layout) in every available feature "
                       "space: FID, sFID, IS, Precision, Recall with the FID-Inception weights; FD_effnet (always) "

@@ -35,7 +35,7 @@ from pipelines.checkpoints import resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
 from pipelines.stages.import_checkpoint import load_recognised, sde_diffusion_form
 from pipelines.npz import write_npz
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
 from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators, sample_labels
 from reals import ReaLSError
@@ -46,6 +46,7 @@ from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
 from storage.fs import filesystem, join, list_files, read_bytes, remove, to_url, write_bytes_atomic
 from storage.markers import fingerprint, read_json, sha256_bytes, write_json
+from pipelines.report_parts import Card, ReportPart, Save, image, table
 
 GRID_SAMPLES = 64
 FAMILY_MODES = {"SiT": ("ODE", "SDE"), "DiT": ("DDPM", "DDIM")}
@@ -515,7 +516,7 @@ def run(config: SampleConfig) -> SampleSummary:
 # Stage record
 # ---------------------------------------------------------------------------------------------------
 
-def complete(config: SampleConfig) -> str | None:
+def missing_outputs(config: SampleConfig) -> str | None:
     """Whether the merged samples file holds ``num_fid_samples`` samples."""
     from pipelines.npz import npz_shape
 
@@ -540,7 +541,36 @@ def show(s: SampleSummary) -> None:
     print(f"  grid: {s.grid}")
 
 
-STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
+def cards(summary: SampleSummary) -> list[Card]:
+    """What was drawn, and the grid of the first samples."""
+    return [table("sample-summary", [{
+        "samples": summary.num_samples, "image shape": "x".join(map(str, summary.image_shape)),
+        "model": summary.model, "weights": summary.weights, "parts drawn": summary.parts_sampled,
+        "parts reused": summary.parts_reused, "samples/s": summary.samples_per_sec, "output": summary.output,
+    }], "samples drawn"), image("sample-grid", summary.grid, f"the first samples of {summary.output}")]
+
+
+def report(config: SampleConfig, save: Save) -> ReportPart | None:
+    """A grid of the samples, one row per class."""
+    from pipelines.npz import npz_head, npz_shape
+    from pipelines.render import class_grid
+
+    shape = npz_shape(config.output)
+    if not shape:
+        return None
+    pool = npz_head(config.output, "arr_0", 2048)
+    labels = npz_head(config.output, "arr_1", len(pool)) if npz_shape(config.output, "arr_1") else \
+        np.zeros(len(pool), np.int64)
+    name = save("samples_grid.png", class_grid(pool, labels, classes=10, per_class=8))
+    return ReportPart(["## Samples", "", f"{shape[0]} samples of {'x'.join(map(str, shape[1:]))} in "
+                       f"`{to_url(config.output)}`; one row per class:", "", f"![samples]({name})", ""])
+
+
+STAGES = [Stage("sample", SampleConfig, SampleSummary, run, runs_on="ray", missing=missing_outputs, progress=progress,
+                show=show, cards=cards, report=report, reads={"ckpt": "generator_run", "vae_path": "vae_dir"},
+                writes={"output": (Output("samples", "samples/samples.npz"),
+                                   Output("sample_latents", "samples/samples.npz", when="save_latents"))},
+                chain=Chain("sample", "sampling", sets={"mode": "ODE"}),
                 help="draw samples from a SiT or DiT checkpoint through the ReaLS VAE (ADM .npz + PNG grid)",
                 description=__doc__.split("\n\n")[0],
                 epilog="Time convention: SiT's t runs from 0 (noise) to 1 (data), DiT's timestep from 999 (noise) to "

@@ -37,11 +37,12 @@ from pipelines import StageError
 from pipelines.assignment import Assignment, assign, record_name, shard_name, to_record
 from pipelines.config import Images, ShowProgress, StageConfig
 from pipelines.imaging import prepare
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from storage import fs as sfs
 from storage.lease import Lease, fence
 from storage.markers import fingerprint, read_json, sha256_url, write_json
 from storage.shards import MANIFEST_REMEDY, write_shard
+from pipelines.report_parts import Card, ReportPart, Save, table, table_lines
 
 LEASE_FILE = "shard.lease.json"
 FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone
@@ -416,7 +417,7 @@ def _run(config: ShardConfig, output: str, lease: Lease) -> ShardSummary:
     )
 
 
-def complete(config: ShardConfig) -> str | None:
+def missing_outputs(config: ShardConfig) -> str | None:
     """What the split's shards lack (a manifest entry, current markers), or None when they match the input."""
     manifest = read_json(sfs.join(sfs.to_url(config.output), "manifest.json"), remedy=MANIFEST_REMEDY)
     info = (manifest or {}).get("splits", {}).get(config.split)
@@ -467,7 +468,51 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
         console.print(f"empty class folders: {', '.join(summary.empty_classes)}", markup=False)
 
 
-STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", complete=complete, progress=progress, show=show,
+def check_split(config: ShardConfig) -> None:
+    """Refuse, before anything runs, a data folder without the split's folder."""
+    folder = sfs.local_path(config.images) or config.images
+    if not os.path.exists(folder):
+        raise StageError(f"data folder {config.images} not found: images must be an ImageNet-layout folder "
+                         "(train/ and val/ with one folder per class)")
+    if not os.path.isdir(folder):
+        raise StageError(f"images {config.images} is not a folder")
+    try:
+        os.listdir(folder)
+    except PermissionError:
+        raise StageError(f"data folder {config.images} is not readable (permission denied)") from None
+    if not os.path.isdir(os.path.join(folder, config.split)):
+        raise StageError(f"no {config.split}/ folder in {config.images}")
+
+
+def cards(summary: ShardSummary) -> list[Card]:
+    """Shard counts and the files left out, with their reasons."""
+    split = summary.split
+    return [table(f"shard-{split}-counts", [{
+        "split": split, "classes": summary.classes, "shards": summary.shards, "written": summary.shards_written,
+        "already done": summary.shards_skipped, "redone": summary.shards_redone, "images": summary.images,
+        "upsampled": summary.upsampled, "skipped files": summary.skipped_files,
+        "empty classes": len(summary.empty_classes), "new files": summary.new_files,
+        "removed since sharded": len(summary.removed), "output": summary.output,
+    }], f"WebDataset shards of split {split!r} (removed files keep their samples in their shards)"),
+        table(f"shard-{split}-skipped-files", [s.model_dump() for s in summary.skipped],
+              f"input files of split {split!r} left out of the shards, and why")]
+
+
+def report(config: ShardConfig, save: Save) -> ReportPart | None:
+    """The data: classes, resolution and every split's images, shards and skipped files."""
+    manifest = read_json(sfs.join(sfs.to_url(config.output), "manifest.json"))
+    if not manifest:
+        return None
+    rows = [[s, v["count"], len(v["shards"]), v.get("skipped", 0)] for s, v in manifest["splits"].items()]
+    return ReportPart(["## Data", "", f"{manifest['num_classes']} classes at {manifest['resolution']} px "
+                       f"({manifest['image_format']}), from `{sfs.to_url(config.output)}`.", "",
+                       *table_lines(["split", "images", "shards", "files skipped"], rows)])
+
+
+STAGES = [Stage("shard", ShardConfig, ShardSummary, run, runs_on="ray", missing=missing_outputs, progress=progress,
+                show=show, cards=cards, report=report, reads={"images": "images"},
+                writes={"output": Output("shards/{split}", "shards")},
+                chain=Chain("shard", "sharding (both splits)", splits=("train", "val"), check=check_split),
                 help="pack an ImageNet-layout folder into WebDataset shards",
                 description="Pack the images of one split (--data-path/split/class-id/*) into WebDataset shards (ADM center "
                             "crop) and manifest.json, one Ray task per shard. Re-runs skip finished shards, put files "

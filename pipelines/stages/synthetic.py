@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, Field
 
 from pipelines.config import StageConfig
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "noise")
@@ -234,7 +234,7 @@ def run(config: SyntheticConfig) -> SyntheticSummary:
                             seed=config.seed)
 
 
-def complete(config: SyntheticConfig) -> str | None:
+def missing_outputs(config: SyntheticConfig) -> str | None:
     """What the dataset folder still lacks, or None when every image of the settings is there."""
     root = Path(config.output)
     if not (root / "LOC_synset_mapping.txt").is_file():
@@ -251,7 +251,9 @@ def show(summary: SyntheticSummary) -> None:
     print(f"synthetic: {summary.classes} classes, {counts} images at {summary.size}px -> {summary.output}")
 
 
-STAGES = [Stage("synthetic", SyntheticConfig, SyntheticSummary, run, complete=complete, show=show,
+STAGES = [Stage("synthetic", SyntheticConfig, SyntheticSummary, run, missing=missing_outputs, show=show,
+                writes={"output": Output("images", "data", local=True)},
+                chain=Chain("synthetic", "when set, a synthetic dataset is written to images first", optional=True),
                 help="write a synthetic ImageNet-layout dataset with masks and depth",
                 description="Write a deterministic ImageNet-layout folder of K shape classes (train/, optional "
                             "val/), with per-pixel masks/ (class index + 1) and depth/ (drawing order, larger = "

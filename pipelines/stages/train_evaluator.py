@@ -25,7 +25,7 @@ from pipelines.config import Shards, ShowProgress
 from pipelines.devices import torch_device
 from pipelines.placement import Placed
 from pipelines.ray_train import RayTrainSettings, under_torchrun
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.parallel import progress_bar
 from reals import ReaLSError
 from reals.evaluator import DomainClassifier
@@ -212,4 +212,7 @@ def show(s: TrainEvaluatorSummary) -> None:
 
 
 STAGES = [Stage("train-evaluator", TrainEvaluatorConfig, TrainEvaluatorSummary, run, show=show, runs_on="train",
+                reads={"shards": ("shards/{split}", "shards/{val_split}")},
+                writes={"output": Output("evaluator", "evaluator", local=True)},
+                chain=Chain("train_evaluator", "the domain evaluator (trained when assess needs it)"),
                 help="train the domain evaluator (CNN classifier) for FD_domain", description=__doc__.split("\n\n")[0])]

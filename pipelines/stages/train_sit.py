@@ -39,7 +39,7 @@ from pipelines.config import Cli, ShowProgress, Store
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.placement import Placed
 from pipelines.ray_train import RayTrainSettings
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
 from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators
 from pipelines.training import Schedule, TrainingLoop, ema_copy
@@ -54,6 +54,7 @@ from storage.fs import exists, join, to_url
 from storage.latent_loader import LatentLoader
 from storage.latent_store import MissingRowsWarning
 from storage.shards import iter_shards, read_manifest, shard_urls
+from pipelines.report_parts import ReportPart, Save, training_part
 
 GRID_SAMPLES = 8
 GRID_STEPS = 26  # grid points (SiT convention): 25 Heun steps
@@ -454,8 +455,18 @@ def show(s: TrainSiTSummary) -> None:
     print(f"  checkpoint: {s.checkpoint}\n  grids: {s.grids}")
 
 
+def report(config: TrainSiTConfig, save: Save) -> ReportPart | None:
+    """The generator's last logged interval and loss curves."""
+    family = config.model.split("-", 1)[0]
+    return training_part(f"{family} training ({config.model})", config.output, f"train-{family.lower()}", save,
+                         "loss_curves_sit.png")
+
+
 STAGES = [Stage(name, cls, TrainSiTSummary, run, runs_on="train",
-                complete=lambda c: training_missing(c.output, c.max_steps, c.epochs),
-                progress=lambda c: training_progress(c.output, c.max_steps), show=show,
+                missing=lambda c: training_missing(c.output, c.max_steps, c.epochs),
+                progress=lambda c: training_progress(c.output, c.max_steps), show=show, report=report,
+                reads={"store": "store"}, writes={"output": Output("generator_run", "sit")},
+                chain=Chain("generator", "the generator: SiT (train-sit) or DiT (train-dit) training",
+                            sets={"resume": True}),
                 help=HELP[name], description=__doc__.split("\n\n")[0])
           for name, cls in (("train-sit", TrainSiTConfig), ("train-dit", TrainDiTConfig))]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import posixpath
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Annotated, Literal
@@ -32,7 +33,7 @@ from pipelines.config import Cli, Shards, ShowProgress, Teacher, TeacherInputSiz
 from pipelines.distributed import Dist, distributed, wrap_ddp
 from pipelines.placement import Placed
 from pipelines.ray_train import RayTrainSettings
-from pipelines.registry import Stage
+from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals.align import AlignNet, alignment_loss, check_compatible
@@ -42,9 +43,10 @@ from reals.images import to_model_images, to_uint8
 from reals.losses import AutoencoderLoss, PerceptualLoss, hinge_d_loss
 from reals.teachers import build_teacher
 from reals.vae import ReaLSVAE, build_vae, downsample_factor, load_weights
-from storage.fs import join
+from storage.fs import join, list_files, read_bytes, to_url
 from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
+from pipelines.report_parts import ReportPart, Save, training_part
 
 SAMPLE_IMAGES = 8
 RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size", "teacher_layer", "batch_size", "seed",
@@ -428,8 +430,25 @@ def show(s: TrainVAESummary) -> None:
         print(f"  skipped {s.skipped} undecodable samples")
 
 
+def report(config: TrainVAEConfig, save: Save) -> ReportPart | None:
+    """The last logged interval, the loss curves and the latest reconstructions."""
+    part = training_part("VAE training", config.output, "train-vae", save, "loss_curves_vae.png")
+    if part is None:
+        return None
+    grids = list_files(join(to_url(config.output), "samples"), ".png")
+    if grids:
+        name = save("vae_reconstructions.png", read_bytes(grids[-1]))
+        step = posixpath.basename(grids[-1]).removesuffix(".png").lstrip("0") or 0
+        part.lines.extend([f"Originals (top) and reconstructions (bottom) at step {step}:", "",
+                           f"![VAE reconstructions]({name})", ""])
+    return part
+
+
 STAGES = [Stage("train-vae", TrainVAEConfig, TrainVAESummary, run, runs_on="train",
-                complete=lambda c: training_missing(c.output, c.max_steps, c.max_epoch),
-                progress=lambda c: training_progress(c.output, c.max_steps), show=show,
+                missing=lambda c: training_missing(c.output, c.max_steps, c.max_epoch),
+                progress=lambda c: training_progress(c.output, c.max_steps), show=show, report=report,
+                reads={"shards": "shards/train", "vae_ckpt": "vae_weights"},
+                writes={"output": Output("vae_run", "vae")},
+                chain=Chain("train_vae", "VAE training", sets={"resume": True}),
                 help="train the ReaLS VAE (AutoencoderKL + alignment heads) on shards",
                 description=__doc__.split("\n\n")[0])]
