@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines import StageError
+from pipelines import StageError, user_errors
 from pipelines.config import Cli, StageConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -148,7 +148,6 @@ def train_worker(params: dict) -> dict:
     import ray
     import ray.train
 
-    from pipelines.cli import user_errors
     from pipelines.placement import where_this_runs
     from pipelines.registry import stage
 
