@@ -182,12 +182,12 @@ def train_worker(params: dict) -> dict:
 
 def resolve_gpu(config: RayTrainSettings) -> bool:
     """Whether the workers use GPUs: ``use_gpu``, or with auto whether the cluster has a GPU per worker."""
-    import ray
+    from pipelines.devices import ray_uses_gpu
 
-    on_cpu = getattr(config, "device", "auto") == "cpu"
+    device = getattr(config, "device", "auto")
     if config.use_gpu == "auto":
-        return not on_cpu and ray.cluster_resources().get("GPU", 0) >= config.gpus_per_worker
-    if config.use_gpu and on_cpu:
+        return ray_uses_gpu(device, config.gpus_per_worker)
+    if config.use_gpu and device == "cpu":
         raise StageError("--use-gpu true with --device cpu: choose one")
     return bool(config.use_gpu)
 
