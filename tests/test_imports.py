@@ -56,7 +56,8 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
-        graph[name] = {m for m in _imported(tree, name, path.name == "__init__.py", modules) if m in modules and m != name}
+        imported = _imported(tree, name, path.name == "__init__.py", modules)
+        graph[name] = {m for m in imported if m in modules and m != name}
     return graph
 
 
