@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from pipelines.stages.encode import EncodeConfig, EncodeWorker, encode_images, load_models, run
-from pipelines.encoding import TeacherSpec
+from pipelines.encoding import TeacherSpec, encode_images, load_models
+from pipelines.stages.encode import EncodeConfig, EncodeWorker, run
 from pipelines.parallel import ensure_ray
 from storage.markers import write_json
 from storage.shards import iter_shard, write_shard

@@ -219,14 +219,12 @@ def random_generator(root: str, spec: dict) -> dict:
 def sample_rates(root: str, sizes: dict, batch: int) -> dict:
     """Samples/s of the sampling worker (sampler, guidance, VAE decode) against its bare model forward."""
     from bench.sample import TIMING, Timed, make_worker
-    from pipelines.sampling import guided_model
 
     spec = sizes["sample"]
     setup = random_generator(root, spec)
     settings = {**TIMING, "per_proc_batch_size": batch, "num_sampling_steps": spec["num_sampling_steps"]}
     worker, _ = make_worker(setup, f"{root}/samples.npz", **settings)
-    timed = Timed(worker.model)
-    worker.fn = guided_model(timed, settings["cfg_scale"], None, settings["guidance_interval"])
+    timed = worker.model = Timed(worker.model)
     worker.sample(np.arange(batch))  # warm-up
     timed.seconds = 0.0
     start = time.perf_counter()

@@ -66,7 +66,8 @@ def demo_setup(demo: str) -> dict | None:
 def make_worker(setup: dict, output: str, **settings):
     """An in-process SampleWorker for ``settings`` (SampleConfig fields)."""
     from pipelines.checkpoints import load_checkpoint
-    from pipelines.stages.sample import SampleConfig, SampleWorker, sample_spec, model_spec
+    from pipelines.generator_checkpoint import model_spec
+    from pipelines.stages.sample import SampleConfig, SampleWorker, sample_spec
 
     config = SampleConfig(ckpt=setup["ckpt"], vae_path=setup["vae"], output=output, model=setup["model"], **settings)
     ckpt = load_checkpoint(setup["ckpt"])
@@ -80,7 +81,8 @@ class Timed(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.num_classes, self.seconds = model, model.num_classes, 0.0
-        self.family, self.in_channels = model.family, model.in_channels  # what guided_model reads
+        # what sample_images and guided_model read
+        self.family, self.in_channels, self.input_size = model.family, model.in_channels, model.input_size
 
     def forward(self, x, t, y):
         start = time.perf_counter()
@@ -94,12 +96,10 @@ class Timed(torch.nn.Module):
 def timings(setup: dict, root: str, batches: int, stage_samples: int, workers: int) -> dict:
     """Samples/s: forward-only limit, in-process worker, and the stage on Ray."""
     from pipelines.stages.sample import SampleConfig
-    from pipelines.sampling import guided_model
     from pipelines.stages.sample import run as sample
 
     worker, _ = make_worker(setup, f"{root}/t.npz", **TIMING)
-    timed = Timed(worker.model)
-    worker.fn = guided_model(timed, TIMING["cfg_scale"], None, TIMING["guidance_interval"])
+    timed = worker.model = Timed(worker.model)
     b = TIMING["per_proc_batch_size"]
     worker.sample(np.arange(b))  # warm-up
     timed.seconds = 0.0

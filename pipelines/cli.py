@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pipelines import ray_train
+from pipelines import ray_train, user_errors
 from pipelines.chain import FORMER_SECTIONS
 from pipelines.config import Cli, build, load_yaml
 
@@ -154,14 +154,6 @@ def build_parser(commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
     for add in commands:
         add(sub)
     return parser
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines import StageError
-    from reals import ReaLSError
-    from storage import StorageError
-
-    return (StageError, ReaLSError, StorageError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 # What a full disk (or a file size limit, ``ulimit -f``) raises on a write.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipelines import StageError
+from pipelines.devices import torch_device
 
 
 @dataclass
@@ -36,9 +36,7 @@ class Dist:
 
 def init_distributed(device: str) -> Dist:
     """Join the process group a launcher made (Ray Train), or make one from torchrun's environment variables."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"--device {device} requested but CUDA is not available")
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    use_cuda = torch_device(device).type == "cuda"
     owned = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")

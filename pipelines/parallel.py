@@ -306,47 +306,92 @@ def map_units(remote_fn, units: Sequence, description: str, on_result: Callable 
     return results
 
 
-def map_actors(actors: Sequence, method: str, units: Iterable, description: str,
-               show_progress: bool = True, spawn: Callable | None = None) -> list:
-    """Feed units to a pool of Ray actors (each loads its model once); results in unit order.
-
-    An actor lost with its node leaves the pool and its unit goes to a live actor; when none is left,
-    ``spawn()`` starts a replacement (Ray places it where resources are free). ``actors`` is updated in
-    place, so the caller can kill what is left.
-    """
+def pool_size(requested: int | None, units: int, one_per_gpu: bool = False) -> int:
+    """Actors for ``units`` units: ``requested``, by default one per CPU of the cluster (``one_per_gpu``: one per
+    GPU when it has any); never more than the units. Starts or joins Ray."""
     import ray
 
-    lost = lost_worker_errors()
-    attempts = _Attempts(description)
-    units = list(units)
-    results: list = [None] * len(units)
-    todo = list(range(len(units)))
-    idle = list(actors)
-    pending: dict = {}  # ref -> (unit index, actor)
-    with progress_bar(disable=not show_progress) as bar:
-        task = bar.add_task(description, total=len(units))
-        log = UnitLog(description, len(units))
-        while todo or pending:
-            if todo and not idle and not pending:
-                if spawn is None:
-                    raise StageError(f"{description}: every worker was lost; re-run to resume")
-                actors.append(spawn())
-                idle.append(actors[-1])
-            while todo and idle:
-                i, actor = todo.pop(0), idle.pop(0)
-                pending[getattr(actor, method).remote(units[i])] = (i, actor)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i, actor = pending.pop(ref)
-                try:
-                    results[i] = ray.get(ref)
-                except lost as e:
-                    attempts.lost_again(i, units[i], e)
-                    actors.remove(actor)
-                    ray.kill(actor, no_restart=True)
-                    todo.insert(0, i)
-                    continue
-                idle.append(actor)
-                bar.advance(task)
-                log.advance()
-    return results
+    ensure_ray()
+    resources = ray.cluster_resources()
+    default = (int(resources.get("GPU", 0)) if one_per_gpu else 0) or max(1, int(resources.get("CPU", 1)))
+    return min(requested or default, units)
+
+
+class ActorPool:
+    """The stages' pool of Ray actors: ``count`` actors of class ``worker``, each built with ``args`` (it loads
+    its models once), one CPU each and, with ``gpu``, an equal share of the cluster's GPUs (at most one). Ray
+    restarts no lost actor: ``map`` re-submits its unit and replaces it. Closing kills the actors."""
+
+    def __init__(self, worker: type, args: tuple, count: int, gpu: bool = False):
+        import ray
+
+        from pipelines.devices import ray_gpus
+
+        ensure_ray()
+        options = {"num_cpus": 1, "num_gpus": min(1.0, ray_gpus() / count) if gpu else 0, "max_restarts": 0,
+                   "max_task_retries": 0}
+        self._cls, self._args = ray.remote(worker).options(**options), args
+        self.actors = [self._spawn() for _ in range(count)]
+
+    def _spawn(self):
+        """A new actor (Ray places it where resources are free)."""
+        return self._cls.remote(*self._args)
+
+    def call(self, method: str, *args):
+        """``method(*args)`` on one actor (what every actor would answer alike)."""
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote(*args))
+
+    def map(self, method: str, units: Iterable, description: str, show_progress: bool = True) -> list:
+        """Feed units to the actors' ``method``; results in unit order.
+
+        An actor lost with its node leaves the pool and its unit goes to a live actor; when none is left, a
+        replacement is started.
+        """
+        import ray
+
+        lost = lost_worker_errors()
+        attempts = _Attempts(description)
+        units = list(units)
+        results: list = [None] * len(units)
+        todo = list(range(len(units)))
+        idle = list(self.actors)
+        pending: dict = {}  # ref -> (unit index, actor)
+        with progress_bar(disable=not show_progress) as bar:
+            task = bar.add_task(description, total=len(units))
+            log = UnitLog(description, len(units))
+            while todo or pending:
+                if todo and not idle and not pending:
+                    self.actors.append(self._spawn())
+                    idle.append(self.actors[-1])
+                while todo and idle:
+                    i, actor = todo.pop(0), idle.pop(0)
+                    pending[getattr(actor, method).remote(units[i])] = (i, actor)
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i, actor = pending.pop(ref)
+                    try:
+                        results[i] = ray.get(ref)
+                    except lost as e:
+                        attempts.lost_again(i, units[i], e)
+                        self.actors.remove(actor)
+                        ray.kill(actor, no_restart=True)
+                        todo.insert(0, i)
+                        continue
+                    idle.append(actor)
+                    bar.advance(task)
+                    log.advance()
+        return results
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __enter__(self) -> ActorPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

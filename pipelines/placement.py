@@ -30,7 +30,6 @@ class Placed(BaseModel):
 def task_resources(device: str = "cpu") -> dict:
     """Ray options of a stage that runs as one task: a CPU, and a GPU when ``device`` allows one and the cluster
     has any (its ``auto`` device then finds CUDA)."""
-    import ray
+    from pipelines.devices import ray_uses_gpu
 
-    gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
-    return {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    return {"num_cpus": 1, "num_gpus": 1 if ray_uses_gpu(device, 1) else 0}

@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines import StageError
+from pipelines import StageError, user_errors
 from pipelines.config import Cli, StageConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -148,7 +148,6 @@ def train_worker(params: dict) -> dict:
     import ray
     import ray.train
 
-    from pipelines.cli import user_errors
     from pipelines.placement import where_this_runs
     from pipelines.registry import stage
 
@@ -183,12 +182,12 @@ def train_worker(params: dict) -> dict:
 
 def resolve_gpu(config: RayTrainSettings) -> bool:
     """Whether the workers use GPUs: ``use_gpu``, or with auto whether the cluster has a GPU per worker."""
-    import ray
+    from pipelines.devices import ray_uses_gpu
 
-    on_cpu = getattr(config, "device", "auto") == "cpu"
+    device = getattr(config, "device", "auto")
     if config.use_gpu == "auto":
-        return not on_cpu and ray.cluster_resources().get("GPU", 0) >= config.gpus_per_worker
-    if config.use_gpu and on_cpu:
+        return ray_uses_gpu(device, config.gpus_per_worker)
+    if config.use_gpu and device == "cpu":
         raise StageError("--use-gpu true with --device cpu: choose one")
     return bool(config.use_gpu)
 

@@ -8,8 +8,9 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.stages.import_checkpoint import load_recognised, recognise, sde_diffusion_form
-from pipelines.stages.sample import SampleConfig, make_sampler, model_spec, run, sample_spec
+from pipelines.generator_checkpoint import load_recognised, model_spec, recognise, sde_diffusion_form
+from pipelines.sampling import make_sampler
+from pipelines.stages.sample import SampleConfig, run, sample_spec
 from reals.sit import create_sit
 
 NAME = "SiT-T/2"

@@ -145,28 +145,21 @@ def _worker_class():
     return Worker
 
 
-def test_map_actors_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path, caplog):
+def test_actor_pool_resubmits_the_units_of_lost_actors_and_replaces_them(ray_session, tmp_path, caplog):
     import re
 
-    from pipelines.parallel import map_actors
-
-    cls = ray_session.remote(_worker_class()).options(num_cpus=1, max_restarts=0, max_task_retries=0)
-    actors = [cls.remote(_crash_once(str(tmp_path))) for _ in range(2)]
-    spawned = []
-
-    def spawn():
-        spawned.append(cls.remote(_crash_once(str(tmp_path))))
-        return spawned[-1]
+    from pipelines.parallel import ActorPool
 
     units = [{"name": f"u{i}"} for i in range(4)]
-    results = map_actors(actors, "work", units, "test", show_progress=False, spawn=spawn)
-    assert [name for name, _ in results] == ["u0", "u1", "u2", "u3"]  # every unit, in unit order
-    assert len(list(tmp_path.glob("*.seen"))) == 4  # every unit was first lost once
-    assert spawned and actors == spawned[-1:]  # both first actors died; the pool ends on a replacement
+    with ActorPool(_worker_class(), (_crash_once(str(tmp_path)),), 2) as pool:
+        first = list(pool.actors)
+        results = pool.map("work", units, "test", show_progress=False)
+        assert [name for name, _ in results] == ["u0", "u1", "u2", "u3"]  # every unit, in unit order
+        assert len(list(tmp_path.glob("*.seen"))) == 4  # every unit was first lost once
+        # both first actors died; the pool ends on a replacement
+        assert len(pool.actors) == 1 and pool.actors[0] not in first
     lost = [r.getMessage() for r in caplog.records if "re-submitting" in r.getMessage()]
     assert len(lost) == 4 and all(re.match(r"test: unit u\d lost with node \S+ \([0-9a-f]{8}\) \(", m) for m in lost)
-    for a in actors:
-        ray_session.kill(a)
 
 
 def test_ray_that_cannot_start_is_one_line_with_a_hint(synthetic_root, tmp_path):

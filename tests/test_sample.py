@@ -11,7 +11,9 @@ import torch
 from pipelines import StageError
 from pipelines.checkpoints import load_checkpoint
 from pipelines.cli import main
-from pipelines.stages.sample import SampleConfig, SampleWorker, model_spec, run, sample_labels, sample_spec
+from pipelines.generator_checkpoint import model_spec
+from pipelines.sampling import sample_labels
+from pipelines.stages.sample import SampleConfig, SampleWorker, run, sample_spec
 from pipelines.stages.train_sit import TrainDiTConfig, TrainSiTConfig
 from pipelines.stages.train_sit import run as train
 

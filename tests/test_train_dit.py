@@ -6,7 +6,7 @@ import torch
 
 from pipelines.checkpoints import load_checkpoint, read_log
 from pipelines.cli import main
-from pipelines.stages.sample import load_model, model_spec
+from pipelines.generator_checkpoint import load_model, model_spec
 from pipelines.stages.train_sit import TrainDiTConfig, run
 from reals.diffusion import DDPMSampler, GaussianDiffusion
 from test_train_sit import K, make_store

@@ -28,7 +28,9 @@ from pydantic import BaseModel, Field
 
 from pipelines import StageError
 from pipelines.config import Cli, OptionalTeacher, Shards, ShowProgress, StageConfig, TeacherInputSize
+from pipelines.devices import ray_uses_gpu, torch_device
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
+from pipelines.parallel import ActorPool, pool_size, progress_bar
 from pipelines.registry import Chain, Output, Stage
 from storage.fs import child, join, to_url
 from storage.latent_store import (LEASE_FILE, CorruptChunk, LatentStore, commit_log, committed_shards,
@@ -246,50 +248,31 @@ class _Pool:
 
     def __init__(self, config: EncodeConfig, teacher: TeacherSpec | None, n_units: int):
         self.config = config
-        self.actors: list = []
+        self.actors: ActorPool | None = None
         self.local: EncodeWorker | None = None
         if config.workers == 0:
             import torch
 
             self.driver_threads = torch.get_num_threads()  # given back on close
-            cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-            device = "cuda" if cuda else "cpu"
+            device = str(torch_device(config.device))
             self.local = EncodeWorker(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
             return
-        import ray
-
-        from pipelines.parallel import ensure_ray
-
-        ensure_ray()
-        resources = ray.cluster_resources()
-        n = min(config.workers or max(1, int(resources.get("CPU", 1))), n_units)
-        gpus = resources.get("GPU", 0)
-        device = "cuda" if config.device == "cuda" or (config.device == "auto" and gpus) else "cpu"
-        # A lost actor is replaced by map_actors (its unit re-submitted), not restarted by Ray.
-        options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if device == "cuda" else 0),
-                   "max_restarts": 0, "max_task_retries": 0}
-        cls = ray.remote(EncodeWorker).options(**options)
-        self.spawn = lambda: cls.remote(to_url(config.vae_path), teacher, device, config.batch_size, config.retries)
-        self.actors = [self.spawn() for _ in range(n)]
+        count = pool_size(config.workers, n_units)
+        gpu = ray_uses_gpu(config.device)
+        args = (to_url(config.vae_path), teacher, "cuda" if gpu else "cpu", config.batch_size, config.retries)
+        self.actors = ActorPool(EncodeWorker, args, count, gpu)
 
     def describe(self) -> dict | None:
-        import ray
-
-        return self.local.describe() if self.local else ray.get(self.actors[0].describe.remote())
+        return self.local.describe() if self.local else self.actors.call("describe")
 
     def torch_threads(self) -> int:
-        import ray
-
-        return self.local.torch_threads() if self.local else ray.get(self.actors[0].torch_threads.remote())
+        return self.local.torch_threads() if self.local else self.actors.call("torch_threads")
 
     def encode(self, units: list[dict], check=lambda: None) -> list[dict]:
         """Every unit's result, in unit order, with a progress bar; ``check()`` runs before each local unit."""
-        from pipelines.parallel import map_actors, progress_bar
-
         description = f"encode {self.config.split}"
         if self.actors:
-            return map_actors(self.actors, "encode_shard", units, description,
-                              show_progress=self.config.show_progress, spawn=self.spawn)
+            return self.actors.map("encode_shard", units, description, show_progress=self.config.show_progress)
         results = []
         with progress_bar(disable=not self.config.show_progress) as bar:
             task = bar.add_task(description, total=len(units))
@@ -305,10 +288,7 @@ class _Pool:
 
             torch.set_num_threads(self.driver_threads)
         if self.actors:
-            import ray
-
-            for actor in self.actors:
-                ray.kill(actor)
+            self.actors.close()
 
 
 def run(config: EncodeConfig) -> EncodeSummary:

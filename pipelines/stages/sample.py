@@ -18,12 +18,8 @@ run with a larger ``--num-fid-samples`` or a re-run reuses them).
 """
 from __future__ import annotations
 
-import io
 import math
-import posixpath
 import time
-import zipfile
-from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -33,23 +29,23 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import StageError
 from pipelines.checkpoints import resolve_checkpoint
 from pipelines.config import Cli, ShowProgress, StageConfig
-from pipelines.stages.import_checkpoint import load_recognised, sde_diffusion_form
+from pipelines.devices import ray_uses_gpu, torch_device
+from pipelines.generator_checkpoint import (check_weights_fit, checkpoint_weights, load_model, load_recognised,
+                                            model_spec, sde_diffusion_form)
 from pipelines.npz import write_npz
+from pipelines.parallel import ActorPool, pool_size
 from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
-from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators, sample_labels
+from pipelines.report_parts import Card, ReportPart, Save, image, table
+from pipelines.sample_parts import merge_parts, part_is_done, parts_url, verify_merged, write_part
+from pipelines.sampling import NOISE_STREAM, check_mode, make_sampler, sample_generators, sample_images, sample_labels
 from reals import ReaLSError
-from reals.diffusion import DDIMSampler, DDPMSampler, GaussianDiffusion
-from reals.models import create_model, model_family
-from reals.transport import ODESampler, SDESampler, create_transport, randn_per_sample
 from reals.transport.sampling import SDE_METHODS
 from reals.vae import ReaLSVAE
-from storage.fs import filesystem, join, list_files, read_bytes, remove, to_url, write_bytes_atomic
-from storage.markers import fingerprint, read_json, sha256_bytes, write_json
-from pipelines.report_parts import Card, ReportPart, Save, image, table
+from storage.fs import filesystem, list_files, remove, to_url, write_bytes_atomic
+from storage.markers import fingerprint
 
 GRID_SAMPLES = 64
-FAMILY_MODES = {"SiT": ("ODE", "SDE"), "DiT": ("DDPM", "DDIM")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,138 +164,15 @@ class SampleSummary(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models from checkpoints
-# ---------------------------------------------------------------------------------------------------
-
-def checkpoint_weights(ckpt: dict, use_ema: bool) -> tuple[dict, str]:
-    """``(state_dict, which)`` from a training checkpoint (``ema`` or ``model``) or a bare SiT/DiT state_dict."""
-    if isinstance(ckpt.get("model"), dict):
-        if use_ema and isinstance(ckpt.get("ema"), dict):
-            return ckpt["ema"], "ema"
-        return ckpt["model"], "model"
-    if "x_embedder.proj.weight" not in ckpt:
-        raise StageError("the checkpoint holds neither a training state nor a SiT/DiT state_dict")
-    return ckpt, "state_dict"
-
-
-def model_spec(ckpt: dict, model: str | None = None, num_classes: int | None = None,
-               ckpt_url: str | None = None) -> tuple[str, dict]:
-    """``(model name, constructor keyword arguments)`` of a checkpoint: its recorded config, else inferred from
-    shapes. A bare state dict whose file is named after one family ("DiT-XL-2-256x256.pt") is refused as the other."""
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    recorded = args.get("model")
-    if model and recorded and model != recorded:
-        raise StageError(f"--model {model} disagrees with the checkpoint, which holds a {recorded}")
-    name = model or recorded
-    if not name:
-        raise StageError("the checkpoint does not name its model: pass --model (e.g. SiT-XL/2 or DiT-XL/2)")
-    try:
-        family = model_family(name)
-    except ReaLSError as e:
-        raise StageError(str(e)) from None
-    named = posixpath.basename(ckpt_url or "").split("-", 1)[0]
-    if not recorded and named in FAMILY_MODES and named != family:
-        raise StageError(f"--model {name} is a {family}, but {posixpath.basename(ckpt_url)} is named as a {named} "
-                         "checkpoint")
-    if isinstance(ckpt.get("model_config"), dict):
-        kw = {k: ckpt["model_config"][k] for k in ("input_size", "in_channels", "num_classes",
-                                                    "class_dropout_prob", "learn_sigma")}
-    else:
-        state, _ = checkpoint_weights(ckpt, False)
-        _, c, p, _ = state["x_embedder.proj.weight"].shape
-        side = math.isqrt(state["pos_embed"].shape[1]) * p
-        rows = state["y_embedder.embedding_table.weight"].shape[0]
-        out = state["final_layer.linear.weight"].shape[0] // (p * p)
-        has_null = num_classes is None or rows == num_classes + 1
-        kw = {"input_size": side, "in_channels": c, "num_classes": rows - 1 if has_null else rows,
-              "class_dropout_prob": 0.1 if has_null else 0.0, "learn_sigma": out == 2 * c}
-    if num_classes is not None and num_classes != kw["num_classes"]:
-        raise StageError(f"--num-classes {num_classes} disagrees with the checkpoint's {kw['num_classes']} classes")
-    return name, kw
-
-
-def check_mode(mode: str, name: str) -> None:
-    """Refuse a sampler of the other family: SiT samples by ODE/SDE, DiT by DDPM/DDIM."""
-    family = model_family(name)
-    if mode not in FAMILY_MODES[family]:
-        other = next(f for f, modes in FAMILY_MODES.items() if mode in modes)
-        raise StageError(f"{mode} samples a {other}, but the checkpoint holds {name}, a {family}: sample it with "
-                         f"{' or '.join(FAMILY_MODES[family])}")
-
-
-def check_weights_fit(name: str, kw: dict, state: dict) -> None:
-    """Refuse a state_dict whose tensors do not fit model ``name`` (checked on the meta device, no memory)."""
-    try:
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in create_model(name, **kw).state_dict().items()}
-    except ReaLSError as e:
-        raise StageError(str(e)) from None
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    wrong = [k for k in shapes if k in state and tuple(state[k].shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        first = (missing + unexpected + wrong)[0]
-        raise StageError(f"the checkpoint does not fit {name}: {len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(wrong)} mis-shaped tensors (e.g. {first}); is --model right?")
-
-
-def load_model(ckpt: dict, name: str, kw: dict, use_ema: bool, device) -> torch.nn.Module:
-    """The SiT or DiT of a checkpoint (EMA weights when asked and present) in eval mode on ``device``."""
-    model = create_model(name, **kw)
-    model.load_state_dict(checkpoint_weights(ckpt, use_ema)[0])
-    return model.to(device).eval()
-
-
-def make_sampler(spec: dict):
-    """The sampler of ``spec["mode"]`` with the spec's settings."""
-    mode, steps = spec["mode"], spec["num_sampling_steps"]
-    try:
-        if mode == "ODE":
-            return ODESampler(create_transport(spec["path_type"], spec["prediction"]), spec["sampling_method"], steps,
-                              spec["atol"], spec["rtol"])
-        if mode == "SDE":
-            return SDESampler(create_transport(spec["path_type"], spec["prediction"]), steps, spec["diffusion_norm"],
-                              spec["last_step_size"], spec["sampling_method"], spec["last_step"],
-                              spec["diffusion_form"])
-        if mode == "DDPM":
-            return DDPMSampler(GaussianDiffusion(), steps)
-        return DDIMSampler(GaussianDiffusion(), steps, spec["eta"], spec["ddim_spacing"])
-    except ReaLSError as e:
-        raise StageError(str(e)) from None
-
-
-# ---------------------------------------------------------------------------------------------------
 # One unit of work: an index range (runs in a Ray actor)
 # ---------------------------------------------------------------------------------------------------
-
-def parts_url(output: str) -> str:
-    """The folder of a samples file's parts: ``<output>.parts``."""
-    return to_url(output) + ".parts"
-
-
-def part_url(parts: str, start: int, end: int, ext: str) -> str:
-    return join(parts, f"{start:08d}-{end:08d}.{ext}")
-
-
-def part_is_done(parts: str, start: int, end: int, run_fp: str) -> bool:
-    """Whether the unit's marker exists, belongs to these settings and agrees with the part's bytes."""
-    marker = read_json(part_url(parts, start, end, "json"))
-    if not marker or marker.get("run") != run_fp or marker.get("count") != end - start:
-        return False
-    try:
-        return sha256_bytes(read_bytes(part_url(parts, start, end, "npz"))) == marker.get("sha256")
-    except FileNotFoundError:
-        return False
-
 
 class SampleWorker:
     """Holds a SiT or DiT, its sampler and the ReaLS VAE; draws whole index ranges into part files."""
 
     def __init__(self, spec: dict):
         self.spec = spec
-        device = spec["device"]
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = torch_device(spec["device"])
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -308,44 +181,27 @@ class SampleWorker:
         del ckpt
         self.vae = ReaLSVAE.from_pretrained(spec["vae_path"]).to(self.device).eval()
         self.sampler = make_sampler(spec)
-        channels = None if spec["cfg_channels"] == "all" else int(spec["cfg_channels"])
-        interval = tuple(spec["guidance_interval"]) if spec["guidance_interval"] else None
-        self.fn = guided_model(self.model, spec["cfg_scale"], channels, interval)
-        m = self.model
-        self.latent_shape = (m.in_channels, m.input_size, m.input_size)
+        self.guidance = (spec["cfg_scale"], None if spec["cfg_channels"] == "all" else int(spec["cfg_channels"]),
+                         tuple(spec["guidance_interval"]) if spec["guidance_interval"] else None)
 
-    @torch.no_grad()
     def sample(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uint8 NHWC images, labels, normalised latents) of the samples ``indices`` (one batch)."""
         s = self.spec
         y = sample_labels(s["labels"], s["num_classes"], s["global_seed"], indices)
         gens = sample_generators(s["global_seed"], indices, NOISE_STREAM)
-        x0 = randn_per_sample(gens, self.latent_shape, device=self.device)
-        y = y.to(self.device)
-        if s["mode"] in ("SDE", "DDPM", "DDIM"):
-            z = self.sampler(x0, self.fn, generators=gens, y=y)
-        else:
-            z = self.sampler(x0, self.fn, y=y)
-        return decode_latents(self.vae, z), y.cpu().numpy(), z.float().cpu().numpy()
+        images, z = sample_images(self.model, self.vae, self.sampler, y, gens, *self.guidance)
+        return images, y.numpy(), z.float().cpu().numpy()
 
     def sample_range(self, unit: dict) -> dict:
         """Draw indices ``[start, end)`` in batches, write the part file, then its marker."""
-        start, end, parts = unit["start"], unit["end"], self.spec["parts"]
+        start, end, batch = unit["start"], unit["end"], self.spec["per_proc_batch_size"]
         t0 = time.perf_counter()
-        out = [self.sample(np.arange(b, min(b + self.spec["per_proc_batch_size"], end)))
-               for b in range(start, end, self.spec["per_proc_batch_size"])]
+        out = [self.sample(np.arange(b, min(b + batch, end))) for b in range(start, end, batch)]
         arrays = {"arr_0": np.concatenate([o[0] for o in out]), "arr_1": np.concatenate([o[1] for o in out])}
         if self.spec["save_latents"]:
             arrays["latents"] = np.concatenate([o[2] for o in out])
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getvalue()
-        write_bytes_atomic(part_url(parts, start, end, "npz"), data)
-        marker = {"start": start, "end": end, "count": end - start, "run": self.spec["run"],
-                  "sha256": sha256_bytes(data), "nfe": self.sampler.nfe,
-                  "seconds": round(time.perf_counter() - t0, 3)}
-        write_json(part_url(parts, start, end, "json"), marker)
-        return marker
+        return write_part(self.spec["parts"], start, end, arrays, self.spec["run"], nfe=self.sampler.nfe,
+                          seconds=round(time.perf_counter() - t0, 3))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,71 +250,8 @@ def sample_spec(config: SampleConfig, ckpt_url: str, ckpt: dict, name: str, kw: 
     return spec
 
 
-def _start_workers(spec: dict, n: int, device: str) -> tuple[list, Callable]:
-    import ray
-
-    from pipelines.parallel import ensure_ray
-
-    ensure_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "cuda" and not gpus:
-        raise StageError("--device cuda: the Ray cluster has no GPU")
-    use_gpu = device == "cuda" or (device == "auto" and gpus)
-    # A lost actor is replaced by map_actors (its unit re-submitted), not restarted by Ray.
-    options = {"num_cpus": 1, "num_gpus": (min(1.0, gpus / n) if use_gpu else 0), "max_restarts": 0,
-               "max_task_retries": 0}
-    spec = dict(spec, device="cuda" if use_gpu else "cpu")
-    cls = ray.remote(SampleWorker).options(**options)
-    return [cls.remote(spec) for _ in range(n)], lambda: cls.remote(spec)
-
-
-def _default_workers() -> int:
-    import ray
-
-    from pipelines.parallel import ensure_ray
-
-    ensure_ray()
-    res = ray.cluster_resources()
-    return int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
-
-
-def merge_parts(parts: str, units: list[dict], save_latents: bool) -> dict[str, np.ndarray]:
-    """The full arrays from every unit's part file, in index order."""
-    arrays: dict[str, np.ndarray] = {}
-    for u in units:
-        with np.load(io.BytesIO(read_bytes(part_url(parts, u["start"], u["end"], "npz")))) as part:
-            names = ["arr_0", "arr_1"] + (["latents"] if save_latents else [])
-            for name in names:
-                a = part[name]
-                if name not in arrays:
-                    arrays[name] = np.empty((units[-1]["end"], *a.shape[1:]), a.dtype)
-                arrays[name][u["start"]:u["end"]] = a
-    return arrays
-
-
-def verify_merged(url: str, arrays: dict[str, np.ndarray]) -> None:
-    """Read the merged ``.npz`` back from storage: every member's CRC holds and each array has its shape."""
-    from reals.metrics.reference import array_shape
-
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        with zipfile.ZipFile(f) as z:
-            bad = z.testzip()
-            names = sorted(n.removesuffix(".npy") for n in z.namelist())
-        if bad is not None or names != sorted(arrays):
-            raise StageError(f"{url} did not read back whole ({f'member {bad} fails its CRC' if bad else names}); "
-                             f"its parts are kept: re-run the same command")
-        for name, a in arrays.items():
-            if tuple(array_shape(f, name)) != a.shape:
-                raise StageError(f"{url}: {name} reads back with another shape; its parts are kept: re-run")
-
-
 def run(config: SampleConfig) -> SampleSummary:
     """Draw ``num_fid_samples`` samples (skipping units already done), merge them, write a grid."""
-    import ray
-
-    from pipelines.parallel import map_actors
-
     output = to_url(config.output)
     ckpt_url = resolve_checkpoint(config.ckpt)
     ckpt = load_recognised(ckpt_url, config.model).checkpoint
@@ -482,17 +275,14 @@ def run(config: SampleConfig) -> SampleSummary:
     units = [{"start": s, "end": min(s + config.unit_size, n)} for s in range(0, n, config.unit_size)]
     todo = [u for u in units if not part_is_done(parts, u["start"], u["end"], spec["run"])]
     results: list[dict] = []
-    workers = []
+    workers = 0
     t0 = time.perf_counter()
     if todo:
-        count = min(config.workers or _default_workers(), len(todo))
-        try:
-            workers, spawn = _start_workers(spec, count, config.device)
-            results = map_actors(workers, "sample_range", todo, f"sample {config.mode}",
-                                 show_progress=config.show_progress, spawn=spawn)
-        finally:
-            for w in workers:
-                ray.kill(w)
+        count = pool_size(config.workers, len(todo), one_per_gpu=True)
+        gpu = ray_uses_gpu(config.device)
+        with ActorPool(SampleWorker, (dict(spec, device="cuda" if gpu else "cpu"),), count, gpu) as pool:
+            results = pool.map("sample_range", todo, f"sample {config.mode}", show_progress=config.show_progress)
+            workers = len(pool.actors)
     seconds = time.perf_counter() - t0
     arrays = merge_parts(parts, units, config.save_latents)
     write_npz(output, lambda f: np.savez(f, **arrays))
@@ -507,7 +297,7 @@ def run(config: SampleConfig) -> SampleSummary:
         output=output, grid=grid, num_samples=n, image_shape=list(arrays["arr_0"].shape[1:]), parts=len(units),
         parts_sampled=len(results), parts_reused=len(units) - len(results), samples_sampled=drawn,
         seconds=round(seconds, 3), samples_per_sec=round(drawn / seconds, 3) if drawn else 0.0,
-        nfe=results[-1]["nfe"] if results else 0, workers=len(workers), checkpoint=ckpt_url, model=name,
+        nfe=results[-1]["nfe"] if results else 0, workers=workers, checkpoint=ckpt_url, model=name,
         weights=which, label_counts=np.bincount(arrays["arr_1"], minlength=kw["num_classes"]).tolist(),
     )
 
