@@ -119,7 +119,8 @@ def array_specs(attrs: dict) -> dict[str, ArraySpec]:
     """The row arrays a version holds (from its attrs), in the order markers list them."""
     c, h, w = (int(x) for x in attrs["latent_shape"])
     f16 = np.dtype("float16")
-    specs = {n: ArraySpec(f16, (c, h, w), 0.0) for n in POSTERIOR_ARRAYS + (FLIPPED_POSTERIOR_ARRAYS if attrs["flip"] else ())}
+    moments = POSTERIOR_ARRAYS + (FLIPPED_POSTERIOR_ARRAYS if attrs["flip"] else ())
+    specs = {n: ArraySpec(f16, (c, h, w), 0.0) for n in moments}
     specs.update(labels=ArraySpec(np.dtype("int32"), (), -1), keys=ArraySpec(np.dtype(object), (), ""))
     if attrs.get("teacher_width") is None:  # encode --no-teacher: latents only
         return specs
@@ -603,8 +604,8 @@ def migrate_layout(url: str, owner: str = "migrate-store", fence=None) -> dict:
 
 def _migrate_version(group: zarr.Group, group_url: str, root: str, owner: str, fence) -> tuple[int, list[str]]:
     attrs = dict(group.attrs)
-    old_names = [n for n in (*POSTERIOR_ARRAYS, *FLIPPED_POSTERIOR_ARRAYS, "labels", "keys", "teacher_global", "teacher_patch")
-                 if n in group.array_keys()]
+    old_names = [n for n in (*POSTERIOR_ARRAYS, *FLIPPED_POSTERIOR_ARRAYS, "labels", "keys", "teacher_global",
+                             "teacher_patch") if n in group.array_keys()]
     if attrs.get("teacher_patch") and not attrs.get("teacher_grid"):
         group.attrs["teacher_grid"] = list(group["teacher_patch"].shape[2:])
     _add_layout_groups(group)

@@ -36,7 +36,8 @@ from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from reals.align import AlignNet
 from reals.images import to_model_images
-from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor, read_channel_statistics
+from reals.vae import (MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor,
+                       read_channel_statistics)
 from storage.fs import apply_umask, local_path, to_url, write_bytes_atomic
 from storage.markers import sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
