@@ -1,5 +1,6 @@
 """What `encode` writes and `verify-store` re-checks: the source shards of a split, the models, and the
-rows one batch of images becomes (normalised posterior mean/std, their flips, teacher features)."""
+rows one batch of images becomes (normalised posterior moments of the images and their flips, teacher
+features)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,6 +9,7 @@ import numpy as np
 
 from pipelines import StageError
 from storage.fs import child, to_url
+from storage.latent_store import FLIPPED_POSTERIOR_ARRAYS, POSTERIOR_ARRAYS
 from storage.markers import read_json
 from storage.shards import read_manifest
 
@@ -69,8 +71,8 @@ def load_models(vae_path: str, teacher: TeacherSpec | None, device: str):
 
 
 def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: bool) -> dict[str, np.ndarray]:
-    """uint8 ``[B, H, W, 3]`` -> float16 rows: normalised posterior mean/std (+ flip), teacher features (none
-    when ``teacher`` is None)."""
+    """uint8 ``[B, H, W, 3]`` -> float16 rows: the posterior moments (mean, std) normalised by the VAE's channel
+    statistics (+ flip), teacher features (none when ``teacher`` is None)."""
     import torch
 
     from reals.images import to_unit_images
@@ -79,15 +81,15 @@ def encode_images(vae, teacher, images: np.ndarray, flip: bool, teacher_patch: b
     with torch.no_grad():
         x = to_unit_images(np.asarray(images), device)
         pixels = torch.cat([x, x.flip(-1)]) if flip else x
-        mean, std = vae.encode(pixels * 2 - 1)
-        mean, std = vae.normalize(mean), std / vae.latents_std.to(std).view(1, -1, 1, 1)
+        post_mean, post_std = vae.encode(pixels * 2 - 1)
+        moments = vae.normalize(post_mean), post_std / vae.latents_std.to(post_std).view(1, -1, 1, 1)
         patch, global_token = teacher(x) if teacher is not None else (None, None)
     b = len(x)
-    rows = {"mean": mean[:b], "std": std[:b]}
+    rows = {name: m[:b] for name, m in zip(POSTERIOR_ARRAYS, moments)}
     if teacher is not None:
         rows["teacher_global"] = global_token
     if flip:
-        rows.update(mean_flip=mean[b:], std_flip=std[b:])
+        rows.update({name: m[b:] for name, m in zip(FLIPPED_POSTERIOR_ARRAYS, moments)})
     if teacher_patch:
         rows["teacher_patch"] = patch
     return {k: v.float().cpu().numpy().astype(np.float16) for k, v in rows.items()}

@@ -33,13 +33,16 @@ from reals import ReaLSError
 
 MEAN_STD_FILE = "mean_std.json"
 PROVENANCE_FILE = "provenance.json"
+# The channel statistics' keys in mean_std.json and in a latent store's attrs, and in older stores' attrs (where
+# they share their names with the rows' posterior moments ``mean``/``std``).
+CHANNEL_STATISTICS = ("latents_mean", "latents_std")
+FORMER_CHANNEL_STATISTICS = ("mean", "std")
 
 
-def stored_statistics(record: dict) -> tuple[list[float], list[float]]:
-    """``(latents_mean, latents_std)`` from ``mean_std.json`` or a store's provenance (older ones say mean/std)."""
-    if "latents_mean" in record:
-        return record["latents_mean"], record["latents_std"]
-    return record["mean"], record["std"]
+def read_channel_statistics(record: dict) -> tuple[list[float], list[float]]:
+    """``(latents_mean, latents_std)`` from ``mean_std.json`` or a latent store's attrs (older ones: mean/std)."""
+    keys = CHANNEL_STATISTICS if CHANNEL_STATISTICS[0] in record else FORMER_CHANNEL_STATISTICS
+    return record[keys[0]], record[keys[1]]
 
 
 def _sha256_file(f: Path) -> str:
@@ -248,7 +251,7 @@ class ReaLSVAE(nn.Module):
         if damaged:
             raise ReaLSError(f"ReaLS VAE dir {path} is damaged ({damaged[0]}); re-run `reals convert`")
         try:
-            mean, std = stored_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
+            mean, std = read_channel_statistics(json.loads((path / MEAN_STD_FILE).read_text()))
             heads = AlignNet.from_pretrained(path) if (path / AlignNet.config_name).is_file() else None
             model = cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False), heads, mean, std,
                         provenance)

@@ -5,7 +5,7 @@ at a time as a torch ``IterableDataset``, for ``torch.utils.data.DataLoader`` an
 
 Each epoch the done rows are ordered by a seeded permutation of their row chunks (the same on every
 rank), cut into one contiguous segment per rank, and read in pools of ``shuffle_buffer`` rows; each pool
-is shuffled in memory, then every sample gets the flipped or unflipped posterior at random and
+is shuffled in memory, then every sample gets the flipped or unflipped posterior moments at random and
 ``z = mean + std * eps``. Everything is a function of ``(seed, epoch, rank)``. Rows without a
 done-marker are never served. A background thread prefetches batches. With ``drop_last`` (the default)
 every rank yields the same number of full batches, as DDP needs; without it ranks may differ by one.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from storage.latent_store import FLIP_ARRAYS, LATENT_ARRAYS, LatentStore
+from storage.latent_store import FLIPPED_POSTERIOR_ARRAYS, POSTERIOR_ARRAYS, LatentStore
 
 _END = object()
 
@@ -51,7 +51,7 @@ class LatentLoader:
         self.shuffle_buffer = max(int(shuffle_buffer), self.batch_size)
         self.prefetch = prefetch
         self.epoch = 0
-        self._names = list(LATENT_ARRAYS) + (list(FLIP_ARRAYS) if self.flip else []) + ["labels"]
+        self._names = [*POSTERIOR_ARRAYS, *(FLIPPED_POSTERIOR_ARRAYS if self.flip else ()), "labels"]
         self._rows = np.flatnonzero(self.store.done_rows())  # position -> row, ascending
         chunks = self._rows // self.store.chunk_rows
         self._chunk_starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]]) if len(chunks) else chunks
@@ -132,14 +132,15 @@ class LatentLoader:
         return {n: self.store.read(n, rows) for n in self._names}
 
     def _latents(self, pool: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        mean, std = pool["mean"].astype(np.float32), pool["std"].astype(np.float32)
+        """The pool's latents from its posterior moments: the mean, or a sample ``mean + std * eps``."""
+        post_mean, post_std = (pool[n].astype(np.float32) for n in POSTERIOR_ARRAYS)
         if self.flip:
-            flipped = rng.random(len(mean)) < 0.5
-            mean[flipped] = pool["mean_flip"][flipped]
-            std[flipped] = pool["std_flip"][flipped]
+            flipped = rng.random(len(post_mean)) < 0.5
+            for moment, name in zip((post_mean, post_std), FLIPPED_POSTERIOR_ARRAYS):
+                moment[flipped] = pool[name][flipped]
         if self.sample_posterior:
-            mean += std * rng.standard_normal(mean.shape, dtype=np.float32)
-        return mean
+            post_mean += post_std * rng.standard_normal(post_mean.shape, dtype=np.float32)
+        return post_mean
 
     def _pools(self, segment: np.ndarray, rng: np.random.Generator):
         """``(latents, labels)`` of ``segment`` in pools of ``shuffle_buffer`` rows, each shuffled in memory."""
@@ -210,7 +211,7 @@ def _distributed_rank() -> tuple[int, int]:
 class LatentDataset(IterableDataset):
     """Samples ``(latent float32 [C, h, w], label int)`` of a latent store, for ``torch.utils.data.DataLoader``.
 
-    The latent is normalised (SiT's input): the posterior mean, or with ``sample_posterior`` a posterior
+    The latent is normalised (SiT's input): the row's posterior mean, or with ``sample_posterior`` a posterior
     sample ``mean + std * eps``, of the image or (``flip``, at random) its mirror. The done rows, fixed when the
     dataset is made, are split among ranks as ``LatentLoader`` splits them (``rank``/``world_size``, default
     from ``torch.distributed``), and each rank's share among its DataLoader workers in contiguous parts: the
@@ -219,8 +220,8 @@ class LatentDataset(IterableDataset):
     epoch on every rank, as with ``DistributedSampler``: what each rank serves is a function of ``(seed,
     epoch)``, the order and noise also of its worker count (persistent workers keep the epoch they started).
     A worker process opens the store again, with its own storage clients. The store's facts (``attrs``: the
-    provenance with ``latents_mean``/``latents_std``; ``latent_shape``, ``num_classes``, ``rows_done``,
-    ``rows_total``) are the loader's.
+    provenance with the channel statistics ``latents_mean``/``latents_std``; ``latent_shape``,
+    ``num_classes``, ``rows_done``, ``rows_total``) are the loader's.
     """
 
     FACTS = ("attrs", "latent_shape", "num_classes", "rows_done", "rows_total")

@@ -5,10 +5,10 @@ Layout under an output URL (layout 2)::
     versions.json                  index of versions, newest last ("latest" names it)
     <vae_fingerprint>/             Zarr v3 group; attrs hold provenance, the row map and "layout": 2
         segments/<shard>-<token>/  one writer's rows of one source shard, a Zarr group of arrays
-                                   mean, std (float16 [n, C, h, w]), mean_flip, std_flip (optional),
-                                   labels (int32 [n]), keys (vlen utf-8 [n]), teacher_global (float16 [n, D];
-                                   absent from a latents-only version: teacher_width null),
-                                   teacher_patch (float16 [n, D, gh, gw], optional)
+                                   mean, std (the normalised posterior moments, float16 [n, C, h, w]),
+                                   mean_flip, std_flip (optional), labels (int32 [n]), keys (vlen utf-8 [n]),
+                                   teacher_global (float16 [n, D]; absent from a latents-only version:
+                                   teacher_width null), teacher_patch (float16 [n, D, gh, gw], optional)
         commits/<slot:012d>.json   the commit log: each entry a shard's done-marker naming its segment,
                                    or a writer's takeover; the latest entry of a shard wins
 
@@ -49,8 +49,11 @@ SEGMENTS = "segments"
 COMMITS = "commits"
 MARKERS = "markers"  # layout 1 only
 LAYOUT = 2
-LATENT_ARRAYS = ("mean", "std")
-FLIP_ARRAYS = ("mean_flip", "std_flip")
+# Each row's posterior moments, normalised: the posterior mean and std of its latent (and of its mirror image's).
+# Not the channel statistics (``latents_mean``/``latents_std`` in the version's attrs; in older stores' attrs
+# ``mean``/``std``), which normalise them.
+POSTERIOR_ARRAYS = ("mean", "std")
+FLIPPED_POSTERIOR_ARRAYS = ("mean_flip", "std_flip")
 _SLOT = re.compile(r"^\d{12}\.json$")
 
 
@@ -116,7 +119,8 @@ def array_specs(attrs: dict) -> dict[str, ArraySpec]:
     """The row arrays a version holds (from its attrs), in the order markers list them."""
     c, h, w = (int(x) for x in attrs["latent_shape"])
     f16 = np.dtype("float16")
-    specs = {n: ArraySpec(f16, (c, h, w), 0.0) for n in LATENT_ARRAYS + (FLIP_ARRAYS if attrs["flip"] else ())}
+    moments = POSTERIOR_ARRAYS + (FLIPPED_POSTERIOR_ARRAYS if attrs["flip"] else ())
+    specs = {n: ArraySpec(f16, (c, h, w), 0.0) for n in moments}
     specs.update(labels=ArraySpec(np.dtype("int32"), (), -1), keys=ArraySpec(np.dtype(object), (), ""))
     if attrs.get("teacher_width") is None:  # encode --no-teacher: latents only
         return specs
@@ -600,8 +604,8 @@ def migrate_layout(url: str, owner: str = "migrate-store", fence=None) -> dict:
 
 def _migrate_version(group: zarr.Group, group_url: str, root: str, owner: str, fence) -> tuple[int, list[str]]:
     attrs = dict(group.attrs)
-    old_names = [n for n in (*LATENT_ARRAYS, *FLIP_ARRAYS, "labels", "keys", "teacher_global", "teacher_patch")
-                 if n in group.array_keys()]
+    old_names = [n for n in (*POSTERIOR_ARRAYS, *FLIPPED_POSTERIOR_ARRAYS, "labels", "keys", "teacher_global",
+                             "teacher_patch") if n in group.array_keys()]
     if attrs.get("teacher_patch") and not attrs.get("teacher_grid"):
         group.attrs["teacher_grid"] = list(group["teacher_patch"].shape[2:])
     _add_layout_groups(group)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from pipelines.stages.train_evaluator import TrainEvaluatorConfig, load_split, run
 from reals import ReaLSError
@@ -50,6 +51,21 @@ def test_rerun_with_same_settings_is_skipped(evaluator):
     config, s = evaluator
     again = run(config)
     assert again.skipped and again.val_accuracy == s.val_accuracy
+
+
+def test_interrupted_run_resumes_exactly_and_other_settings_start_afresh(tiny_shards, tmp_path):
+    config = TrainEvaluatorConfig(data_path=tiny_shards, output=str(tmp_path), steps=20, batch_size=16, width=8,
+                                  stages=2, ckpt_every=10, show_progress=False)
+    whole = run(config)
+    weights = load_file(tmp_path / "evaluator.safetensors")
+    for name in ("evaluator.json", "evaluator.safetensors", "0000020.pt", "latest.json"):
+        (tmp_path / name).unlink()  # killed after its checkpoint at step 10
+    resumed = run(config)
+    assert resumed.resumed_from == 10 and resumed.final_loss == whole.final_loss
+    assert all((load_file(tmp_path / "evaluator.safetensors")[k] == v).all() for k, v in weights.items())
+    other = run(config.model_copy(update={"seed": 1}))
+    assert not other.skipped and other.resumed_from is None
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["0000010.pt", "0000020.pt"]
 
 
 def test_evaluator_needs_two_classes_and_its_files():

@@ -36,7 +36,8 @@ from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
 from reals.align import AlignNet
 from reals.images import to_model_images
-from reals.vae import MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor, stored_statistics
+from reals.vae import (MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor,
+                       read_channel_statistics)
 from storage.fs import apply_umask, join, local_path, to_url, write_bytes_atomic
 from storage.markers import read_json, sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
@@ -131,9 +132,11 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True) -> ReaLSVAE:
 
 
 @torch.no_grad()
-def latent_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_size: int,
-                      device: torch.device, show_progress: bool = False) -> tuple[list[float], list[float], int]:
-    """Channel-wise (mean, std, images used) of posterior-mean latents of the first ``num_samples`` images."""
+def measure_channel_statistics(model: ReaLSVAE, urls: list[str], num_samples: int, batch_size: int,
+                               device: torch.device, show_progress: bool = False
+                               ) -> tuple[list[float], list[float], int]:
+    """``(latents_mean, latents_std, images used)``: the channel statistics of the posterior-mean latents of the
+    first ``num_samples`` images."""
     c = model.latent_channels
     total, total_sq, values, images = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0, 0
     samples = itertools.islice(iter_shards(urls, shuffle=0, split_by_worker=False), num_samples)
@@ -165,7 +168,7 @@ def _converted(out: Path, source: dict) -> tuple[dict, list, list] | None:
         if same and damaged:
             print(f"convert: redoing {out}: {damaged[0]}")
         if same and not damaged:
-            return prov, *stored_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
+            return prov, *read_channel_statistics(json.loads((out / MEAN_STD_FILE).read_text()))
         done.unlink()
     return None
 
@@ -195,8 +198,8 @@ def run(config: ConvertConfig) -> ConvertSummary:
     device = torch_device(config.device)
     model = model_from_checkpoint(ckpt, config.ema).to(device)
     urls = shard_urls(config.shards, config.split)
-    mean, std, n = latent_statistics(model, urls, config.num_samples, config.batch_size, device,
-                                     config.show_progress)
+    mean, std, n = measure_channel_statistics(model, urls, config.num_samples, config.batch_size, device,
+                                              config.show_progress)
     model = ReaLSVAE(model.vae.cpu(), model.align_net.cpu(), mean, std)
     train_cfg = ckpt["config"]
     provenance = {
@@ -256,8 +259,9 @@ def run_from_diffusers(config: ConvertConfig, out: Path) -> ConvertSummary:
         formula = f"DiT-style: mean 0, std 1/{config.scaling_factor} (--scaling-factor)"
     else:
         device = torch_device(config.device)
-        mean, std, n = latent_statistics(model.to(device), shard_urls(config.shards, config.split),
-                                         config.num_samples, config.batch_size, device, config.show_progress)
+        mean, std, n = measure_channel_statistics(model.to(device), shard_urls(config.shards, config.split),
+                                                  config.num_samples, config.batch_size, device,
+                                                  config.show_progress)
         formula = STATS_FORMULA
     model = ReaLSVAE(vae.cpu(), heads.cpu() if heads is not None else None, mean, std)
     resolution = config.resolution or manifest.get("resolution") or vae.config.sample_size

@@ -4,9 +4,10 @@ The driver takes the store's lease, reads the manifest, opens (or creates) the v
 VAE's fingerprint, and gives every source shard a fixed range of whole row chunks (the row map, extended
 for new shards before any worker writes). Each actor loads the VAE and the teacher named in the VAE dir's
 provenance once, then for a shard: decodes its images, encodes them and their horizontal flips to
-posterior mean/std, normalises them with ``mean_std.json`` (``z_norm = (z - mean) / std``, so the
-posterior std becomes ``std / std_c``), adds the teacher's global token (``--no-teacher``: latents only, no
-teacher loaded; the version's ``teacher_width`` is null), writes the shard's rows into a
+posterior moments (mean, std), normalises them with the channel statistics of ``mean_std.json``
+(``z_norm = (z - latents_mean) / latents_std``, so the posterior std becomes ``std / latents_std``), adds the
+teacher's global token (``--no-teacher``: latents only, no teacher loaded; the version's ``teacher_width`` is
+null), writes the shard's rows into a
 segment of its own, and commits them last (its done-marker, in the store's commit log, checked against the
 lease; the driver records its takeover there first, so no commit of a run that lost the lease can land).
 A unit that fails (an S3 error, say) is retried into a fresh segment. A re-run encodes only shards without

@@ -49,7 +49,7 @@ from reals.diffusion import DDIMSampler, GaussianDiffusion
 from reals.images import to_model_images
 from reals.models import MODELS, create_model, model_family
 from reals.transport import ODESampler, create_transport, randn_per_sample
-from reals.vae import ReaLSVAE
+from reals.vae import CHANNEL_STATISTICS, FORMER_CHANNEL_STATISTICS, ReaLSVAE
 from storage.fs import exists, join, to_url
 from storage.latent_loader import LatentLoader
 from storage.latent_store import MissingRowsWarning
@@ -337,8 +337,8 @@ class Trainer(TrainingLoop):
 
     def checkpoint_state(self) -> dict:
         """model, ema, opt, args, the model's config and the store's provenance."""
-        keep = ("vae_fingerprint", "vae_path", "latents_mean", "latents_std", "num_classes", "classes", "resolution",
-                "source_fingerprint", "teacher", "mean", "std")  # mean, std: older stores' names of the statistics
+        keep = ("vae_fingerprint", "vae_path", *CHANNEL_STATISTICS, *FORMER_CHANNEL_STATISTICS, "num_classes",
+                "classes", "resolution", "source_fingerprint", "teacher")
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "args": self.cfg.model_dump(), "model_config": self.model.init_config,
                 "latent_shape": list(self.latent_shape), "source": self.source.kind,

@@ -17,7 +17,7 @@ from pipelines import StageError
 from pipelines.config import Cli, Shards, StageConfig
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.registry import Stage
-from reals.vae import stored_statistics
+from reals.vae import CHANNEL_STATISTICS, read_channel_statistics
 from storage.latent_store import CorruptChunk, LatentStore
 from storage.shards import iter_shard
 
@@ -52,7 +52,7 @@ def check_provenance(store: LatentStore, vae, resolution: int) -> list[str]:
     problems = []
     if a.get("vae_fingerprint") != vae.fingerprint:
         problems.append(f"store was made by VAE {a.get('vae_fingerprint')}, the VAE dir is {vae.fingerprint}")
-    for key, stored, value in zip(("latents_mean", "latents_std"), stored_statistics(a),
+    for key, stored, value in zip(CHANNEL_STATISTICS, read_channel_statistics(a),
                                   (vae.latents_mean, vae.latents_std)):
         if not np.allclose(stored, value.tolist(), rtol=1e-6, atol=1e-7):
             problems.append(f"{key} {stored} differs from the VAE dir's {value.tolist()}")
