@@ -34,6 +34,7 @@ from pipelines.devices import torch_device
 from pipelines.registry import Chain, Output, Stage
 from pipelines.parallel import progress_bar
 from pipelines.checkpoints import load_checkpoint, resolve_checkpoint
+from pipelines.report_parts import ReportPart, Save
 from reals.align import AlignNet
 from reals.images import to_model_images
 from reals.vae import (MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, downsample_factor,
@@ -41,7 +42,6 @@ from reals.vae import (MEAN_STD_FILE, PROVENANCE_FILE, ReaLSVAE, damaged_files, 
 from storage.fs import apply_umask, join, local_path, to_url, write_bytes_atomic
 from storage.markers import read_json, sha256_url
 from storage.shards import iter_shards, read_manifest, shard_urls
-from pipelines.report_parts import ReportPart, Save
 
 STATS_FORMULA = "mean_c = E[z_c], std_c = sqrt(E[(z_c - mean_c)^2]) over posterior means, all images and positions"
 

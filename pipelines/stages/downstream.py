@@ -49,10 +49,10 @@ from pipelines.downstream_data import DEPTH_RATIO, Dataset, depth_from_order, lo
 from pipelines.parallel import progress_bar
 from pipelines.registry import Chain, Output, Stage
 from pipelines.render import compose, overlay_rows
+from pipelines.report_parts import Card, ReportPart, Save, image, markdown
 from reals.images import to_uint8, to_unit_images
 from storage import fs as sfs
 from storage.markers import fingerprint, read_json, sha256_bytes, sha256_url, write_json
-from pipelines.report_parts import Card, ReportPart, Save, image, markdown
 
 TASKS = ("seg", "depth")
 SOURCES = ("teacher", "reals", "baseline")

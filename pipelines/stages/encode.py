@@ -33,13 +33,13 @@ from pipelines.devices import ray_uses_gpu, torch_device
 from pipelines.encoding import TeacherSpec, batched, encode_images, load_models, source_shards, teacher_spec
 from pipelines.parallel import ActorPool, pool_size, progress_bar
 from pipelines.registry import Chain, Output, Stage
+from pipelines.report_parts import Card, ReportPart, Save, table
 from storage.fs import child, join, to_url
 from storage.latent_store import (LEASE_FILE, CorruptChunk, LatentStore, commit_log, committed_shards,
                                   rows_checksum, set_latest, utc_now)
 from storage.lease import Lease, LeaseLost, fence
 from storage.markers import read_json
 from storage.shards import iter_shard
-from pipelines.report_parts import Card, ReportPart, Save, table
 
 ENCODE_THREADS = 1  # torch intra-op threads of every encode worker, in process or a Ray actor (num_cpus=1)
 

@@ -24,10 +24,10 @@ from pipelines.placement import Placed, task_resources
 from pipelines.npz import open_npz, write_npz
 from pipelines.registry import Chain, Output, Stage
 from pipelines.parallel import progress_bar
+from pipelines.report_parts import Card, ReportPart, Save, markdown, table, table_lines
 from reals import ReaLSError
 from storage.fs import exists, to_url
 from storage.markers import fingerprint, write_json
-from pipelines.report_parts import Card, ReportPart, Save, markdown, table, table_lines
 
 FeatureSpace = Literal["inception", "effnet", "dinov2"]
 DEFAULT_SPACES: tuple[str, ...] = ("inception", "effnet", "dinov2")

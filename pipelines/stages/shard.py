@@ -38,11 +38,11 @@ from pipelines.assignment import Assignment, assign, record_name, shard_name, to
 from pipelines.config import Images, ShowProgress, StageConfig
 from pipelines.imaging import prepare
 from pipelines.registry import Chain, Output, Stage
+from pipelines.report_parts import Card, ReportPart, Save, table, table_lines
 from storage import fs as sfs
 from storage.lease import Lease, fence
 from storage.markers import fingerprint, read_json, sha256_url, write_json
 from storage.shards import MANIFEST_REMEDY, write_shard
-from pipelines.report_parts import Card, ReportPart, Save, table, table_lines
 
 LEASE_FILE = "shard.lease.json"
 FORMAT_VERSION = 1  # bump when the crop or the member layout changes: every shard is then redone

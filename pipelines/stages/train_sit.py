@@ -41,6 +41,7 @@ from pipelines.placement import Placed
 from pipelines.ray_train import RayTrainSettings
 from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
+from pipelines.report_parts import ReportPart, Save, training_part
 from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
@@ -54,7 +55,6 @@ from storage.fs import exists, join, to_url
 from storage.latent_loader import LatentLoader
 from storage.latent_store import MissingRowsWarning
 from storage.shards import iter_shards, read_manifest, shard_urls
-from pipelines.report_parts import ReportPart, Save, training_part
 
 GRID_SAMPLES = 8
 GRID_STEPS = 26  # grid points (SiT convention): 25 Heun steps

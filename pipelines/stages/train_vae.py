@@ -35,6 +35,7 @@ from pipelines.placement import Placed
 from pipelines.ray_train import RayTrainSettings
 from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
+from pipelines.report_parts import ReportPart, Save, training_part
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals.align import AlignNet, alignment_loss, check_compatible
 from reals.discriminator import NLayerDiscriminator
@@ -46,7 +47,6 @@ from reals.vae import ReaLSVAE, build_vae, downsample_factor, load_weights
 from storage.fs import join, list_files, read_bytes, to_url
 from storage.markers import write_json
 from storage.shards import iter_shard, iter_shards, read_manifest, shard_urls
-from pipelines.report_parts import ReportPart, Save, training_part
 
 SAMPLE_IMAGES = 8
 RESUME_KEYS = ("shards", "split", "vae_config", "teacher", "teacher_input_size", "teacher_layer", "batch_size", "seed",
