@@ -2,9 +2,9 @@
 
 Runs the same code as the CLI (``flows.experiment.run``) on a preset (``--quick`` by default, ``--default``
 for the ~60-minute run, or ``--config FILE``) and prints one JSON document: wall seconds in all and per phase,
-the load average around the run (other work on the machine slows every phase), units run and reused, the
+the load average around the run (other work on the machine slows every phase), steps run and reused, the
 evaluator's held-out accuracy, each arm's metric means and stds, and the paired differences (ReaLS - VAE).
-A re-run on the same ``--output`` reuses the finished units, so time a fresh folder.
+A re-run on the same ``--output`` reuses the finished steps, so time a fresh folder.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main() -> None:
         "wall_seconds": round(wall, 1), "phase_seconds": summary.phase_seconds,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "units_run": summary.units_run, "units_reused": summary.units_reused,
+        "steps_run": summary.steps_run, "steps_reused": summary.steps_reused,
         "evaluator_val_accuracy": summary.evaluator_val_accuracy,
         "arms": {arm: {k: {"mean": round(v["mean"], 4), "std": round(v["std"], 4)} for k, v in a["metrics"].items()}
                  for arm, a in results["arms"].items()},

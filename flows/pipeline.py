@@ -2,26 +2,20 @@
 from __future__ import annotations
 
 import posixpath
-import time
 
 from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
 from pydantic import BaseModel
 
 from flows import artifacts
-from flows.records import missing, write_record
+from flows.executors import Subflows, run_step
 from flows.runtime import add_tags, run_name, started
-from flows.stages import STAGE_FLOWS
 from pipelines import StageError
 from pipelines.chain import Step, check_inputs, produced, reading
 from pipelines.pipeline_config import PipelineConfig, layout, pipeline_steps
-from pipelines.registry import stage
 from pipelines.report import ReportConfig, ReportStep, ReportSummary, write_report
 from storage.fs import join
 from storage.markers import read_json
-
-SKIPPED = "skipped (complete)"
 
 
 class PipelineSummary(BaseModel):
@@ -34,12 +28,6 @@ class PipelineSummary(BaseModel):
     metrics: dict[str, float]
 
 
-@task(task_run_name="{name}: skipped (complete)", cache_policy=NO_CACHE, persist_result=False)
-def skipped(name: str):
-    """Shows in the run that a stage was not started because its outputs are complete."""
-    return Completed(name="Skipped", message=f"{name}: {SKIPPED}")
-
-
 @task(task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
 def report_task(config: ReportConfig) -> ReportSummary:
     """Write the markdown run report with its plots."""
@@ -49,22 +37,6 @@ def report_task(config: ReportConfig) -> ReportSummary:
 def root_tag(root: str) -> str:
     """The tag every flow run of one run root carries: ``root:<url>``."""
     return f"root:{root}"
-
-
-def output_of(fields: dict) -> str:
-    """Where a stage config writes (its ``output`` or ``output_dir``)."""
-    return fields.get("output") or fields.get("output_dir") or ""
-
-
-def run_step(step: Step, nproc_per_node: int, name: str | None = None):
-    """Start the stage flow of ``step`` as a subflow tagged with its stage, named ``name`` or
-    ``<step> <output> <start>`` (the step is the stage, or the stage and its split: ``shard-val``)."""
-    stage_flow = STAGE_FLOWS[step.stage].with_options(
-        flow_run_name=name or run_name(lambda c: f"{step.name} {output_of(c)}".rstrip()))
-    with tags(f"stage:{step.stage}"):
-        if stage(step.stage).runs_on == "train":
-            return stage_flow(step.config, nproc_per_node=nproc_per_node)
-        return stage_flow(step.config)
 
 
 HTML = "text/html; charset=utf-8"
@@ -91,23 +63,9 @@ def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
 
 
 def run_pipeline(config: PipelineConfig, steps: list[Step], root: str) -> PipelineSummary:
-    ran: set[str] = set()
-    rows: list[dict] = []
-    for step in steps:
-        upstream = [name for name in step.after if name in ran]
-        why = f"{upstream[0]} ran" if upstream else missing(config.output, step)
-        if why is None:
-            skipped(step.name)
-            print(f"{step.name}: {SKIPPED}")
-            rows.append({"stage": step.name, "status": SKIPPED, "seconds": 0.0, "reason": ""})
-            continue
-        print(f"{step.name}: running ({why})")
-        t0 = time.perf_counter()
-        summary = run_step(step, config.nproc_per_node)
-        seconds = time.perf_counter() - t0
-        write_record(config.output, step, seconds, summary)
-        ran.add(step.name)
-        rows.append({"stage": step.name, "status": "ran", "seconds": round(seconds, 1), "reason": why})
+    records = Subflows(root, config.nproc_per_node).run(steps)
+    rows = [{"stage": name, "status": r["status"], "seconds": round(r["seconds"], 1), "reason": r["reason"]}
+            for name, r in records.items()]
     artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")
     report = report_task(ReportConfig(
         output=join(root, "report"), title=f"ReaLS run report: {root}", stages=rows,

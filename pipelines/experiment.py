@@ -48,6 +48,12 @@ METRIC_KEYS = ("FD_domain", "Precision_domain", "Recall_domain", "cond_accuracy"
                "Recall_effnet", "PSNR", "rFD_domain")
 OPTIONAL_KEYS = ("FID", "sFID", "IS", "Precision", "Recall", "FD_dinov2", "Precision_dinov2", "Recall_dinov2",
                  "LPIPS")
+# Each section of the experiment config and the stages whose fields it holds (its Run form's typed sections).
+FORM_SECTIONS = {"synthetic": ("synthetic",), "shard": ("shard",), "reference": ("make-reference",),
+                 "evaluator": ("train-evaluator",), "train_vae": ("train-vae",), "pretrain_vae": ("train-vae",),
+                 "convert": ("convert",), "encode": ("encode",), "train_sit": ("train-sit", "train-dit"),
+                 "sample": ("sample",), "sample_dit": ("sample",), "evaluate": ("evaluate",), "assess": ("assess",),
+                 "downstream": ("downstream",)}
 LOWER_IS_BETTER = {"FD_domain", "FD_effnet", "FD_dinov2", "rFD_domain", "FID", "sFID", "LPIPS"}
 
 
@@ -107,8 +113,8 @@ class ExperimentSummary(BaseModel):
     loss_curves: str
     markdown: str
     seeds: int
-    units_run: int
-    units_reused: int
+    steps_run: int
+    steps_reused: int
     wall_seconds: float
     phase_seconds: dict[str, float]
     evaluator_val_accuracy: float
@@ -224,6 +230,7 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
         final = rec["train-vae"]["final"]
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
+            "vae_run": units["train-vae"].config.output, "generator_run": units["train-sit"].config.output,
             "model": rec["train-sit"]["model"], "family": rec["train-sit"]["family"], "sit_parameters": rec["train-sit"]["parameters"],
             "vae_parameters": rec["assess"]["vae_parameters"], "vae_steps": rec["train-vae"]["steps"],
             "sit_steps": rec["train-sit"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import StageError
-from flows.experiment import plan, run
+from flows.experiment import run
+from pipelines.experiment_plan import plan
 from pipelines.experiment import (ALLOWED_DIFFERENCE, ARMS, METRIC_KEYS, ExperimentConfig, check_arms,
                                   config_differences, load_experiment_config)
 
@@ -85,7 +86,7 @@ def test_check_refuses_arms_that_differ_elsewhere(micro, tmp_path):
 def test_rerun_reuses_every_unit_and_refuses_changed_settings(micro):
     config, s = micro
     again = run(config)
-    assert again.units_run == 0 and again.units_reused == s.units_run + s.units_reused
+    assert again.steps_run == 0 and again.steps_reused == s.steps_run + s.steps_reused
     assert again.paired == s.paired
     changed = config.model_copy(update={"train_sit": {**config.train_sit, "lr": 1e-3}})
     with pytest.raises(StageError, match="other settings"):
@@ -173,7 +174,7 @@ def test_a_sweep_expands_its_points_and_grid_against_one_baseline(tmp_path):
 
 
 def test_a_generator_only_point_shares_the_reals_arms_vae_side(tmp_path):
-    from flows.experiment import VAE_SIDE, phases
+    from pipelines.experiment_plan import VAE_SIDE, phases
 
     config = ExperimentConfig(output=str(tmp_path), **MICRO, points=SWEEP["points"])
     p = plan(config)
@@ -213,7 +214,7 @@ def micro_sweep(micro):
 def test_a_micro_sweep_reuses_the_baseline_and_reports_every_point(micro_sweep):
     config, first, s = micro_sweep
     point_units = config.seeds * (len(plan(config.model_copy(update=SWEEP)).runs[("vae", 0)]) + len(GENERATOR))
-    assert s.units_run == point_units and s.units_reused == first.units_run + first.units_reused
+    assert s.steps_run == point_units and s.steps_reused == first.steps_run + first.steps_reused
     check = json.loads(Path(s.output, "config_check.json").read_text())
     entry = check["points"]["block1"]
     for seed in range(config.seeds):

@@ -415,7 +415,7 @@ def test_pipeline_keys_are_the_pipeline_configs_own_settings():
 
     from pydantic import BaseModel
 
-    from flows.plan import PipelineConfig
+    from pipelines.pipeline_config import PipelineConfig
     from pipelines.config import PIPELINE_KEYS
 
     def section(annotation) -> bool:

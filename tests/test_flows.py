@@ -413,8 +413,7 @@ def test_pipeline_form_has_typed_stage_sections():
     from prefect.utilities.schema_tools import validate
 
     from flows.deployments import build_deployments
-    from flows.sections import SECTION_STAGES
-    from pipelines.registry import stage
+    from pipelines.sections import section_models
 
     config = load_pipeline_config()
     pipeline = next(d for d in build_deployments(config) if d.name == "reals-pipeline")
@@ -427,9 +426,9 @@ def test_pipeline_form_has_typed_stage_sections():
         return defs[ref.rsplit("/", 1)[1]] if ref else prop
 
     sections = resolve(schema["properties"]["config"])["properties"]
-    for section, stage_name in SECTION_STAGES.items():
+    for section, (record, _) in section_models().items():
         fields = resolve(sections[section])["properties"]
-        own = set(stage(stage_name).config.model_fields) - ({"split"} if section == "shard" else set())
+        own = set(record.config.model_fields) - ({"split"} if record.chain.splits else set())
         assert set(fields) == own, section
         assert all(f.get("description") for f in fields.values()), section
     assert resolve(sections["train_vae"])["properties"]["perceptual"]["enum"] == ["lpips", "random", "none"]

@@ -40,14 +40,14 @@ def test_workers_resume_what_an_earlier_attempt_left_without_a_bar_on_the_cpu_un
 
 
 def test_flags_and_form_fields_of_every_training_stage():
-    from flows.sections import TrainSiTSection, TrainVAESection
     from pipelines.cli import build_parser
+    from pipelines.sections import section_models
 
     help_text = build_parser()._subparsers._group_actions[0].choices["train-sit"].format_help()
     for flag in ("--launcher", "--num-workers", "--use-gpu", "--cpus-per-worker", "--gpus-per-worker",
                  "--placement-strategy", "--max-failures"):
         assert flag in help_text
-    for section in (TrainSiTSection, TrainVAESection):
+    for section in (section_models()[name][1] for name in ("generator", "train_vae")):
         fields = section.model_json_schema()["properties"]
         assert fields["placement_strategy"]["enum"] == ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
         assert fields["num_workers"]["default"] == 1 and fields["launcher"]["enum"] == ["auto", "ray", "local"]

@@ -33,7 +33,7 @@ def _resolve(prop: dict, definitions: dict) -> dict:
 
 
 def test_the_pipeline_form_keeps_the_project_order_on_postgresql(cluster, served):
-    from flows.plan import PipelineConfig
+    from pipelines.pipeline_config import PipelineConfig
 
     assert cluster.state.get("postgres"), "the cluster's Prefect server runs on SQLite: no PostgreSQL found"
     serve, _, client = served
