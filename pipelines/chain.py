@@ -217,16 +217,33 @@ def check_inputs(step: Step) -> None:
 
 
 def _check(steps: list[Step]) -> None:
-    """Check the steps that read only what is already there, before anything runs."""
+    """Check the steps that read only what is already there (no planned step writes it), before anything runs."""
+    written = {role for s in steps for role in produced(s)}
     for step in steps:
-        if step.after:
+        record, values = stages()[step.stage], step.config.model_dump()
+        if {r for name in record.reads for r in read_roles(record, name, values)} & written:
             continue
         try:
             check_inputs(step)
         except StageError as e:
-            readers = [s.name for s in steps if step.name in s.after]
-            raise StageError(f"{e}" + (f" ({', '.join(readers)} read{'s' if len(readers) == 1 else ''} what "
-                                       f"{step.name} writes)" if readers else "")) from None
+            raise StageError(f"{e}: {_remedy(step, steps)}") from None
+
+
+def _readers(step: Step, steps: list[Step]) -> list[tuple[Step, str]]:
+    """The steps that read what ``step`` writes, each with the field it reads it through."""
+    out = []
+    for role in produced(step):
+        out += [(s, f) for s in steps if (f := reading(s, role))]
+    return out
+
+
+def _remedy(step: Step, steps: list[Step]) -> str:
+    """What to do about a missing input of ``step``: give it, or set the field that makes its reader unneeded."""
+    for reader, _ in _readers(step, steps):
+        for target, field_name in _readers(reader, steps):
+            section = stages()[target.stage].chain.section
+            return f"add one, or set {section}.{field_name} (then {reader.name}, which reads it, is not needed)"
+    return "add one"
 
 
 def produced(step: Step) -> dict[str, str]:

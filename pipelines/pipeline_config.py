@@ -29,22 +29,26 @@ class PipelineBase(StageConfig):
     images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
                                                      "by the Ray nodes); default: the folder data in local_dir")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
-    family: Literal["SiT", "DiT"] | None = Field(
-        None, description="generator family: SiT (flow matching; ODE/SDE sampling) or DiT (DDPM with learned "
-                          "variance; trained by train-dit on the generator settings at the same size, sampled with "
-                          "sample_dit); default: the family of generator.model")
-    sample_dit: SampleDiTSection = Field(default_factory=SampleDiTSection,
-                                         description="the sampler of a DiT, in place of the sample section's")
-
     def sections(self) -> dict[str, dict | None]:
         """Each stage section's given values (None: an optional section not set)."""
         return {name: (v.given() if v is not None else None) for name, v in self
                 if name in type(self).stage_sections}
 
 
+# The generator's family (before its section) and a DiT's sampler (after the sample section's SiT sampler).
+FAMILY = (Literal["SiT", "DiT"] | None, Field(
+    None, description="generator family: SiT (flow matching; ODE/SDE sampling) or DiT (DDPM with learned variance; "
+                      "trained by train-dit on the generator settings at the same size, sampled with sample_dit); "
+                      "default: the family of generator.model"))
+SAMPLE_DIT = (SampleDiTSection, Field(default_factory=SampleDiTSection,
+                                      description="the sampler of a DiT, in place of the sample section's"))
+
+
 def _pipeline_config() -> type[PipelineBase]:
     fields = {}
     for section, (record, model) in section_models().items():
+        if section == "generator":
+            fields["family"] = FAMILY
         alias = AliasChoices(section, *FORMER_SECTIONS[section]) if section in FORMER_SECTIONS else None
         if record.chain.optional:
             fields[section] = (model | None, Field(None, description=record.chain.description,
@@ -52,8 +56,10 @@ def _pipeline_config() -> type[PipelineBase]:
         else:
             fields[section] = (model, Field(default_factory=model, description=record.chain.description,
                                             validation_alias=alias))
+        if section == "sample":
+            fields["sample_dit"] = SAMPLE_DIT
     model = create_model("PipelineConfig", __base__=PipelineBase, __doc__=PipelineBase.__doc__, **fields)
-    model.stage_sections = tuple(fields)
+    model.stage_sections = tuple(f for f in fields if f not in ("family", "sample_dit"))
     return model
 
 

@@ -114,7 +114,12 @@ def stages() -> dict[str, Stage]:
     """Every registered stage by name, in pipeline order."""
     out: dict[str, Stage] = {}
     for module in stage_modules():
-        for record in importlib.import_module(module).STAGES:
+        try:
+            records = importlib.import_module(module).STAGES
+        except (ImportError, AttributeError) as e:
+            raise StageError(f"stage module {module} cannot be registered ({type(e).__name__}: {e}); it must be "
+                             f"importable on every node and define STAGES") from None
+        for record in records:
             out[record.name] = record
     return out
 

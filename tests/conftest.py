@@ -37,6 +37,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
     """A local Ray with 2 CPUs, started once; it starts after the S3 server so workers see its endpoint."""
     import ray

@@ -17,6 +17,7 @@ from PIL import Image
 from flows.artifacts import IMAGE_REF
 from pipelines.pipeline_config import PipelineConfig, load_pipeline_config, pipeline_steps as plan_steps
 from pipelines import StageError
+from pipelines.registry import stages
 from storage.markers import read_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -38,15 +39,6 @@ MICRO = {
 }
 STAGES = ["synthetic", "shard-train", "shard-val", "train-vae", "convert", "encode", "train-sit", "sample",
           "make-reference", "evaluate"]
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    """One temporary Prefect API (SQLite) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def _client():
@@ -449,7 +441,10 @@ def test_deployments_cover_every_flow_and_reencode_runs_nightly():
 
     config = load_pipeline_config()
     deployments = {d.name: d for d in build_deployments(config)}
-    assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *(s.stage for s in plan_steps(config))}
+    assert set(deployments) == {"reals-pipeline", "reencode", "experiment", *stages()}  # every registered stage
+    planned = {s.stage for s in plan_steps(config)}
+    assert {n for n, d in deployments.items() if d.parameters.get("config")} == planned | {"reals-pipeline",
+                                                                                         "reencode", "experiment"}
     assert deployments["experiment"].parameters["config"]["seeds"] >= 3
     assert {"reals", "stage:train-vae"} <= set(deployments["train-vae"].tags)
     assert len({tuple(d.tags) for d in deployments.values()}) == len(deployments)
@@ -504,7 +499,7 @@ def test_bad_pipeline_configs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(StageError, match=f"data folder {tmp_path / 'nowhere'} not found"):
         plan_steps(PipelineConfig(output=str(tmp_path / "run"), data_path=str(tmp_path / "nowhere")))
     (tmp_path / "data" / "train").mkdir(parents=True)
-    with pytest.raises(StageError, match="no val/ folder in .* add one or set evaluate.ref_batch"):
+    with pytest.raises(StageError, match="no val/ folder in .*: add one, or set evaluate.ref_batch"):
         plan_steps(PipelineConfig(output=str(tmp_path / "run"), data_path=str(tmp_path / "data")))
 
 
@@ -565,7 +560,7 @@ def test_the_generator_family_is_a_form_choice():
     schema = PipelineConfig.model_json_schema()["properties"]["family"]
     assert {"SiT", "DiT"} <= {v for option in schema["anyOf"] for v in option.get("enum", [])}
     dit = {s.name: s for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo", family="DiT"))}
-    train, sample = dit["train-sit"], dit["sample"].config
+    train, sample = dit["train-dit"], dit["sample"].config
     assert (train.stage, train.config.model) == ("train-dit", "DiT-T/2")  # the demo's size in the other family
     assert (sample.mode, sample.num_sampling_steps, sample.sampling_method) == ("DDPM", 250, None)
     assert (sample.cfg_scale, sample.guidance_interval) == (1.8, (0.0, 0.75))  # shared with the SiT run
