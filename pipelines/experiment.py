@@ -142,10 +142,10 @@ def config_differences(a: dict, b: dict) -> dict[str, list]:
     return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def recorded_configs(units: dict, *run_roots: str) -> dict:
-    """A run's stage configs as JSON, its folders (its own, and one it shares units with) written ``<run>``
+def recorded_configs(steps: dict, *run_roots: str) -> dict:
+    """A run's stage configs as JSON, its folders (its own, and one it shares steps with) written ``<run>``
     (section names as in ExperimentConfig)."""
-    text = json.dumps({kind.replace("-", "_"): u.config.model_dump(mode="json") for kind, u in units.items()},
+    text = json.dumps({kind.replace("-", "_"): u.config.model_dump(mode="json") for kind, u in steps.items()},
                       sort_keys=True)
     for root in run_roots:
         text = text.replace(f"{root}/", "<run>/").replace(f'"{root}"', '"<run>"')
@@ -220,17 +220,17 @@ def downstream_row(summary: dict | None) -> dict:
 def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
     """results.json: per-run metrics, per-arm mean/std, paired differences (reals - vae) per seed."""
     runs = []
-    for (arm, seed), units in plan_.runs.items():
-        rec = {stage: records[u.name]["summary"] for stage, u in units.items()}
+    for (arm, seed), steps in plan_.runs.items():
+        rec = {kind: records[u.name]["summary"] for kind, u in steps.items()}
         metrics = {k: float(v["value"]) for k, v in rec["evaluate"]["metrics"].items()}
         metrics.update(rec["assess"]["metrics"])
         downstream = downstream_row(rec.get("downstream"))
-        seconds = sum(records[u.name]["seconds"] for u in units.values()  # its own units (not those it shares)
+        seconds = sum(records[u.name]["seconds"] for u in steps.values()  # its own steps (not those it shares)
                       if u.name.startswith(f"{arm}-seed{seed}-"))
         final = rec["train-vae"]["final"]
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
-            "vae_run": units["train-vae"].config.output, "generator_run": units["train-sit"].config.output,
+            "vae_run": steps["train-vae"].config.output, "generator_run": steps["train-sit"].config.output,
             "model": rec["train-sit"]["model"], "family": rec["train-sit"]["family"], "sit_parameters": rec["train-sit"]["parameters"],
             "vae_parameters": rec["assess"]["vae_parameters"], "vae_steps": rec["train-vae"]["steps"],
             "sit_steps": rec["train-sit"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],

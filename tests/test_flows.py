@@ -30,7 +30,7 @@ MICRO = {
                   "batch_size": 8, "max_steps": 4, "log_every": 2, "sample_every": 4, "show_progress": False},
     "convert": {"num_samples": 32, "batch_size": 16, "show_progress": False},
     "encode": {"workers": 1, "batch_size": 16, "show_progress": False},
-    "train_sit": {"model": "SiT-T/4", "global_batch_size": 8, "max_steps": 4, "log_every": 2, "sample_every": 0,
+    "generator": {"model": "SiT-T/4", "global_batch_size": 8, "max_steps": 4, "log_every": 2, "sample_every": 0,
                   "show_progress": False},
     "sample": {"num_sampling_steps": 2, "sampling_method": "euler", "num_fid_samples": 16, "cfg_scale": 1.0,
                "per_proc_batch_size": 8, "unit_size": 8, "workers": 1, "show_progress": False},
@@ -614,3 +614,18 @@ def test_a_server_on_another_port_serves_a_ui_that_calls_that_port(tmp_path, mon
     with runtime.local_server(port=port, timeout=180) as api:
         settings = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=30).read())
     assert api == f"http://127.0.0.1:{port}/api" and settings["api_url"] == api
+
+
+def test_the_generator_section_reads_its_former_name_train_sit(tmp_path):
+    from pipelines.cli import build_parser, config_from_args
+
+    old = tmp_path / "old.yaml"
+    old.write_text("output: x\nsynthetic: {}\ntrain_sit: {model: SiT-S/2, max_steps: 7}\n")
+    config = load_pipeline_config(old)
+    assert (config.generator.model, config.generator.max_steps) == ("SiT-S/2", 7)
+    steps = {s.stage: s.config for s in plan_steps(config)}
+    assert steps["train-sit"].max_steps == 7 and steps["train-sit"].store == steps["encode"].output
+    parser = build_parser()
+    command = parser._subparsers._group_actions[0].choices["train-sit"]
+    args = parser.parse_args(["train-sit", "--config", str(old), "--data-path", "s", "--output", "o"])
+    assert config_from_args(steps["train-sit"].__class__, args, command, ("generator", "train_sit")).max_steps == 7

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MICRO = {**_FLOWS_MICRO, "synthetic": {"classes": 2, "per_class": 8, "val_per_class": 4, "size": 32},
          "shard": {**_FLOWS_MICRO["shard"], "shard_size": 4},
          "train_vae": {**_FLOWS_MICRO["train_vae"], "max_steps": 2, "log_every": 1, "sample_every": 2},
-         "train_sit": {**_FLOWS_MICRO["train_sit"], "max_steps": 2, "log_every": 1},
+         "generator": {**_FLOWS_MICRO["generator"], "max_steps": 2, "log_every": 1},
          "sample": {**_FLOWS_MICRO["sample"], "num_fid_samples": 8, "unit_size": 4, "workers": 2},
          "downstream": {"num_fit": 8, "num_eval": 4, "show_progress": False}}
 
