@@ -82,8 +82,8 @@ def _run_pipeline(config) -> int:
     from rich.table import Table
 
     from flows.pipeline import reals_pipeline
-    from pipelines.pipeline_config import pipeline_steps
     from flows.runtime import prefect_api
+    from pipelines.pipeline_config import pipeline_steps
 
     t0 = time.perf_counter()
     pipeline_steps(config)  # a bad config fails here, before any server starts

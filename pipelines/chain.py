@@ -175,8 +175,9 @@ def plan(layout: Layout, sections: Mapping[str, dict | None], *, provided: Mappi
                         source.values[out.when] = True
                     queue.append(source)
     ordered = _order([d for d in drafts if d.name in reached])
+    names = [d.name for d in ordered]
     steps = [Step(d.name, d.record.name, build(d.record.config, d.values, f"{what} {d.section}."),
-                  tuple(a for a in ordered_names(ordered) if a in d.after)) for d in ordered]
+                  tuple(a for a in names if a in d.after)) for d in ordered]
     _check(steps)
     return steps
 
@@ -190,10 +191,6 @@ def _one_writer_at_a_time(drafts: list[Draft]) -> None:
             if where in seen:
                 d.after.add(seen[where])
             seen[where] = d.name
-
-
-def ordered_names(drafts: list[Draft]) -> list[str]:
-    return [d.name for d in drafts]
 
 
 def _order(drafts: list[Draft]) -> list[Draft]:

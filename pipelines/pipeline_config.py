@@ -29,6 +29,7 @@ class PipelineBase(StageConfig):
     images: OptionalImages = Field(None, description="ImageNet-layout folder with train/ and val/ (local, shared "
                                                      "by the Ray nodes); default: the folder data in local_dir")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (torchrun when > 1)")
+
     def sections(self) -> dict[str, dict | None]:
         """Each stage section's given values (None: an optional section not set)."""
         return {name: (v.given() if v is not None else None) for name, v in self

@@ -40,27 +40,25 @@ def filled_words() -> dict[str, dict[str, str]]:
     records = chain_records()
     drafts = draft_steps(SYMBOLIC, records, {r.chain.section: {} for r in records}, {}, {"images": "{images}"})
     producers = producers_of(drafts)
+
+    def roles(d) -> set[str]:
+        return {r for name in d.record.reads for r in read_roles(d.record, name, d.known())}
+
     words: dict[str, dict[str, str]] = {}
     for d in drafts:
         mine = words.setdefault(d.section, {})
         mine.update({k: _words(v) for k, v in d.record.chain.sets.items()})
         mine.update({k: d.values[k] for k in d.record.writes})
         for name in d.record.reads:
-            roles = [r for r in read_roles(d.record, name, d.known()) if r in producers or r == "images"]
-            if roles:
-                mine[name] = "{images}" if roles[0] == "images" else producers[roles[0]][0].values[
-                    producers[roles[0]][1]]
-    for d in drafts:
+            source = next((producers[r] for r in read_roles(d.record, name, d.known()) if r in producers), None)
+            if source:
+                mine[name] = source[0].values[source[1]]
         for name in d.record.writes:
-            for out in outputs(d.record, name)[1:]:
+            for out in outputs(d.record, name):
                 if out.when:
-                    readers = sorted({r.section for r in drafts if out.role in _all_roles(r)})
-                    words[d.section][out.when] = f"true when {' or '.join(readers)} is set"
+                    readers = sorted({r.section for r in drafts if out.role in roles(r)})
+                    mine[out.when] = f"true when {' or '.join(readers)} is set"
     return words
-
-
-def _all_roles(d) -> set[str]:
-    return {r for name in d.record.reads for r in read_roles(d.record, name, d.known())}
 
 
 def section_model(record: Stage, from_plan: dict[str, str]) -> type[Section]:

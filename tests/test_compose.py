@@ -23,6 +23,7 @@ OPTIONAL = {
     "REALS_INCEPTION_WEIGHTS": "override of where the FID-Inception weights are looked up (default: torch hub's)",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "start-up budget of the local Prefect API (default 180 s)",
     "REALS_API_WAIT_SECONDS": "how long `reals serve` waits for the Prefect API (default 120 s)",
+    "REALS_STAGE_MODULES": "stages of a user's own, beside ours (default: none)",
     "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "set by the CLI itself (a signal reaches Python, not Ray's crash dump)",
     "RANK": "set per process by torchrun / Ray Train",
     "LOCAL_RANK": "set per process by torchrun / Ray Train",

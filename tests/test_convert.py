@@ -12,7 +12,8 @@ import torch
 
 from pipelines import StageError
 from pipelines.cli import main
-from pipelines.stages.convert import ConvertConfig, ExtractEMAConfig, complete, model_from_checkpoint, run, run_extract_ema
+from pipelines.stages.convert import (ConvertConfig, ExtractEMAConfig, missing_outputs, model_from_checkpoint, run,
+                                      run_extract_ema)
 from pipelines.checkpoints import load_checkpoint
 from pipelines.stages.train_vae import TrainVAEConfig
 from pipelines.stages.train_vae import run as train
@@ -123,8 +124,8 @@ def test_rerun_redoes_a_truncated_weight_file(converted, trained, tiny_shards, t
     weights.write_bytes(weights.read_bytes()[:size // 2])
     config = ConvertConfig(ckpt=trained[1], output_dir=str(copy), data_path=tiny_shards, num_samples=NUM,
                            show_progress=False)
-    assert complete(config) == f"damaged: diffusion_pytorch_model.safetensors is {size // 2} bytes, {size} were written"
+    assert missing_outputs(config) == f"damaged: diffusion_pytorch_model.safetensors is {size // 2} bytes, {size} were written"
     again = run(config)
-    assert complete(config) is None and not again.skipped and again.fingerprint == summary.fingerprint
+    assert missing_outputs(config) is None and not again.skipped and again.fingerprint == summary.fingerprint
     assert f"diffusion_pytorch_model.safetensors is {size // 2} bytes, {size} were written" in capsys.readouterr().out
     assert weights.stat().st_size == size and ReaLSVAE.from_pretrained(copy).fingerprint == summary.fingerprint

@@ -470,12 +470,14 @@ def test_deployment_entrypoints_are_module_paths_a_worker_imports():
         assert loaded.fn.__module__.startswith("flows.") and loaded.name == d.flow_name
 
 
-def test_shipped_configs_build_every_stage():
+def test_shipped_configs_build_every_stage(tmp_path):
     demo = {s.name: s.config for s in plan_steps(load_pipeline_config(output="/tmp/reals-demo"))}
     assert list(demo) == STAGES + ["downstream"]
     assert demo["sample"].save_latents and demo["downstream"].samples == demo["sample"].output
     assert demo["train-vae"].teacher == "efficientnet_lite0" and demo["train-vae"].perceptual == "none"
-    paper = {s.name: s.config for s in plan_steps(load_pipeline_config(CONFIGS / "imagenet256-reals.yaml"))}
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)  # the config's /data/imagenet, here
+    paper = {s.name: s.config for s in plan_steps(load_pipeline_config(CONFIGS / "imagenet256-reals.yaml",
+                                                                       images=str(tmp_path / "imagenet")))}
     assert "synthetic" not in paper and "make-reference" not in paper
     assert (paper["train-vae"].teacher, paper["train-vae"].teacher_input_size) == ("dinov2_vitb14", 448)
     assert (paper["train-sit"].model, paper["train-sit"].global_batch_size) == ("SiT-XL/2", 256)

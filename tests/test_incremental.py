@@ -13,7 +13,7 @@ import webdataset as wds
 from pipelines import StageError
 from pipelines.stages.encode import EncodeConfig
 from pipelines.stages.encode import run as encode
-from pipelines.stages.shard import ShardConfig, complete
+from pipelines.stages.shard import ShardConfig, missing_outputs
 from pipelines.stages.shard import run as shard
 from storage.shards import read_manifest, shard_urls
 
@@ -77,7 +77,7 @@ def test_new_images_anywhere_go_to_new_shards_and_only_their_rows_are_encoded(sy
     tars, manifest, rows = _files(shards), read_manifest(str(shards)), _settled(_files(store))
     again = shard(config)  # nothing new: nothing written, nothing encoded
     assert (again.shards_written, again.shards_skipped, again.new_files, again.images) == (0, 4, 0, 51)
-    assert _files(shards) == tars and read_manifest(str(shards)) == manifest and complete(config) is None
+    assert _files(shards) == tars and read_manifest(str(shards)) == manifest and missing_outputs(config) is None
     assert encode(enc).rows_encoded == 0 and _settled(_files(store)) == rows
 
 
@@ -98,7 +98,7 @@ def test_removed_file_is_listed_and_logged_and_keeps_its_samples(synthetic_root,
     assert {k: v for k, v in _files(out).items() if k.endswith(".tar")} == {
         k: v for k, v in tars.items() if k.endswith(".tar")}
     assert rel in {json.loads(s["json"])["source"] for u in shard_urls(str(out)) for s in _samples(u)}
-    assert complete(config) is None
+    assert missing_outputs(config) is None
 
     # a shard that lost a file but must be rewritten (its tar is gone) is rewritten without it, and says so
     (out / "train-000001.tar").unlink()

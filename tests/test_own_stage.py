@@ -60,6 +60,7 @@ def test_one_module_and_one_registry_entry_give_a_command_flow_form_step_and_rep
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert seen["flow"] == "sample-stats" and seen["entrypoint"] == "flows.stages.sample_stats_flow"
     assert seen["section"] and seen["after"] == ["sample"] and seen["samples"] == seen["sample_output"]
+    assert seen["last"] == "sample-stats"  # placed by its roles: after sample, and the last registered
     assert seen["prefilled"]["output"] == str(tmp_path / "run" / "sample_stats.json")
     assert "## Sample statistics" in seen["report"] and "| R | 1 | 0 |" in seen["report"]
 

@@ -469,10 +469,7 @@ def show(summary: ShardSummary, shown: int = 10) -> None:
 
 
 def check_split(config: ShardConfig) -> None:
-    """Refuse, before anything runs, a data folder without the split's folder (the train split is checked when it
-    is sharded: a data folder may be mounted only where the stage runs)."""
-    if config.split == "train":
-        return
+    """Refuse, before anything runs, a data folder without the split's folder."""
     folder = sfs.local_path(config.images) or config.images
     if not os.path.exists(folder):
         raise StageError(f"data folder {config.images} not found: images must be an ImageNet-layout folder "
