@@ -64,7 +64,7 @@ class ExperimentCommand(BaseModel):
                                                 "(configs/sweep.yaml)")
     set: list[str] = Field(default_factory=list, description="KEY=VALUE settings over the config, KEY a field or "
                                                              "section.field, VALUE read as YAML (e.g. "
-                                                             "train_sit.max_steps=1000 sample.num_fid_samples=500)")
+                                                             "generator.max_steps=1000 sample.num_fid_samples=500)")
 
 
 def _quiet_defaults() -> None:

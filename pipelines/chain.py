@@ -18,7 +18,6 @@ from pipelines.config import StageConfig, build
 from pipelines.registry import Output, Stage, stages
 from storage.fs import join, local_path
 
-FORMER_SECTIONS = {"generator": ("train_sit",)}  # sections of a pipeline YAML read under a former name as well
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from pipelines import ray_train, user_errors
-from pipelines.chain import FORMER_SECTIONS
-from pipelines.config import Cli, build, load_yaml
+from pipelines.config import Cli, build, load_yaml, section_names
 
 DESCRIPTION = "ReaLS latent pipeline: ImageNet folder -> shards -> aligned VAE -> latent store -> SiT -> FID."
 
@@ -127,7 +126,7 @@ def add_stage_command(sub, record) -> None:
     section = record.chain.section if record.chain else record.name.replace("-", "_")
     p.add_argument("--config", help=f"YAML file of {record.config.__name__} fields, or a pipeline YAML with a "
                                     f"`{section}:` section (flags override it)")
-    names = (section, *FORMER_SECTIONS.get(section, ()))
+    names = section_names(section)
 
     def handle(args: argparse.Namespace) -> int:
         config = config_from_args(record.config, args, p, names)

@@ -128,11 +128,22 @@ def build(cls: type[BaseModel], values: dict, what: str, names: Callable[[str], 
         raise StageError(f"invalid {what}{first_error(e, names)}") from None
 
 
+# Sections read under a former name as well (pipeline and experiment YAML, --set, sweep knobs).
+FORMER_SECTIONS = {"generator": ("train_sit",)}
+
+
+def section_names(name: str) -> tuple[str, ...]:
+    """A section's current name, then its former ones (``name`` may be either)."""
+    return next(((new, *old) for new, old in FORMER_SECTIONS.items() if name == new or name in old), (name,))
+
+
 def override(values: dict, key: str, value, what: str) -> dict:
-    """``values`` with ``key`` (a field, or ``section.field`` of a section mapping) set to ``value``."""
+    """``values`` with ``key`` (a field, or ``section.field`` of a section mapping, under any of the section's
+    names) set to ``value``."""
     head, _, field = key.partition(".")
     if not field:
         return {**values, head: value}
+    head = next((h for h in section_names(head) if isinstance(values.get(h), dict)), head)
     if not isinstance(values.get(head), dict):
         raise StageError(f"{what}: {head} is not a section of the config")
     return {**values, head: {**values[head], field: value}}

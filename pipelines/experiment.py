@@ -1,7 +1,7 @@
 """Stage `experiment`: SiT (or DiT) on ReaLS latents vs on a plain VAE's latents, a controlled experiment (issue 9).
 
 ``--model`` picks the generator: a SiT (train-sit, sampled by the ``sample`` section) or a DiT (train-dit on the
-``train_sit`` section's settings, sampled by DDPM with the ``sample_dit`` settings in place of the SiT sampler's).
+``generator`` section's settings, sampled by DDPM with the ``sample_dit`` settings in place of the SiT sampler's).
 
 Two arms on the same shards, VAE architecture, VAE steps and seeds, whose configs differ ONLY in the
 alignment weight (checked in code from the recorded configs, and written to ``config_check.json``):
@@ -33,10 +33,10 @@ import json
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from pipelines import StageError
-from pipelines.config import OptionalImages, ShowProgress, StageConfig, build, load_yaml
+from pipelines.config import OptionalImages, ShowProgress, StageConfig, build, load_yaml, section_names
 from pipelines.sweep import Point, mean_std, targets
 from storage.fs import join
 from storage.markers import read_json
@@ -51,7 +51,7 @@ OPTIONAL_KEYS = ("FID", "sFID", "IS", "Precision", "Recall", "FD_dinov2", "Preci
 # Each section of the experiment config and the stages whose fields it holds (its Run form's typed sections).
 FORM_SECTIONS = {"synthetic": ("synthetic",), "shard": ("shard",), "reference": ("make-reference",),
                  "evaluator": ("train-evaluator",), "train_vae": ("train-vae",), "pretrain_vae": ("train-vae",),
-                 "convert": ("convert",), "encode": ("encode",), "train_sit": ("train-sit", "train-dit"),
+                 "convert": ("convert",), "encode": ("encode",), "generator": ("train-sit", "train-dit"),
                  "sample": ("sample",), "sample_dit": ("sample",), "evaluate": ("evaluate",), "assess": ("assess",),
                  "downstream": ("downstream",)}
 LOWER_IS_BETTER = {"FD_domain", "FD_effnet", "FD_dinov2", "rFD_domain", "FID", "sFID", "LPIPS"}
@@ -86,9 +86,10 @@ class ExperimentConfig(StageConfig):
                                                         "from (None: each arm trains its VAE from scratch)")
     convert: dict = Field(default_factory=dict, description="ConvertConfig fields")
     encode: dict = Field(default_factory=dict, description="EncodeConfig fields")
-    model: str | None = Field(None, description="generator, overriding train_sit.model: SiT-* (flow matching) or "
+    model: str | None = Field(None, description="generator, overriding generator.model: SiT-* (flow matching) or "
                                                 "DiT-* (DDPM, learned variance), e.g. DiT-T/2")
-    train_sit: dict = Field(default_factory=dict, description="TrainSiTConfig fields (a DiT: TrainDiTConfig's)")
+    generator: dict = Field(default_factory=dict, validation_alias=AliasChoices(*section_names("generator")),
+                            description="TrainSiTConfig fields (a DiT: TrainDiTConfig's); former name train_sit")
     sample: dict = Field(default_factory=dict, description="SampleConfig fields")
     sample_dit: dict = Field(default_factory=lambda: {"mode": "DDPM", "num_sampling_steps": 50},
                              description="SampleConfig fields that replace the sample section's sampler settings "
@@ -230,11 +231,11 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
         final = rec["train-vae"]["final"]
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
-            "vae_run": steps["train-vae"].config.output, "generator_run": steps["train-sit"].config.output,
-            "model": rec["train-sit"]["model"], "family": rec["train-sit"]["family"], "sit_parameters": rec["train-sit"]["parameters"],
+            "vae_run": steps["train-vae"].config.output, "generator_run": steps["generator"].config.output,
+            "model": rec["generator"]["model"], "family": rec["generator"]["family"], "sit_parameters": rec["generator"]["parameters"],
             "vae_parameters": rec["assess"]["vae_parameters"], "vae_steps": rec["train-vae"]["steps"],
-            "sit_steps": rec["train-sit"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],
-            "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["train-sit"]["final_loss"],
+            "sit_steps": rec["generator"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],
+            "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["generator"]["final_loss"],
             "teacher": rec["train-vae"]["teacher"], "alignment": rec["train-vae"]["alignment"],
             "latent_shape": rec["train-vae"]["latent_shape"], "noise_to_signal": rec["assess"]["noise_to_signal"],
             "notes": rec["assess"]["notes"] + rec["evaluate"]["notes"], "downstream": downstream, "seconds": seconds,

@@ -20,8 +20,6 @@ from pipelines.sweep import Point, apply, expand
 from storage.fs import join, local_path
 
 QUIET = {"show_progress": False}
-# The experiment config's sections that differ from the chain's section names.
-CHAIN_SECTIONS = {"reference": "make_reference", "evaluator": "train_evaluator", "train_sit": "generator"}
 SHARED = ("synthetic", "shard", "make-reference", "train-evaluator")
 # A run's steps up to its latents and its semantic measures: everything its generator reads.
 VAE_SIDE = ("train-vae", "convert", "encode", "downstream")
@@ -31,7 +29,7 @@ VAE_SIDE = ("train-vae", "convert", "encode", "downstream")
 class Plan:
     root: str
     shared: dict[str, Step]
-    runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> kind (the stage; train-sit for the generator) -> step
+    runs: dict[tuple[str, int], dict[str, Step]]  # (arm, seed) -> kind (the stage; generator for SiT/DiT) -> step
     points: list[tuple[str, Point]] = ()  # sweep points and their arms ("reals" where a point is the ReaLS arm)
     borrowed: dict[tuple[str, int], str] = field(default_factory=dict)  # (arm, seed) -> whose VAE side it uses
 
@@ -106,8 +104,8 @@ def _pretrain(config: ExperimentConfig, root: str, provides: dict[str, str]) -> 
 
 
 def kind(step: Step) -> str:
-    """A run's step by the stage it runs; ``train-sit`` for the generator, whichever family trains it."""
-    return "train-sit" if stage(step.stage).chain.section == "generator" else step.stage
+    """A run's step by the stage it runs; ``generator`` for the generator, whichever family trains it."""
+    return "generator" if stage(step.stage).chain.section == "generator" else step.stage
 
 
 def run_steps(config: ExperimentConfig, arm: str, seed: int, root: str, provides: dict[str, str],
@@ -115,7 +113,7 @@ def run_steps(config: ExperimentConfig, arm: str, seed: int, root: str, provides
     """The steps of one run (arm ``vae``: align_weight 0) under its folder ``root``, by kind: VAE fine-tuning to
     measurement; downstream segmentation and depth when ``truth`` names a folder with ground truth. With
     ``vae_side`` (another run's VAE side), its outputs are read and its steps are this run's."""
-    train_stage, generator, sample = generator_sections(config.train_sit, config.sample, config.sample_dit,
+    train_stage, generator, sample = generator_sections(config.generator, config.sample, config.sample_dit,
                                                         model=config.model)
     fixed = {"train_vae": {"seed": seed, "resume": True, **_teacher(config), **QUIET,
                            "align_weight": 0.0 if arm == "vae" else config.align_weight},
@@ -125,7 +123,7 @@ def run_steps(config: ExperimentConfig, arm: str, seed: int, root: str, provides
     names = {"train_vae": "train_vae", "convert": "convert", "encode": "encode", "evaluate": "evaluate",
              "assess": "assess", "downstream": "downstream"}
     sections = _sections(config, names, fixed)
-    _refuse_fixed("train_sit", generator, fixed["generator"], stage(train_stage))
+    _refuse_fixed("generator", generator, fixed["generator"], stage(train_stage))
     _refuse_fixed("sample", sample, fixed["sample"], stage("sample"))
     sections["encode"] = {"workers": 1, **sections["encode"]}
     sections["generator"] = generator

@@ -9,8 +9,8 @@ from typing import ClassVar, Literal
 from pydantic import AliasChoices, Field, create_model
 
 from pipelines import StageError
-from pipelines.chain import FORMER_SECTIONS, Layout, Step, local_folder, plan
-from pipelines.config import OptionalImages, StageConfig, build, read_yaml
+from pipelines.chain import Layout, Step, local_folder, plan
+from pipelines.config import OptionalImages, StageConfig, build, read_yaml, section_names
 from pipelines.generator import SampleDiTSection, generator_sections
 from pipelines.sections import section_models
 from storage.fs import local_path, to_url
@@ -50,7 +50,8 @@ def _pipeline_config() -> type[PipelineBase]:
     for section, (record, model) in section_models().items():
         if section == "generator":
             fields["family"] = FAMILY
-        alias = AliasChoices(section, *FORMER_SECTIONS[section]) if section in FORMER_SECTIONS else None
+        names = section_names(section)
+        alias = AliasChoices(*names) if len(names) > 1 else None
         if record.chain.optional:
             fields[section] = (model | None, Field(None, description=record.chain.description,
                                                    validation_alias=alias))

@@ -3,13 +3,14 @@ all paired with the experiment's one baseline arm and its seeds.
 
 A sweep file holds ``points`` (a list of overrides, each optionally ``name``d) and/or ``grid`` (knob -> values:
 every combination). A knob is an ExperimentConfig field (``align_weight``, ``teacher_layer``,
-``teacher_input_size``) or ``section.field`` (``train_vae.kl_weight``, ``train_sit.sample_posterior``). The shared
+``teacher_input_size``) or ``section.field`` (``train_vae.kl_weight``, ``generator.sample_posterior``). The shared
 inputs (data, shards, reference, evaluator, pretraining, seeds) cannot be overridden, so every point is measured
 against the same baseline runs. A point whose stage configs equal the experiment's own ReaLS arm is that arm; one
-that changes only the generator shares that arm's VAE side (``flows.experiment.VAE_SIDE``).
+that changes only the generator shares that arm's VAE side (``pipelines.experiment_plan.VAE_SIDE``).
 
 Here: reading and expanding a sweep, a point's config, which stage settings a knob may change (the check), and the
-results table. The plan and running it are ``flows.experiment``; the plots ``pipelines.render``.
+results table. The plan is ``pipelines.experiment_plan``, running it ``flows.experiment``; the plots
+``pipelines.render``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines import StageError
-from pipelines.config import build, load_yaml, override
+from pipelines.config import build, load_yaml, override, section_names
 
 SHARED = ("output", "seeds", "images", "synthetic", "shard", "reference", "evaluator", "pretrain_vae",
           "show_progress", "points", "grid")
@@ -107,8 +108,8 @@ def targets(knob: str) -> str:
     """The stage setting (``section.field`` of the recorded configs) a knob sets."""
     head, _, field = knob.partition(".")
     if not field:
-        return f"train_vae.{head}" if head in TRAIN_VAE_KNOBS else ("train_sit.model" if head == "model" else head)
-    return f"sample.{field}" if head == "sample_dit" else knob
+        return f"train_vae.{head}" if head in TRAIN_VAE_KNOBS else ("generator.model" if head == "model" else head)
+    return f"sample.{field}" if head == "sample_dit" else f"{section_names(head)[0]}.{field}"
 
 
 # ---------------------------------------------------------------------------------------------------

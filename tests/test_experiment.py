@@ -23,7 +23,7 @@ MICRO = dict(
     pretrain_vae={"max_steps": 2, "ckpt_every": 2},
     convert={"num_samples": 16, "batch_size": 16},
     encode={"batch_size": 16},
-    train_sit={"model": "SiT-T/2", "global_batch_size": 8, "max_steps": 3, "log_every": 1, "sample_every": 0},
+    generator={"model": "SiT-T/2", "global_batch_size": 8, "max_steps": 3, "log_every": 1, "sample_every": 0},
     sample={"sampling_method": "euler", "num_sampling_steps": 2, "num_fid_samples": 6, "per_proc_batch_size": 6,
             "unit_size": 6},
     evaluate={"features": ["effnet"], "batch_size": 32},
@@ -77,9 +77,9 @@ def test_check_refuses_arms_that_differ_elsewhere(micro, tmp_path):
                         ignore=lambda d, names: [n for n in names if n != "configs.json"])
     path = tmp_path / "reals" / "seed0" / "configs.json"
     tampered = json.loads(path.read_text())
-    tampered["stages"]["train_sit"]["lr"] *= 2
+    tampered["stages"]["generator"]["lr"] *= 2
     path.write_text(json.dumps(tampered))
-    with pytest.raises(StageError, match="train_sit.lr"):
+    with pytest.raises(StageError, match="generator.lr"):
         check_arms(str(tmp_path), 1)
 
 
@@ -88,7 +88,7 @@ def test_rerun_reuses_every_unit_and_refuses_changed_settings(micro):
     again = run(config)
     assert again.steps_run == 0 and again.steps_reused == s.steps_run + s.steps_reused
     assert again.paired == s.paired
-    changed = config.model_copy(update={"train_sit": {**config.train_sit, "lr": 1e-3}})
+    changed = config.model_copy(update={"generator": {**config.generator, "lr": 1e-3}})
     with pytest.raises(StageError, match="other settings"):
         run(changed)
 
@@ -118,9 +118,9 @@ def test_set_overrides_a_preset_from_the_command_line(monkeypatch, capsys):
                  "train_sit.max_steps=1000", "sample.num_fid_samples=500", "align_weight=1.0"]) == 2
     preset = load_experiment_config()
     config = seen[0]
-    assert (config.train_sit["max_steps"], config.sample["num_fid_samples"], config.align_weight) == (1000, 500, 1.0)
-    assert config.seeds == 2 and config.train_sit["lr"] == preset.train_sit["lr"]  # the rest of a section stays
-    assert plan(config).runs[("reals", 0)]["train-sit"].config.max_steps == 1000
+    assert (config.generator["max_steps"], config.sample["num_fid_samples"], config.align_weight) == (1000, 500, 1.0)
+    assert config.seeds == 2 and config.generator["lr"] == preset.generator["lr"]  # the rest of a section stays
+    assert plan(config).runs[("reals", 0)]["generator"].config.max_steps == 1000
     for bad, err in ((["max_steps"], "expected KEY=VALUE"), (["seeds.x=1"], "--set seeds.x: seeds is not a section"),
                      (["no_such=1"], "invalid experiment config no_such")):
         assert main(["experiment", "--output", "/tmp/unused-experiment", "--set", *bad]) == 2
@@ -131,13 +131,13 @@ def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
     config = load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-T/2")
     p = plan(config)
     for arm in ARMS:
-        train, sample = p.runs[(arm, 0)]["train-sit"], p.runs[(arm, 0)]["sample"]
+        train, sample = p.runs[(arm, 0)]["generator"], p.runs[(arm, 0)]["sample"]
         assert (train.stage, train.config.model, type(train.config).__name__) == ("train-dit", "DiT-T/2",
                                                                                  "TrainDiTConfig")
         assert (sample.config.mode, sample.config.num_sampling_steps, sample.config.sampling_method) == ("DDPM", 50, None)
         assert sample.config.cfg_scale == config.sample["cfg_scale"]  # the rest of the sample section is shared
     assert plan(load_experiment_config(quick=True, output="/tmp/unused-experiment")).runs[("vae", 0)][
-        "train-sit"].stage == "train-sit"
+        "generator"].stage == "train-sit"
     with pytest.raises(StageError, match="unknown model"):
         plan(load_experiment_config(quick=True, output="/tmp/unused-experiment", model="DiT-Q/2"))
 
@@ -146,7 +146,7 @@ def test_a_dit_generator_trains_with_train_dit_and_samples_by_ddpm():
 
 SWEEP = {"points": [{"name": "block1", "teacher_layer": 1}, {"name": "mean", "train_sit.sample_posterior": False}],
          "grid": {"align_weight": [0.5]}}  # 0.5: the base; `mean` changes only the generator
-GENERATOR = ("train-sit", "sample", "evaluate", "assess")
+GENERATOR = ("generator", "sample", "evaluate", "assess")
 
 
 def test_a_sweep_expands_its_points_and_grid_against_one_baseline(tmp_path):
@@ -182,14 +182,14 @@ def test_a_generator_only_point_shares_the_reals_arms_vae_side(tmp_path):
         base, mean = p.runs[("reals", seed)], p.runs[("reals-mean", seed)]
         assert p.borrowed[("reals-mean", seed)] == p.run_root("reals", seed)
         assert all(mean[k] is base[k] for k in VAE_SIDE)  # the very units, run once
-        assert mean["train-sit"].config.store == base["train-sit"].config.store
-        assert (mean["train-sit"].config.sample_posterior, base["train-sit"].config.sample_posterior) == (False, True)
-        assert mean["train-sit"].config.output.startswith(p.run_root("reals-mean", seed))
+        assert mean["generator"].config.store == base["generator"].config.store
+        assert (mean["generator"].config.sample_posterior, base["generator"].config.sample_posterior) == (False, True)
+        assert mean["generator"].config.output.startswith(p.run_root("reals-mean", seed))
         assert mean["sample"].config.vae_path == base["sample"].config.vae_path
-        assert mean["train-sit"].name != base["train-sit"].name
+        assert mean["generator"].name != base["generator"].name
         # its recorded configs read as the baseline's but for the alignment weight and its override
         diffs = config_differences(p.recorded("vae", seed), p.recorded("reals-mean", seed))
-        assert set(diffs) == {ALLOWED_DIFFERENCE, "train_sit.sample_posterior"}
+        assert set(diffs) == {ALLOWED_DIFFERENCE, "generator.sample_posterior"}
     units = [u for _, phase in phases(p) for u in phase]
     assert len(units) == len({u.name for u in units})  # the shared units are planned once
     own = {(arm, seed): {k for k, u in units.items() if u.name.startswith(f"{arm}-")} for (arm, seed), units in
