@@ -252,3 +252,26 @@ def test_the_experiment_reports_downstream_per_arm(micro):
     for arm in ARMS:
         assert 0 <= results["arms"][arm]["downstream"]["mIoU"]["mean"] <= 1
     assert "### Downstream" in Path(s.table).read_text()
+
+
+def test_the_experiment_lays_out_each_run_as_the_pipeline_lays_out_its_run(tmp_path):
+    """One plan, one layout: every artifact at the same path relative to its run (shared steps: the experiment's
+    folder), e.g. samples/samples.npz in both."""
+    import os
+
+    from pipelines.chain import produced
+    from pipelines.pipeline_config import load_pipeline_config, pipeline_steps
+
+    def layout(steps, root) -> dict:
+        return {(s.stage, role): os.path.relpath(url, root) for s in steps for role, url in produced(s).items()}
+
+    pipeline = layout(pipeline_steps(load_pipeline_config(output=str(tmp_path / "pipe"))), tmp_path / "pipe")
+    p = plan(load_experiment_config(quick=True, output=str(tmp_path / "exp")))
+    shared = layout(p.shared.values(), p.root)
+    run = layout(p.runs[("reals", 0)].values(), p.run_root("reals", 0))
+    both = {**shared, **run}
+    common = set(pipeline) & set(both)
+    assert {stage for stage, _ in common} >= {"synthetic", "shard", "train-vae", "convert", "encode", "train-sit",
+                                               "sample", "make-reference", "evaluate", "downstream"}
+    assert {k: both[k] for k in common} == {k: pipeline[k] for k in common}
+    assert run[("sample", "samples")] == os.path.join("samples", "samples.npz")

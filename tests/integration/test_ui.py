@@ -85,7 +85,8 @@ def test_the_report_link_opens_as_a_page_with_its_pictures_inside(cluster, tmp_p
 
     from flows.artifacts import browser_url
     from flows.pipeline import HTML
-    from pipelines.report import ReportConfig, write_report
+    from pipelines.report import ReportConfig, ReportStep, write_report
+    from pipelines.stages.sample import SampleConfig
     from storage.fs import write_bytes_atomic
 
     _s3_env(cluster, monkeypatch)
@@ -93,7 +94,9 @@ def test_the_report_link_opens_as_a_page_with_its_pictures_inside(cluster, tmp_p
     buf = io.BytesIO()
     np.savez(buf, arr_0=np.full((8, 16, 16, 3), 120, np.uint8), arr_1=np.arange(8) % 2)
     write_bytes_atomic(samples, buf.getvalue())
-    summary = write_report(ReportConfig(output="s3://reals/it/ui-report/report", samples=samples))
+    sample = SampleConfig(mode="ODE", ckpt="unused", vae_path="unused", output=samples)
+    summary = write_report(ReportConfig(output="s3://reals/it/ui-report/report",
+                                        steps=[ReportStep(stage="sample", config=sample.model_dump(mode="json"))]))
     public = cluster.env["AWS_ENDPOINT_URL"].replace("127.0.0.1", "localhost")
     monkeypatch.setenv("REALS_PUBLIC_S3_ENDPOINT", public)
     href = browser_url(summary.page, HTML)
