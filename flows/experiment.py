@@ -39,8 +39,8 @@ def loss_curves_png(results: dict) -> bytes:
     vae = [("pretrain", "grey", read_log(join(pre["run"], "log.jsonl")), 0)] if pre else []
     vae += [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["vae_run"], "log.jsonl")),
              offset) for r in runs]
-    generator = [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]], read_log(join(r["generator_run"], "log.jsonl")))
-                 for r in runs]
+    generator = [(f"{r['arm']} seed {r['seed']}", ARM_COLOURS[r["arm"]],
+                  read_log(join(r["generator_run"], "log.jsonl"))) for r in runs]
     return experiment_curves(vae, generator, results["runs"][0].get("family", "SiT"))
 
 

@@ -232,7 +232,8 @@ def collect(plan_, records: dict[str, dict], config: ExperimentConfig) -> dict:
         runs.append({
             "arm": arm, "seed": seed, "root": plan_.run_root(arm, seed), "metrics": metrics,
             "vae_run": steps["train-vae"].config.output, "generator_run": steps["generator"].config.output,
-            "model": rec["generator"]["model"], "family": rec["generator"]["family"], "sit_parameters": rec["generator"]["parameters"],
+            "model": rec["generator"]["model"], "family": rec["generator"]["family"],
+            "sit_parameters": rec["generator"]["parameters"],
             "vae_parameters": rec["assess"]["vae_parameters"], "vae_steps": rec["train-vae"]["steps"],
             "sit_steps": rec["generator"]["steps"], "nfe": rec["sample"]["nfe"], "samples": rec["sample"]["num_samples"],
             "vae_final": rec["train-vae"]["final"], "sit_final_loss": rec["generator"]["final_loss"],

@@ -8,11 +8,13 @@ measures) instead of repeating it. ``phases`` orders every step by what it reads
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import StageError
-from pipelines.chain import Layout, Step, chain_records, phases as chain_phases, plan as chain_plan, produced, read_roles
+from pipelines.chain import (Layout, Step, chain_records, defaults, outputs, phases as chain_phases,
+                             plan as chain_plan, produced, read_roles)
 from pipelines.experiment import ExperimentConfig, recorded_configs
 from pipelines.generator import generator_sections
 from pipelines.registry import stage
@@ -47,20 +49,31 @@ class Plan:
         return list({s.name: s for s in every}.values())
 
 
-def _refuse_fixed(name: str, given: dict, fixed: dict, record) -> None:
-    """An experiment section may not set what the experiment sets: the paths and the values of ``fixed``."""
-    clash = sorted(set(given) & (set(fixed) | set(record.reads) | set(record.writes)))
+def _filled(role: str, provided: Iterable[str]) -> bool:
+    """Whether the plan fills a field that reads ``role``: a chain stage writes it, or it is ``provided``."""
+    written = {o.role for r in chain_records() for f in r.writes for o in outputs(r, f)}
+    return role in provided or any(role == w or ("{" in w and role.startswith(w.split("{")[0])) for w in written)
+
+
+def _refuse_fixed(name: str, given: dict, fixed: dict, record, provided: Iterable[str] = ()) -> None:
+    """An experiment section may not set what the experiment sets: the values of ``fixed``, where the stage writes,
+    and what it reads that the plan fills (a stage's own input, such as ``train_vae.vae_ckpt`` without a
+    pretraining, may be given)."""
+    values = {**defaults(record), **given}
+    reads = {f for f in record.reads if any(_filled(r, provided) for r in read_roles(record, f, values))}
+    clash = sorted(set(given) & (set(fixed) | reads | set(record.writes)))
     if clash:
         raise StageError(f"experiment section {name} may not set {', '.join(clash)}: the experiment sets them")
 
 
-def _sections(config: ExperimentConfig, names: dict[str, str], fixed: dict[str, dict]) -> dict[str, dict]:
+def _sections(config: ExperimentConfig, names: dict[str, str], fixed: dict[str, dict],
+              provided: Iterable[str] = ()) -> dict[str, dict]:
     """The chain sections from the experiment's (``names``: chain section -> experiment section), checked."""
     out = {}
     for chain_section, name in names.items():
         given = getattr(config, name)
         record = next(r for r in chain_records() if r.chain.section == chain_section)
-        _refuse_fixed(name, given, fixed.get(chain_section, {}), record)
+        _refuse_fixed(name, given, fixed.get(chain_section, {}), record, provided)
         out[chain_section] = given
     return out
 
@@ -94,7 +107,8 @@ def _pretrain(config: ExperimentConfig, root: str, provides: dict[str, str]) -> 
     where = Layout(join(root, "pretrain"), None)
     values = {**config.train_vae, **config.pretrain_vae}
     _refuse_fixed("pretrain_vae", values, {"align_weight": 0}, stage("train-vae"))
-    vae, = chain_plan(where, {"train_vae": values}, provided=provides, only={"train-vae"}, targets={"train-vae"}, what="experiment section",
+    vae, = chain_plan(where, {"train_vae": values}, provided=provides, only={"train-vae"}, targets={"train-vae"},
+                      what="experiment section",
                       fixed={"train_vae": {"align_weight": 0.0, "resume": True, **_teacher(config), **QUIET}})
     run = vae.config.output
     extract = stage("extract-ema")
@@ -122,7 +136,7 @@ def run_steps(config: ExperimentConfig, arm: str, seed: int, root: str, provides
              "downstream": {"samples": None, **QUIET}}
     names = {"train_vae": "train_vae", "convert": "convert", "encode": "encode", "evaluate": "evaluate",
              "assess": "assess", "downstream": "downstream"}
-    sections = _sections(config, names, fixed)
+    sections = _sections(config, names, fixed, provides)
     _refuse_fixed("generator", generator, fixed["generator"], stage(train_stage))
     _refuse_fixed("sample", sample, fixed["sample"], stage("sample"))
     sections["encode"] = {"workers": 1, **sections["encode"]}

@@ -102,6 +102,10 @@ def test_presets_load_and_plan_both_arms_alike():
         assert units["train-vae"].config.align_weight == 0 and p.runs[("reals", 0)]["train-vae"].config.align_weight > 0
     with pytest.raises(StageError, match="may not set seed"):
         plan(ExperimentConfig(output="/tmp/unused-experiment", train_vae={"seed": 3}))
+    with pytest.raises(StageError, match="experiment section sample may not set ckpt, output"):
+        plan(ExperimentConfig(output="/tmp/unused-experiment", sample={"ckpt": "mine", "output": "x.npz"}))
+    own = plan(ExperimentConfig(output="/tmp/unused-experiment", train_vae={"vae_ckpt": "/w/vae.safetensors"}))
+    assert own.runs[("vae", 0)]["train-vae"].config.vae_ckpt == "/w/vae.safetensors"  # its own input, not filled
 
 
 def test_set_overrides_a_preset_from_the_command_line(monkeypatch, capsys):
