@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows import artifacts
-from flows.executors import Subflows, run_step
+from flows.executors import Executor, Subflows, run_step
 from flows.runtime import add_tags, run_name, started
 from pipelines import StageError
 from pipelines.chain import Step, check_inputs, produced, reading
@@ -63,7 +63,8 @@ def reals_pipeline(config: PipelineConfig) -> PipelineSummary:
 
 
 def run_pipeline(config: PipelineConfig, steps: list[Step], root: str) -> PipelineSummary:
-    records = Subflows(root, config.nproc_per_node).run(steps)
+    executor: Executor = Subflows(root, config.nproc_per_node)
+    records = executor.run(steps)
     rows = [{"stage": name, "status": r["status"], "seconds": round(r["seconds"], 1), "reason": r["reason"]}
             for name, r in records.items()]
     artifacts.table("pipeline-stages", rows, "stages of this run: ran or skipped (complete), and why")
