@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 
 from pipelines import StageError
 from pipelines.config import StageConfig, build
@@ -71,8 +72,12 @@ def read_roles(record: Stage, field_name: str, values: Mapping) -> tuple[str, ..
 
 def defaults(record: Stage) -> dict:
     """The stage config's default values (what a role's ``{field}`` reads when a field is not given)."""
-    return {k: f.get_default(call_default_factory=True) for k, f in record.config.model_fields.items()
-            if not f.is_required()}
+    return _defaults(record.config)
+
+
+@cache
+def _defaults(config: type[StageConfig]) -> dict:
+    return {k: f.get_default(call_default_factory=True) for k, f in config.model_fields.items() if not f.is_required()}
 
 
 @dataclass

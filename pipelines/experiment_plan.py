@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from pipelines import StageError
@@ -49,10 +50,16 @@ class Plan:
         return list({s.name: s for s in every}.values())
 
 
+@cache
+def _chain_roles() -> frozenset[str]:
+    """The roles the chain's stages write (``shards/{split}`` as a template)."""
+    return frozenset(o.role for r in chain_records() for f in r.writes for o in outputs(r, f))
+
+
 def _filled(role: str, provided: Iterable[str]) -> bool:
     """Whether the plan fills a field that reads ``role``: a chain stage writes it, or it is ``provided``."""
-    written = {o.role for r in chain_records() for f in r.writes for o in outputs(r, f)}
-    return role in provided or any(role == w or ("{" in w and role.startswith(w.split("{")[0])) for w in written)
+    return role in provided or any(role == w or ("{" in w and role.startswith(w.split("{")[0]))
+                                   for w in _chain_roles())
 
 
 def _refuse_fixed(name: str, given: dict, fixed: dict, record, provided: Iterable[str] = ()) -> None:

@@ -86,8 +86,9 @@ def layout(pc: PipelineBase) -> Layout:
     return Layout(root, local_folder(root, pc.local_dir))
 
 
-def pipeline_steps(pc: PipelineBase, **kwargs) -> list[Step]:
-    """The steps of ``reals pipeline`` for ``pc`` (``kwargs``: more of ``chain.plan``'s, e.g. ``targets``)."""
+def pipeline_steps(pc: PipelineBase, provided: dict[str, str] | None = None, **kwargs) -> list[Step]:
+    """The steps of ``reals pipeline`` for ``pc``, with ``provided`` roles beside its data (``kwargs``: more of
+    ``chain.plan``'s, e.g. ``ends``)."""
     at, sections = layout(pc), pc.sections()
     if sections.get("synthetic") is None and pc.images is None:
         raise StageError("the pipeline config needs images (an ImageNet-layout folder) or a synthetic section")
@@ -97,6 +98,6 @@ def pipeline_steps(pc: PipelineBase, **kwargs) -> list[Step]:
         sections["generator"], sections["sample"], pc.sample_dit.model_dump(), family=pc.family)
     images = {"images": to_url(pc.images)} if pc.images else {}
     written = sections.get("synthetic") is not None  # the images are the synthetic step's output, else given
-    provided = {**({} if written else images), **kwargs.pop("provided", {})}
+    provided = {**({} if written else images), **(provided or {})}
     return plan(at, sections, provided=provided, paths=images if written else {}, choose={"generator": stage},
                 **kwargs)

@@ -198,3 +198,18 @@ class TCPProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+def run_when_served(run_deployment, name: str, serve, timeout: float = 1800, **kwargs):
+    """``run_deployment`` once ``serve`` (a `reals serve` process) has registered the deployment."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            return run_deployment(name, timeout=timeout, **kwargs)
+        except ObjectNotFound:
+            assert serve.poll() is None, "reals serve exited"
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)

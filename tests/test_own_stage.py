@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from helpers import run_when_served
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -72,7 +72,6 @@ def test_one_module_and_one_registry_entry_give_a_command_flow_form_step_and_rep
 
 def test_a_served_worker_runs_the_deployment_of_ones_own_stage_through_the_api(prefect_api, tmp_path):
     from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     samples = _samples(tmp_path / "samples.npz")
@@ -85,15 +84,8 @@ def test_a_served_worker_runs_the_deployment_of_ones_own_stage_through_the_api(p
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--config", str(config)], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                run = run_deployment("sample-stats/sample-stats", timeout=600, parameters={
-                    "config": {"samples": str(samples), "output": str(tmp_path / "served.json")}})
-                break
-            except ObjectNotFound:
-                assert serve.poll() is None and time.monotonic() < deadline, "reals serve exited or never served"
-                time.sleep(2)
+        run = run_when_served(run_deployment, "sample-stats/sample-stats", serve, timeout=600, parameters={
+            "config": {"samples": str(samples), "output": str(tmp_path / "served.json")}})
         assert run.state.is_completed(), run.state.message
         assert json.loads((tmp_path / "served.json").read_text())["images"] == 4
     finally:

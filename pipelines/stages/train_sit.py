@@ -42,14 +42,14 @@ from pipelines.ray_train import RayTrainSettings
 from pipelines.registry import Chain, Output, Stage
 from pipelines.render import image_grid
 from pipelines.report_parts import ReportPart, Save, training_part
-from pipelines.sampling import NOISE_STREAM, decode_latents, guided_model, sample_generators
+from pipelines.sampling import NOISE_STREAM, sample_generators, sample_images
 from pipelines.training import Schedule, TrainingLoop, ema_copy
 from reals import ReaLSError
 from reals.ema import update_ema
 from reals.diffusion import DDIMSampler, GaussianDiffusion
 from reals.images import to_model_images
 from reals.models import MODELS, create_model, model_family
-from reals.transport import ODESampler, create_transport, randn_per_sample
+from reals.transport import ODESampler, create_transport
 from reals.vae import CHANNEL_STATISTICS, FORMER_CHANNEL_STATISTICS, ReaLSVAE
 from storage.fs import exists, join, to_url
 from storage.latent_loader import LatentLoader
@@ -373,14 +373,14 @@ class Trainer(TrainingLoop):
         k = self.source.num_classes
         idx = np.arange(GRID_SAMPLES)
         y = torch.tensor([i * k // GRID_SAMPLES for i in idx], device=self.d.device)
-        x0 = randn_per_sample(sample_generators(self.cfg.seed, idx, NOISE_STREAM), self.latent_shape,
-                              device=self.d.device)
-        fn = guided_model(self.ema, GRID_CFG_SCALE if self.cfg.class_dropout else 1.0, None, None)
         if isinstance(self.objective, GaussianDiffusion):
-            z = DDIMSampler(self.objective, GRID_STEPS - 1)(x0, fn, y=y)
+            sampler = DDIMSampler(self.objective, GRID_STEPS - 1)
         else:
-            z = ODESampler(self.objective, "heun", GRID_STEPS)(x0, fn, y=y)
-        return image_grid(decode_latents(self.grid_vae, z), GRID_SAMPLES)
+            sampler = ODESampler(self.objective, "heun", GRID_STEPS)
+        generators = sample_generators(self.cfg.seed, idx, NOISE_STREAM)
+        images, _ = sample_images(self.ema, self.grid_vae, sampler, y, generators,
+                                  GRID_CFG_SCALE if self.cfg.class_dropout else 1.0)
+        return image_grid(images, GRID_SAMPLES)
 
     # -- one step -------------------------------------------------------------------------------------
 

@@ -181,7 +181,8 @@ def test_served_pipeline_trains_and_measures_on_ray_not_in_the_serve_process(clu
     that was never the serve process or one of its flow-run processes."""
     import threading
 
-    from test_topology import _run_when_served, _serving
+    from helpers import run_when_served
+    from test_topology import _serving
 
     from pipelines.ray_reaper import _stat, descendants
     from storage.fs import join
@@ -200,7 +201,7 @@ def test_served_pipeline_trains_and_measures_on_ray_not_in_the_serve_process(clu
         watcher = threading.Thread(target=watch, args=(serve,), daemon=True)
         watcher.start()
         try:
-            run = _run_when_served(run_deployment, "reals-pipeline/reals-pipeline", serve)
+            run = run_when_served(run_deployment, "reals-pipeline/reals-pipeline", serve)
         finally:
             stop.set()
             watcher.join()

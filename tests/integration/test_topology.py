@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TCPProxy
+from helpers import TCPProxy, run_when_served
 from test_experiment import MICRO as EXPERIMENT_MICRO
 from topology import CREDENTIALS, MICRO, ROOT, driver_env, freeze_mid_unit, process_title, reals, s3_probe
 
@@ -82,7 +82,7 @@ def test_every_deployment_completes_when_a_served_worker_runs_it(cluster, micro_
         micro_experiment = {"config": {**EXPERIMENT_MICRO, "output": str(cluster.root / "local" / "experiment")}}
         states, why = {}, {}
         for name in names:
-            run = _run_when_served(run_deployment, f"{name}/{name}", serve,
+            run = run_when_served(run_deployment, f"{name}/{name}", serve,
                                    parameters=micro_experiment if name == "experiment" else None)
             states[name] = run.state.type.value
             if states[name] != "COMPLETED":
@@ -109,21 +109,6 @@ def _serving(cluster, config):
             serve.wait(60)
         except subprocess.TimeoutExpired:
             serve.kill()
-
-
-def _run_when_served(run_deployment, name: str, serve, timeout: float = 1800, **kwargs):
-    """``run_deployment`` once ``serve`` has registered the deployment."""
-    from prefect.exceptions import ObjectNotFound
-
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            return run_deployment(name, timeout=timeout, **kwargs)
-        except ObjectNotFound:
-            assert serve.poll() is None, "reals serve exited"
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
 
 
 def _s3_env(cluster, monkeypatch) -> None:
@@ -157,12 +142,12 @@ def test_reencode_run_by_a_served_worker_after_an_arrival_writes_one_new_shard_a
                 if p.endswith(".tar") or ("/latents/" in p and ("/c/" in p or re.search(r"/commits/\d{12}\.json$", p)))}
 
     with _serving(cluster, micro_config) as (serve, run_deployment):
-        first = _run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
+        first = run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
         assert first.state.is_completed(), cluster.log("serve").read_text()[-4000:]
         before = written()
         first_class = sorted((images / "train").iterdir())[0]
         shutil.copy(sorted(first_class.iterdir())[-1], first_class / "aaa_arrival.JPEG")
-        second = _run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
+        second = run_when_served(run_deployment, "reencode/reencode", serve, parameters={"config": config})
         assert second.state.is_completed(), cluster.log("serve").read_text()[-4000:]
     after = written()
     assert {p: after[p] for p in before} == before

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from test_topology import _run_when_served, _s3_env, _serving
+from helpers import run_when_served
+from test_topology import _s3_env, _serving
 
 UNITS_DONE = re.compile(r"shard train: (\d+)/\1 units \(100%\)")
 
@@ -69,7 +70,7 @@ def test_a_served_shard_run_under_a_former_field_name_logs_its_units_done_line(c
     synthetic(SyntheticConfig(output=str(images), classes=2, per_class=8, size=32, seed=0))
     config = {"data_path": str(images), "output": "s3://reals/it/ui-shards", "resolution": 32, "shard_size": 4,
               "workers": 2, "show_progress": False}
-    run = _run_when_served(run_deployment, "shard/shard", serve, parameters={"config": config})
+    run = run_when_served(run_deployment, "shard/shard", serve, parameters={"config": config})
     assert run.state.is_completed(), (run.state.message, cluster.log("serve").read_text()[-4000:])
     logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     done = [log.message for log in logs if UNITS_DONE.search(log.message)]
